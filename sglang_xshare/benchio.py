@@ -1,0 +1,77 @@
+"""Provenance and output files of every benchmark: command, git revision, device, date."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["run_metadata", "write_results", "markdown_table"]
+
+
+def _git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if rev.returncode != 0:
+        return "unknown"
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _device() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            n = torch.cuda.device_count()
+            return f"{n} x {torch.cuda.get_device_name(0)} (torch {torch.__version__})"
+        return f"CPU {platform.processor() or platform.machine()} (torch {torch.__version__}, {torch.get_num_threads()} threads)"
+    except ImportError:
+        return f"CPU {platform.machine()}"
+
+
+def run_metadata(argv: Sequence[str] | None = None) -> dict[str, str]:
+    """``command``, ``git``, ``device``, ``date`` (UTC, ISO 8601) of the current run."""
+    argv = list(sys.argv if argv is None else argv)
+    return {
+        "command": " ".join(shlex.quote(a) for a in argv),
+        "git": _git_revision(),
+        "device": _device(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table; floats printed with 4 significant digits."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(out_dir: str | Path, name: str, payload: dict[str, Any], markdown: str,
+                  meta: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """Write ``<name>.json`` (payload + meta) and ``<name>.md`` (meta header + markdown)."""
+    meta = meta or run_metadata()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jp, mp = out / f"{name}.json", out / f"{name}.md"
+    jp.write_text(json.dumps({"meta": meta, **payload}, indent=2, sort_keys=False) + "\n")
+    header = (
+        f"# {name}\n\n"
+        f"- command: `{meta['command']}`\n- git: `{meta['git']}`\n- device: {meta['device']}\n- date: {meta['date']}\n\n"
+    )
+    mp.write_text(header + markdown.rstrip() + "\n")
+    return jp, mp

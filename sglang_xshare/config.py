@@ -1,0 +1,260 @@
+"""Configuration of the select stage: what the model routes, and what the policy may keep.
+
+Everything here is validated once, at configuration time, and raises
+:class:`XShareConfigError` naming the offending flag. Nothing here runs per layer.
+
+Two objects:
+
+* :class:`RoutingSpec` -- how the *model* routes (fixed by its checkpoint):
+  ``num_experts``, ``top_k``, scoring function, renormalisation, DeepSeek-style grouped
+  top-k and correction bias.
+* :class:`SelectionConfig` -- what the *policy* does: its name, the warm-up floor ``k0``,
+  the batch budget ``m_l`` (:class:`Budget`, per layer via :class:`BudgetSchedule`), the
+  per-request budget ``m_r`` of speculative decoding, the per-token cap of ``cap``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
+
+__all__ = [
+    "XShareConfigError",
+    "Budget",
+    "BudgetSchedule",
+    "RoutingSpec",
+    "SelectionConfig",
+    "POLICY_NAMES",
+]
+
+#: Every policy the registry knows, in the order tables print them.
+POLICY_NAMES: tuple[str, ...] = ("topk", "cap", "oea", "oea_simple", "xshare", "xshare_ep", "xshare_spec")
+
+BudgetMode = Literal["count", "fraction", "mass"]
+
+
+class XShareConfigError(ValueError):
+    """A configuration value is invalid. The message starts with the flag that carries it."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        self.flag = flag
+        super().__init__(f"{flag}: {message}")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many distinct experts a batch (or one request) may activate in one layer.
+
+    Three modes, parsed from a string by :meth:`parse`:
+
+    * ``"24"`` -> ``count``: at most 24 distinct experts (an absolute ``m``).
+    * ``"0.6"`` or ``"frac:0.6"`` -> ``fraction``: ``m = ceil(0.6 * n_topk - 1e-6)`` where
+      ``n_topk`` is the number of distinct experts plain top-k would activate for the same
+      tokens (computed per batch and layer, on device).
+    * ``"mass:0.9"`` -> ``mass``: the smallest set (warm-up experts first, then by
+      descending aggregated mass) that keeps at least 90 % of the batch's top-k gating mass.
+
+    In every mode the warm-up floor wins: if the tokens' top-``k0`` experts already exceed
+    ``m``, all of them are kept (``m_eff = max(m, |warm-up set|)``).
+    """
+
+    mode: BudgetMode
+    value: float
+
+    @staticmethod
+    def parse(text: str | int | float | "Budget", flag: str = "--xshare-budget") -> "Budget":
+        """Parse ``"24"``, ``"0.6"``, ``"frac:0.6"`` or ``"mass:0.9"``; raise naming ``flag``."""
+        if isinstance(text, Budget):
+            return text
+        if isinstance(text, bool):
+            raise XShareConfigError(flag, f"expected a budget, got {text!r}")
+        if isinstance(text, int):
+            return Budget._count(text, flag)
+        if isinstance(text, float):
+            return Budget._fraction(text, flag)
+        s = str(text).strip().lower()
+        if s.startswith("mass:"):
+            v = Budget._number(s[5:], flag)
+            if not (0.0 < v <= 1.0):
+                raise XShareConfigError(flag, f"mass:X needs 0 < X <= 1, got {v}")
+            return Budget("mass", v)
+        if s.startswith("frac:"):
+            return Budget._fraction(Budget._number(s[5:], flag), flag)
+        if s.startswith("count:"):
+            s = s[6:]
+        v = Budget._number(s, flag)
+        if v.is_integer() and ("." not in s and "e" not in s):
+            return Budget._count(int(v), flag)
+        return Budget._fraction(v, flag)
+
+    @staticmethod
+    def _number(s: str, flag: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise XShareConfigError(
+                flag, f"cannot parse budget {s!r}; use an expert count (24), a fraction (0.6) or mass:0.9"
+            ) from None
+        if not math.isfinite(v):
+            raise XShareConfigError(flag, f"budget must be finite, got {s!r}")
+        return v
+
+    @staticmethod
+    def _count(v: int, flag: str) -> "Budget":
+        if v < 1:
+            raise XShareConfigError(flag, f"an expert count must be >= 1, got {v}")
+        return Budget("count", float(v))
+
+    @staticmethod
+    def _fraction(v: float, flag: str) -> "Budget":
+        if not (0.0 < v <= 1.0):
+            raise XShareConfigError(flag, f"a fraction must be in (0, 1], got {v}")
+        return Budget("fraction", float(v))
+
+    def validate(self, num_experts: int, flag: str) -> None:
+        """Raise if a ``count`` budget exceeds the number of experts."""
+        if self.mode == "count" and self.value > num_experts:
+            raise XShareConfigError(flag, f"budget {int(self.value)} exceeds the model's {num_experts} experts")
+
+    def __str__(self) -> str:
+        if self.mode == "count":
+            return str(int(self.value))
+        if self.mode == "fraction":
+            return f"frac:{self.value:g}"
+        return f"mass:{self.value:g}"
+
+
+@dataclass(frozen=True)
+class BudgetSchedule:
+    """A default :class:`Budget` plus per-layer overrides (``{layer_id: Budget}``)."""
+
+    default: Budget
+    per_layer: Mapping[int, Budget] = field(default_factory=dict)
+
+    def for_layer(self, layer_id: int | None) -> Budget:
+        """The budget of ``layer_id`` (the default when the layer has no override)."""
+        if layer_id is not None and layer_id in self.per_layer:
+            return self.per_layer[layer_id]
+        return self.default
+
+    @staticmethod
+    def parse(default: str | Budget, overrides: str | Mapping[int, str] | None = None,
+              flag: str = "--xshare-budget", override_flag: str = "--xshare-layer-budgets") -> "BudgetSchedule":
+        """``overrides`` is ``"0:32,5:mass:0.95"`` (layer:budget, comma separated) or a mapping."""
+        per: dict[int, Budget] = {}
+        if isinstance(overrides, str) and overrides.strip():
+            for item in overrides.split(","):
+                layer, sep, value = item.strip().partition(":")
+                if not sep:
+                    raise XShareConfigError(override_flag, f"expected LAYER:BUDGET, got {item!r}")
+                try:
+                    lid = int(layer)
+                except ValueError:
+                    raise XShareConfigError(override_flag, f"layer id must be an integer, got {layer!r}") from None
+                per[lid] = Budget.parse(value, override_flag)
+        elif isinstance(overrides, Mapping):
+            per = {int(k): Budget.parse(v, override_flag) for k, v in overrides.items()}
+        return BudgetSchedule(Budget.parse(default, flag), per)
+
+    def validate(self, num_experts: int, flag: str = "--xshare-budget",
+                 override_flag: str = "--xshare-layer-budgets") -> None:
+        self.default.validate(num_experts, flag)
+        for b in self.per_layer.values():
+            b.validate(num_experts, override_flag)
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How the model routes each token (read from its config; never changed by a policy).
+
+    Attributes:
+        num_experts: logical routed experts ``E`` (shared experts excluded).
+        top_k: experts per token ``k`` of the model's own router.
+        scoring: ``"softmax"`` (Mixtral, Qwen3-MoE, GPT-OSS) or ``"sigmoid"`` (DeepSeek-V3).
+        renormalize: whether the kept weights are divided by their sum (``norm_topk_prob``).
+        num_expert_group / topk_group: DeepSeek grouped top-k (``n_group`` / ``topk_group``);
+            ``None`` for ungrouped routers.
+        has_correction_bias: DeepSeek-V3's ``e_score_correction_bias`` is added to the scores
+            for *choosing* experts, not for their weights.
+    """
+
+    num_experts: int
+    top_k: int
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    renormalize: bool = True
+    num_expert_group: int | None = None
+    topk_group: int | None = None
+    has_correction_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            raise XShareConfigError("num_experts", f"must be >= 1, got {self.num_experts}")
+        if not (1 <= self.top_k <= self.num_experts):
+            raise XShareConfigError("top_k", f"need 1 <= top_k <= num_experts ({self.num_experts}), got {self.top_k}")
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise XShareConfigError("scoring", f"must be 'softmax' or 'sigmoid', got {self.scoring!r}")
+        if (self.num_expert_group is None) != (self.topk_group is None):
+            raise XShareConfigError("num_expert_group", "num_expert_group and topk_group go together")
+        if self.num_expert_group is not None:
+            g, tg = self.num_expert_group, self.topk_group
+            assert tg is not None
+            if g < 1 or self.num_experts % g:
+                raise XShareConfigError("num_expert_group", f"{self.num_experts} experts do not split into {g} groups")
+            if not (1 <= tg <= g):
+                raise XShareConfigError("topk_group", f"need 1 <= topk_group <= {g}, got {tg}")
+            if tg * (self.num_experts // g) < self.top_k:
+                raise XShareConfigError("topk_group", f"{tg} groups of {self.num_experts // g} experts hold fewer than top_k={self.top_k}")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """What the select stage does, validated against a :class:`RoutingSpec` by :meth:`validate`.
+
+    Attributes:
+        policy: one of :data:`POLICY_NAMES`.
+        k0: warm-up floor -- every non-padded token keeps its own top-``k0`` experts (``1 <= k0 <= k``).
+        budget: batch budget ``m_l`` per layer (``xshare``, ``xshare_ep``, ``xshare_spec``).
+        request_budget: per-request budget ``m_r`` (``xshare_spec`` only).
+        cap: per-token cap ``k'`` of the ``cap`` policy (``1 <= k' <= k``).
+        min_score: refinement floor -- a slot beyond the first ``k0`` is kept only if its gate
+            weight (probability before renormalisation) is at least this value. 0 keeps all.
+        mass_source: what "aggregated gating mass" sums: ``"topk"`` (each token's gate weights of
+            its own top-k experts: the objective is then exactly the retained top-k mass) or
+            ``"full"`` (each token's whole distribution over all experts).
+        fill_to_peak: ``xshare_ep`` only -- once the busiest rank sets the peak, let the other
+            ranks fill up to that peak (free for latency, more mass kept).
+    """
+
+    policy: str = "xshare"
+    k0: int = 1
+    budget: BudgetSchedule | None = None
+    request_budget: Budget | None = None
+    cap: int | None = None
+    min_score: float = 0.0
+    mass_source: Literal["topk", "full"] = "topk"
+    fill_to_peak: bool = True
+
+    def validate(self, routing: RoutingSpec) -> "SelectionConfig":
+        """Check this config against the model; return ``self``. Raises :class:`XShareConfigError`."""
+        if self.policy not in POLICY_NAMES:
+            raise XShareConfigError("--xshare-policy", f"unknown policy {self.policy!r}; choose from {', '.join(POLICY_NAMES)}")
+        k = routing.top_k
+        if not (1 <= self.k0 <= k):
+            raise XShareConfigError("--xshare-warmup-k0", f"k0 must be in [1, top_k={k}], got {self.k0}")
+        if self.policy in ("xshare", "xshare_ep", "xshare_spec"):
+            if self.budget is None:
+                raise XShareConfigError("--xshare-budget", f"policy {self.policy} needs a batch budget")
+            self.budget.validate(routing.num_experts)
+        if self.policy == "xshare_spec":
+            if self.request_budget is None:
+                raise XShareConfigError("--xshare-request-budget", "policy xshare_spec needs a per-request budget")
+            self.request_budget.validate(routing.num_experts, "--xshare-request-budget")
+        if self.policy == "cap":
+            if self.cap is None or not (1 <= self.cap <= k):
+                raise XShareConfigError("--xshare-cap", f"cap needs 1 <= k' <= top_k={k}, got {self.cap}")
+        if not (0.0 <= self.min_score < 1.0) or math.isnan(self.min_score):
+            raise XShareConfigError("--xshare-min-score", f"must be in [0, 1), got {self.min_score}")
+        if self.mass_source not in ("topk", "full"):
+            raise XShareConfigError("--xshare-mass-source", f"must be 'topk' or 'full', got {self.mass_source!r}")
+        return self

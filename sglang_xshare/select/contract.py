@@ -1,0 +1,106 @@
+"""The select-stage contract: what every policy takes and returns (one place).
+
+Pipeline: router logits -> **select** -> dispatch (DeepEP | NCCL) -> experts -> combine.
+
+Input of a policy (built once per layer call by :class:`~sglang_xshare.select.Selector`):
+
+* :class:`Scores` -- ``sel [T, E] float32`` (the score experts are *chosen* by: probabilities,
+  plus DeepSeek's correction bias, ``-inf`` for experts outside the token's allowed groups) and
+  ``gate [T, E] float32`` (the weight an expert gets: softmax or sigmoid probabilities).
+* :class:`BatchContext` -- ``valid [T] bool`` (False for CUDA-graph padding: tokens at index
+  ``>= num_token_non_padded``), ``request_ids [T] int64`` in ``[0, T)`` (tokens of one request,
+  for ``xshare_spec``; ``None`` otherwise), the :class:`~sglang_xshare.placement.Placement`
+  (``xshare_ep``) and the resolved per-layer knobs.
+
+Output (:class:`SelectionOutput`):
+
+* ``topk_ids [T, k] int32`` -- logical expert ids, best first; a slot that selects nothing is
+  ``-1`` (DeepEP skips it); padded tokens are all ``-1``.
+* ``topk_weights [T, k] float32`` -- the gate weight of each kept slot, 0 where the id is ``-1``;
+  divided by the kept sum when the model renormalises.
+* ``physical_ids [T, k] int32`` or ``None`` -- for ``xshare_ep``: the physical copy (EPLB slot)
+  chosen for each kept slot, ``-1`` where the id is ``-1``.
+
+Guarantees (tested for every policy):
+
+1. every valid token keeps its own top-``k0`` experts (``k0 >= 1``; ``k`` for ``topk``, ``k'`` for ``cap``);
+2. padded tokens activate nothing;
+3. identical inputs give identical outputs. **Tie-breaking**: wherever experts are ordered by a
+   score (a token's ranking, the batch's aggregated mass), equal scores are ordered by the lower
+   expert index first (a stable descending sort); among the physical copies of one expert, the
+   least-loaded rank wins, then the lower physical slot.
+4. NaN logits count as ``-inf``; ``+inf`` as the largest finite float; a token whose logits are
+   all non-finite routes as if its logits were all equal (uniformly, lowest ids first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..config import Budget
+from ..placement import Placement
+
+__all__ = ["Scores", "BatchContext", "SelectionOutput"]
+
+
+class Scores(NamedTuple):
+    """Per-token expert scores, computed from router logits by :func:`~.scoring.compute_scores`.
+
+    Attributes:
+        sel: ``[T, E] float32`` ranking score (finite for every allowed expert, ``-inf`` for an
+            expert the model's grouped top-k forbids for this token).
+        gate: ``[T, E] float32`` gate probability in ``[0, 1]`` (softmax or sigmoid).
+    """
+
+    sel: torch.Tensor
+    gate: torch.Tensor
+
+
+@dataclass(frozen=True)
+class BatchContext:
+    """Everything about the batch and layer a policy needs besides the scores.
+
+    Attributes:
+        top_k: the model's ``k``.
+        k0: warm-up floor (every valid token keeps its top-``k0``).
+        renormalize: divide kept weights by their sum.
+        valid: ``[T] bool``, False for padded tokens.
+        budget: the layer's batch budget ``m_l`` (budgeted policies) or ``None``.
+        request_budget: per-request budget ``m_r`` (``xshare_spec``) or ``None``.
+        request_ids: ``[T] int64`` in ``[0, T)`` -- request of each token (``xshare_spec``) or ``None``.
+        placement: expert placement (``xshare_ep``) or ``None``.
+        cap: per-token cap ``k'`` (``cap``) or ``None``.
+        min_score: refinement floor on the gate weight of slots beyond ``k0``.
+        mass_source: ``"topk"`` or ``"full"`` (see :class:`~sglang_xshare.config.SelectionConfig`).
+        fill_to_peak: ``xshare_ep``: let every rank fill up to the busiest rank's load.
+    """
+
+    top_k: int
+    k0: int
+    renormalize: bool
+    valid: torch.Tensor
+    budget: Budget | None = None
+    request_budget: Budget | None = None
+    request_ids: torch.Tensor | None = None
+    placement: Placement | None = None
+    cap: int | None = None
+    min_score: float = 0.0
+    mass_source: str = "topk"
+    fill_to_peak: bool = True
+
+
+class SelectionOutput(NamedTuple):
+    """The select stage's result; see the module docstring for the exact contract.
+
+    Attributes:
+        topk_ids: ``[T, k] int32``, ``-1`` for empty slots.
+        topk_weights: ``[T, k] float32``, 0 for empty slots.
+        physical_ids: ``[T, k] int32`` physical copies (``xshare_ep``) or ``None``.
+    """
+
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    physical_ids: torch.Tensor | None = None

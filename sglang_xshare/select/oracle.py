@@ -1,0 +1,70 @@
+"""Exact ILP oracle for ``xshare_ep`` (scipy ``milp``; tests and ``bench/ilp_gap.py`` only).
+
+Problem (placement with ``R`` ranks, physical slots ``p`` of logical experts ``l(p)``):
+
+* stage 1 -- the least possible peak of the warm-up experts alone:
+  ``min z  s.t.  sum_{p: l(p)=e} y_p = 1 (e warm),  y_p = 0 (e not warm),  sum_{p on r} y_p <= z``;
+* stage 2 -- with capacity ``c = max(b, z*)`` per rank (``fill_to_peak``), the most mass:
+  ``max sum_p mass[l(p)] y_p  s.t.  sum_{p: l(p)=e} y_p = 1 (warm), <= 1 (others),
+  sum_{p on r} y_p <= c,  y binary``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..placement import Placement
+
+__all__ = ["EpOptimum", "solve_xshare_ep"]
+
+
+@dataclass(frozen=True)
+class EpOptimum:
+    """The ILP's answer: warm-up peak ``z*``, capacity used, optimal mass and chosen experts."""
+
+    warm_peak: int
+    capacity: int
+    mass: float
+    chosen: frozenset[int]
+
+
+def solve_xshare_ep(mass: np.ndarray, warm: np.ndarray, per_rank: int, placement: Placement) -> EpOptimum:
+    """Solve both stages exactly. ``mass [E] float``, ``warm [E] bool``, ``per_rank`` = ``b``."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    p2l = placement.physical_to_logical.numpy()
+    P, E, R = p2l.size, placement.num_experts, placement.num_ranks
+    rank = np.arange(P) // placement.experts_per_rank
+    owner = np.zeros((E, P))
+    owner[p2l, np.arange(P)] = 1.0
+    on_rank = np.zeros((R, P))
+    on_rank[rank, np.arange(P)] = 1.0
+    warm = np.asarray(warm, dtype=bool)
+    wanted = warm | (np.asarray(mass) > 0)
+
+    # stage 1: variables [y_0..y_{P-1}, z]
+    lo = np.where(warm, 1.0, 0.0)
+    hi = np.where(warm, 1.0, 0.0)
+    A1 = np.hstack([owner, np.zeros((E, 1))])
+    A2 = np.hstack([on_rank, -np.ones((R, 1))])
+    c1 = np.zeros(P + 1)
+    c1[-1] = 1.0
+    r1 = milp(c1, constraints=[LinearConstraint(A1, lo, hi), LinearConstraint(A2, -np.inf, 0.0)],
+              integrality=np.ones(P + 1), bounds=Bounds(0, np.append(np.ones(P), P)))
+    if not r1.success:
+        raise RuntimeError(f"stage-1 ILP failed: {r1.message}")
+    z = int(round(r1.x[-1]))
+    cap = max(per_rank, z)
+
+    # stage 2: maximise mass under capacity
+    c2 = -np.asarray(mass, dtype=float)[p2l]
+    ub_e = np.where(wanted, 1.0, 0.0)
+    r2 = milp(c2, constraints=[LinearConstraint(owner, lo, ub_e), LinearConstraint(on_rank, -np.inf, float(cap))],
+              integrality=np.ones(P), bounds=Bounds(0, 1))
+    if not r2.success:
+        raise RuntimeError(f"stage-2 ILP failed: {r2.message}")
+    y = np.round(r2.x).astype(bool)
+    chosen = frozenset(int(e) for e in np.unique(p2l[y]))
+    return EpOptimum(warm_peak=z, capacity=cap, mass=float(-r2.fun), chosen=chosen)

@@ -1,0 +1,110 @@
+"""The select stage as one configured object: validate once, then call per layer.
+
+>>> routing = RoutingSpec(num_experts=64, top_k=8)
+>>> cfg = SelectionConfig(policy="xshare", k0=2, budget=BudgetSchedule.parse("0.6"))
+>>> select = Selector(routing, cfg)
+>>> out = select(router_logits, layer_id=3)          # out.topk_ids [T, 8] int32
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ..config import RoutingSpec, SelectionConfig, XShareConfigError
+from ..placement import Placement
+from .contract import BatchContext, SelectionOutput
+from .registry import get_policy
+from .scoring import compute_scores
+
+__all__ = ["Selector"]
+
+Backend = Literal["auto", "reference", "kernel"]
+
+
+class Selector:
+    """A policy bound to a model's routing, a placement and a backend.
+
+    Args:
+        routing: the model's :class:`RoutingSpec`.
+        config: the :class:`SelectionConfig` (validated here; raises :class:`XShareConfigError`).
+        placement: expert placement; required to mean anything for ``xshare_ep`` (default: pure
+            TP, i.e. one balance group) and used by metrics for every policy.
+        backend: ``"auto"`` (Triton kernel for CUDA inputs when available, else the reference),
+            ``"reference"`` or ``"kernel"`` (raise if no kernel can run).
+        correction_bias: ``[E]`` float DeepSeek-V3 ``e_score_correction_bias`` (choice only).
+    """
+
+    def __init__(self, routing: RoutingSpec, config: SelectionConfig, placement: Placement | None = None,
+                 *, backend: Backend = "auto", correction_bias: torch.Tensor | None = None) -> None:
+        self.routing = routing
+        self.config = config.validate(routing)
+        self.entry = get_policy(config.policy)
+        if placement is not None and placement.num_experts != routing.num_experts:
+            raise XShareConfigError(
+                "--ep-size", f"placement has {placement.num_experts} logical experts, the model {routing.num_experts}"
+            )
+        if correction_bias is not None and correction_bias.shape != (routing.num_experts,):
+            raise XShareConfigError("correction_bias", f"expected shape ({routing.num_experts},), got {tuple(correction_bias.shape)}")
+        if correction_bias is not None and not routing.has_correction_bias:
+            raise XShareConfigError("correction_bias", "routing.has_correction_bias is False")
+        self.placement = placement
+        self.correction_bias = correction_bias
+        if backend not in ("auto", "reference", "kernel"):
+            raise XShareConfigError("backend", f"must be auto, reference or kernel, got {backend!r}")
+        self.backend = backend
+        self._kernel = self.entry.kernel() if backend != "reference" else None
+        if backend == "kernel" and self._kernel is None:
+            raise XShareConfigError("backend", f"no kernel can be loaded for policy {config.policy!r} (is Triton installed?)")
+        self.workspace: dict = {}
+
+    def context(self, num_tokens: int, device: torch.device, layer_id: int | None = None,
+                num_token_non_padded: int | torch.Tensor | None = None,
+                request_ids: torch.Tensor | None = None) -> BatchContext:
+        """The :class:`BatchContext` of one call (no host sync: ``valid`` is computed on device)."""
+        cfg = self.config
+        idx = torch.arange(num_tokens, device=device)
+        if num_token_non_padded is None:
+            valid = torch.ones(num_tokens, dtype=torch.bool, device=device)
+        elif isinstance(num_token_non_padded, torch.Tensor):
+            valid = idx < num_token_non_padded.to(device).reshape(())
+        else:
+            valid = idx < int(num_token_non_padded)
+        return BatchContext(
+            top_k=self.routing.top_k,
+            k0=cfg.k0 if cfg.policy not in ("topk", "cap") else (self.routing.top_k if cfg.policy == "topk" else cfg.cap or 1),
+            renormalize=self.routing.renormalize,
+            valid=valid,
+            budget=cfg.budget.for_layer(layer_id) if cfg.budget is not None else None,
+            request_budget=cfg.request_budget,
+            request_ids=None if request_ids is None else request_ids.to(device=device, dtype=torch.int64),
+            placement=self.placement,
+            cap=cfg.cap,
+            min_score=cfg.min_score,
+            mass_source=cfg.mass_source,
+            fill_to_peak=cfg.fill_to_peak,
+        )
+
+    def __call__(self, router_logits: torch.Tensor, layer_id: int | None = None,
+                 num_token_non_padded: int | torch.Tensor | None = None,
+                 request_ids: torch.Tensor | None = None) -> SelectionOutput:
+        """Select experts for one layer of one batch.
+
+        Args:
+            router_logits: ``[T, E]`` fp32/bf16/fp16 router output (``T`` may be 0).
+            layer_id: picks the layer's budget override, if any.
+            num_token_non_padded: tokens ``>= n`` are CUDA-graph padding (int or 0-d int tensor).
+            request_ids: ``[T] int`` in ``[0, T)``, tokens of one request (``xshare_spec``).
+
+        Returns:
+            :class:`SelectionOutput` (``[T, k]`` int32 ids with -1, float32 weights, physical ids
+            for ``xshare_ep``).
+        """
+        if router_logits.dim() != 2 or router_logits.shape[1] != self.routing.num_experts:
+            raise ValueError(f"router_logits must be [T, {self.routing.num_experts}], got {tuple(router_logits.shape)}")
+        ctx = self.context(router_logits.shape[0], router_logits.device, layer_id, num_token_non_padded, request_ids)
+        if self._kernel is not None and (self.backend == "kernel" or router_logits.is_cuda):
+            return self._kernel(router_logits, self.routing, ctx, self.correction_bias, self.workspace)
+        scores = compute_scores(router_logits, self.routing, self.correction_bias)
+        return self.entry.reference(scores, ctx)

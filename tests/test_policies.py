@@ -1,0 +1,293 @@
+"""Every policy against its definition: the contract, brute force on small instances, bad inputs."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sglang_xshare import Budget, BudgetSchedule, Placement, RoutingSpec, SelectionConfig, Selector
+from sglang_xshare.select import compute_scores
+from sglang_xshare.select.common import greedy_pick, resolve_budget
+
+from .conftest import clustered_logits
+
+POLICIES = ["topk", "cap", "oea", "oea_simple", "xshare", "xshare_ep", "xshare_spec"]
+
+
+def make(policy: str, E: int, k: int, k0: int = 1, budget: str = "0.6", request_budget: str = "0.8",
+         ep: int = 1, renormalize: bool = True, min_score: float = 0.0, scoring: str = "softmax") -> Selector:
+    r = RoutingSpec(E, k, scoring=scoring, renormalize=renormalize)
+    kw: dict = {}
+    if policy == "cap":
+        kw["cap"] = max(1, k // 2)
+    if policy in ("xshare", "xshare_ep", "xshare_spec"):
+        kw["budget"] = BudgetSchedule.parse(budget)
+    if policy == "xshare_spec":
+        kw["request_budget"] = Budget.parse(request_budget)
+    cfg = SelectionConfig(policy=policy, k0=k0, min_score=min_score, **kw)
+    placement = Placement.expert_parallel(E, ep) if ep > 1 else None
+    return Selector(r, cfg, placement, backend="reference")
+
+
+def own_floor(policy: str, sel: Selector) -> int:
+    return {"topk": sel.routing.top_k, "cap": sel.config.cap}.get(policy, sel.config.k0)
+
+
+def check_contract(sel: Selector, policy: str, logits: torch.Tensor, n_valid: int, rid: torch.Tensor | None = None):
+    out = sel(logits, num_token_non_padded=n_valid, request_ids=rid)
+    T, k = logits.shape[0], sel.routing.top_k
+    ids, w = out.topk_ids, out.topk_weights
+    assert ids.shape == (T, k) and ids.dtype == torch.int32
+    assert w.shape == (T, k) and w.dtype == torch.float32
+    assert torch.all(w[ids < 0] == 0)
+    assert torch.all(ids[n_valid:] == -1)
+    scores = compute_scores(logits, sel.routing)
+    own = torch.sort(scores.sel, dim=1, descending=True, stable=True).indices
+    floor = own_floor(policy, sel)
+    for t in range(n_valid):
+        kept = ids[t][ids[t] >= 0].tolist()
+        assert len(kept) == len(set(kept)), "an expert twice in one token"
+        assert set(own[t, :floor].tolist()) <= set(kept), f"token {t} lost part of its top-{floor}"
+        # kept slots come first and best first
+        n = len(kept)
+        assert torch.all(ids[t, n:] == -1)
+        vals = scores.sel[t, ids[t, :n].long()]
+        assert torch.all(vals[:-1] >= vals[1:])
+        if sel.routing.renormalize:
+            assert math.isclose(float(w[t].sum()), 1.0, rel_tol=1e-5)
+    again = sel(logits, num_token_non_padded=n_valid, request_ids=rid)
+    assert torch.equal(again.topk_ids, ids) and torch.equal(again.topk_weights, w), "not deterministic"
+    return out
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("E,k,T", [(16, 2, 5), (64, 8, 33), (128, 4, 64), (160, 6, 17)])
+def test_contract_random(policy, E, k, T):
+    sel = make(policy, E, k, k0=min(2, k), ep=4 if policy == "xshare_ep" and E % 4 == 0 else 1)
+    logits = clustered_logits(T, E, seed=E * 31 + T)
+    rid = torch.arange(T) // 4
+    check_contract(sel, policy, logits, n_valid=T, rid=rid)
+    check_contract(sel, policy, logits, n_valid=max(T - 3, 0), rid=rid)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    policy=st.sampled_from(POLICIES),
+    T=st.integers(0, 24),
+    E=st.sampled_from([8, 12, 32]),
+    k=st.integers(1, 6),
+    k0=st.integers(1, 6),
+    budget=st.sampled_from(["1", "3", "0.3", "0.9", "mass:0.5", "mass:0.99", "mass:1"]),
+    renorm=st.booleans(),
+    sigmoid=st.booleans(),
+    seed=st.integers(0, 10_000),
+    pad=st.integers(0, 5),
+    quantise=st.booleans(),
+)
+def test_contract_hypothesis(policy, T, E, k, k0, budget, renorm, sigmoid, seed, pad, quantise):
+    k = min(k, E)
+    k0 = min(k0, k)
+    sel = make(policy, E, k, k0=k0, budget=budget, request_budget=budget, renormalize=renorm,
+               scoring="sigmoid" if sigmoid else "softmax", ep=4 if policy == "xshare_ep" else 1)
+    logits = clustered_logits(T, E, seed)
+    if quantise:  # many exact ties
+        logits = torch.round(logits)
+    rid = torch.randint(0, max(T, 1), (T,), generator=torch.Generator().manual_seed(seed))
+    check_contract(sel, policy, logits, n_valid=max(T - pad, 0), rid=rid)
+
+
+# ---- the definitions, by brute force --------------------------------------------------------
+
+def _topk_sets(scores, k):
+    order = torch.sort(scores.sel, dim=1, descending=True, stable=True).indices
+    return order[:, :k]
+
+
+def test_topk_is_plain_topk():
+    logits = clustered_logits(40, 64, 1)
+    out = make("topk", 64, 6)(logits)
+    probs = torch.softmax(logits, -1)
+    v, i = probs.topk(6)
+    assert torch.equal(out.topk_ids, i.int())
+    torch.testing.assert_close(out.topk_weights, v / v.sum(-1, keepdim=True))
+
+
+def test_cap_keeps_top_kprime():
+    logits = clustered_logits(20, 32, 2)
+    out = make("cap", 32, 6)(logits)
+    ref = make("topk", 32, 6)(logits)
+    assert torch.equal(out.topk_ids[:, :3], ref.topk_ids[:, :3])
+    assert torch.all(out.topk_ids[:, 3:] == -1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_oea_definition(seed):
+    E, k, k0, T = 24, 4, 2, 12
+    logits = clustered_logits(T, E, seed)
+    scores = compute_scores(logits, RoutingSpec(E, k))
+    top = _topk_sets(scores, E)
+    active = set(top[:, :k0].flatten().tolist())
+    full = make("oea", E, k, k0=k0)(logits).topk_ids
+    simple = make("oea_simple", E, k, k0=k0)(logits).topk_ids
+    for t in range(T):
+        ranking = top[t].tolist()
+        want_full = [e for e in ranking if e in active][:k]
+        want_simple = [e for e in ranking[:k] if e in active]
+        assert full[t][full[t] >= 0].tolist() == want_full
+        assert simple[t][simple[t] >= 0].tolist() == want_simple
+
+
+def _brute_best_mass(mass, warm, m_eff):
+    """Max total mass over sets S with warm <= S, |S| <= m_eff (exhaustive)."""
+    E = len(mass)
+    free = [e for e in range(E) if e not in warm]
+    best = sum(mass[e] for e in warm)
+    base = best
+    for r in range(0, max(m_eff - len(warm), 0) + 1):
+        for extra in itertools.combinations(free, r):
+            best = max(best, base + sum(mass[e] for e in extra))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("budget", ["2", "5", "0.5", "mass:0.8"])
+def test_xshare_greedy_is_exact(seed, budget):
+    E, k, k0, T = 10, 3, 1, 6
+    logits = clustered_logits(T, E, seed, clusters=2)
+    sel = make("xshare", E, k, k0=k0, budget=budget)
+    scores = compute_scores(logits, sel.routing)
+    top = _topk_sets(scores, k)
+    mass = [0.0] * E
+    for t in range(T):
+        for e in top[t].tolist():
+            mass[e] += float(scores.gate[t, e])
+    warm = set(top[:, :k0].flatten().tolist())
+    out = sel(logits)
+    chosen = set(out.topk_ids[out.topk_ids >= 0].tolist())
+    m_eff = len(chosen)
+    assert warm <= chosen
+    if budget[0].isdigit() and "." not in budget:
+        assert m_eff <= max(int(budget), len(warm))
+    got = sum(mass[e] for e in chosen)
+    assert got == pytest.approx(_brute_best_mass(mass, warm, m_eff), rel=1e-6)
+    # refinement: each token's best <= k experts inside the chosen set, in its own order
+    order = _topk_sets(scores, E)
+    for t in range(T):
+        want = [e for e in order[t].tolist() if e in chosen][:k]
+        assert out.topk_ids[t][out.topk_ids[t] >= 0].tolist() == want
+
+
+def test_budget_modes_on_device_tensors():
+    mass = torch.tensor([[0.5, 0.3, 0.1, 0.1, 0.0]])
+    warm = torch.tensor([[False, False, True, False, False]])
+    union = mass > 0
+    assert resolve_budget(Budget.parse(2), mass, warm, union).tolist() == [2]
+    assert resolve_budget(Budget.parse("0.5"), mass, warm, union).tolist() == [2]  # ceil(0.5 * 4)
+    assert resolve_budget(Budget.parse("0.7"), mass, warm, union).tolist() == [3]  # ceil(2.8)
+    # warm (0.1) first, then 0.5 -> 0.6, then 0.3 -> 0.9 >= 0.85 * 1.0
+    assert resolve_budget(Budget.parse("mass:0.85"), mass, warm, union).tolist() == [3]
+    assert resolve_budget(Budget.parse("mass:1"), mass, warm, union).tolist() == [4]
+    chosen = greedy_pick(mass, warm, torch.tensor([2]))
+    assert chosen.tolist() == [[True, False, True, False, False]]
+    # the warm-up floor overrides a smaller budget; zero-mass experts are never picked
+    chosen = greedy_pick(mass, warm | torch.tensor([[True, True, False, False, False]]), torch.tensor([1]))
+    assert chosen.tolist() == [[True, True, True, False, False]]
+    assert greedy_pick(mass, warm, torch.tensor([5])).tolist() == [[True, True, True, True, False]]
+
+
+def test_fraction_budget_rounding_is_stable():
+    mass = torch.ones(1, 10)
+    warm = torch.zeros(1, 10, dtype=torch.bool)
+    assert resolve_budget(Budget.parse("0.7"), mass, warm, mass > 0).tolist() == [7]  # not 8 (0.7*10 = 7.000000000000001)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_xshare_spec_definition(seed):
+    """Two-level selection written out with plain loops (an independent oracle)."""
+    E, k, k0, T, per = 16, 4, 1, 12, 3
+    logits = clustered_logits(T, E, seed)
+    rid = torch.arange(T) // per
+    sel = make("xshare_spec", E, k, k0=k0, budget="6", request_budget="4")
+    scores = compute_scores(logits, sel.routing)
+    order = _topk_sets(scores, E).tolist()
+
+    def pick(mass: dict, warm: set, m: int) -> set:
+        rest = sorted((e for e in mass if e not in warm and mass[e] > 0), key=lambda e: (-mass[e], e))
+        return set(warm) | set(rest[: max(m - len(warm), 0)])
+
+    S_r, batch_mass, warm_all = {}, {}, set()
+    for r in sorted(set(rid.tolist())):
+        toks = [t for t in range(T) if rid[t] == r]
+        mass: dict[int, float] = {}
+        warm = set()
+        for t in toks:
+            for j, e in enumerate(order[t][:k]):
+                mass[e] = mass.get(e, 0.0) + float(scores.gate[t, e])
+                if j < k0:
+                    warm.add(e)
+        S_r[r] = pick(mass, warm, 4)
+        warm_all |= warm
+        for e in S_r[r]:
+            batch_mass[e] = batch_mass.get(e, 0.0) + mass.get(e, 0.0)
+    S = pick(batch_mass, warm_all, 6)
+    out = sel(logits, request_ids=rid)
+    for t in range(T):
+        allowed = S_r[int(rid[t])] & S
+        want = [e for e in order[t] if e in allowed][:k]
+        assert out.topk_ids[t][out.topk_ids[t] >= 0].tolist() == want
+
+
+def test_min_score_floor():
+    logits = clustered_logits(16, 32, 3)
+    loose = make("xshare", 32, 6, k0=2, budget="0.8")(logits)
+    strict = make("xshare", 32, 6, k0=2, budget="0.8", min_score=0.2)(logits)
+    gate = torch.softmax(logits, -1)
+    for t in range(16):
+        kept = strict.topk_ids[t][strict.topk_ids[t] >= 0].long()
+        assert len(kept) >= 2
+        assert torch.all(gate[t, kept[2:]] >= 0.2)
+        assert set(kept.tolist()) <= set(loose.topk_ids[t].tolist())
+
+
+# ---- bad inputs at run time -----------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_nan_inf_empty_padded_ties(policy):
+    E, k = 16, 4
+    sel = make(policy, E, k, k0=2, ep=4 if policy == "xshare_ep" else 1)
+    x = clustered_logits(8, E, 0)
+    x[0] = float("nan")
+    x[1, :3] = float("inf")
+    x[2] = float("-inf")
+    x[3, 5] = float("nan")
+    x[4] = 0.0  # all tied
+    out = check_contract(sel, policy, x, n_valid=8)
+    assert torch.isfinite(out.topk_weights).all()
+    assert (out.topk_ids[:, 0] >= 0).all(), "a valid token was left with no expert"
+    assert out.topk_ids[4, :2].tolist() == [0, 1], "ties must go to the lower expert id"
+    assert set(out.topk_ids[1, :2].tolist()) <= {0, 1, 2}
+    empty = sel(torch.empty(0, E))
+    assert empty.topk_ids.shape == (0, k)
+    padded = sel(x, num_token_non_padded=torch.tensor(0))
+    assert torch.all(padded.topk_ids == -1) and torch.all(padded.topk_weights == 0)
+    for dt in (torch.bfloat16, torch.float16):
+        check_contract(sel, policy, x.to(dt), n_valid=6)
+
+
+def test_padding_does_not_change_the_selection():
+    """Padded slots (whatever garbage they hold) must not influence the valid tokens."""
+    E, k, T = 32, 4, 10
+    x = clustered_logits(T, E, 5)
+    for policy in POLICIES:
+        sel = make(policy, E, k, k0=1, ep=4 if policy == "xshare_ep" else 1)
+        a = sel(x, num_token_non_padded=7)
+        y = x.clone()
+        y[7:] = torch.randn(3, E) * 50
+        b = sel(y, num_token_non_padded=7)
+        assert torch.equal(a.topk_ids, b.topk_ids), policy
+        assert torch.equal(a.topk_weights, b.topk_weights), policy

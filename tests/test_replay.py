@@ -1,0 +1,117 @@
+"""Trace format round trip, metrics on a hand-made case, and the replay CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sglang_xshare import Placement, RoutingSpec, SelectionConfig, Selector
+from sglang_xshare.cli import main
+from sglang_xshare.metrics import selection_metrics
+from sglang_xshare.select import SelectionOutput, compute_scores
+from sglang_xshare.trace import Trace, default_trace_path, dense_request_ids
+
+from .conftest import clustered_logits
+
+
+def small_trace(S=4, L=2, T=8, E=16, k=4, pad=2) -> Trace:
+    logits = np.stack([np.stack([clustered_logits(T, E, seed=s * 10 + l).numpy() for l in range(L)]) for s in range(S)])
+    rid = np.tile(np.arange(T) // 2, (S, 1)).astype(np.int32)
+    rid[:, T - pad:] = -1
+    meta = {"num_experts": E, "top_k": k, "scoring": "softmax", "renormalize": True, "layer_ids": list(range(L)),
+            "model": "random-clusters", "source": "tests"}
+    return Trace(logits.astype(np.float16), rid, meta)
+
+
+def test_trace_round_trip(tmp_path):
+    tr = small_trace()
+    p = tr.save(tmp_path / "t.npz")
+    back = Trace.load(p)
+    assert np.array_equal(back.logits, tr.logits) and np.array_equal(back.request_ids, tr.request_ids)
+    assert back.routing == RoutingSpec(16, 4)
+    step = next(back.steps())
+    assert step.num_valid == 6 and step.logits.shape == (2, 8, 16)
+    assert step.request_ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 4]
+
+
+def test_trace_validation():
+    tr = small_trace()
+    bad = tr.request_ids.copy()
+    bad[0, 0] = -1
+    with pytest.raises(ValueError, match="trailing"):
+        Trace(tr.logits, bad, tr.meta)
+    with pytest.raises(ValueError, match="layer_ids"):
+        Trace(tr.logits, tr.request_ids, {**tr.meta, "layer_ids": [0]})
+
+
+def test_dense_request_ids():
+    assert dense_request_ids(np.array([7, 7, 3, 9, -1, -1])).tolist() == [0, 0, 1, 2, 3, 4]
+
+
+def test_metrics_by_hand():
+    E, k = 8, 2
+    logits = torch.tensor([[4.0, 3.0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 4.0, 3.0], [0.0] * 8])
+    scores = compute_scores(logits, RoutingSpec(E, k))
+    ids = torch.tensor([[0, 1], [6, -1], [-1, -1]], dtype=torch.int32)
+    w = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.0, 0.0]])
+    valid = torch.tensor([True, True, False])
+    m = selection_metrics(SelectionOutput(ids, w), scores, valid, k, Placement.expert_parallel(E, 4))
+    assert m["distinct"] == 3
+    assert m["rank_experts"].tolist() == [2.0, 0.0, 0.0, 1.0]
+    assert m["rank_tokens"].tolist() == [2.0, 0.0, 0.0, 1.0]
+    assert m["peak_experts"] == 2 and m["peak_over_mean"] == pytest.approx(2 / 0.75)
+    g = scores.gate
+    want = (g[0, 0] + g[0, 1] + g[1, 6]) / (g[0, 0] + g[0, 1] + g[1, 6] + g[1, 7])
+    assert float(m["retained_mass"]) == pytest.approx(float(want))
+    assert m["short_tokens"] == 1
+
+
+def test_xshare_ep_physical_ids_feed_metrics():
+    E, k, T = 16, 4, 12
+    placement = Placement.from_map(E, 4, list(range(E)) + [0, 1, 2, 3])
+    from sglang_xshare import BudgetSchedule
+    sel = Selector(RoutingSpec(E, k), SelectionConfig(policy="xshare_ep", budget=BudgetSchedule.parse("0.5")), placement)
+    logits = clustered_logits(T, E, 1)
+    out = sel(logits)
+    kept = out.topk_ids >= 0
+    assert torch.all(placement.physical_to_logical[out.physical_ids[kept].long()] == out.topk_ids[kept].long())
+    # one copy per chosen expert
+    pairs = {(int(a), int(b)) for a, b in zip(out.topk_ids[kept], out.physical_ids[kept])}
+    assert len({a for a, _ in pairs}) == len(pairs)
+
+
+def test_replay_cli(tmp_path, capsys):
+    p = small_trace().save(tmp_path / "t.npz")
+    rc = main(["replay", "--trace", str(p), "--policy", "xshare", "--budget", "0.6", "--ep-size", "4",
+               "--also", "xshare_ep,xshare_spec,oea_simple", "--out", str(tmp_path), "--name", "r", "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| topk |" in text and "xshare(m=frac:0.6, k0=1)" in text
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert {"command", "git", "device", "date"} <= set(data["meta"])
+    rows = data["overall"]
+    assert rows["topk"]["retained_mass"] == pytest.approx(1.0)
+    assert rows["topk"]["short_fraction"] == 0.0
+    ours = rows["xshare(m=frac:0.6, k0=1)"]
+    assert ours["distinct"] < rows["topk"]["distinct"]
+    assert 0 < ours["retained_mass"] < 1
+    assert (tmp_path / "r.md").read_text().startswith("# r")
+
+
+def test_replay_cli_errors(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["replay", "--trace", str(tmp_path / "missing.npz"), "--no-progress"])
+    p = small_trace().save(tmp_path / "t.npz")
+    with pytest.raises(SystemExit):
+        main(["replay", "--trace", str(p), "--budget", "99", "--no-progress", "--out", str(tmp_path)])
+
+
+def test_default_trace_ships():
+    path = default_trace_path()
+    if not path.exists():
+        pytest.fail(f"the package must ship its default trace at {path}")
+    tr = Trace.load(path)
+    assert tr.num_steps > 0 and tr.routing.num_experts >= 8
