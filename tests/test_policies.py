@@ -291,3 +291,25 @@ def test_padding_does_not_change_the_selection():
         b = sel(y, num_token_non_padded=7)
         assert torch.equal(a.topk_ids, b.topk_ids), policy
         assert torch.equal(a.topk_weights, b.topk_weights), policy
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_invariants_large(policy):
+    """Vectorised invariant checks on a decode batch of real-model size."""
+    T, E, k, k0 = 512, 256, 8, 2
+    sel = make(policy, E, k, k0=k0, budget="0.5", request_budget="12", ep=8 if policy == "xshare_ep" else 1)
+    logits = clustered_logits(T, E, seed=99, clusters=6)
+    rid = torch.arange(T) // 4
+    out = sel(logits, num_token_non_padded=T - 7, request_ids=rid)
+    ids = out.topk_ids.long()
+    valid = torch.arange(T) < T - 7
+    own = torch.sort(compute_scores(logits, sel.routing).sel, 1, descending=True, stable=True).indices
+    floor = own_floor(policy, sel)
+    has = torch.zeros(T, E, dtype=torch.bool).scatter_(1, ids.clamp(min=0), ids >= 0)
+    assert torch.all(has.gather(1, own[:, :floor])[valid]), "a token lost its floor"
+    assert torch.all(ids[~valid] == -1)
+    assert torch.all(has.sum(1) == (ids >= 0).sum(1)), "duplicate expert in a token"
+    w = out.topk_weights
+    torch.testing.assert_close(w[valid].sum(1), torch.ones(int(valid.sum())))
+    if policy in ("xshare", "xshare_ep", "oea", "oea_simple", "xshare_spec"):
+        assert torch.unique(ids[ids >= 0]).numel() < torch.unique(own[valid, :k]).numel()
