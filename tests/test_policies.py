@@ -303,7 +303,7 @@ def test_invariants_large(policy):
     out = sel(logits, num_token_non_padded=T - 7, request_ids=rid)
     ids = out.topk_ids.long()
     valid = torch.arange(T) < T - 7
-    own = torch.sort(compute_scores(logits, sel.routing).sel, 1, descending=True, stable=True).indices
+    own = torch.sort(compute_scores(logits, sel.routing).sel, dim=1, descending=True, stable=True).indices
     floor = own_floor(policy, sel)
     has = torch.zeros(T, E, dtype=torch.bool).scatter_(1, ids.clamp(min=0), ids >= 0)
     assert torch.all(has.gather(1, own[:, :floor])[valid]), "a token lost its floor"
