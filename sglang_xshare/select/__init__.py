@@ -7,7 +7,7 @@ Public API: :class:`Selector` (configured stage), :class:`SelectionOutput` (its 
 from .contract import BatchContext, Scores, SelectionOutput
 from .registry import PolicyEntry, get_policy, register_kernel
 from .scoring import compute_scores
-from .selector import Selector
+from .selector import Selector, valid_mask
 
 __all__ = [
     "BatchContext",
@@ -18,4 +18,5 @@ __all__ = [
     "register_kernel",
     "compute_scores",
     "Selector",
+    "valid_mask",
 ]

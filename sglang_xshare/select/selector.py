@@ -18,9 +18,20 @@ from .contract import BatchContext, SelectionOutput
 from .registry import get_policy
 from .scoring import compute_scores
 
-__all__ = ["Selector"]
+__all__ = ["Selector", "valid_mask"]
 
 Backend = Literal["auto", "reference", "kernel"]
+
+
+def valid_mask(num_tokens: int, num_token_non_padded: int | torch.Tensor | None,
+               device: torch.device | str) -> torch.Tensor:
+    """``[T] bool``: True for tokens ``< num_token_non_padded`` (all when ``None``); no host sync."""
+    if num_token_non_padded is None:
+        return torch.ones(num_tokens, dtype=torch.bool, device=device)
+    idx = torch.arange(num_tokens, device=device)
+    if isinstance(num_token_non_padded, torch.Tensor):
+        return idx < num_token_non_padded.to(device).reshape(())
+    return idx < int(num_token_non_padded)
 
 
 class Selector:
@@ -64,13 +75,7 @@ class Selector:
                 request_ids: torch.Tensor | None = None) -> BatchContext:
         """The :class:`BatchContext` of one call (no host sync: ``valid`` is computed on device)."""
         cfg = self.config
-        idx = torch.arange(num_tokens, device=device)
-        if num_token_non_padded is None:
-            valid = torch.ones(num_tokens, dtype=torch.bool, device=device)
-        elif isinstance(num_token_non_padded, torch.Tensor):
-            valid = idx < num_token_non_padded.to(device).reshape(())
-        else:
-            valid = idx < int(num_token_non_padded)
+        valid = valid_mask(num_tokens, num_token_non_padded, device)
         return BatchContext(
             top_k=self.routing.top_k,
             k0=cfg.k0 if cfg.policy not in ("topk", "cap") else (self.routing.top_k if cfg.policy == "topk" else cfg.cap or 1),
