@@ -2,30 +2,43 @@
 
 Pipeline: router logits -> **select** (:mod:`sglang_xshare.select`) -> dispatch
 (:mod:`sglang_xshare.dispatch`: DeepEP | NCCL) -> experts -> combine.
+
+Names are imported lazily so that light entry points (the Ray launcher, flag parsing) do not
+pay for importing torch.
 """
 
-from .config import POLICY_NAMES, Budget, BudgetSchedule, RoutingSpec, SelectionConfig, XShareConfigError
-from .placement import Placement
-from .select import SelectionOutput, Selector, get_policy
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "POLICY_NAMES",
-    "Budget",
-    "BudgetSchedule",
-    "RoutingSpec",
-    "SelectionConfig",
-    "XShareConfigError",
-    "Placement",
-    "SelectionOutput",
-    "Selector",
-    "get_policy",
-    "enable",
-]
+_LAZY = {
+    "POLICY_NAMES": "config",
+    "Budget": "config",
+    "BudgetSchedule": "config",
+    "RoutingSpec": "config",
+    "SelectionConfig": "config",
+    "XShareConfigError": "config",
+    "Placement": "placement",
+    "SelectionOutput": "select",
+    "Selector": "select",
+    "get_policy": "select",
+}
+
+__all__ = [*_LAZY, "enable"]
 
 
-def enable(*args, **kwargs):
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def enable(*args: Any, **kwargs: Any) -> Any:
     """Install xshare into SGLang in this process and its children (see :func:`sglang_xshare.serving.api.enable`)."""
     from .serving.api import enable as _enable
 
