@@ -1,0 +1,413 @@
+"""The ``--xshare-*`` server flags: parse, validate, carry to SGLang's child processes.
+
+SGLang's own flags stay SGLang's: :func:`parse_server_argv` splits ``argv`` into the xshare part
+and the SGLang part, hands the SGLang part to SGLang's own ``prepare_server_args`` (so ``--config``,
+logging set-up and every SGLang check behave exactly as under ``sglang serve``) and parses the
+xshare part here. :func:`build_parser` puts both sets of flags on one parser for ``--help``.
+
+Errors are :class:`~sglang_xshare.config.XShareConfigError` (a ``ValueError``, like the errors of
+SGLang's ``ServerArgs``) whose message starts with the offending flag::
+
+    --xshare-budget: cannot parse budget 'lots'; use an expert count (24), a fraction (0.6) or mass:0.9
+
+The validated :class:`XShareServerConfig` travels to every process SGLang spawns as JSON in the
+environment variable :data:`ENV_VAR` (children inherit the environment under ``spawn``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import POLICY_NAMES, Budget, BudgetSchedule, RoutingSpec, SelectionConfig, XShareConfigError
+
+__all__ = [
+    "ENV_VAR",
+    "SERVER_POLICIES",
+    "XShareServerConfig",
+    "add_xshare_args",
+    "build_parser",
+    "split_xshare_argv",
+    "parse_xshare_argv",
+    "parse_server_argv",
+    "check_against_server_args",
+    "routing_from_model_config",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable carrying the JSON of :class:`XShareServerConfig` to child processes.
+ENV_VAR = "SGLANG_XSHARE_CONFIG"
+
+#: ``--xshare-policy`` choices: ``off`` (SGLang untouched) and every core policy.
+SERVER_POLICIES: tuple[str, ...] = ("off",) + POLICY_NAMES
+
+_PREFIX = "--xshare-"
+
+
+@dataclass(frozen=True)
+class XShareServerConfig:
+    """Everything the ``--xshare-*`` flags set (validated by :meth:`validate`).
+
+    Attributes:
+        policy: ``"off"`` or a core policy name (:data:`~sglang_xshare.config.POLICY_NAMES`).
+        budget: batch budget ``m_l`` as typed (``"24"``, ``"0.6"``, ``"mass:0.9"``) or ``None``.
+        warmup_k0: warm-up floor ``k0`` (each token keeps its own top-``k0``).
+        request_budget: per-request budget ``m_r`` (``xshare_spec``) or ``None``.
+        cap: per-token cap ``k'`` of ``cap`` or ``None``.
+        layer_budgets: per-layer overrides ``"LAYER:BUDGET,..."`` or ``None``.
+        min_score: refinement floor on gate weights beyond ``k0`` (0 keeps all).
+        mass_source: ``"topk"`` or ``"full"`` (what the aggregated mass sums).
+        fill_to_peak: ``xshare_ep``: let every rank fill up to the busiest rank's load.
+        apply_to_draft: also apply the policy to the draft model's MoE layers.
+        apply_to_prefill: also apply it to prefill / extend / mixed batches (default: decode and
+            target-verify batches only).
+        empty_slots: how a ``-1`` slot reaches the MoE backend: ``"minus_one"`` (backend drops
+            it), ``"fill"`` (same expert as the token's first slot, weight 0), ``"distinct"``
+            (another expert the batch already uses, weight 0), ``"auto"`` (per backend, see
+            :mod:`sglang_xshare.serving.slots`).
+        metrics: keep per-layer metrics on device and flush them every ``metrics_interval`` steps.
+        metrics_interval: decode steps between two metric flushes.
+        record_trace: path of a trace file (``.npz``) to write router logits to, or ``None``.
+        record_trace_steps: decode steps to record before the trace is written.
+    """
+
+    policy: str = "off"
+    budget: str | None = None
+    warmup_k0: int = 1
+    request_budget: str | None = None
+    cap: int | None = None
+    layer_budgets: str | None = None
+    min_score: float = 0.0
+    mass_source: str = "topk"
+    fill_to_peak: bool = True
+    apply_to_draft: bool = False
+    apply_to_prefill: bool = False
+    empty_slots: str = "auto"
+    metrics: bool = False
+    metrics_interval: int = 200
+    record_trace: str | None = None
+    record_trace_steps: int = 256
+
+    # ---- derived ------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        """Whether anything needs hooking (a policy, metrics or the trace recorder)."""
+        return self.policy != "off" or self.metrics or self.record_trace is not None
+
+    @property
+    def selects(self) -> bool:
+        """Whether a policy replaces SGLang's routing (``policy != "off"``)."""
+        return self.policy != "off"
+
+    def budget_schedule(self) -> BudgetSchedule | None:
+        """The parsed batch budget with its per-layer overrides (``None`` without ``--xshare-budget``)."""
+        if self.budget is None:
+            if self.layer_budgets:
+                raise XShareConfigError("--xshare-layer-budgets", "per-layer budgets need a default --xshare-budget")
+            return None
+        return BudgetSchedule.parse(self.budget, self.layer_budgets)
+
+    def selection_config(self, routing: RoutingSpec | None = None) -> SelectionConfig:
+        """The core :class:`SelectionConfig`; validated against ``routing`` when given.
+
+        Raises :class:`XShareConfigError` naming the flag. ``policy`` must not be ``"off"``.
+        """
+        if self.policy == "off":
+            raise XShareConfigError("--xshare-policy", "policy 'off' has no selection config")
+        cfg = SelectionConfig(
+            policy=self.policy,
+            k0=self.warmup_k0,
+            budget=self.budget_schedule(),
+            request_budget=None if self.request_budget is None else Budget.parse(self.request_budget, "--xshare-request-budget"),
+            cap=self.cap,
+            min_score=self.min_score,
+            mass_source=self.mass_source,  # type: ignore[arg-type]
+            fill_to_peak=self.fill_to_peak,
+        )
+        return cfg.validate(routing) if routing is not None else cfg
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self, routing: RoutingSpec | None = None) -> "XShareServerConfig":
+        """Check every flag (and, with ``routing``, against the model); return ``self``."""
+        if self.policy not in SERVER_POLICIES:
+            raise XShareConfigError("--xshare-policy", f"unknown policy {self.policy!r}; choose from {', '.join(SERVER_POLICIES)}")
+        if self.warmup_k0 < 1:
+            raise XShareConfigError("--xshare-warmup-k0", f"k0 must be >= 1, got {self.warmup_k0}")
+        if self.cap is not None and self.cap < 1:
+            raise XShareConfigError("--xshare-cap", f"k' must be >= 1, got {self.cap}")
+        if not (0.0 <= self.min_score < 1.0) or math.isnan(self.min_score):
+            raise XShareConfigError("--xshare-min-score", f"must be in [0, 1), got {self.min_score}")
+        if self.mass_source not in ("topk", "full"):
+            raise XShareConfigError("--xshare-mass-source", f"must be 'topk' or 'full', got {self.mass_source!r}")
+        if self.empty_slots not in ("auto", "minus_one", "fill", "distinct"):
+            raise XShareConfigError("--xshare-empty-slots", f"must be auto, minus_one, fill or distinct, got {self.empty_slots!r}")
+        if self.metrics_interval < 1:
+            raise XShareConfigError("--xshare-metrics-interval", f"must be >= 1, got {self.metrics_interval}")
+        if self.record_trace_steps < 1:
+            raise XShareConfigError("--xshare-record-trace-steps", f"must be >= 1, got {self.record_trace_steps}")
+        if self.record_trace is not None:
+            parent = Path(self.record_trace).expanduser().resolve().parent
+            if not parent.is_dir():
+                raise XShareConfigError("--xshare-record-trace", f"directory {str(parent)!r} does not exist")
+            if not os.access(parent, os.W_OK):
+                raise XShareConfigError("--xshare-record-trace", f"directory {str(parent)!r} is not writable")
+        # Flags that mean nothing for the chosen policy are an error, not silently ignored.
+        budgeted = self.policy in ("xshare", "xshare_ep", "xshare_spec")
+        if self.policy == "off":
+            for flag, value in (("--xshare-budget", self.budget), ("--xshare-request-budget", self.request_budget),
+                                ("--xshare-cap", self.cap), ("--xshare-layer-budgets", self.layer_budgets)):
+                if value is not None:
+                    raise XShareConfigError(flag, "has no effect with --xshare-policy off; choose a policy")
+            return self
+        if not budgeted and self.budget is not None:
+            raise XShareConfigError("--xshare-budget", f"policy {self.policy} takes no batch budget")
+        if not budgeted and self.layer_budgets is not None:
+            raise XShareConfigError("--xshare-layer-budgets", f"policy {self.policy} takes no batch budget")
+        if self.policy != "xshare_spec" and self.request_budget is not None:
+            raise XShareConfigError("--xshare-request-budget", "only policy xshare_spec takes a per-request budget")
+        if self.policy != "cap" and self.cap is not None:
+            raise XShareConfigError("--xshare-cap", "only policy cap takes a per-token cap")
+        # Parses every budget (raising naming its flag) and checks the policy's requirements.
+        cfg = self.selection_config(None)
+        if self.policy in ("xshare", "xshare_ep", "xshare_spec") and cfg.budget is None:
+            raise XShareConfigError("--xshare-budget", f"policy {self.policy} needs a batch budget, e.g. --xshare-budget 0.6")
+        if self.policy == "xshare_spec" and cfg.request_budget is None:
+            raise XShareConfigError("--xshare-request-budget", "policy xshare_spec needs a per-request budget, e.g. --xshare-request-budget 12")
+        if self.policy == "cap" and self.cap is None:
+            raise XShareConfigError("--xshare-cap", "policy cap needs --xshare-cap K' (experts kept per token)")
+        if routing is not None:
+            self.selection_config(routing)
+        return self
+
+    # ---- transport ----------------------------------------------------------------------
+    def to_json(self) -> str:
+        """JSON of every field (the :data:`ENV_VAR` payload)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "XShareServerConfig":
+        """Inverse of :meth:`to_json`; unknown keys raise (a version mismatch between processes)."""
+        data = json.loads(text)
+        names = {f.name for f in dataclasses.fields(XShareServerConfig)}
+        unknown = set(data) - names
+        if unknown:
+            raise XShareConfigError(ENV_VAR, f"unknown keys {sorted(unknown)} (sglang_xshare versions differ?)")
+        return XShareServerConfig(**data).validate()
+
+    @staticmethod
+    def from_env(environ: dict[str, str] | None = None) -> "XShareServerConfig | None":
+        """The config carried by :data:`ENV_VAR`, or ``None`` when it is unset or empty."""
+        text = (os.environ if environ is None else environ).get(ENV_VAR, "")
+        return XShareServerConfig.from_json(text) if text.strip() else None
+
+    def export_env(self, environ: dict[str, str] | None = None) -> None:
+        """Write :data:`ENV_VAR` (``os.environ`` by default) so spawned children see this config."""
+        (os.environ if environ is None else environ)[ENV_VAR] = self.to_json()
+
+
+# ---- argparse ---------------------------------------------------------------------------
+
+def add_xshare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``--xshare-*`` flags (one argument group) to ``parser``; return ``parser``.
+
+    Values are kept as strings where the core parses them (budgets), so that every error names
+    its flag through :meth:`XShareServerConfig.validate`.
+    """
+    d = XShareServerConfig()
+    g = parser.add_argument_group("XShare expert selection (sglang_xshare)")
+    g.add_argument("--xshare-policy", type=str, default=d.policy, metavar="{" + ",".join(SERVER_POLICIES) + "}",
+                   help="Expert-selection policy applied to every target MoE layer of decode batches. "
+                        "'off' leaves SGLang's routing bit-identical.")
+    g.add_argument("--xshare-budget", type=str, default=None,
+                   help="Batch budget m_l of xshare/xshare_ep/xshare_spec: an expert count (24), a fraction "
+                        "of the experts plain top-k would activate (0.6 or frac:0.6) or a gating-mass target (mass:0.9).")
+    g.add_argument("--xshare-warmup-k0", type=int, default=d.warmup_k0,
+                   help="Warm-up floor k0: every token keeps its own top-k0 experts (1 <= k0 <= top_k).")
+    g.add_argument("--xshare-request-budget", type=str, default=None,
+                   help="Per-request budget m_r of xshare_spec (draft tokens of one request share it).")
+    g.add_argument("--xshare-cap", type=int, default=None, help="Per-token cap k' of policy cap.")
+    g.add_argument("--xshare-layer-budgets", type=str, default=None,
+                   help="Per-layer budget overrides 'LAYER:BUDGET,...', e.g. '0:32,5:mass:0.95'.")
+    g.add_argument("--xshare-min-score", type=float, default=d.min_score,
+                   help="Drop a slot beyond k0 whose gate weight is below this value (0 keeps all).")
+    g.add_argument("--xshare-mass-source", type=str, default=d.mass_source,
+                   help="What the aggregated mass sums: 'topk' (each token's top-k gate weights) or 'full'.")
+    g.add_argument("--xshare-no-fill-to-peak", dest="xshare_fill_to_peak", action="store_false",
+                   help="xshare_ep: do not let the other ranks fill up to the busiest rank's load.")
+    g.add_argument("--xshare-apply-to-draft", action="store_true",
+                   help="Also apply the policy to the draft model's MoE layers (speculative decoding).")
+    g.add_argument("--xshare-apply-to-prefill", action="store_true",
+                   help="Also apply the policy to prefill/extend batches (default: decode and target-verify only).")
+    g.add_argument("--xshare-empty-slots", type=str, default=d.empty_slots,
+                   help="How an empty (-1) slot reaches the MoE backend: 'minus_one', 'fill' (an expert the "
+                        "token already uses, weight 0), 'distinct' (another expert the batch already uses, weight 0) "
+                        "or 'auto' (per backend).")
+    g.add_argument("--xshare-metrics", action="store_true",
+                   help="Live per-layer metrics (activated experts, peak/mean rank load, retained mass), "
+                        "accumulated on device and logged / exported to Prometheus every --xshare-metrics-interval steps.")
+    g.add_argument("--xshare-metrics-interval", type=int, default=d.metrics_interval,
+                   help="Decode steps between two metric flushes.")
+    g.add_argument("--xshare-record-trace", type=str, default=None, metavar="PATH",
+                   help="Record router logits of decode batches to PATH (sglang_xshare.trace .npz format).")
+    g.add_argument("--xshare-record-trace-steps", type=int, default=d.record_trace_steps,
+                   help="Decode steps to record before the trace file is written.")
+    return parser
+
+
+def _config_from_namespace(ns: argparse.Namespace) -> XShareServerConfig:
+    return XShareServerConfig(
+        policy=ns.xshare_policy,
+        budget=ns.xshare_budget,
+        warmup_k0=ns.xshare_warmup_k0,
+        request_budget=ns.xshare_request_budget,
+        cap=ns.xshare_cap,
+        layer_budgets=ns.xshare_layer_budgets,
+        min_score=ns.xshare_min_score,
+        mass_source=ns.xshare_mass_source,
+        fill_to_peak=ns.xshare_fill_to_peak,
+        apply_to_draft=ns.xshare_apply_to_draft,
+        apply_to_prefill=ns.xshare_apply_to_prefill,
+        empty_slots=ns.xshare_empty_slots,
+        metrics=ns.xshare_metrics,
+        metrics_interval=ns.xshare_metrics_interval,
+        record_trace=ns.xshare_record_trace,
+        record_trace_steps=ns.xshare_record_trace_steps,
+    )
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise :class:`XShareConfigError` instead of exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        flag = next((w.rstrip(":,") for w in message.split() if w.startswith(_PREFIX)), "--xshare-*")
+        raise XShareConfigError(flag, message)
+
+
+def _xshare_parser() -> argparse.ArgumentParser:
+    return add_xshare_args(_RaisingParser(prog="sglang-xshare", add_help=False))
+
+
+def _takes_value() -> dict[str, bool]:
+    """``{flag: whether it consumes a value}`` for every ``--xshare-*`` option string."""
+    out: dict[str, bool] = {}
+    for action in _xshare_parser()._actions:
+        for s in action.option_strings:
+            out[s] = action.nargs != 0
+    return out
+
+
+def split_xshare_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split a command line into ``(sglang_argv, xshare_argv)``.
+
+    Accepts ``--xshare-x V`` and ``--xshare-x=V``; an unknown ``--xshare-*`` flag raises
+    :class:`XShareConfigError` (SGLang would otherwise report it as its own unknown argument).
+    """
+    takes = _takes_value()
+    sg: list[str] = []
+    xs: list[str] = []
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith(_PREFIX):
+            name = a.split("=", 1)[0]
+            if name not in takes:
+                raise XShareConfigError(name, f"unknown flag; known: {', '.join(sorted(takes))}")
+            xs.append(a)
+            if takes[name] and "=" not in a:
+                if i + 1 >= len(argv):
+                    raise XShareConfigError(name, "expected a value")
+                xs.append(argv[i + 1])
+                i += 1
+        else:
+            sg.append(a)
+        i += 1
+    return sg, xs
+
+
+def parse_xshare_argv(xshare_argv: Sequence[str]) -> XShareServerConfig:
+    """Parse and validate ``--xshare-*`` flags only (no model known yet)."""
+    ns = _xshare_parser().parse_args(list(xshare_argv))
+    return _config_from_namespace(ns).validate()
+
+
+def build_parser(prog: str = "sglang-xshare-launch-server") -> argparse.ArgumentParser:
+    """SGLang's own ``ServerArgs.add_cli_args`` parser plus the ``--xshare-*`` group (for ``--help``)."""
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser(prog=prog)
+    ServerArgs.add_cli_args(parser)
+    return add_xshare_args(parser)
+
+
+def parse_server_argv(argv: Sequence[str]) -> tuple[Any, XShareServerConfig]:
+    """``argv`` (without the program name) -> ``(ServerArgs, XShareServerConfig)``.
+
+    The SGLang part goes through SGLang's ``prepare_server_args`` unchanged; the xshare part is
+    validated here, then against the model's ``config.json`` when ``--model-path`` is a local
+    directory, then against the server arguments (:func:`check_against_server_args`).
+    Raises :class:`XShareConfigError` naming the flag.
+    """
+    sg_argv, xs_argv = split_xshare_argv(argv)
+    cfg = parse_xshare_argv(xs_argv)
+    from sglang.srt.server_args import prepare_server_args
+
+    server_args = prepare_server_args(sg_argv)
+    if cfg.selects:
+        routing = routing_from_model_config(getattr(server_args, "model_path", None))
+        if routing is not None:
+            cfg.validate(routing)
+    check_against_server_args(cfg, server_args)
+    return server_args, cfg
+
+
+def check_against_server_args(cfg: XShareServerConfig, server_args: Any) -> None:
+    """Reject flag combinations that cannot work with the SGLang configuration (raw ``ServerArgs``)."""
+    spec = getattr(server_args, "speculative_algorithm", None)
+    if cfg.policy == "xshare_spec" and not spec:
+        raise XShareConfigError(
+            "--xshare-policy",
+            "xshare_spec groups the draft tokens of each request in target-verify batches; "
+            "it needs speculative decoding (--speculative-algorithm EAGLE|EAGLE3|NEXTN|...)",
+        )
+    if cfg.apply_to_draft and not spec:
+        raise XShareConfigError("--xshare-apply-to-draft", "there is no draft model without --speculative-algorithm")
+    if cfg.policy == "xshare_ep":
+        ep = getattr(server_args, "ep_size", 1) or 1
+        if ep <= 1:
+            logger.warning("--xshare-policy xshare_ep with --ep-size 1: one balance group, it behaves like xshare")
+
+
+_EXPERT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+_TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token")
+
+
+def routing_from_model_config(model_path: str | None) -> RoutingSpec | None:
+    """Best-effort :class:`RoutingSpec` from a local ``config.json`` (``None`` if unknown).
+
+    Used only to validate budgets against the model before SGLang starts; the hook builds the
+    authoritative spec from SGLang's own ``TopK`` configuration at model load.
+    """
+    if not model_path:
+        return None
+    path = Path(model_path).expanduser() / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+    E = next((cfg[k] for k in _EXPERT_KEYS if isinstance(cfg.get(k), int)), None)
+    k = next((cfg[k] for k in _TOPK_KEYS if isinstance(cfg.get(k), int)), None)
+    if not E or not k or k > E:
+        return None
+    return RoutingSpec(num_experts=int(E), top_k=int(k))

@@ -1,0 +1,142 @@
+"""``--xshare-*`` flags next to SGLang's own ``ServerArgs`` flags (CPU, sglang installed)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("sglang")
+pytestmark = pytest.mark.sglang
+
+from sglang_xshare.config import XShareConfigError  # noqa: E402
+from sglang_xshare.serving.api import disable, enable  # noqa: E402
+from sglang_xshare.serving.flags import (  # noqa: E402
+    ENV_VAR,
+    XShareServerConfig,
+    build_parser,
+    parse_server_argv,
+    parse_xshare_argv,
+    split_xshare_argv,
+)
+
+SGLANG_FLAGS = [
+    "--model-path", "dummy", "--tp-size", "4", "--ep-size", "4", "--moe-a2a-backend", "deepep",
+    "--enable-eplb", "--ep-num-redundant-experts", "8", "--ep-dispatch-algorithm", "dynamic",
+    "--cuda-graph-max-bs-decode", "64", "--mem-fraction-static", "0.8",
+]
+
+
+def test_accepts_sglang_flags_and_xshare_flags():
+    argv = SGLANG_FLAGS[:4] + ["--xshare-policy", "xshare_ep", "--xshare-budget=0.6"] + SGLANG_FLAGS[4:] + [
+        "--xshare-warmup-k0", "2", "--xshare-layer-budgets", "0:32,5:mass:0.95", "--xshare-metrics"]
+    server_args, cfg = parse_server_argv(argv)
+    assert server_args.model_path == "dummy" and server_args.tp_size == 4 and server_args.ep_size == 4
+    assert server_args.moe_a2a_backend == "deepep" and server_args.enable_eplb is True
+    assert server_args.ep_num_redundant_experts == 8 and server_args.ep_dispatch_algorithm == "dynamic"
+    assert cfg.policy == "xshare_ep" and cfg.budget == "0.6" and cfg.warmup_k0 == 2 and cfg.metrics
+    sched = cfg.selection_config().budget
+    assert str(sched.default) == "frac:0.6" and str(sched.for_layer(5)) == "mass:0.95" and str(sched.for_layer(0)) == "32"
+
+
+def test_split_keeps_order_and_values():
+    sg, xs = split_xshare_argv(["--model-path", "m", "--xshare-policy", "cap", "--xshare-cap=2", "--tp", "2",
+                                "--xshare-apply-to-draft"])
+    assert sg == ["--model-path", "m", "--tp", "2"]
+    assert xs == ["--xshare-policy", "cap", "--xshare-cap=2", "--xshare-apply-to-draft"]
+
+
+@pytest.mark.parametrize("argv, flag, fragment", [
+    (["--xshare-policy", "greedy"], "--xshare-policy", "unknown policy 'greedy'"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "lots"], "--xshare-budget", "cannot parse budget"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "1.5"], "--xshare-budget", "fraction must be in (0, 1]"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "0"], "--xshare-budget", "must be >= 1"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "mass:2"], "--xshare-budget", "mass:X"),
+    (["--xshare-policy", "xshare"], "--xshare-budget", "needs a batch budget"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-warmup-k0", "0"], "--xshare-warmup-k0", ">= 1"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-warmup-k0", "two"], "--xshare-warmup-k0", "invalid int"),
+    (["--xshare-policy", "xshare_spec", "--xshare-budget", "8"], "--xshare-request-budget", "per-request budget"),
+    (["--xshare-policy", "cap"], "--xshare-cap", "needs --xshare-cap"),
+    (["--xshare-policy", "topk", "--xshare-budget", "8"], "--xshare-budget", "takes no batch budget"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-layer-budgets", "a:3"], "--xshare-layer-budgets", "integer"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-layer-budgets", "3"], "--xshare-layer-budgets", "LAYER:BUDGET"),
+    (["--xshare-budget", "8"], "--xshare-budget", "no effect with --xshare-policy off"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-empty-slots", "zero"], "--xshare-empty-slots", "minus_one"),
+    (["--xshare-metrics-interval", "0"], "--xshare-metrics-interval", ">= 1"),
+    (["--xshare-record-trace", "/nonexistent/dir/t.npz"], "--xshare-record-trace", "does not exist"),
+    (["--xshare-budjet", "8"], "--xshare-budjet", "unknown flag"),
+])
+def test_rejects_bad_values_naming_the_flag(argv, flag, fragment):
+    with pytest.raises(XShareConfigError) as e:
+        parse_server_argv(["--model-path", "dummy"] + argv)
+    assert e.value.flag == flag
+    assert str(e.value).startswith(flag + ":") and fragment in str(e.value)
+
+
+def test_xshare_spec_needs_speculative_decoding():
+    argv = ["--model-path", "dummy", "--xshare-policy", "xshare_spec", "--xshare-budget", "8", "--xshare-request-budget", "4"]
+    with pytest.raises(XShareConfigError, match="--speculative-algorithm") as e:
+        parse_server_argv(argv)
+    assert e.value.flag == "--xshare-policy"
+    _, cfg = parse_server_argv(argv + ["--speculative-algorithm", "EAGLE", "--speculative-num-draft-tokens", "4"])
+    assert cfg.policy == "xshare_spec"
+
+
+def test_budget_checked_against_local_model_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"num_experts": 16, "num_experts_per_tok": 4}))
+    with pytest.raises(XShareConfigError, match="exceeds the model's 16 experts"):
+        parse_server_argv(["--model-path", str(tmp_path), "--xshare-policy", "xshare", "--xshare-budget", "24"])
+    with pytest.raises(XShareConfigError, match=r"k0 must be in \[1, top_k=4\]"):
+        parse_server_argv(["--model-path", str(tmp_path), "--xshare-policy", "xshare", "--xshare-budget", "8",
+                           "--xshare-warmup-k0", "5"])
+    _, cfg = parse_server_argv(["--model-path", str(tmp_path), "--xshare-policy", "xshare", "--xshare-budget", "8"])
+    assert cfg.budget == "8"
+
+
+def test_sglang_own_errors_stay_sglang_errors():
+    with pytest.raises(SystemExit):  # argparse: unknown SGLang flag
+        parse_server_argv(["--model-path", "dummy", "--no-such-sglang-flag", "1"])
+
+
+def test_help_lists_both_flag_sets():
+    text = build_parser().format_help()
+    for flag in ("--model-path", "--moe-a2a-backend", "--ep-dispatch-algorithm", "--xshare-policy", "--xshare-budget",
+                 "--xshare-warmup-k0", "--xshare-request-budget", "--xshare-layer-budgets", "--xshare-metrics",
+                 "--xshare-record-trace"):
+        assert flag in text
+
+
+def test_env_roundtrip_and_unknown_keys():
+    cfg = parse_xshare_argv(["--xshare-policy", "xshare", "--xshare-budget", "mass:0.9", "--xshare-metrics"])
+    env: dict[str, str] = {}
+    cfg.export_env(env)
+    assert XShareServerConfig.from_env(env) == cfg
+    with pytest.raises(XShareConfigError, match="unknown keys"):
+        XShareServerConfig.from_json(json.dumps({"policy": "xshare", "budgett": "3"}))
+    assert XShareServerConfig.from_env({}) is None
+
+
+def test_launcher_exits_2_with_flag_message(capsys):
+    from sglang_xshare.launch_server import main
+
+    assert main(["--model-path", "dummy", "--xshare-policy", "xshare", "--xshare-budget", "lots"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --xshare-budget: cannot parse budget 'lots'" in err
+
+
+def test_enable_exports_env_for_children(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setenv("SGLANG_PLUGINS", "other")
+    try:
+        cfg = enable(policy="xshare", budget=0.5, warmup_k0=1, layer_budgets={2: "mass:0.9"}, metrics=True)
+        assert XShareServerConfig.from_json(os.environ[ENV_VAR]) == cfg
+        assert os.environ["SGLANG_PLUGINS"] == "other,xshare"
+        from sglang_xshare.serving.hook import installed_config
+
+        assert installed_config() == cfg
+        with pytest.raises(XShareConfigError, match="--xshare-budget"):
+            enable(policy="xshare", budget="nope")
+    finally:
+        disable()
+    assert ENV_VAR not in os.environ

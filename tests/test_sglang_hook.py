@@ -1,0 +1,543 @@
+"""The xshare hook inside real SGLang 0.5.23 routing objects (CPU, sglang installed).
+
+SGLang's ``TopK.forward_native`` is used: it is SGLang's torch routing path (``forward_cpu``
+needs a CPU build of ``sgl_kernel``, which no wheel ships) and ends in the same
+``select_experts`` -> ``_post_process_topk_ids`` seam as the CUDA path.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+pytestmark = pytest.mark.sglang
+
+from sglang_xshare import Placement, RoutingSpec, Selector  # noqa: E402
+from sglang_xshare.serving import hook  # noqa: E402
+from sglang_xshare.serving.flags import ENV_VAR, XShareServerConfig  # noqa: E402
+from sglang_xshare.serving.slots import (  # noqa: E402
+    backend_takes_minus_one,
+    fill_empty_slots,
+    fill_empty_slots_distinct,
+    resolve_empty_slot_mode,
+)
+
+E, K, T, HIDDEN = 32, 4, 24, 16
+
+
+def _logits(seed: int, n: int = T, e: int = E) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(3, e, generator=g) * 2.5
+    return centers[torch.randint(0, 3, (n,), generator=g)] + torch.randn(n, e, generator=g)
+
+
+@pytest.fixture(scope="module")
+def sg():
+    """Import SGLang once and publish a CPU runtime context (as SGLang's own tests do)."""
+    from sglang.srt.layers.moe import topk
+    from sglang.srt.runtime_context import SpawnRanks, publish, reset_context
+    from sglang.srt.server_args import ServerArgs
+
+    reset_context()
+    publish(ServerArgs(model_path="dummy", device="cpu"), role="test", ranks=SpawnRanks(world_rank=0, dp_rank=None))
+    yield topk
+    reset_context()
+
+
+@pytest.fixture
+def installed():
+    """Install a config for one test; always uninstall."""
+    def _install(**kw):
+        cfg = XShareServerConfig(**kw)
+        hook.install(cfg)
+        return cfg
+    yield _install
+    hook.uninstall()
+
+
+def _topk(sg, **kw):
+    kw.setdefault("layer_id", 3)
+    return sg.TopK(top_k=K, renormalize=kw.pop("renormalize", True), **kw)
+
+
+def _selector(cfg: XShareServerConfig, placement: Placement | None = None, **routing_kw) -> Selector:
+    routing = RoutingSpec(num_experts=routing_kw.pop("num_experts", E), top_k=K, **routing_kw)
+    return Selector(routing, cfg.selection_config(routing), placement=placement)
+
+
+POLICIES = [
+    dict(policy="topk"),
+    dict(policy="cap", cap=2),
+    dict(policy="oea"),
+    dict(policy="oea_simple"),
+    dict(policy="xshare", budget="8"),
+    dict(policy="xshare", budget="mass:0.8", warmup_k0=2),
+    dict(policy="xshare_spec", budget="10", request_budget="6"),
+]
+
+
+@pytest.mark.parametrize("kw", POLICIES, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_hooked_topk_gives_policy_output(sg, installed, kw):
+    cfg = installed(empty_slots="minus_one", **kw)
+    tk = _topk(sg)
+    x, logits = torch.randn(T, HIDDEN), _logits(1)
+    info = hook.BatchInfo("verify", num_draft_tokens=4, batch_size=T // 4) if kw["policy"] == "xshare_spec" \
+        else hook.BatchInfo("decode", batch_size=T)
+    with hook.batch_scope(info):
+        out = tk.forward_native(x, logits.clone())
+    rid = torch.arange(T) // 4 if kw["policy"] == "xshare_spec" else None
+    ref = _selector(cfg)(logits, layer_id=3, request_ids=rid)
+    assert torch.equal(out.topk_ids.to(torch.int32), ref.topk_ids)
+    torch.testing.assert_close(out.topk_weights, ref.topk_weights, rtol=0, atol=0)
+    if kw["policy"] in ("cap", "xshare"):  # the hook really changed SGLang's routing
+        hook.uninstall()
+        plain = tk.forward_native(x, logits.clone())
+        assert not torch.equal(plain.topk_ids.to(torch.int32), ref.topk_ids)
+
+
+def test_target_verify_batch_groups_tokens_by_request(sg, installed):
+    """A real SGLang TARGET_VERIFY ForwardBatch entering SGLang's forward_context: xshare_spec sees
+    each request's draft tokens as one group (``arange(T) // num_tokens_per_req``)."""
+    cfg = installed(policy="xshare_spec", budget="10", request_budget="6", empty_slots="minus_one")
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context  # the patched one
+    from sglang.srt.speculative.eagle_info import EagleVerifyInput
+
+    ndt, bs = 4, T // 4
+    spec = EagleVerifyInput.create_idle_input(topk=1, spec_steps=ndt - 1, num_verify_tokens=ndt, device="cpu")
+    fb = ForwardBatch(forward_mode=ForwardMode.TARGET_VERIFY, batch_size=bs, input_ids=torch.zeros(T, dtype=torch.long),
+                      req_pool_indices=torch.arange(bs), seq_lens=torch.full((bs,), 10), out_cache_loc=torch.arange(T),
+                      seq_lens_sum=10 * bs, spec_info=spec)
+    tk = _topk(sg)
+    logits = _logits(13)
+    with forward_context(ForwardContext(attn_backend=None), forward_batch=fb):
+        assert hook.current_batch() == hook.BatchInfo("verify", num_draft_tokens=ndt, batch_size=bs)
+        out = tk.forward_native(torch.randn(T, HIDDEN), logits.clone())
+    assert hook.current_batch() is None
+    ref = _selector(cfg)(logits, layer_id=3, request_ids=torch.arange(T) // ndt)
+    assert torch.equal(out.topk_ids.to(torch.int32), ref.topk_ids)
+    for r in range(bs):
+        ids = out.topk_ids[r * ndt:(r + 1) * ndt]
+        assert len(set(ids[ids >= 0].tolist())) <= 6  # the per-request budget m_r
+    assert len(set(out.topk_ids[out.topk_ids >= 0].tolist())) <= 10  # the batch budget m_l
+
+
+ROUTERS = {
+    "softmax": dict(),
+    "grouped": dict(use_grouped_topk=True, num_expert_group=4, topk_group=2),
+    "deepseek_v3": dict(use_grouped_topk=True, num_expert_group=4, topk_group=2, scoring_func="sigmoid",
+                        correction_bias=torch.linspace(-0.2, 0.2, E), routed_scaling_factor=2.5),
+    "no_renorm": dict(renormalize=False),
+}
+
+
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_topk_policy_reproduces_sglang_routing(sg, installed, router):
+    """The hook translates SGLang's TopKConfig (groups, bias, sigmoid, renormalize) into the
+    RoutingSpec faithfully: policy ``topk`` selects the same experts with the same weights."""
+    x, logits = torch.randn(T, HIDDEN), _logits(14)
+    plain = _topk(sg, **ROUTERS[router]).forward_native(x, logits.clone())
+    installed(policy="topk", empty_slots="minus_one")
+    out = _topk(sg, **ROUTERS[router]).forward_native(x, logits.clone())
+    for a, b in zip(plain.topk_ids.tolist(), out.topk_ids.tolist()):
+        assert set(a) == set(b)
+    torch.testing.assert_close(plain.topk_weights.sort(-1).values, out.topk_weights.sort(-1).values, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(policy="xshare", budget="6"), dict(policy="cap", cap=2, metrics=True)],
+                         ids=["xshare", "cap+metrics"])
+def test_hooked_routing_traces_as_one_graph(sg, installed, kw):
+    """torch.compile(fullgraph=True) of SGLang's TopK with the hook: no graph break, i.e. no host
+    sync (.item(), .tolist(), data-dependent Python branching) on the per-layer path."""
+    installed(empty_slots="minus_one", **kw)
+    tk = _topk(sg)
+    x, logits = torch.randn(T, HIDDEN), _logits(15)
+    eager = tk.forward_native(x, logits.clone())
+    torch._dynamo.reset()
+    compiled = torch.compile(tk.forward_native, backend="eager", fullgraph=True)
+    out = compiled(x, logits.clone(), num_token_non_padded=torch.tensor(T))
+    assert torch.equal(out.topk_ids, eager.topk_ids) and torch.equal(out.topk_weights, eager.topk_weights)
+    torch._dynamo.reset()
+
+
+def test_off_installs_nothing_and_is_bit_identical(sg, installed):
+    orig = sg._post_process_topk_ids
+    tk = _topk(sg)
+    x, logits = torch.randn(T, HIDDEN), _logits(2)
+    before = tk.forward_native(x, logits.clone())
+    assert hook.install(XShareServerConfig(policy="off")) is False
+    assert sg._post_process_topk_ids is orig
+    after = tk.forward_native(x, logits.clone())
+    assert torch.equal(before.topk_ids, after.topk_ids) and torch.equal(before.topk_weights, after.topk_weights)
+
+
+def test_metrics_only_passes_routing_through_bit_identical(sg, installed):
+    tk = _topk(sg)
+    x, logits = torch.randn(T, HIDDEN), _logits(3)
+    before = tk.forward_native(x, logits.clone())
+    installed(policy="off", metrics=True, metrics_interval=2)
+    assert sg._post_process_topk_ids is not hook._PATCHES[0].original
+    for _ in range(2):
+        with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+            after = tk.forward_native(x, logits.clone())
+        assert torch.equal(before.topk_ids, after.topk_ids) and torch.equal(before.topk_weights, after.topk_weights)
+    flushed = hook._STATE.metrics.last
+    assert set(flushed) == {3}
+    distinct = len(set(before.topk_ids.flatten().tolist()))
+    assert flushed[3]["distinct"] == pytest.approx(distinct)
+    assert flushed[3]["retained_mass"] == pytest.approx(1.0)
+    assert flushed[3]["calls"] == 2
+
+
+def test_uninstall_restores_sglang(sg, installed):
+    orig = (sg._post_process_topk_ids, sg.select_experts, sg.TopK.__init__)
+    installed(policy="xshare", budget="0.5")
+    assert sg._post_process_topk_ids is not orig[0]
+    hook.uninstall()
+    assert (sg._post_process_topk_ids, sg.select_experts, sg.TopK.__init__) == orig
+
+
+def test_num_token_non_padded_from_forward_context(sg, installed):
+    from sglang.srt.model_executor.forward_context import ForwardContext, set_forward_context
+
+    cfg = installed(policy="xshare", budget="6", empty_slots="minus_one")
+    tk = _topk(sg)
+    x, logits = torch.randn(T, HIDDEN), _logits(4)
+    n = torch.tensor(T - 5)
+    logits[T - 5:] = float("nan")  # padding rows may hold anything
+    prev = set_forward_context(ForwardContext(attn_backend=None, moe_num_token_non_padded=lambda: n))
+    try:
+        out = tk.forward_native(x, logits.clone())
+    finally:
+        set_forward_context(prev)
+    ref = _selector(cfg)(logits, layer_id=3, num_token_non_padded=n)
+    assert torch.equal(out.topk_ids.to(torch.int32), ref.topk_ids)
+    assert (out.topk_ids[T - 5:] == -1).all()
+    assert (out.topk_weights[T - 5:] == 0).all()
+    assert torch.isfinite(out.topk_weights).all()
+
+
+def _eplb_map(num_ranks: int = 4, redundant: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A placement with redundant copies: ``(p2l [P], logical_to_all_physical [E, P], num_valid [E])``."""
+    p2l = torch.cat([torch.arange(E), torch.arange(redundant) * 3 % E])
+    P = p2l.numel()
+    l2all = torch.full((E, P), -1, dtype=torch.int64)
+    for e in range(E):
+        phys = torch.nonzero(p2l == e).flatten()
+        l2all[e, : phys.numel()] = phys
+    return p2l, l2all, (l2all != -1).sum(-1)
+
+
+@pytest.mark.parametrize("algorithm", ["static", "dynamic"])
+@pytest.mark.parametrize("mode", ["minus_one", "fill"])
+def test_eplb_redundant_mapping_is_honoured(sg, installed, algorithm, mode):
+    from sglang.srt.eplb.expert_location import compute_logical_to_rank_dispatch_physical_map
+    from sglang.srt.eplb.expert_location_dispatch import ExpertLocationDispatchInfo
+
+    cfg = installed(policy="cap", cap=2, empty_slots=mode)
+    p2l, l2all, nv = _eplb_map()
+    P = p2l.numel()
+    rank_map = None
+    if algorithm == "static":
+        rank_map = compute_logical_to_rank_dispatch_physical_map(
+            logical_to_all_physical_map=l2all[None], ep_size=4, num_physical_experts=P, ep_rank=1)[0]
+    info = ExpertLocationDispatchInfo(ep_dispatch_algorithm=algorithm, partial_logical_to_rank_dispatch_physical_map=rank_map,
+                                      partial_logical_to_all_physical_map=l2all,
+                                      partial_logical_to_all_physical_map_num_valid=nv, num_physical_experts=P)
+    tk = _topk(sg)
+    logits = _logits(5)
+    out = tk.forward_native(torch.randn(T, HIDDEN), logits.clone(), expert_location_dispatch_info=info)
+    ref = _selector(cfg)(logits, layer_id=3)
+    kept = ref.topk_ids >= 0
+    assert (out.topk_ids[kept] < P).all() and (out.topk_ids[kept] >= 0).all()
+    assert torch.equal(p2l[out.topk_ids[kept].long()], ref.topk_ids[kept].long())  # right logical expert
+    if algorithm == "static":
+        assert torch.equal(out.topk_ids[kept].long(), rank_map[ref.topk_ids[kept].long()])
+    if mode == "minus_one":
+        assert (out.topk_ids[~kept] == -1).all()
+    else:  # filled slots sit on a physical copy the token already uses, weight 0
+        for t in range(T):
+            used = set(out.topk_ids[t][kept[t]].tolist())
+            assert set(out.topk_ids[t][~kept[t]].tolist()) <= used
+        assert (out.topk_weights[~kept] == 0).all()
+    torch.testing.assert_close(out.topk_weights[kept], ref.topk_weights[kept], rtol=0, atol=0)
+
+
+@pytest.fixture
+def eplb_metadata(sg):
+    """Publish a real ExpertLocationMetadata (EPLB map with redundant experts) for layer 3."""
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata, get_global_expert_location_metadata, \
+        set_global_expert_location_metadata
+
+    p2l, _, _ = _eplb_map()
+    L = 4
+    p2l_layers = p2l.repeat(L, 1)
+    l2all = torch.full((L, E, p2l.numel()), -1, dtype=torch.int64)
+    for layer in range(L):
+        for e in range(E):
+            phys = torch.nonzero(p2l_layers[layer] == e).flatten()
+            l2all[layer, e, : phys.numel()] = phys
+    md = ExpertLocationMetadata._init_raw(ep_size=4, physical_to_logical_map=p2l_layers, logical_to_all_physical_map=l2all)
+    prev = get_global_expert_location_metadata()
+    set_global_expert_location_metadata(md, allow_overwrite=True)
+    yield md
+    set_global_expert_location_metadata(prev, allow_overwrite=True)
+
+
+@pytest.mark.parametrize("algorithm", ["static", "dynamic"])
+def test_xshare_ep_chooses_physical_copies_of_sglang_placement(sg, installed, eplb_metadata, algorithm):
+    from sglang.srt.eplb.expert_location_dispatch import ExpertLocationDispatchInfo
+
+    md = eplb_metadata
+    cfg = installed(policy="xshare_ep", budget="10", empty_slots="minus_one")
+    info = ExpertLocationDispatchInfo(
+        ep_dispatch_algorithm=algorithm, partial_logical_to_rank_dispatch_physical_map=md.logical_to_all_physical_map[3, :, 0],
+        partial_logical_to_all_physical_map=md.logical_to_all_physical_map[3],
+        partial_logical_to_all_physical_map_num_valid=md.logical_to_all_physical_map_num_valid[3],
+        num_physical_experts=md.num_physical_experts)
+    tk = _topk(sg)
+    logits = _logits(6)
+    out = tk.forward_native(torch.randn(T, HIDDEN), logits.clone(), expert_location_dispatch_info=info)
+    placement = Placement.from_map(E, 4, md.physical_to_logical_map_cpu[3])
+    ref = _selector(cfg, placement)(logits, layer_id=3)
+    assert ref.physical_ids is not None
+    assert torch.equal(out.topk_ids.to(torch.int32), ref.physical_ids)  # xshare_ep's copies, not SGLang's remap
+    lp = next(iter(hook._STATE.layers.values()))
+    assert lp.placement.physical_to_logical.data_ptr() == md.physical_to_logical_map[3].data_ptr()  # a live view
+    kept = ref.topk_ids >= 0
+    assert torch.equal(md.physical_to_logical_map[3][out.topk_ids[kept].long()], ref.topk_ids[kept].long())
+
+
+def test_fused_shared_expert_columns_untouched(sg, installed):
+    from sglang.srt.configs.shared_experts import SharedExpertsConfig
+    from sglang.srt.runtime_context import get_model
+
+    with get_model().override(shared_experts=SharedExpertsConfig(num_fused_shared_experts=1)):
+        tk = _topk(sg)
+    assert tk.topk_config.top_k == K + 1 and tk.topk_config.num_shared_topk_slots == 1
+    x, logits = torch.randn(T, HIDDEN), _logits(7)
+    plain = tk.forward_native(x, logits.clone())
+    cfg = installed(policy="xshare", budget="6", empty_slots="minus_one")
+    out = tk.forward_native(x, logits.clone())
+    ref = _selector(cfg)(logits, layer_id=3)
+    assert out.topk_ids.shape == (T, K + 1)
+    assert torch.equal(out.topk_ids[:, K], plain.topk_ids[:, K])
+    assert torch.equal(out.topk_weights[:, K], plain.topk_weights[:, K])
+    assert torch.equal(out.topk_ids[:, :K].to(torch.int32), ref.topk_ids)
+
+
+def test_routed_scaling_factor_applied_like_sglang(sg, installed):
+    tk = _topk(sg, routed_scaling_factor=2.5, apply_routed_scaling_factor_on_output=True)
+    x, logits = torch.randn(T, HIDDEN), _logits(8)
+    plain = tk.forward_native(x, logits.clone())
+    assert plain.topk_weights.sum(-1).allclose(torch.full((T,), 2.5))  # SGLang folds the factor in
+    cfg = installed(policy="topk", empty_slots="minus_one")
+    out = tk.forward_native(x, logits.clone())
+    ref = _selector(cfg)(logits, layer_id=3)
+    torch.testing.assert_close(out.topk_weights, ref.topk_weights * 2.5)
+    torch.testing.assert_close(out.topk_weights, plain.topk_weights)
+
+
+def test_draft_layers_keep_sglang_routing_unless_asked(sg, installed):
+    x, logits = torch.randn(T, HIDDEN), _logits(9)
+    plain = _topk(sg, is_draft=True).forward_native(x, logits.clone())
+    installed(policy="xshare", budget="4")
+    draft = _topk(sg, is_draft=True)
+    out = draft.forward_native(x, logits.clone())
+    assert torch.equal(out.topk_ids, plain.topk_ids) and torch.equal(out.topk_weights, plain.topk_weights)
+    hook.uninstall()
+    cfg = installed(policy="xshare", budget="4", apply_to_draft=True, empty_slots="minus_one")
+    out = _topk(sg, is_draft=True).forward_native(x, logits.clone())
+    assert torch.equal(out.topk_ids.to(torch.int32), _selector(cfg)(logits, layer_id=3).topk_ids)
+
+
+def test_prefill_batches_keep_sglang_routing_by_default(sg, installed):
+    x, logits = torch.randn(T, HIDDEN), _logits(10)
+    plain = _topk(sg).forward_native(x, logits.clone())
+    installed(policy="xshare", budget="4")
+    tk = _topk(sg)
+    with hook.batch_scope(hook.BatchInfo("prefill", batch_size=2)):
+        out = tk.forward_native(x, logits.clone())
+    assert torch.equal(out.topk_ids, plain.topk_ids)
+    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+        out = tk.forward_native(x, logits.clone())
+    assert not torch.equal(out.topk_ids, plain.topk_ids)
+
+
+def test_trace_recorder_writes_trace_format(sg, installed, tmp_path):
+    from sglang_xshare.trace import Trace
+
+    path = tmp_path / "t.npz"
+    installed(policy="off", record_trace=str(path), record_trace_steps=3)
+    layers = [_topk(sg, layer_id=i) for i in (1, 4)]
+    steps = []
+    for s, n in enumerate((5, 7, 6)):
+        logits = [_logits(20 + 2 * s + j, n=8) for j in range(2)]
+        steps.append((n, logits))
+        with hook.batch_scope(hook.BatchInfo("decode", batch_size=n)):
+            for tk, lg in zip(layers, logits):
+                tk.forward_native(torch.randn(8, HIDDEN), lg.clone())
+    tr = Trace.load(path)
+    assert tr.logits.shape == (3, 2, 7, E) and tr.meta["layer_ids"] == [1, 4]
+    assert tr.meta["num_experts"] == E and tr.meta["top_k"] == K
+    for s, (n, logits) in enumerate(steps):
+        assert (tr.request_ids[s, :n] == torch.arange(n).numpy()).all() and (tr.request_ids[s, n:] == -1).all()
+        for j in range(2):
+            assert torch.equal(torch.from_numpy(tr.logits[s, j, :n]), logits[j][:n].half())
+
+
+def test_fill_empty_slots():
+    ids = torch.tensor([[5, -1, 7, -1], [-1, -1, -1, -1], [-1, 3, -1, 2]], dtype=torch.int32)
+    w = torch.tensor([[0.6, 0, 0.4, 0], [0, 0, 0, 0], [0, 0.5, 0, 0.5]])
+    f, fw, src = fill_empty_slots(ids, w)
+    assert torch.equal(f, torch.tensor([[5, 5, 7, 5], [0, 0, 0, 0], [3, 3, 3, 2]], dtype=torch.int32))
+    assert torch.equal(fw, w) and f.dtype == ids.dtype
+    assert torch.equal(src, torch.tensor([[0, 0, 2, 0], [3, 3, 3, 3], [1, 1, 1, 3]]))
+
+
+def test_fill_empty_slots_distinct():
+    ids = torch.tensor([[5, -1, 7, -1], [-1, -1, -1, -1], [-1, 3, -1, 2]], dtype=torch.int32)
+    w = torch.tensor([[0.6, 0, 0.4, 0], [0, 0, 0, 0], [0, 0.5, 0, 0.5]])
+    f, fw, _ = fill_empty_slots_distinct(ids, w, num_experts=8)
+    # batch uses {2, 3, 5, 7}: fillers come from it first, lowest id first, never a duplicate
+    assert torch.equal(f, torch.tensor([[5, 2, 7, 3], [2, 3, 5, 7], [5, 3, 7, 2]], dtype=torch.int32))
+    assert torch.equal(fw, w)
+
+
+def test_standard_ep_dispatcher_keeps_minus_one(sg):
+    """SGLang's standard (no a2a) EP dispatcher maps global -> local ids and keeps -1 as the drop
+    sentinel that the triton / deep_gemm runners honour (the ``minus_one`` rows of the table)."""
+    from sglang.srt.layers.moe.token_dispatcher.standard import _map_topk_ids_to_local_experts
+
+    local = torch.full((E,), -1, dtype=torch.int32)
+    local[8:16] = torch.arange(8, dtype=torch.int32)  # this rank holds experts 8..15
+    ids = torch.tensor([[9, -1, 3, 15], [-1, -1, -1, -1]], dtype=torch.int32)
+    assert torch.equal(_map_topk_ids_to_local_experts(ids, local),
+                       torch.tensor([[1, -1, -1, 7], [-1, -1, -1, -1]], dtype=torch.int32))
+
+
+def test_backend_table():
+    assert backend_takes_minus_one("deepep", None) and backend_takes_minus_one("mooncake", "auto")
+    assert backend_takes_minus_one("none", "triton") and backend_takes_minus_one("none", "deep_gemm")
+    assert not backend_takes_minus_one("none", "flashinfer_cutlass") and not backend_takes_minus_one("none", "aiter")
+    assert not backend_takes_minus_one("mori", "aiter") and not backend_takes_minus_one("none", None)
+    assert resolve_empty_slot_mode("auto", "none", "flashinfer_cutlass") == "fill"
+    assert resolve_empty_slot_mode("auto", "deepep", "deep_gemm") == "minus_one"
+    assert resolve_empty_slot_mode("fill", "deepep", "deep_gemm") == "fill"
+    assert resolve_empty_slot_mode("auto", "none", None, "cpu") == "distinct"
+    assert resolve_empty_slot_mode("auto", "none", None, "cuda") == "fill"
+
+
+def _child_probe(queue) -> None:
+    """Runs in a *spawned* child: what SGLang's scheduler process does first (load_plugins)."""
+    try:
+        from sglang.srt.plugins import load_plugins
+
+        load_plugins()
+        from sglang_xshare.serving import hook as child_hook
+
+        cfg = child_hook.installed_config()
+        from sglang.srt.model_executor import forward_context as fc
+
+        queue.put((None if cfg is None else cfg.to_json(), fc.forward_context.__module__))
+    except Exception as e:  # report, do not hang the parent
+        queue.put(("error", repr(e)))
+
+
+def test_hook_reaches_spawned_child_through_sglang_plugin_loader(tmp_path, monkeypatch):
+    from sglang_xshare.serving.api import PLUGIN_GROUP, PLUGIN_NAME, plugin_registered
+
+    if not plugin_registered():  # what `pip install` writes for the pyproject entry point
+        dist = tmp_path / "sglang_xshare_plugin_probe-0.0.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sglang-xshare-plugin-probe\nVersion: 0.0\n")
+        (dist / "entry_points.txt").write_text(
+            textwrap.dedent(f"""\
+            [{PLUGIN_GROUP}]
+            {PLUGIN_NAME} = sglang_xshare.serving.hook:sglang_plugin
+            """))
+        monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = XShareServerConfig(policy="xshare", budget="0.6", warmup_k0=2)
+    monkeypatch.setenv(ENV_VAR, cfg.to_json())
+    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_probe, args=(q,))
+    p.start()
+    got = q.get(timeout=240)
+    p.join(timeout=60)
+    assert got[0] != "error", got
+    assert got[0] == cfg.to_json()
+    assert got[1] == "sglang_xshare.serving.hook"  # SGLang's module, imported after the plugin ran, is patched
+
+
+@pytest.fixture(scope="module")
+def moe_layer(sg):
+    """SGLang's real ``FusedMoE`` layer on CPU (gloo world of one, SGLang's own distributed init)."""
+    import socket
+
+    from sglang.srt.distributed import parallel_state as ps
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ps.init_distributed_environment(world_size=1, rank=0, local_rank=0,
+                                    distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
+    ps.initialize_model_parallel(backend="gloo")
+    H, I = 64, 32
+    moe = FusedMoE(num_experts=E, hidden_size=H, intermediate_size=I, layer_id=3, top_k=K, params_dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        moe.w13_weight.copy_(torch.randn(moe.w13_weight.shape, generator=g) * 0.1)
+        moe.w2_weight.copy_(torch.randn(moe.w2_weight.shape, generator=g) * 0.1)
+    yield moe
+    ps.destroy_model_parallel()
+    ps.destroy_distributed_environment()
+
+
+def _expert_mix(moe, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Reference: ``sum_j w_j * expert_{ids_j}(x)`` over non-empty slots (SwiGLU experts)."""
+    out = torch.zeros_like(x)
+    I = moe.w2_weight.shape[-1]
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if e < 0:
+                continue
+            h = moe.w13_weight[e] @ x[t]
+            out[t] += w[t, j] * (moe.w2_weight[e] @ (torch.nn.functional.silu(h[:I]) * h[I:]))
+    return out
+
+
+def test_moe_layer_forward_with_policy(sg, installed, moe_layer):
+    """TopK -> SGLang's FusedMoE forward on CPU: the policy's experts, and only those, contribute."""
+    x, logits = torch.randn(T, 64), _logits(11)
+    tk = _topk(sg)
+    cfg = installed(policy="cap", cap=2)  # auto on CPU: SGLang's torch-native MoE -> distinct fillers
+    out = tk.forward_native(x, logits.clone())
+    lp = next(iter(hook._STATE.layers.values()))
+    assert lp.empty_mode == "distinct" and (out.topk_ids >= 0).all()
+    assert all(len(set(r.tolist())) == K for r in out.topk_ids)  # no duplicate ids in a row
+    ref = _selector(cfg)(logits, layer_id=3)
+    assert (ref.topk_ids < 0).any()  # the cap leaves empty slots that had to be filled
+    used = set(ref.topk_ids[ref.topk_ids >= 0].tolist())
+    assert set(out.topk_ids.flatten().tolist()) == used  # fillers activate no new expert
+    with torch.no_grad():
+        y = moe_layer(x, out)
+        torch.testing.assert_close(y, _expert_mix(moe_layer, x, ref.topk_ids, ref.topk_weights), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["minus_one", "fill"])
+def test_moe_layer_native_runner_rejects_minus_one_and_duplicates(sg, installed, moe_layer, mode):
+    """Why ``distinct`` exists: SGLang's torch-native MoE (``moe_forward_native``) counts tokens per
+    expert with ``scatter_`` -- a ``-1`` id is out of range and a duplicated id is counted once."""
+    x, logits = torch.randn(T, 64), _logits(12)
+    installed(policy="cap", cap=2, empty_slots=mode)
+    out = _topk(sg).forward_native(x, logits.clone())
+    with pytest.raises(RuntimeError), torch.no_grad():
+        moe_layer(x, out)
