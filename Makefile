@@ -12,7 +12,7 @@ $(STAMP):
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/sglang-xshare replay
+	$(VENV)/bin/sglang-xshare replay --ep-size 8 --also xshare_ep,oea_simple
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -p no:logging

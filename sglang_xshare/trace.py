@@ -179,5 +179,5 @@ def dense_request_ids(request_ids: np.ndarray) -> torch.Tensor:
 
 
 def default_trace_path() -> Path:
-    """The trace shipped with the package (recorded from the project's trained MoE)."""
-    return Path(str(resources.files("sglang_xshare") / "data" / "default_trace.npz"))
+    """The trace shipped with the package: 16 mixed-dataset sequences decoding on the project's trained MoE."""
+    return Path(str(resources.files("sglang_xshare") / "data" / "model" / "trace_mixed_b16.npz"))

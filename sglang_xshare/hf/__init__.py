@@ -1,0 +1,14 @@
+"""HF (transformers) side of the quality yardstick: the trained MoE, the routing hook that lets a
+:class:`~sglang_xshare.select.Selector` decide its experts, the batch-aware teacher-forced
+evaluation harness and the trace recorder. Needs ``transformers >= 5`` (extra ``quality``)."""
+
+from .evaluate import PointResult, evaluate_point, make_batches, sequence_ce
+from .hook import LayerStats, RoutingHook, StepLayout
+from .model import EvalSet, default_model_dir, load_eval_set, load_model, moe_blocks, routing_spec_of
+from .recorder import record_trace
+
+__all__ = [
+    "EvalSet", "LayerStats", "PointResult", "RoutingHook", "StepLayout",
+    "default_model_dir", "evaluate_point", "load_eval_set", "load_model", "make_batches",
+    "moe_blocks", "record_trace", "routing_spec_of", "sequence_ce",
+]
