@@ -1,0 +1,200 @@
+"""Triton building blocks shared by every selection kernel: keys, scoring, per-token top-k.
+
+Ordering trick used everywhere: an fp32 score is mapped to an order-preserving ``int32``
+(:func:`orderable`) and packed with ``65535 - expert_id`` into one ``int64`` (:func:`pack`).
+A ``max`` over packed keys then returns the best score *and*, among equal scores, the lowest
+expert id -- exactly the reference's stable descending sort -- in one reduction. Padded
+columns (``e >= E``) and already-taken entries hold :data:`SENT`, below every real key
+(``-inf`` scores included).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+#: Packed key of a padded / removed column: below the packed key of any real score (even -inf).
+SENT = tl.constexpr(-4611686018427387904)  # -(2**62)
+#: Largest finite float32 (what +inf logits become).
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+#: Smallest normal float32 (``torch.finfo(torch.float32).tiny``), the renormalisation floor.
+FLT_TINY = tl.constexpr(1.1754943508222875e-38)
+
+
+@triton.jit
+def orderable(x):
+    """fp32 ``[...]`` -> int32 ``[...]`` with the same order (``-0.0`` is folded into ``+0.0``)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    b = x.to(tl.int32, bitcast=True)
+    return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+@triton.jit
+def from_orderable(o):
+    """Inverse of :func:`orderable`: int32 ``[...]`` -> fp32 ``[...]``."""
+    b = tl.where(o < 0, o ^ 0x7FFFFFFF, o)
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def pack(key, cols, cmask):
+    """``key`` fp32, ``cols`` int32 expert ids, ``cmask`` real column -> int64 packed key.
+
+    Larger packed = larger key, ties -> lower id. Padded columns get :data:`SENT`.
+    """
+    o = orderable(key).to(tl.int64)
+    p = (o << 16) | (65535 - cols).to(tl.int64)
+    return tl.where(cmask, p, SENT)
+
+
+@triton.jit
+def unpack_col(p):
+    """Expert id (int32) of a packed key."""
+    return (65535 - (p & 65535)).to(tl.int32)
+
+
+@triton.jit
+def unpack_key(p):
+    """fp32 score of a packed key."""
+    return from_orderable((p >> 16).to(tl.int32))
+
+
+@triton.jit
+def load_scores(logits_ptr, stride_t, bias_ptr, rows, cols, T, E,
+                SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+                N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                BLOCK_G: tl.constexpr):
+    """Router logits of ``rows`` -> ``(gate, sel, alive, mx, inv)``.
+
+    ``gate`` and ``sel`` are ``[BT, BLOCK_E] float32``; ``alive [BT]`` (the row has a finite
+    logit), ``mx`` / ``inv [BT] float32`` (softmax max and 1 / sum) let :func:`gate_at`
+    recompute any single gate bit-identically.
+
+    Mirrors :func:`sglang_xshare.select.scoring.compute_scores`: NaN -> -inf, +inf -> FLT_MAX,
+    a row without a finite logit -> all zeros; softmax (``e * (1 / sum)``) or sigmoid; ``sel =
+    gate + bias``; DeepSeek grouped top-k masks the experts outside the ``TOPK_GROUP`` best
+    groups to ``-inf`` (group score: max, or sum of the two best when biased). Padded columns
+    carry ``gate = 0`` and ``sel = -inf`` and must be masked by the caller.
+    """
+    rmask = rows < T
+    cmask = cols < E
+    m2 = rmask[:, None] & cmask[None, :]
+    ptrs = logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :]
+    x = tl.load(ptrs, mask=m2, other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("-inf"), x)
+    x = tl.where(x == float("inf"), FLT_MAX, x)
+    alive = tl.max((x > float("-inf")).to(tl.int32), axis=1) > 0
+    x = tl.where(alive[:, None] | (cmask[None, :] == 0), x, 0.0)
+    if SIGMOID:
+        gate = 1.0 / (1.0 + tl.exp(-x))
+        mx = tl.zeros([x.shape[0]], dtype=tl.float32)
+        inv = mx
+    else:
+        mx = tl.max(x, axis=1)
+        ex = tl.exp(x - mx[:, None])
+        inv = 1.0 / tl.sum(ex, axis=1)
+        gate = ex * inv[:, None]
+    gate = tl.where(cmask[None, :], gate, 0.0)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        sel = gate + b[None, :]
+    else:
+        sel = gate
+    sel = tl.where(cmask[None, :], sel, float("-inf"))
+    if N_GROUP > 0:
+        sel = _mask_groups(sel, cols, cmask, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G)
+    return gate, sel, alive, mx, inv
+
+
+@triton.jit
+def gate_at(logits_ptr, stride_t, rows, ids, mask, alive, mx, inv, SIGMOID: tl.constexpr):
+    """``[BT, N] float32`` gate of expert ``ids [BT, N]`` of each row, recomputed from the logits
+    with exactly the operations of :func:`load_scores` (so bit-identical to its ``gate``)."""
+    x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + tl.maximum(ids, 0), mask=mask,
+                other=0.0).to(tl.float32)
+    x = tl.where(x != x, float("-inf"), x)
+    x = tl.where(x == float("inf"), FLT_MAX, x)
+    x = tl.where(alive[:, None], x, 0.0)
+    if SIGMOID:
+        g = 1.0 / (1.0 + tl.exp(-x))
+    else:
+        g = tl.exp(x - mx[:, None]) * inv[:, None]
+    return g
+
+
+@triton.jit
+def _mask_groups(sel, cols, cmask, BIASED: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                 GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Keep the ``TOPK_GROUP`` best groups of each row (ties: lower group), ``-inf`` elsewhere."""
+    gidx = tl.arange(0, BLOCK_G)
+    if N_GROUP * GROUP_SIZE == sel.shape[1] and N_GROUP == BLOCK_G:
+        # groups tile the row exactly (e.g. DeepSeek-V3, 8 x 32): one reduction per step
+        s3 = tl.reshape(sel, [sel.shape[0], N_GROUP, GROUP_SIZE])
+        m1 = tl.max(s3, axis=2)
+        if BIASED and GROUP_SIZE >= 2:
+            j = tl.arange(0, GROUP_SIZE)[None, None, :]
+            p1 = tl.min(tl.where(s3 == m1[:, :, None], j, GROUP_SIZE), axis=2)
+            m2 = tl.max(tl.where(j == p1[:, :, None], float("-inf"), s3), axis=2)
+            gsc = m1 + m2
+        else:
+            gsc = m1
+        gp = pack(gsc, gidx[None, :], (gidx < N_GROUP)[None, :])
+        keep = tl.zeros([sel.shape[0], BLOCK_G], dtype=tl.int32)
+        for _j in tl.static_range(TOPK_GROUP):
+            best = tl.max(gp, axis=1)
+            hit = gp == best[:, None]
+            keep = tl.where(hit, 1, keep)
+            gp = tl.where(hit, SENT, gp)
+        k3 = tl.broadcast_to(keep[:, :, None], [sel.shape[0], N_GROUP, GROUP_SIZE])
+        allowed = tl.reshape(k3, [sel.shape[0], sel.shape[1]])
+    else:
+        allowed = _group_allowed_loop(sel, cols, cmask, BIASED, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G)
+    return tl.where(allowed > 0, sel, float("-inf"))
+
+
+@triton.jit
+def _group_allowed_loop(sel, cols, cmask, BIASED: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                        GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr):
+    """``[BT, BLOCK_E] int32`` allowed mask, any group size (one pass per group)."""
+    gidx = tl.arange(0, BLOCK_G)
+    grp = cols // GROUP_SIZE
+    gs = tl.zeros([sel.shape[0], BLOCK_G], dtype=tl.float32)
+    for g in tl.static_range(N_GROUP):
+        inside = ((grp == g) & cmask)[None, :]
+        v = tl.where(inside, sel, float("-inf"))
+        m1 = tl.max(v, axis=1)
+        if BIASED and GROUP_SIZE >= 2:
+            p1 = tl.min(tl.where(inside & (v == m1[:, None]), cols[None, :], 1 << 30), axis=1)
+            m2 = tl.max(tl.where(cols[None, :] == p1[:, None], float("-inf"), v), axis=1)
+            score = m1 + m2
+        else:
+            score = m1
+        gs = tl.where(gidx[None, :] == g, score[:, None], gs)
+    gp = pack(gs, gidx[None, :], (gidx < N_GROUP)[None, :])
+    keep = tl.zeros([sel.shape[0], BLOCK_G], dtype=tl.int32)
+    for _j in tl.static_range(TOPK_GROUP):
+        best = tl.max(gp, axis=1)
+        hit = gp == best[:, None]
+        keep = tl.where(hit, 1, keep)
+        gp = tl.where(hit, SENT, gp)
+    allowed = tl.zeros(sel.shape, dtype=tl.int32)
+    for g in tl.static_range(N_GROUP):
+        kg = tl.max(tl.where(gidx[None, :] == g, keep, 0), axis=1)
+        allowed = tl.where((grp == g)[None, :] & (kg[:, None] > 0), 1, allowed)
+    return allowed
+
+
+@triton.jit
+def token_topk(sel, cols, cmask, K: tl.constexpr, K0: tl.constexpr):
+    """Each row's own top-``K`` and top-``K0`` sets: ``(in_topk, in_warm)`` ``[BT, BLOCK_E] int1``."""
+    packed = pack(sel, cols[None, :], cmask[None, :])
+    in_topk = packed == SENT + 1  # all False, right shape
+    in_warm = in_topk
+    for j in tl.static_range(K):
+        best = tl.max(packed, axis=1)
+        hit = packed == best[:, None]
+        in_topk = in_topk | hit
+        if j < K0:
+            in_warm = in_warm | hit
+        packed = tl.where(hit, SENT, packed)
+    return in_topk, in_warm

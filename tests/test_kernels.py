@@ -1,0 +1,264 @@
+"""The Triton kernels against the PyTorch reference, exactly, on CPU (``TRITON_INTERPRET=1``).
+
+Triton's interpreter must be switched on before ``triton`` is imported, so the cases run in
+one subprocess (this file run as a script) and each pytest case checks its line of the
+subprocess' JSON report; nothing leaks into the other test files. Same ids and physical ids,
+weights within fp32 rounding, bit-identical outputs on a second call (deterministic, the
+workspace reused), on random and adversarial inputs (ties, NaN / inf rows, padding, all
+padded, T = 0) for every policy, grouped top-k with correction bias, xshare_ep with and
+without replicas, xshare_spec with request groups. Small shapes: the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> case. routing: (E, k, scoring, renormalize, n_group, topk_group, bias)
+ROUTINGS = {
+    "olmoe": (64, 8, "softmax", True, None, None, False),
+    "dsv2": (160, 6, "softmax", True, 8, 3, False),
+    "dsv3": (256, 8, "sigmoid", True, 8, 4, True),
+    "kimi": (384, 8, "sigmoid", True, None, None, True),
+    "e128k2": (128, 2, "softmax", False, None, None, False),
+    "sig64": (64, 4, "sigmoid", True, 4, 2, False),
+}
+
+
+def _case(policy, routing, T, inputs="randn", dtype="float32", k0=1, budget="0.6", request_budget="0.8",
+          n_valid=None, ep=1, replicas=0, rid="groups", min_score=0.0, mass_source="topk", fill=True, seed=0):
+    return dict(policy=policy, routing=routing, T=T, inputs=inputs, dtype=dtype, k0=k0, budget=budget,
+                request_budget=request_budget, n_valid=n_valid, ep=ep, replicas=replicas, rid=rid,
+                min_score=min_score, mass_source=mass_source, fill=fill, seed=seed)
+
+
+CASES = {
+    # plain top-k / cap: scoring paths, dtypes, grouped + bias, adversarial rows
+    "topk-olmoe-bf16": _case("topk", "olmoe", 20, dtype="bfloat16"),
+    "topk-dsv3-grouped-bias": _case("topk", "dsv3", 9, seed=1),
+    "topk-dsv2-grouped-ties": _case("topk", "dsv2", 12, inputs="ties", seed=2),
+    "topk-e128k2-nonfinite": _case("topk", "e128k2", 12, inputs="nonfinite", n_valid=10, seed=3),
+    "topk-T0": _case("topk", "olmoe", 0),
+    "cap-sig64-fp16": _case("cap", "sig64", 17, dtype="float16", seed=4),
+    "cap-kimi-minscore": _case("cap", "kimi", 6, min_score=0.2, seed=5),
+    # OEA
+    "oea-olmoe": _case("oea", "olmoe", 40, seed=6),
+    "oea-dsv3-k0-2": _case("oea", "dsv3", 10, k0=2, seed=7),
+    "oea_simple-olmoe-ties": _case("oea_simple", "olmoe", 24, inputs="ties", seed=8),
+    "oea_simple-kimi-padded": _case("oea_simple", "kimi", 11, n_valid=7, seed=9),
+    # XShare: budget modes, fused and two-launch paths, adversarial inputs
+    "xshare-olmoe-frac-fused": _case("xshare", "olmoe", 30, budget="0.6", seed=10),
+    "xshare-olmoe-frac-multi": _case("xshare", "olmoe", 70, budget="0.5", seed=11),
+    "xshare-dsv3-count-bias": _case("xshare", "dsv3", 20, budget="24", k0=2, seed=12),
+    "xshare-dsv2-mass": _case("xshare", "dsv2", 15, budget="mass:0.9", seed=13),
+    "xshare-kimi-mass-full": _case("xshare", "kimi", 13, budget="mass:0.8", mass_source="full", seed=14),
+    "xshare-e128k2-minscore": _case("xshare", "e128k2", 33, budget="0.7", min_score=0.3, seed=15),
+    "xshare-olmoe-ties": _case("xshare", "olmoe", 36, inputs="ties", budget="0.5", seed=16),
+    "xshare-olmoe-nonfinite": _case("xshare", "olmoe", 20, inputs="nonfinite", n_valid=17, seed=17),
+    "xshare-olmoe-allpad": _case("xshare", "olmoe", 8, n_valid=0, seed=18),
+    "xshare-olmoe-allpad-multi": _case("xshare", "olmoe", 70, n_valid=0, seed=19),
+    "xshare-sig64-bf16": _case("xshare", "sig64", 25, dtype="bfloat16", budget="12", seed=20),
+    "xshare-T0": _case("xshare", "olmoe", 0),
+    # GPU-aware XShare: no placement (TP), EP partitions, replicas, fill_to_peak off
+    "ep-olmoe-tp": _case("xshare_ep", "olmoe", 16, budget="0.6", seed=21),
+    "ep-olmoe-ep8": _case("xshare_ep", "olmoe", 30, budget="0.5", ep=8, seed=22),
+    "ep-olmoe-ep8-multi-nofill": _case("xshare_ep", "olmoe", 70, budget="0.5", ep=8, fill=False, seed=23),
+    "ep-dsv3-ep8-mass": _case("xshare_ep", "dsv3", 12, budget="mass:0.9", ep=8, seed=24),
+    "ep-olmoe-ep8-replicas": _case("xshare_ep", "olmoe", 30, budget="0.5", ep=8, replicas=2, seed=25),
+    "ep-olmoe-ep4-replicas-nofill": _case("xshare_ep", "olmoe", 40, budget="20", ep=4, replicas=3, fill=False, seed=26),
+    "ep-dsv2-ep4-replicas-multi": _case("xshare_ep", "dsv2", 40, budget="0.6", ep=4, replicas=1, seed=27),
+    "ep-olmoe-ep8-ties": _case("xshare_ep", "olmoe", 24, inputs="ties", budget="0.5", ep=8, seed=28),
+    # Speculative: request groups, each token its own request, padding, budget modes
+    "spec-olmoe-groups": _case("xshare_spec", "olmoe", 24, budget="0.7", request_budget="0.8", seed=29),
+    "spec-olmoe-none": _case("xshare_spec", "olmoe", 10, rid="none", seed=30),
+    "spec-dsv3-shuffled-mass": _case("xshare_spec", "dsv3", 12, budget="mass:0.9", request_budget="mass:0.95",
+                                     rid="shuffled", seed=31),
+    "spec-sig64-count-padded": _case("xshare_spec", "sig64", 20, budget="14", request_budget="6", n_valid=15,
+                                     seed=32),
+    "spec-olmoe-ties": _case("xshare_spec", "olmoe", 16, inputs="ties", seed=33),
+    "spec-T0": _case("xshare_spec", "olmoe", 0),
+    # larger E on the multi-program path, more dtypes
+    "cap-dsv3-multi": _case("cap", "dsv3", 40, seed=34),
+    "oea-olmoe-multi-nonfinite": _case("oea", "olmoe", 70, inputs="nonfinite", n_valid=60, seed=35),
+    "xshare-kimi-multi-fp16": _case("xshare", "kimi", 20, dtype="float16", budget="0.5", seed=36),
+    "ep-kimi-ep8-replicas": _case("xshare_ep", "kimi", 9, budget="0.6", ep=8, replicas=1, seed=37),
+    "ep-T0": _case("xshare_ep", "olmoe", 0, ep=8),
+    "spec-kimi-full-bf16": _case("xshare_spec", "kimi", 10, dtype="bfloat16", mass_source="full", seed=38),
+}
+
+
+# ---------------------------------------------------------------- subprocess side
+def import_kernels():
+    """``sglang_xshare.kernels.select``, also when the package is not pip-installed (``kernels/``)."""
+    try:
+        return importlib.import_module("sglang_xshare.kernels.select")
+    except ModuleNotFoundError:
+        init = ROOT / "kernels" / "__init__.py"
+        spec = importlib.util.spec_from_file_location("sglang_xshare.kernels", init,
+                                                      submodule_search_locations=[str(init.parent)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["sglang_xshare.kernels"] = mod
+        spec.loader.exec_module(mod)
+        return importlib.import_module("sglang_xshare.kernels.select")
+
+
+def make_inputs(kind: str, T: int, E: int, seed: int, dtype):
+    """``[T, E]`` logits: clustered random, tie-heavy, or with NaN / inf entries and dead rows."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(3, E, generator=g) * 2.5
+    x = centers[torch.randint(0, 3, (T,), generator=g)] + torch.randn(T, E, generator=g)
+    if kind == "ties":  # few levels, duplicated rows: many exactly equal scores and masses
+        x = torch.randint(0, 4, (T, E), generator=g).float()
+        if T >= 2:
+            x[T // 2:] = x[: T - T // 2]
+    elif kind == "nonfinite" and T >= 6:
+        x[0, :] = float("nan")
+        x[1, :] = float("-inf")
+        x[2, 3] = float("inf")
+        x[2, 5] = float("inf")
+        x[3, ::2] = float("nan")
+        x[4, 1::3] = float("-inf")
+        x[5, 7] = float("inf")
+        x[5, 8] = float("nan")
+    return x.to(dtype)
+
+
+def build(case):
+    """(selector, logits, request_ids, n_valid, bias) of a case."""
+    import torch
+
+    from sglang_xshare.config import Budget, BudgetSchedule, RoutingSpec, SelectionConfig
+    from sglang_xshare.placement import Placement
+    from sglang_xshare.select import Selector
+
+    E, k, scoring, renorm, ng, tg, has_bias = ROUTINGS[case["routing"]]
+    routing = RoutingSpec(E, k, scoring=scoring, renormalize=renorm, num_expert_group=ng, topk_group=tg,
+                          has_correction_bias=has_bias)
+    g = torch.Generator().manual_seed(1000 + case["seed"])
+    bias = (torch.randn(E, generator=g) * 0.05) if has_bias else None
+    policy = case["policy"]
+    kw = {}
+    if policy == "cap":
+        kw["cap"] = max(1, k // 2)
+    if policy in ("xshare", "xshare_ep", "xshare_spec"):
+        kw["budget"] = BudgetSchedule.parse(case["budget"])
+    if policy == "xshare_spec":
+        kw["request_budget"] = Budget.parse(case["request_budget"], "--xshare-request-budget")
+    cfg = SelectionConfig(policy=policy, k0=case["k0"], min_score=case["min_score"], mass_source=case["mass_source"],
+                          fill_to_peak=case["fill"], **kw)
+    placement = None
+    R = case["ep"]
+    if R > 1 and case["replicas"] == 0:
+        placement = Placement.expert_parallel(E, R)
+    elif R > 1:
+        per = E // R
+        p2l = []
+        for r in range(R):
+            own = list(range(r * per, (r + 1) * per))
+            extra = torch.randint(0, E, (case["replicas"],), generator=g).tolist()
+            p2l += own + extra
+        placement = Placement.from_map(E, R, p2l)
+    sel = Selector(routing, cfg, placement, backend="reference", correction_bias=bias)
+    T = case["T"]
+    dtype = getattr(torch, case["dtype"])
+    x = make_inputs(case["inputs"], T, E, case["seed"], dtype)
+    rid = None
+    if policy == "xshare_spec" and case["rid"] != "none":
+        rid = torch.arange(T) // 4
+        if case["rid"] == "shuffled":
+            rid = rid[torch.randperm(T, generator=g)] * 2 % max(T, 1)
+    return sel, x, rid, case["n_valid"], bias
+
+
+def compare(ref, out) -> str:
+    """'' when equal (ids exactly, weights within fp32 rounding), else what differs."""
+    import torch
+
+    if out.topk_ids.shape != ref.topk_ids.shape or out.topk_ids.dtype != torch.int32:
+        return f"ids shape/dtype {tuple(out.topk_ids.shape)} {out.topk_ids.dtype}"
+    if out.topk_weights.dtype != torch.float32:
+        return f"weights dtype {out.topk_weights.dtype}"
+    bad = (out.topk_ids != ref.topk_ids).any(dim=1)
+    if bad.any():
+        t = int(bad.nonzero()[0])
+        return f"ids differ on {int(bad.sum())} tokens, first {t}: kernel {out.topk_ids[t].tolist()} ref {ref.topk_ids[t].tolist()}"
+    if not torch.allclose(out.topk_weights, ref.topk_weights, rtol=2e-6 * 8, atol=1e-7):
+        d = (out.topk_weights - ref.topk_weights).abs().max().item()
+        return f"weights differ, max abs {d:.3g}"
+    if (ref.physical_ids is None) != (out.physical_ids is None):
+        return "physical_ids presence differs"
+    if ref.physical_ids is not None and not torch.equal(ref.physical_ids, out.physical_ids):
+        return f"physical ids differ: kernel {out.physical_ids.tolist()[:3]} ref {ref.physical_ids.tolist()[:3]}"
+    return ""
+
+
+def run_case(case) -> str:
+    import torch
+
+    from sglang_xshare.select import compute_scores
+
+    select = import_kernels()
+    sel, x, rid, n_valid, bias = build(case)
+    ctx = sel.context(x.shape[0], x.device, 0, n_valid, rid)
+    ref = sel.entry.reference(compute_scores(x, sel.routing, bias), ctx)
+    fn = getattr(select, f"{case['policy']}_kernel")
+    out = fn(x, sel.routing, ctx, bias, sel.workspace)
+    msg = compare(ref, out)
+    if msg:
+        return msg
+    again = fn(x, sel.routing, ctx, bias, sel.workspace)  # reused workspace, bit-identical
+    if not (torch.equal(again.topk_ids, out.topk_ids) and torch.equal(again.topk_weights, out.topk_weights)):
+        return "second call differs (nondeterministic or stale workspace)"
+    return ""
+
+
+def main(names) -> None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    for name in names:
+        try:
+            msg = run_case(CASES[name])
+        except Exception:  # report, do not stop the other cases
+            msg = "exception: " + traceback.format_exc(limit=6)
+        print("RESULT " + json.dumps({"name": name, "msg": msg}), flush=True)
+
+
+# ---------------------------------------------------------------- pytest side
+@pytest.fixture(scope="module")
+def interpreter_results():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *CASES], env=env, cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=600)
+    res = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[7:])
+            res[r["name"]] = r["msg"]
+    if not res:
+        pytest.fail(f"interpreter run produced no results (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return res
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_matches_reference(interpreter_results, name):
+    assert name in interpreter_results, "case did not run (subprocess died?)"
+    assert interpreter_results[name] == "", interpreter_results[name]
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or list(CASES))
