@@ -212,6 +212,22 @@ def _backend_names(tc: Any, is_draft: bool) -> tuple[str, str | None]:
     return a2a, runner
 
 
+def _eplb_rebalances() -> bool:
+    """Whether SGLang's EPLB may rebalance (``--enable-eplb``) in this process.
+
+    The Triton ``xshare_ep`` path caches placement tables derived from the map it saw first
+    (and CUDA graphs capture those buffers), so after a rebalance its physical copies could be
+    stale. While EPLB rebalances, ``xshare_ep`` therefore picks the *logical* experts and
+    SGLang's own live logical -> physical mapping picks their copies (always correct).
+    """
+    try:
+        from sglang.srt.runtime_context import get_exec
+
+        return bool(get_exec().moe.enable_eplb)
+    except Exception:
+        return False
+
+
 def _sglang_placement(num_experts: int, layer_id: int, device: torch.device, is_draft: bool) -> tuple[Placement, bool]:
     """The layer's placement and whether it is SGLang's EPLB map (physical ids != logical ids).
 
@@ -397,11 +413,13 @@ def _route(st: _State, orig: Callable, topk_ids: torch.Tensor, topk_weights: tor
     sel = lp.selector(router_logits, layer_id=lp.layer_id, num_token_non_padded=ntnp,
                       request_ids=_request_ids(T, router_logits.device))
     weights = sel.topk_weights if lp.scale is None else sel.topk_weights * lp.scale
-    use_physical = (sel.physical_ids is not None and info is not None
+    rebalancing = _eplb_rebalances()
+    use_physical = (sel.physical_ids is not None and info is not None and not rebalancing
                     and getattr(info, "ep_dispatch_algorithm", None) in ("static", "dynamic"))
     if sel.physical_ids is not None and info is not None and not use_physical:
-        st.log_once("ep_lp", "xshare: xshare_ep with --ep-dispatch-algorithm %s: xshare_ep picks the experts, "
-                    "SGLang's dispatcher picks their copies", getattr(info, "ep_dispatch_algorithm", None))
+        st.log_once("ep_lp", "xshare: xshare_ep with --ep-dispatch-algorithm %s%s: xshare_ep picks the experts, "
+                    "SGLang's dispatcher picks their copies", getattr(info, "ep_dispatch_algorithm", None),
+                    " and EPLB rebalancing" if rebalancing else "")
     chosen = sel.physical_ids if use_physical else sel.topk_ids
     empty = chosen < 0
     if lp.empty_mode == "distinct":
