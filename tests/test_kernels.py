@@ -11,8 +11,6 @@ without replicas, xshare_spec with request groups. Small shapes: the interpreter
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -98,18 +96,7 @@ CASES = {
 
 
 # ---------------------------------------------------------------- subprocess side
-def import_kernels():
-    """``sglang_xshare.kernels.select``, also when the package is not pip-installed (``kernels/``)."""
-    try:
-        return importlib.import_module("sglang_xshare.kernels.select")
-    except ModuleNotFoundError:
-        init = ROOT / "kernels" / "__init__.py"
-        spec = importlib.util.spec_from_file_location("sglang_xshare.kernels", init,
-                                                      submodule_search_locations=[str(init.parent)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["sglang_xshare.kernels"] = mod
-        spec.loader.exec_module(mod)
-        return importlib.import_module("sglang_xshare.kernels.select")
+
 
 
 def make_inputs(kind: str, T: int, E: int, seed: int, dtype):
@@ -209,11 +196,12 @@ def run_case(case) -> str:
 
     from sglang_xshare.select import compute_scores
 
-    select = import_kernels()
     sel, x, rid, n_valid, bias = build(case)
     ctx = sel.context(x.shape[0], x.device, 0, n_valid, rid)
     ref = sel.entry.reference(compute_scores(x, sel.routing, bias), ctx)
-    fn = getattr(select, f"{case['policy']}_kernel")
+    fn = sel.entry.kernel()  # the registry's own lookup of the fast path
+    if fn is None:
+        return f"registry has no loadable kernel for {case['policy']}"
     out = fn(x, sel.routing, ctx, bias, sel.workspace)
     msg = compare(ref, out)
     if msg:
