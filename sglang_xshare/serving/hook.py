@@ -157,6 +157,7 @@ class LayerPolicy:
         scale: routed scaling factor SGLang folds into the weights, or ``None``.
         placement: expert placement of the layer (device-resident; SGLang's EPLB map when present).
         empty_mode: ``"minus_one"``, ``"fill"`` or ``"distinct"`` (see :mod:`.slots`).
+        eplb_rebalances: SGLang's EPLB may rebalance this server (read once, see :func:`_eplb_rebalances`).
         topk_config: SGLang's ``TopKConfig`` (kept alive: the cache is keyed by its id).
     """
 
@@ -169,6 +170,7 @@ class LayerPolicy:
     scale: float | None
     placement: Placement | None
     empty_mode: str
+    eplb_rebalances: bool = False
     topk_config: Any = field(repr=False, default=None)
 
 
@@ -325,7 +327,7 @@ class _State:
             sel_cfg = cfg.selection_config(routing)
             selector = Selector(routing, sel_cfg, placement=placement, correction_bias=tc.correction_bias)
         lp = LayerPolicy(layer_id, is_draft, E, routing, selector, None if selector is not None else reason,
-                         scale, placement, empty_mode, tc)
+                         scale, placement, empty_mode, _eplb_rebalances(), tc)
         if selector is not None:
             self.log_once(f"layer{layer_id}:{is_draft}",
                           "xshare: %s layer %d: policy %s (E=%d, top_k=%d, shared slots=%d, empty slots=%s, a2a=%s, runner=%s)",
@@ -413,7 +415,7 @@ def _route(st: _State, orig: Callable, topk_ids: torch.Tensor, topk_weights: tor
     sel = lp.selector(router_logits, layer_id=lp.layer_id, num_token_non_padded=ntnp,
                       request_ids=_request_ids(T, router_logits.device))
     weights = sel.topk_weights if lp.scale is None else sel.topk_weights * lp.scale
-    rebalancing = _eplb_rebalances()
+    rebalancing = lp.eplb_rebalances
     use_physical = (sel.physical_ids is not None and info is not None and not rebalancing
                     and getattr(info, "ep_dispatch_algorithm", None) in ("static", "dynamic"))
     if sel.physical_ids is not None and info is not None and not use_physical:
