@@ -1,9 +1,11 @@
 """Selection kernels on the GPU: exactness against the reference, then time per call under CUDA graphs.
 
-For each model shape and policy this script
+For each model shape, policy and batch size this script
 
-1. checks the Triton kernel against the PyTorch reference on fresh random logits (ids and
-   physical ids exactly, weights within fp32 rounding) and that two calls are bit-identical;
+1. checks the Triton kernel against the PyTorch reference on fresh random logits -- plus
+   tie-heavy and non-finite logits with padded tokens at two batch sizes -- (ids and physical
+   ids exactly, weights within fp32 rounding) and that two calls are bit-identical; every
+   launch-knob variant of the sweep is checked the same way;
 2. captures ``--graph-calls`` calls in one ``torch.cuda.CUDAGraph`` (after an eager warm-up
    call), checks that a replay reproduces the eager outputs, and times replays with CUDA
    events (median over ``--reps`` replays, divided by the calls per graph) -- the way the
@@ -12,11 +14,17 @@ For each model shape and policy this script
    top-k (softmax / sigmoid, grouped mask, ``torch.topk``, renormalise: what SGLang's torch
    path does without us) on the same inputs, in the same run.
 
-Writes ``bench/results/bench_select.{json,md}`` (command, git revision, device, date) and prints
-a table. Kernels are compiled first in parallel worker processes (Triton's on-disk cache).
+``xshare_spec`` is the fused path (requests = runs of 4 consecutive tokens, ``request_group``,
+as in SGLang's verify batches); ``xshare_spec_ids`` the same batches passed as arbitrary
+``request_ids`` (three launches). ``xshare_ep`` runs on EP = 8 ranks; ``xshare_ep_rep`` adds
+one redundant expert per rank (EPLB-style).
 
-    python bench/bench_select.py                 # full grid
-    python bench/bench_select.py --quick         # T <= 256 and fewer models
+Writes ``<out>/<name>.{json,md,png}`` (command, git revision, device, date; rewritten after
+every batch size, so a run cut short still leaves its numbers) and prints a table. Kernels are
+compiled first in parallel worker processes (Triton's on-disk cache serves the timing).
+
+    python bench/bench_select.py                       # full grid, sweep included
+    python bench/bench_select.py --T 1 16 64 256       # the targets' batch sizes only
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from sglang_xshare.benchio import markdown_table, run_metadata, write_results  #
 from sglang_xshare.config import Budget, BudgetSchedule, RoutingSpec, SelectionConfig  # noqa: E402
 from sglang_xshare.placement import Placement  # noqa: E402
 from sglang_xshare.select import Selector, compute_scores  # noqa: E402
+from sglang_xshare.select.inputs import make_logits  # noqa: E402
 from sglang_xshare.select.scoring import _mask_groups  # noqa: E402
 
 # name -> (E, k, scoring, n_group, topk_group, correction bias, logits dtype)
@@ -55,13 +64,23 @@ MODELS = {
     "dsv3-256x8-grp-bias": (256, 8, "sigmoid", 8, 4, True, "bfloat16"),
     "kimi-384x8-bias": (384, 8, "sigmoid", None, None, True, "bfloat16"),
 }
-POLICIES = ["topk", "cap", "oea", "oea_simple", "xshare", "xshare_ep", "xshare_ep_rep", "xshare_spec"]
+POLICIES = ["topk", "cap", "oea", "oea_simple", "xshare", "xshare_ep", "xshare_ep_rep", "xshare_spec",
+            "xshare_spec_ids"]
 T_VALUES = [1, 16, 64, 256, 1024, 4096]
 EP = 8
+SPEC_GROUP = 4
+#: Adversarial exactness inputs (kind, padded tokens) at these batch sizes.
+ADVERSARIAL_T = (16, 64)
+
+SWEEP_MODELS = ["qwen3-128x8", "dsv3-256x8-grp-bias"]
+SWEEP_POLICIES = ["xshare", "xshare_ep", "xshare_spec"]
+SWEEP_KNOBS = [{"num_warps": 1}, {"num_warps": 2}, {"num_warps": 8}, {"tile_elems": 1024}, {"tile_elems": 4096},
+               {"tile_elems": 8192}, {"sync": 2}, {"programs": 1}]
+SWEEP_T = (1, 16, 64, 256)
 
 
 def import_kernels():
-    """``sglang_xshare.kernels.select``, also when the package is not pip-installed."""
+    """``sglang_xshare.kernels.select``, also when the package is not pip-installed (device runs)."""
     try:
         return importlib.import_module("sglang_xshare.kernels.select")
     except ModuleNotFoundError:
@@ -80,7 +99,7 @@ def make_selector(model: str, policy: str, device) -> tuple[Selector, torch.Tens
     routing = RoutingSpec(E, k, scoring=scoring, renormalize=True, num_expert_group=ng, topk_group=tg,
                           has_correction_bias=has_bias)
     bias = (torch.randn(E, generator=torch.Generator().manual_seed(7)) * 0.05).to(device) if has_bias else None
-    name = "xshare_ep" if policy == "xshare_ep_rep" else policy
+    name = {"xshare_ep_rep": "xshare_ep", "xshare_spec_ids": "xshare_spec"}.get(policy, policy)
     kw: dict = {}
     if name == "cap":
         kw["cap"] = max(1, k // 2)
@@ -103,29 +122,19 @@ def make_selector(model: str, policy: str, device) -> tuple[Selector, torch.Tens
     return Selector(routing, cfg, placement, backend="reference", correction_bias=bias), bias
 
 
-def make_logits(model: str, T: int, seed: int, device) -> torch.Tensor:
-    """Clustered random router logits ``[T, E]`` in the model's dtype."""
-    E = MODELS[model][0]
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(3, E, generator=g) * 2.5
-    x = centers[torch.randint(0, 3, (T,), generator=g)] + torch.randn(T, E, generator=g)
-    return x.to(device=device, dtype=getattr(torch, MODELS[model][6]))
-
-
-def request_ids(policy: str, T: int, device) -> torch.Tensor | None:
-    """Speculative verify batches: requests of 4 tokens (1 target + 3 draft)."""
-    return (torch.arange(T, device=device) // 4) if policy == "xshare_spec" else None
-
-
 class Case:
-    """One (model, policy, T): reference selector, kernel, context, inputs."""
+    """One (model, policy, T, inputs): reference selector, kernel, context, inputs, knobs."""
 
-    def __init__(self, model: str, policy: str, T: int, device, seed: int = 0, knobs: dict | None = None) -> None:
+    def __init__(self, model: str, policy: str, T: int, device, seed: int = 0, knobs: dict | None = None,
+                 kind: str = "randn", n_valid: int | None = None) -> None:
         self.model, self.policy, self.T = model, policy, T
         self.sel, self.bias = make_selector(model, policy, device)
         self.kernel = getattr(import_kernels(), f"{self.sel.config.policy}_kernel")
-        self.x = make_logits(model, T, seed, device)
-        self.ctx = self.sel.context(T, device, 0, None, request_ids(policy, T, device))
+        E, dtype = MODELS[model][0], getattr(torch, MODELS[model][6])
+        self.x = make_logits(kind, T, E, seed, dtype, device)
+        group = SPEC_GROUP if policy == "xshare_spec" else None
+        rid = torch.arange(T, device=device) // SPEC_GROUP if policy == "xshare_spec_ids" else None
+        self.ctx = self.sel.context(T, device, 0, n_valid, rid, group)
         self.workspace: dict = dict(knobs or {})
 
     def run_kernel(self):
@@ -147,6 +156,14 @@ class Case:
         w = w / w.sum(dim=-1, keepdim=True)
         return ids.to(torch.int32), w
 
+    def plan(self) -> dict:
+        """The launch plan the kernel used (after a call): tile rows, grid, sync mode, warps."""
+        for key, buf in self.workspace.items():
+            if isinstance(key, tuple) and key and key[0] == "buffers":
+                p = buf.plan
+                return {"bt": p.bt, "nb": p.nb, "chunks": p.chunks, "sync": p.sync, "warps": p.num_warps}
+        return {}
+
 
 def compare(ref, out) -> str:
     """'' when equal (ids / physical ids exactly, weights within fp32 rounding)."""
@@ -162,50 +179,55 @@ def compare(ref, out) -> str:
     return ""
 
 
-def check_case(model: str, policy: str, T: int, seed: int, device) -> dict:
-    """Kernel vs reference on fresh random logits, and two calls bit-identical; with phase times."""
+def check_case(model: str, policy: str, T: int, seed: int, device, kind: str = "randn", n_valid: int | None = None,
+               knobs: dict | None = None) -> dict:
+    """Kernel vs reference on fresh inputs, and two calls bit-identical; with phase times."""
     t0 = time.perf_counter()
-    rec = {"model": model, "policy": policy, "T": T, "seed": seed}
+    rec = {"model": model, "policy": policy, "T": T, "seed": seed, "kind": kind, "n_valid": n_valid,
+           **({"knobs": knobs} if knobs else {})}
     try:
-        c = Case(model, policy, T, device, seed=seed)
-        t1 = time.perf_counter()
+        c = Case(model, policy, T, device, seed=seed, knobs=knobs, kind=kind, n_valid=n_valid)
         out = c.run_kernel()
         again = c.run_kernel()
-        if device.type == "cuda":
+        if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
-        t2 = time.perf_counter()
+        t1 = time.perf_counter()
         msg = compare(c.run_reference(), out)
-        t3 = time.perf_counter()
         if not msg and not (torch.equal(out.topk_ids, again.topk_ids)
                             and torch.equal(out.topk_weights, again.topk_weights)):
             msg = "two calls differ"
-        rec["seconds"] = {"setup": t1 - t0, "kernel": t2 - t1, "reference": t3 - t2}
+        rec["plan"] = c.plan()
+        rec["seconds"] = {"compile+run": t1 - t0, "reference": time.perf_counter() - t1}
     except Exception:
         msg = "exception: " + traceback.format_exc(limit=3)[-600:]
     rec.update(ok=msg == "", msg=msg)
     return rec
 
 
-def _check_worker(items: list[tuple[str, str, tuple, dict, int]]) -> list[dict]:
-    """Compile (fills Triton's on-disk cache) and check a share of the grid in one process."""
+def check_items(models: list[str], policies: list[str], t_of, seeds: int, sweep: bool) -> list[tuple]:
+    """``(model, policy, T, seed, kind, n_valid, knobs)`` of every exactness check."""
+    items = []
+    for m in models:
+        for p in policies:
+            for T in t_of(m):
+                items += [(m, p, T, 101 + s, "randn", None, None) for s in range(seeds)]
+                if T in ADVERSARIAL_T:
+                    items += [(m, p, T, 201, "ties", None, None), (m, p, T, 202, "nonfinite", T - 3, None)]
+    if sweep:
+        items += [(m, p, T, 301, "randn", None, kn) for m in SWEEP_MODELS for p in SWEEP_POLICIES
+                  for T in SWEEP_T for kn in SWEEP_KNOBS]
+    return items
+
+
+def _check_worker(items: list[tuple]) -> list[dict]:
+    """Compile (fills Triton's on-disk cache) and check a share of the items in one process."""
     dev = torch.device("cuda")
-    out = []
-    for model, policy, Ts, knobs, seeds in items:
-        for T in Ts:
-            if knobs:  # tuning variants: compile only
-                try:
-                    Case(model, policy, T, dev, knobs=knobs).run_kernel()
-                except Exception as e:
-                    out.append({"model": model, "policy": policy, "T": T, "knobs": knobs, "ok": False,
-                                "msg": f"{type(e).__name__}: {e}"[:300]})
-                continue
-            for seed in range(101, 101 + seeds):
-                out.append(check_case(model, policy, T, seed, dev))
+    out = [check_case(m, p, T, sd, dev, kind, nv, kn) for m, p, T, sd, kind, nv, kn in items]
     torch.cuda.synchronize()
     return out
 
 
-def check_parallel(items: list[tuple[str, str, tuple, dict, int]], workers: int) -> list[dict]:
+def check_parallel(items: list[tuple], workers: int) -> list[dict]:
     """Run :func:`_check_worker` over ``workers`` spawned processes (compiles in parallel)."""
     chunks = [c for c in (items[i::workers] for i in range(workers)) if c]
     ctx = mp.get_context("spawn")
@@ -261,23 +283,19 @@ def _time_case(model: str, policy: str, T: int, dev, args, plain_cache: dict, kn
     """Time one (model, policy, T): kernel under graph replay, reference, plain top-k."""
     rec = {"model": model, "policy": policy, "T": T, "E": MODELS[model][0], "k": MODELS[model][1],
            "dtype": MODELS[model][6], **({"knobs": knobs} if knobs else {})}
-    t0 = time.perf_counter()
     try:
         c = Case(model, policy, T, dev, seed=5, knobs=knobs)
         eager = c.run_kernel()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        k_us, graph_out = time_graph(c.run_kernel, args.graph_calls, args.reps)
-        rec["bench_seconds"] = {"setup": t1 - t0, "kernel": time.perf_counter() - t1}
-        rec["kernel_us"] = k_us
+        torch.cuda.synchronize()
+        rec["plan"] = c.plan()
+        rec["kernel_us"], graph_out = time_graph(c.run_kernel, args.graph_calls, args.reps)
         rec["replay_equals_eager"] = compare(eager, graph_out) == ""
         if not with_baselines:
             return rec
         if (model, T) not in plain_cache:
             plain_cache[(model, T)] = time_graph(c.run_plain, args.graph_calls, args.reps)[0]
         rec["plain_topk_us"] = plain_cache[(model, T)]
-        if c.sel.config.policy == "xshare_ep":  # copies its placement tables to the GPU per call
+        if c.sel.config.policy == "xshare_ep":  # builds its placement tables on the host per call
             rec["reference_us"], rec["reference_mode"] = time_eager(c.run_reference), "eager"
         else:
             try:
@@ -286,23 +304,16 @@ def _time_case(model: str, policy: str, T: int, dev, args, plain_cache: dict, kn
             except Exception:
                 torch.cuda.synchronize()
                 rec["reference_us"], rec["reference_mode"] = time_eager(c.run_reference), "eager"
-        rec["bench_seconds"]["total"] = time.perf_counter() - t0
-        rec["speedup_vs_reference"] = rec["reference_us"] / k_us
-        rec["ratio_to_plain_topk"] = k_us / rec["plain_topk_us"]
+        rec["speedup_vs_reference"] = rec["reference_us"] / rec["kernel_us"]
+        rec["ratio_to_plain_topk"] = rec["kernel_us"] / rec["plain_topk_us"]
     except Exception:
         rec["error"] = traceback.format_exc(limit=3)[-600:]
         print(f"TIMING FAIL {model} {policy} T={T} {knobs or ''}: {rec['error']}", flush=True)
     return rec
 
 
-SWEEP_MODELS = ["qwen3-128x8", "dsv3-256x8-grp-bias"]
-SWEEP_KNOBS = [{"num_warps": 1}, {"num_warps": 2}, {"num_warps": 8}, {"fuse_tiles": 0}]
-SWEEP_T = (1, 16, 64, 256)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="T <= 256, four models")
     ap.add_argument("--models", nargs="*", default=None)
     ap.add_argument("--policies", nargs="*", default=POLICIES)
     ap.add_argument("--T", nargs="*", type=int, default=None)
@@ -310,90 +321,89 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30, help="timed graph replays (median)")
     ap.add_argument("--large-models", nargs="*", default=None,
                     help="models timed and checked at T > 256 (default: all)")
-    ap.add_argument("--seeds", type=int, default=1, help="random inputs per shape in the exactness check")
-    ap.add_argument("--sweep", action="store_true", help="also time xshare under num_warps / fuse_tiles knobs")
+    ap.add_argument("--seeds", type=int, default=2, help="random inputs per shape in the exactness check")
+    ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the launch-knob sweep")
     ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1), help="parallel compile processes")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--name", default="bench_select")
-    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu" only to dry-run the script
-    ap.add_argument("--time-budget", type=float, default=480.0, help="stop timing new shapes after this many seconds")
+    ap.add_argument("--time-budget", type=float, default=540.0, help="stop timing new shapes after this many seconds")
     args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         sys.exit("bench_select needs a CUDA GPU")
     t_start = time.time()
-    models = args.models or (["olmoe-64x8", "qwen3-128x8", "dsv3-256x8-grp-bias", "e64k2-fp32"] if args.quick
-                             else list(MODELS))
-    Ts = args.T or ([1, 16, 64, 256] if args.quick else T_VALUES)
-    dev = torch.device(args.device)
+    models = args.models or list(MODELS)
+    Ts = args.T or T_VALUES
+    dev = torch.device("cuda")
     meta = run_metadata()
     if meta["git"] == "unknown":  # the device copy has no .git: the caller passes the revision
         meta["git"] = os.environ.get("XSHARE_GIT_REV", "unknown")
-    print(f"device {meta['device']}  git {meta['git']}  {len(models)} models x {len(args.policies)} policies x T {Ts}",
-          flush=True)
-
-    t0 = time.time()
     large = set(models if args.large_models is None else args.large_models)
 
     def t_of(m: str) -> tuple:
         return tuple(T for T in Ts if T <= 256 or m in large)
 
-    items = [(m, p, t_of(m), {}, args.seeds) for m in models for p in args.policies]
-    if args.sweep:
-        items += [(m, "xshare", SWEEP_T, kn, 0) for m in SWEEP_MODELS for kn in SWEEP_KNOBS if "num_warps" in kn]
-    # 1. exactness on fresh random inputs (every shape of the grid), in parallel processes that
-    #    also compile every kernel variant once (Triton's on-disk cache serves the timing below)
-    if args.workers > 1:
-        res = check_parallel(items, args.workers)
-    else:
-        res = [check_case(m, p, T, sd, dev) for m, p, Tm, kn, n in items if not kn for T in Tm
-               for sd in range(101, 101 + n)]
-    checks = [r for r in res if "knobs" not in r]
-    compile_errors = [r["msg"] for r in res if "knobs" in r]
+    items = check_items(models, args.policies, t_of, args.seeds, args.sweep)
+    print(f"device {meta['device']}  git {meta['git']}  {len(models)} models x {len(args.policies)} policies x T {Ts}; "
+          f"{len(items)} exactness checks", flush=True)
+    # 1. exactness on fresh inputs, in parallel processes that also compile every kernel
+    #    variant once (Triton's on-disk cache serves the timing below)
+    checks = check_parallel(items, args.workers) if args.workers > 1 else _check_worker(items)
     n_ok = sum(c["ok"] for c in checks)
     for c in checks:
         if not c["ok"]:
-            print(f"CHECK FAIL {c['model']} {c['policy']} T={c['T']} seed={c['seed']}: {c['msg']}", flush=True)
-    slow = sorted((c for c in checks if "seconds" in c), key=lambda c: -sum(c["seconds"].values()))[:6]
-    for c in slow:
-        print(f"  slowest check {c['model']} {c['policy']} T={c['T']}: "
-              + " ".join(f"{k} {v:.2f}s" for k, v in c["seconds"].items()), flush=True)
-    print(f"exactness: {n_ok}/{len(checks)} cases equal the reference  ({time.time() - t0:.0f}s)", flush=True)
+            print(f"CHECK FAIL {c['model']} {c['policy']} T={c['T']} {c['kind']} {c.get('knobs', '')}: {c['msg']}",
+                  flush=True)
+    print(f"exactness: {n_ok}/{len(checks)} checks equal the reference  ({time.time() - t_start:.0f}s)", flush=True)
 
-    # 2./3. timings, small batches first (the targets), then the large ones; the files are
-    #    rewritten after every batch size, so a run cut short still leaves its numbers
+    # 2./3. timings: the targets' batch sizes, the knob sweep, then the large batches; the files
+    #    are rewritten after every batch size, so a run cut short still leaves its numbers
     results, sweep = [], []
     plain_cache: dict = {}
-    for T in Ts:
+
+    def over() -> bool:
+        return time.time() - t_start > args.time_budget
+
+    def time_T(T: int) -> None:
         for model in [m for m in models if T in t_of(m)]:
-            if time.time() - t_start > args.time_budget:
-                break
+            if over():
+                return
             for policy in args.policies:
                 results.append(_time_case(model, policy, T, dev, args, plain_cache))
             last = results[-len(args.policies):]
-            print(f"  timed {model} T={T}  ({time.time() - t_start:.0f}s): "
-                  + " ".join(f"{x['policy']} {x.get('kernel_us', float('nan')):.1f}us"
-                             f"[{x.get('bench_seconds', {}).get('setup', 0):.1f}/"
-                             f"{x.get('bench_seconds', {}).get('total', 0):.1f}s]" for x in last), flush=True)
-        report(args, meta, checks, results, sweep, compile_errors, quiet=True)
+            print(f"  {model} T={T} ({time.time() - t_start:.0f}s): "
+                  + " ".join(f"{x['policy']} {x.get('kernel_us', float('nan')):.1f}" for x in last), flush=True)
+        report(args, meta, checks, results, sweep)
+
+    for T in [T for T in Ts if T <= 256]:
+        time_T(T)
     if args.sweep:
         for model in SWEEP_MODELS:
             for T in SWEEP_T:
-                for kn in SWEEP_KNOBS:
-                    if time.time() - t_start < args.time_budget:
-                        sweep.append(_time_case(model, "xshare", T, dev, args, plain_cache, kn, with_baselines=False))
+                for policy in SWEEP_POLICIES:
+                    for kn in SWEEP_KNOBS:
+                        if not over():
+                            sweep.append(_time_case(model, policy, T, dev, args, plain_cache, kn, with_baselines=False))
         print(f"  sweep done ({time.time() - t_start:.0f}s)", flush=True)
-    report(args, meta, checks, results, sweep, compile_errors)
+        report(args, meta, checks, results, sweep)
+    for T in [T for T in Ts if T > 256]:
+        time_T(T)
+    report(args, meta, checks, results, sweep, quiet=False)
     print(f"total {time.time() - t_start:.0f}s")
 
 
-def report(args, meta: dict, checks: list, results: list, sweep: list, compile_errors: list,
-           quiet: bool = False) -> None:
-    """Write ``<out>/<name>.{json,md}`` (and print the tables unless ``quiet``)."""
+def _plan_str(p: dict) -> str:
+    if not p:
+        return ""
+    return f"bt{p['bt']} nb{p['nb']}" + (f"x{p['chunks']}" if p["chunks"] > 1 else "") + f" s{p['sync']} w{p['warps']}"
+
+
+def report(args, meta: dict, checks: list, results: list, sweep: list, quiet: bool = True) -> None:
+    """Write ``<out>/<name>.{json,md,png}`` (and print the tables unless ``quiet``)."""
     n_ok = sum(c["ok"] for c in checks)
     rows = [[r["model"], r["policy"], r["T"], r["kernel_us"], r["reference_us"], r["reference_mode"],
              r["plain_topk_us"], r["speedup_vs_reference"], r["ratio_to_plain_topk"],
-             "yes" if r["replay_equals_eager"] else "NO"] for r in results if "reference_us" in r]
-    # summary against the targets (T <= 256, E <= 256, k <= 8)
+             "yes" if r["replay_equals_eager"] else "NO", _plan_str(r.get("plan", {}))]
+            for r in results if "reference_us" in r]
     in_target = [r for r in results if "reference_us" in r and r["T"] <= 256 and r["E"] <= 256]
     summary = []
     for policy in args.policies:
@@ -401,42 +411,91 @@ def report(args, meta: dict, checks: list, results: list, sweep: list, compile_e
         if not rs:
             continue
         worst = max(rs, key=lambda r: r["kernel_us"])
-        summary.append([policy, len(rs), worst["kernel_us"], f"{worst['model']} T={worst['T']}",
-                        min(r["speedup_vs_reference"] for r in rs),
+        summary.append([policy, len(rs), statistics.median(r["kernel_us"] for r in rs), worst["kernel_us"],
+                        f"{worst['model']} T={worst['T']}", min(r["speedup_vs_reference"] for r in rs),
                         statistics.median(r["ratio_to_plain_topk"] for r in rs),
                         sum(r["kernel_us"] <= 10.0 for r in rs)])
     headers = ["model", "policy", "T", "kernel us", "reference us", "ref mode", "plain top-k us",
-               "x vs reference", "kernel / plain", "replay == eager"]
-    sum_headers = ["policy", "shapes (T<=256, E<=256)", "worst kernel us", "at", "min x vs reference",
-                   "median kernel / plain", "shapes <= 10 us"]
-    base = {(r["model"], r["T"]): r["kernel_us"] for r in results if r["policy"] == "xshare" and "kernel_us" in r}
-    sweep_rows = [[r["model"], r["T"], json.dumps(r["knobs"]), r["kernel_us"],
-                   base.get((r["model"], r["T"]), float("nan"))] for r in sweep if "kernel_us" in r]
+               "x vs reference", "kernel / plain", "replay == eager", "plan"]
+    sum_headers = ["policy", "shapes (T<=256, E<=256)", "median kernel us", "worst kernel us", "at",
+                   "min x vs reference", "median kernel / plain", "shapes <= 10 us"]
+    base = {(r["model"], r["policy"], r["T"]): r for r in results if "kernel_us" in r}
+    sweep_rows = []
+    for r in sweep:
+        if "kernel_us" not in r:
+            continue
+        b = base.get((r["model"], r["policy"], r["T"]))
+        sweep_rows.append([r["model"], r["policy"], r["T"], json.dumps(r["knobs"]), _plan_str(r.get("plan", {})),
+                           r["kernel_us"], b["kernel_us"] if b else float("nan"),
+                           _plan_str(b.get("plan", {})) if b else ""])
+    sweep_headers = ["model", "policy", "T", "knobs", "plan", "kernel us", "default us", "default plan"]
     md = (
         f"Median microseconds per selection call under CUDA-graph replay ({args.graph_calls} calls per graph, "
         f"{args.reps} replays); reference graph-captured where possible, else eager; plain top-k = torch "
-        f"softmax/sigmoid + grouped mask + topk + renormalise, graph-captured.\n\n"
-        f"Exactness vs reference: {n_ok}/{len(checks)} cases (ids and physical ids exactly, weights within "
-        f"fp32 rounding, two calls bit-identical).\n\n## Targets (T <= 256, E <= 256, k <= 8)\n\n"
+        f"softmax/sigmoid + grouped mask + topk + renormalise, graph-captured. Plan: rows per tile (bt), "
+        f"programs (nb, x tiles each), sync (0 one program, 1 grid barrier, 2 two launches), warps.\n\n"
+        f"Exactness vs reference: {n_ok}/{len(checks)} checks (ids and physical ids exactly, weights within "
+        f"fp32 rounding, two calls bit-identical; random, tie-heavy and non-finite + padded inputs; every sweep "
+        f"variant).\n\n## Targets (T <= 256, E <= 256, k <= 8)\n\n"
         + markdown_table(sum_headers, summary) + "\n\n## All shapes\n\n" + markdown_table(headers, rows) + "\n"
     )
     if sweep_rows:
-        md += "\n## xshare under launch knobs (default: num_warps 4, fuse_tiles 1)\n\n" + markdown_table(
-            ["model", "T", "knobs", "kernel us", "default us"], sweep_rows) + "\n"
+        md += "\n## Launch knobs (xshare / xshare_ep / xshare_spec)\n\n" + markdown_table(sweep_headers, sweep_rows) + "\n"
     failed = [c for c in checks if not c["ok"]]
     if failed:
         md += "\n## Exactness failures\n\n" + "\n".join(
-            f"- {c['model']} {c['policy']} T={c['T']} seed={c['seed']}: {c['msg'][:300]}" for c in failed[:50]) + "\n"
+            f"- {c['model']} {c['policy']} T={c['T']} {c['kind']} {c.get('knobs', '')}: {c['msg'][:300]}"
+            for c in failed[:50]) + "\n"
     payload = {"args": vars(args), "checks": checks, "results": results, "sweep": sweep,
-               "compile_errors": compile_errors, "summary": [dict(zip(sum_headers, s)) for s in summary]}
+               "summary": [dict(zip(sum_headers, s)) for s in summary]}
     jp, mdp = write_results(args.out, args.name, payload, md, meta)
+    plot(results, Path(args.out) / f"{args.name}.png", meta)
     if not quiet:
         print(markdown_table(headers, rows))
         print()
         print(markdown_table(sum_headers, summary))
         if sweep_rows:
-            print(markdown_table(["model", "T", "knobs", "kernel us", "default us"], sweep_rows))
+            print(markdown_table(sweep_headers, sweep_rows))
         print(f"exactness: {n_ok}/{len(checks)}; wrote {jp} {mdp}")
+
+
+def plot(results: list, path: Path, meta: dict) -> None:
+    """Kernel microseconds vs batch size, one panel per model, one line per policy (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ok = [r for r in results if "kernel_us" in r]
+    models = list(dict.fromkeys(r["model"] for r in ok))
+    if not models:
+        return
+    cols = min(4, len(models))
+    rows = -(-len(models) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, model in zip(axes.flat, models):
+        for policy in dict.fromkeys(r["policy"] for r in ok):
+            pts = sorted((r["T"], r["kernel_us"]) for r in ok if r["model"] == model and r["policy"] == policy)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=policy)
+        pts = sorted({(r["T"], r["plain_topk_us"]) for r in ok if r["model"] == model and "plain_topk_us" in r})
+        if pts:
+            ax.plot(*zip(*pts), "k--", lw=1, label="plain torch top-k")
+        ax.axhline(10.0, color="grey", lw=0.6, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("us per call (graph replay)")
+    for ax in list(axes.flat)[len(models):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle(f"selection kernels, {meta['device']}, git {meta['git']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

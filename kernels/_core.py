@@ -1,11 +1,16 @@
 """Triton building blocks shared by every selection kernel: keys, scoring, per-token top-k.
 
 Ordering trick used everywhere: an fp32 score is mapped to an order-preserving ``int32``
-(:func:`orderable`) and packed with ``65535 - expert_id`` into one ``int64`` (:func:`pack`).
-A ``max`` over packed keys then returns the best score *and*, among equal scores, the lowest
-expert id -- exactly the reference's stable descending sort -- in one reduction. Padded
-columns (``e >= E``) and already-taken entries hold :data:`SENT`, below every real key
-(``-inf`` scores included).
+(:func:`orderable`) and packed into one ``int64`` key (:func:`pack`)::
+
+    bits 63..32  orderable(score)      (signed: the order of the float)
+    bits 31..16  65535 - expert id     (equal scores: the lower id is the larger key)
+    bits 15..0   payload               (a physical slot for ``xshare_ep``, else 0)
+
+A ``max`` over keys then returns the best score, the lowest id among equal scores -- exactly
+the reference's stable descending sort -- and the payload, in one reduction. Keys of real
+columns are distinct (they carry the id); padded / removed entries hold :data:`SENT`, below
+every real key (``-inf`` scores included).
 """
 
 from __future__ import annotations
@@ -13,8 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-#: Packed key of a padded / removed column: below the packed key of any real score (even -inf).
-SENT = tl.constexpr(-4611686018427387904)  # -(2**62)
+#: Key of a padded / removed entry: int64 min, below the key of any real score (even -inf).
+SENT = tl.constexpr(-9223372036854775808)
 #: Largest finite float32 (what +inf logits become).
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 #: Smallest normal float32 (``torch.finfo(torch.float32).tiny``), the renormalisation floor.
@@ -38,33 +43,39 @@ def from_orderable(o):
 
 @triton.jit
 def pack(key, cols, cmask):
-    """``key`` fp32, ``cols`` int32 expert ids, ``cmask`` real column -> int64 packed key.
+    """``key`` fp32, ``cols`` int32 expert ids, ``cmask`` real column -> int64 key (payload 0).
 
-    Larger packed = larger key, ties -> lower id. Padded columns get :data:`SENT`.
+    Larger key = larger score, ties -> lower id. Padded columns get :data:`SENT`.
     """
     o = orderable(key).to(tl.int64)
-    p = (o << 16) | (65535 - cols).to(tl.int64)
+    p = (o << 32) | ((65535 - cols).to(tl.int64) << 16)
     return tl.where(cmask, p, SENT)
 
 
 @triton.jit
 def unpack_col(p):
-    """Expert id (int32) of a packed key."""
-    return (65535 - (p & 65535)).to(tl.int32)
+    """Expert id (int32) of a key."""
+    return (65535 - ((p >> 16) & 65535)).to(tl.int32)
+
+
+@triton.jit
+def unpack_payload(p):
+    """Payload (int32, 0..65535) of a key."""
+    return (p & 65535).to(tl.int32)
 
 
 @triton.jit
 def unpack_key(p):
-    """fp32 score of a packed key."""
-    return from_orderable((p >> 16).to(tl.int32))
+    """fp32 score of a key."""
+    return from_orderable((p >> 32).to(tl.int32))
 
 
 @triton.jit
-def load_scores(logits_ptr, stride_t, bias_ptr, rows, cols, T, E,
+def load_scores(logits_ptr, stride_t, bias_ptr, rows, rmask, cols, E,
                 SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
                 N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,
                 BLOCK_G: tl.constexpr):
-    """Router logits of ``rows`` -> ``(gate, sel, alive, mx, inv)``.
+    """Router logits of ``rows [BT]`` (``rmask``: row exists) -> ``(gate, sel, alive, mx, inv)``.
 
     ``gate`` and ``sel`` are ``[BT, BLOCK_E] float32``; ``alive [BT]`` (the row has a finite
     logit), ``mx`` / ``inv [BT] float32`` (softmax max and 1 / sum) let :func:`gate_at`
@@ -76,7 +87,6 @@ def load_scores(logits_ptr, stride_t, bias_ptr, rows, cols, T, E,
     groups to ``-inf`` (group score: max, or sum of the two best when biased). Padded columns
     carry ``gate = 0`` and ``sel = -inf`` and must be masked by the caller.
     """
-    rmask = rows < T
     cmask = cols < E
     m2 = rmask[:, None] & cmask[None, :]
     ptrs = logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :]
@@ -138,24 +148,28 @@ def _mask_groups(sel, cols, cmask, BIASED: tl.constexpr, N_GROUP: tl.constexpr, 
             gsc = m1 + m2
         else:
             gsc = m1
-        gp = pack(gsc, gidx[None, :], (gidx < N_GROUP)[None, :])
-        keep = tl.zeros([sel.shape[0], BLOCK_G], dtype=tl.int32)
-        for _j in tl.static_range(TOPK_GROUP):
-            best = tl.max(gp, axis=1)
-            hit = gp == best[:, None]
-            keep = tl.where(hit, 1, keep)
-            gp = tl.where(hit, SENT, gp)
+        keep = _best_groups(gsc, gidx, N_GROUP, TOPK_GROUP)
         k3 = tl.broadcast_to(keep[:, :, None], [sel.shape[0], N_GROUP, GROUP_SIZE])
         allowed = tl.reshape(k3, [sel.shape[0], sel.shape[1]])
     else:
         allowed = _group_allowed_loop(sel, cols, cmask, BIASED, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G)
-    return tl.where(allowed > 0, sel, float("-inf"))
+    return tl.where(allowed, sel, float("-inf"))
+
+
+@triton.jit
+def _best_groups(gsc, gidx, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr):
+    """``[BT, BLOCK_G] int1``: each row's ``TOPK_GROUP`` best group scores (ties: lower group)."""
+    gp = pack(gsc, gidx[None, :], (gidx < N_GROUP)[None, :])
+    best = tl.max(gp, axis=1)
+    for _j in tl.static_range(TOPK_GROUP - 1):
+        best = tl.max(tl.where(gp < best[:, None], gp, SENT), axis=1)
+    return gp >= best[:, None]
 
 
 @triton.jit
 def _group_allowed_loop(sel, cols, cmask, BIASED: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                         GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr):
-    """``[BT, BLOCK_E] int32`` allowed mask, any group size (one pass per group)."""
+    """``[BT, BLOCK_E] int1`` allowed mask, any group size (one pass per group)."""
     gidx = tl.arange(0, BLOCK_G)
     grp = cols // GROUP_SIZE
     gs = tl.zeros([sel.shape[0], BLOCK_G], dtype=tl.float32)
@@ -170,31 +184,33 @@ def _group_allowed_loop(sel, cols, cmask, BIASED: tl.constexpr, N_GROUP: tl.cons
         else:
             score = m1
         gs = tl.where(gidx[None, :] == g, score[:, None], gs)
-    gp = pack(gs, gidx[None, :], (gidx < N_GROUP)[None, :])
-    keep = tl.zeros([sel.shape[0], BLOCK_G], dtype=tl.int32)
-    for _j in tl.static_range(TOPK_GROUP):
-        best = tl.max(gp, axis=1)
-        hit = gp == best[:, None]
-        keep = tl.where(hit, 1, keep)
-        gp = tl.where(hit, SENT, gp)
+    keep = _best_groups(gs, gidx, N_GROUP, TOPK_GROUP).to(tl.int32)
     allowed = tl.zeros(sel.shape, dtype=tl.int32)
     for g in tl.static_range(N_GROUP):
         kg = tl.max(tl.where(gidx[None, :] == g, keep, 0), axis=1)
         allowed = tl.where((grp == g)[None, :] & (kg[:, None] > 0), 1, allowed)
-    return allowed
+    return allowed > 0
+
+
+@triton.jit
+def kth_keys(packed, K: tl.constexpr, K0: tl.constexpr):
+    """Each row's ``K``-th and ``K0``-th largest key (``[BT] int64`` each) of ``packed [BT, N]``.
+
+    ``packed >= kth[:, None]`` is then the row's top-``K`` set (keys are distinct). One max
+    per rank, each over the keys below the previous one (nothing is rewritten).
+    """
+    best = tl.max(packed, axis=1)
+    b0 = best
+    for j in tl.static_range(1, K):
+        best = tl.max(tl.where(packed < best[:, None], packed, SENT), axis=1)
+        if j == K0 - 1:
+            b0 = best
+    return best, b0
 
 
 @triton.jit
 def token_topk(sel, cols, cmask, K: tl.constexpr, K0: tl.constexpr):
     """Each row's own top-``K`` and top-``K0`` sets: ``(in_topk, in_warm)`` ``[BT, BLOCK_E] int1``."""
     packed = pack(sel, cols[None, :], cmask[None, :])
-    in_topk = packed == SENT + 1  # all False, right shape
-    in_warm = in_topk
-    for j in tl.static_range(K):
-        best = tl.max(packed, axis=1)
-        hit = packed == best[:, None]
-        in_topk = in_topk | hit
-        if j < K0:
-            in_warm = in_warm | hit
-        packed = tl.where(hit, SENT, packed)
-    return in_topk, in_warm
+    kth, kth0 = kth_keys(packed, K, K0)
+    return packed >= kth[:, None], packed >= kth0[:, None]

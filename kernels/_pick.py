@@ -1,10 +1,12 @@
-"""Triton single-program pickers: budget resolution and the budgeted choice of experts.
+"""Triton pickers: budget resolution and the budgeted choice of experts, in registers.
 
-No sort: an expert's position in an order is counted by comparing its packed key against the
-program's keys re-read in chunks from a scratch row. All of them work on one ``[BLOCK_E]`` vector of aggregated mass and packed warm/union counts
-(``flags = warm_count + 65536 * topk_count`` per expert) held by one program, and mirror
+Every picker works on one program's ``[BLOCK_E]`` vectors -- the aggregated ``mass`` (fp32) and
+packed counts ``flags`` (``warm_count + 65536 * topk_count`` per expert) -- and mirrors
 :mod:`sglang_xshare.select.common` (``priority`` / ``resolve_budget`` / ``greedy_pick``) and
-:mod:`sglang_xshare.select.policies.xshare_ep` exactly, ties included.
+:mod:`sglang_xshare.select.policies.xshare_ep` exactly, ties included. Nothing goes through
+memory but the read-only placement tables and one scratch row per program: an expert's
+position in the priority order is the number of larger keys, counted by comparing the key
+vector with itself in column chunks (:func:`pairwise`).
 
 Budget modes (``MODE`` constexpr): 0 = count (``b_count``), 1 = fraction (``ceil(n * f - eps)``
 in float64, ``f`` and ``eps`` passed as their IEEE-754 bit patterns so no rounding to fp32
@@ -16,63 +18,87 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._core import pack, unpack_key
+from ._core import SENT, pack, unpack_key
 
 
 @triton.jit
-def order_rank(packed, val, cols, pk_ptr, val_ptr, WANT_CUM: tl.constexpr, CH: tl.constexpr):
-    """Position of every expert in the descending order of ``packed`` (no sort).
-
-    ``rank[e] = #{f : packed[f] > packed[e]}`` by comparing against ``CH``-wide chunks of the
-    keys re-read from the program's scratch row ``pk_ptr [BLOCK_E] int64``; with ``WANT_CUM``
-    also ``cum[e] = sum of val[f] over packed[f] >= packed[e]`` (the reference's cumulative sum
-    at e's position; ``val_ptr [BLOCK_E] fp32`` scratch). Keys are distinct (they carry the id),
-    so ``rank`` is a permutation of ``0..BLOCK_E-1``.
-    """
-    tl.debug_barrier()  # earlier readers of the scratch row are done
-    tl.store(pk_ptr + cols, packed)
-    if WANT_CUM:
-        tl.store(val_ptr + cols, val)
-    tl.debug_barrier()
-    ch = tl.arange(0, CH)
-    rank = tl.zeros(cols.shape, dtype=tl.int32)
-    cum = tl.zeros(cols.shape, dtype=tl.float32)
-    for f0 in tl.static_range(0, cols.shape[0], CH):
-        pf = tl.load(pk_ptr + f0 + ch, cache_modifier=".cg")
-        gt = pf[None, :] > packed[:, None]
-        rank += tl.sum(gt.to(tl.int32), axis=1)
-        if WANT_CUM:
-            vf = tl.load(val_ptr + f0 + ch, cache_modifier=".cg")
-            cum += tl.sum(tl.where(gt | (pf[None, :] == packed[:, None]), vf[None, :], 0.0), axis=1)
-    return rank, cum
-
-
-@triton.jit
-def budget_order(mass, flags, cols, E, tot, pk_ptr, val_ptr, MODE: tl.constexpr, b_count, b_frac_bits,
-                 b_eps_bits, b_mass, b_mass_c, CH: tl.constexpr):
-    """Priority keys, each expert's position in their stable descending order, and the budget.
+def priority_keys(mass, flags, cols, E):
+    """The greedy's ordering of one group's experts.
 
     Args:
-        mass: ``[BLOCK_E] float32`` aggregated mass; flags: ``[BLOCK_E] int32`` packed counts;
-        cols: ``arange(BLOCK_E)``; tot: fp32 mass the ``mass`` mode is a fraction of;
-        pk_ptr / val_ptr: this program's ``[BLOCK_E]`` int64 / fp32 scratch rows.
+        mass: ``[BLOCK_E] float32`` aggregated mass; flags: ``[BLOCK_E] int32`` packed counts.
 
     Returns:
-        ``key [BLOCK_E] fp32`` (+inf warm, mass, -inf never), ``packed [BLOCK_E] int64``
-        (also left in ``pk_ptr``), ``rank [BLOCK_E] int32`` (position in the order),
-        ``m_eff`` (int32 scalar, ``max(m, |warm|)``), ``n_warm``, ``n_pick``.
+        ``warm`` / ``union`` / ``pickable`` ``[BLOCK_E] int1`` and ``packed [BLOCK_E] int64``
+        (key +inf for warm experts, the mass for the rest with mass > 0, -inf otherwise).
     """
     cmask = cols < E
     warm = ((flags & 65535) > 0) & cmask
     union = ((flags >> 16) > 0) & cmask
     key = tl.where(warm, float("inf"), tl.where(mass > 0.0, mass, float("-inf")))
     pickable = (key > float("-inf")) & cmask
-    packed = pack(key, cols, cmask)
-    rank, cum = order_rank(packed, tl.where(pickable, mass, 0.0), cols, pk_ptr, val_ptr, MODE == 2, CH)
-    n_warm = tl.sum(warm.to(tl.int32), axis=0)
-    n_pick = tl.sum(pickable.to(tl.int32), axis=0)
+    return warm, union, pickable, pack(key, cols, cmask)
+
+
+@triton.jit
+def pairwise(packed, val, grp, wflag, pk_ptr, val_ptr, grp_ptr, E, WANT_CUM: tl.constexpr, WANT_GRP: tl.constexpr,
+             CH: tl.constexpr):
+    """Order statistics of the keys ``packed [BLOCK_E] int64`` (distinct), for every expert ``e``.
+
+    Returns ``[BLOCK_E]`` vectors:
+
+    * ``pos[e] = #{f : packed[f] > packed[e]}`` (e's position in the descending order);
+    * ``cum[e] = sum of val[f] over packed[f] >= packed[e]`` (``WANT_CUM``; the reference's
+      cumulative sum at e's position; ``val [BLOCK_E] fp32``);
+    * ``gpos[e] = #{f : grp[f] == grp[e], packed[f] > packed[e]}`` and ``gwarm[e] = #{f :
+      grp[f] == grp[e], f warm}`` (``WANT_GRP``; ``grp [BLOCK_E] int32`` e.g. the EP rank, also
+      readable at ``grp_ptr [E]``; warm = key +inf).
+
+    The keys (and ``val``) go once through this program's scratch row ``pk_ptr [BLOCK_E] int64``
+    / ``val_ptr [BLOCK_E] fp32`` (a CTA barrier each side: L1-resident), then are compared
+    ``CH`` keys at a time (``[CH, BLOCK_E]`` per step, a loop the compiler does not unroll),
+    so no thread holds a square matrix. Columns ``>= E`` are never read (their keys are
+    :data:`~._core.SENT`, they count nowhere).
+    """
+    BE: tl.constexpr = packed.shape[0]
+    cols = tl.arange(0, BE)
+    tl.debug_barrier()  # earlier readers of the scratch row are done
+    tl.store(pk_ptr + cols, packed)
+    if WANT_CUM:
+        tl.store(val_ptr + cols, val)
+    tl.debug_barrier()
+    ch = tl.arange(0, CH)
+    pos = tl.zeros([BE], dtype=tl.int32)
+    cum = tl.zeros([BE], dtype=tl.float32)
+    gpos = tl.zeros([BE], dtype=tl.int32)
+    gwarm = tl.zeros([BE], dtype=tl.int32)
+    for f0 in range(0, E, CH):  # a runtime trip count: one [CH, BLOCK_E] step live at a time
+        # [CH, BLOCK_E] with the compared chunk on axis 0: each thread reduces its own rows
+        pf = tl.load(pk_ptr + f0 + ch)
+        gt = pf[:, None] > packed[None, :]
+        pos += tl.sum(gt.to(tl.int32), axis=0)
+        if WANT_CUM:
+            vf = tl.load(val_ptr + f0 + ch)
+            cum += tl.sum(tl.where(gt | (pf[:, None] == packed[None, :]), vf[:, None], 0.0), axis=0)
+        if WANT_GRP:
+            gf = tl.load(grp_ptr + f0 + ch, mask=f0 + ch < E, other=-1)
+            same = gf[:, None] == grp[None, :]
+            gpos += tl.sum((same & gt).to(tl.int32), axis=0)
+            wf = (unpack_key(pf) == float("inf")) & (f0 + ch < E)
+            gwarm += tl.sum((same & wf[:, None]).to(tl.int32), axis=0)
+    return pos, cum, gpos, gwarm
+
+
+@triton.jit
+def resolve_m(MODE: tl.constexpr, union, pickable, cum, cmask, tot, b_count, b_frac_bits, b_eps_bits,
+              b_mass, b_mass_c):
+    """The budget ``m`` (int32 scalar) of :func:`sglang_xshare.select.common.resolve_budget`.
+
+    ``cum`` is :func:`pairwise`'s cumulative mass (read only in mass mode); ``tot`` the fp32
+    mass the ``mass`` mode is a fraction of.
+    """
     if MODE == 0:
-        m = n_warm * 0 + b_count
+        m = tl.sum(pickable.to(tl.int32), axis=0) * 0 + b_count
     elif MODE == 1:
         n_union = tl.sum(union.to(tl.int32), axis=0)
         f = b_frac_bits.to(tl.float64, bitcast=True)
@@ -81,58 +107,54 @@ def budget_order(mass, flags, cols, E, tot, pk_ptr, val_ptr, MODE: tl.constexpr,
     else:
         thr = (tot * b_mass) * b_mass_c
         need = tl.sum((cmask & (cum < thr)).to(tl.int32), axis=0) + 1
-        m = tl.minimum(need, n_pick)
-    m_eff = tl.maximum(m, n_warm)
-    return key, packed, rank, m_eff, n_warm, n_pick
+        m = tl.minimum(need, tl.sum(pickable.to(tl.int32), axis=0))
+    return m
 
 
 @triton.jit
-def greedy_chosen(key, rank, m_eff, cols, E):
-    """``[BLOCK_E] int1``: the first ``m_eff`` experts of the order that have a finite key."""
-    return (rank < m_eff) & (key > float("-inf")) & (cols < E)
+def greedy_pick(mass, flags, cols, E, tot, pk_ptr, val_ptr, MODE: tl.constexpr, b_count, b_frac_bits, b_eps_bits,
+                b_mass, b_mass_c, CH: tl.constexpr):
+    """``xshare``: warm experts, then by descending mass up to ``max(m, |warm|)`` -> ``[BLOCK_E] int1``."""
+    cmask = cols < E
+    warm, union, pickable, packed = priority_keys(mass, flags, cols, E)
+    pos, cum, _g, _w = pairwise(packed, tl.where(pickable, mass, 0.0), cols, warm, pk_ptr, val_ptr, pk_ptr, E,
+                                MODE == 2, False, CH)
+    m = resolve_m(MODE, union, pickable, cum, cmask, tot, b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c)
+    m_eff = tl.maximum(m, tl.sum(warm.to(tl.int32), axis=0))
+    return (pos < m_eff) & pickable
 
 
 @triton.jit
-def ep_partitioned(key, packed, cols, E, m_eff, pk_ptr, rank_ptr, copy_ptr, out_ptr, R, EPR,
-                   FILL: tl.constexpr, CH: tl.constexpr):
-    """Exact per-rank greedy without replicas; writes ``out[e]`` = physical slot or -1.
+def ep_pick(mass, flags, cols, E, tot, pk_ptr, val_ptr, rank_ptr, R, MODE: tl.constexpr, FILL: tl.constexpr,
+            b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c, CH: tl.constexpr):
+    """``xshare_ep`` without replicas: the exact per-rank greedy -> chosen ``[BLOCK_E] int1``.
 
-    An expert's position inside its EP rank is the number of same-rank experts with a larger
-    packed key (read back in chunks from ``pk_ptr``, left there by :func:`budget_order`); warm
-    experts lead each rank, so a rank's warm load is its count of warm experts.
+    ``rank_ptr [E] int32`` is each logical expert's EP rank. Per-rank budget ``b = ceil(m_eff /
+    R)``; capacity ``max(b, peak warm load)`` on every rank (``FILL``) or ``max(b, own warm
+    load)``; warm experts lead their rank, then by descending mass while the rank has room.
     """
     cmask = cols < E
-    rank_e = tl.load(rank_ptr + cols, mask=cmask, other=-2)
-    ch = tl.arange(0, CH)
-    pos_r = tl.zeros(cols.shape, dtype=tl.int32)
-    wload = tl.zeros(cols.shape, dtype=tl.int32)
-    for f0 in tl.static_range(0, cols.shape[0], CH):
-        fi = f0 + ch
-        pf = tl.load(pk_ptr + fi, cache_modifier=".cg")
-        rf = tl.load(rank_ptr + fi, mask=fi < E, other=-1)
-        same = rf[None, :] == rank_e[:, None]
-        pos_r += tl.sum((same & (pf[None, :] > packed[:, None])).to(tl.int32), axis=1)
-        wf = (unpack_key(pf) == float("inf")) & (fi < E)
-        wload += tl.sum((same & wf[None, :]).to(tl.int32), axis=1)
-    warm = key == float("inf")
+    warm, union, pickable, packed = priority_keys(mass, flags, cols, E)
+    rank_e = tl.load(rank_ptr + cols, mask=cmask, other=-1)
+    pos, cum, pos_r, wload = pairwise(packed, tl.where(pickable, mass, 0.0), rank_e, warm, pk_ptr, val_ptr,
+                                      rank_ptr, E, MODE == 2, True, CH)
+    m = resolve_m(MODE, union, pickable, cum, cmask, tot, b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c)
+    m_eff = tl.maximum(m, tl.sum(warm.to(tl.int32), axis=0))
     b = (m_eff + R - 1) // R
     if FILL:
         capv = tl.maximum(b, tl.max(tl.where(cmask, wload, 0), axis=0))
     else:
-        capv = b
-    take = cmask & (key > float("-inf")) & (warm | (pos_r < capv))
-    cp = tl.load(copy_ptr + cols, mask=cmask, other=-1)
-    tl.store(out_ptr + cols, tl.where(take, cp, -1), mask=cmask)
+        capv = tl.maximum(b, wload)
+    return pickable & (warm | (pos_r < capv))
 
 
 @triton.jit
-def _place(e, load, cap, USE_CAP: tl.constexpr, copies_ptr, slot_rank_ptr, out_ptr,
-           BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Put expert ``e`` on its least-loaded copy (ties: lower slot) with room; returns (load, took)."""
-    arC = tl.arange(0, BLOCK_C)
-    arR = tl.arange(0, BLOCK_R)
-    slots = tl.load(copies_ptr + e * BLOCK_C + arC)
-    ranks = tl.load(slot_rank_ptr + e * BLOCK_C + arC)
+def _place(hit, load, cap, USE_CAP: tl.constexpr, tab, trk, arC, arR):
+    """Put the expert ``hit [BLOCK_E] int1`` (one-hot) on its least-loaded copy with room (ties:
+    lower slot). ``tab`` / ``trk`` ``[BLOCK_E, BLOCK_C]`` are its slots (-1 padded) and their
+    ranks. Returns ``(load, slot)``; ``slot`` is -1 when no copy has room."""
+    slots = tl.sum(tl.where(hit[:, None], tab, 0), axis=0)
+    ranks = tl.sum(tl.where(hit[:, None], trk, 0), axis=0)
     onehot = ranks[:, None] == arR[None, :]
     lr = tl.sum(tl.where(onehot, load[None, :], 0), axis=1)
     ok = slots >= 0
@@ -140,36 +162,47 @@ def _place(e, load, cap, USE_CAP: tl.constexpr, copies_ptr, slot_rank_ptr, out_p
         cr = tl.sum(tl.where(onehot, cap[None, :], 0), axis=1)
         ok = ok & (lr < cr)
     big = 1 << 30
-    cost = tl.where(ok, lr * BLOCK_C + arC, big)
+    cost = tl.where(ok, lr * tab.shape[1] + arC, big)
     best = tl.min(cost, axis=0)
     take = best < big
-    j = best % BLOCK_C
+    j = best % tab.shape[1]
     slot_j = tl.sum(tl.where(arC == j, slots, 0), axis=0)
     rank_j = tl.sum(tl.where(arC == j, ranks, 0), axis=0)
     load = load + tl.where((arR == rank_j) & take, 1, 0)
-    tl.store(out_ptr + e, slot_j, mask=take)
-    return load, take.to(tl.int32)
+    return load, tl.where(take, slot_j, -1)
 
 
 @triton.jit
-def ep_replicated(rank, cols, E, m_eff, n_warm, n_pick, order_ptr, copies_ptr, slot_rank_ptr, out_ptr, R,
-                  FILL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Sequential least-loaded greedy with replicas (the reference's ``pick_replicated``).
+def ep_replicated_pick(mass, flags, cols, E, tot, pk_ptr, val_ptr, copies_ptr, slot_rank_ptr, R, MODE: tl.constexpr,
+                       FILL: tl.constexpr, b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c,
+                       CH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``xshare_ep`` with replicas: the reference's sequential least-loaded greedy.
 
-    Warm experts (the first ``n_warm`` of the order) are placed without a cap; then the
-    per-rank capacity is fixed and the pickable rest are tried in order until every rank is
-    full. ``rank [BLOCK_E]`` is each expert's position in the order (:func:`budget_order`).
-    Writes ``out[e]`` = chosen physical slot or -1.
+    Warm experts (they lead the order) are placed on their least-loaded copy without a cap;
+    then the per-rank capacity is fixed and the pickable rest are tried in order until every
+    rank is full. ``copies / slot_rank [E, BLOCK_C] int32`` (slots ascending, -1 padded).
+
+    Returns ``slot [BLOCK_E] int32``: the physical slot chosen for each expert, -1 = not chosen.
     """
     cmask = cols < E
-    tl.store(order_ptr + rank, cols, mask=cmask)
-    tl.store(out_ptr + cols, tl.full(cols.shape, -1, tl.int32), mask=cmask)
-    tl.debug_barrier()
+    warm, union, pickable, packed = priority_keys(mass, flags, cols, E)
+    pos, cum, _g, _w = pairwise(packed, tl.where(pickable, mass, 0.0), cols, warm, pk_ptr, val_ptr, pk_ptr, E,
+                                MODE == 2, False, CH)
+    m = resolve_m(MODE, union, pickable, cum, cmask, tot, b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c)
+    n_warm = tl.sum(warm.to(tl.int32), axis=0)
+    n_pick = tl.sum(pickable.to(tl.int32), axis=0)
+    m_eff = tl.maximum(m, n_warm)
+    arC = tl.arange(0, BLOCK_C)
     arR = tl.arange(0, BLOCK_R)
+    toffs = cols[:, None] * BLOCK_C + arC[None, :]
+    tab = tl.load(copies_ptr + toffs, mask=cmask[:, None], other=-1)
+    trk = tl.load(slot_rank_ptr + toffs, mask=cmask[:, None], other=0)
     load = tl.zeros([BLOCK_R], dtype=tl.int32)
+    slot_of = tl.full([cols.shape[0]], -1, tl.int32)
     for i in range(0, n_warm):
-        e = tl.load(order_ptr + i)
-        load, _t = _place(e, load, load, False, copies_ptr, slot_rank_ptr, out_ptr, BLOCK_C, BLOCK_R)
+        hit = pos == i
+        load, s = _place(hit, load, load, False, tab, trk, arC, arR)
+        slot_of = tl.where(hit, s, slot_of)
     b = (m_eff + R - 1) // R
     if FILL:
         cap = tl.zeros([BLOCK_R], dtype=tl.int32) + tl.maximum(tl.max(load, axis=0), b)
@@ -178,7 +211,60 @@ def ep_replicated(rank, cols, E, m_eff, n_warm, n_pick, order_ptr, copies_ptr, s
     room = tl.sum(tl.where(arR < R, cap - load, 0), axis=0)
     i = n_warm
     while (i < n_pick) & (room > 0):
-        e = tl.load(order_ptr + i)
-        load, took = _place(e, load, cap, True, copies_ptr, slot_rank_ptr, out_ptr, BLOCK_C, BLOCK_R)
-        room = room - took
+        hit = pos == i
+        load, s = _place(hit, load, cap, True, tab, trk, arC, arR)
+        slot_of = tl.where(hit, s, slot_of)
+        room = room - (s >= 0).to(tl.int32)
         i = i + 1
+    return slot_of
+
+
+@triton.jit
+def iterative_rows(mass, wcnt, ucnt, cols, E, MODE: tl.constexpr, b_count, b_frac_bits, b_eps_bits, b_mass,
+                   b_mass_c):
+    """Greedy pick of many groups at once (one per row), by repeated row maxima.
+
+    For ``mass [RT, BLOCK_E] fp32`` and warm / top-k counts ``wcnt`` / ``ucnt [RT, BLOCK_E]``:
+    every row keeps its warm experts, then takes its next-best expert by mass while the budget
+    allows -- a count (``MODE`` 0 / 1: ``max(m, |warm|)`` experts in all) or, in mass mode, while
+    the cumulative mass before it (warm experts first) is below ``X`` of the row's total. Equal
+    to :func:`greedy_pick` row by row; the number of rounds is the largest number of non-warm
+    experts any row takes (small: a request's tokens bring at most ``tokens * k`` candidates).
+
+    Returns ``[RT, BLOCK_E] int1``.
+    """
+    cmask = (cols < E)[None, :]
+    warm = (wcnt > 0) & cmask
+    cand = (mass > 0.0) & cmask & (warm == 0)
+    packed = tl.where(cand, pack(mass, cols[None, :], cmask), SENT)
+    n_warm = tl.sum(warm.to(tl.int32), axis=1)
+    if MODE == 2:
+        tot = tl.sum(tl.where(cmask, mass, 0.0), axis=1)
+        thr = (tot * b_mass) * b_mass_c
+        cum = tl.sum(tl.where(warm & (mass > 0.0), mass, 0.0), axis=1)
+    else:
+        if MODE == 0:
+            m = n_warm * 0 + b_count
+        else:
+            n_union = tl.sum(((ucnt > 0) & cmask).to(tl.int32), axis=1)
+            f = b_frac_bits.to(tl.float64, bitcast=True)
+            eps = b_eps_bits.to(tl.float64, bitcast=True)
+            m = tl.ceil(n_union.to(tl.float64) * f - eps).to(tl.int32)
+        rem = tl.maximum(m, n_warm) - n_warm
+    chosen = warm
+    i = 0
+    more = tl.max(tl.max(packed, axis=1) > SENT, axis=0)
+    while more:
+        best = tl.max(packed, axis=1)
+        if MODE == 2:
+            ok = (best > SENT) & (cum < thr)
+            cum = cum + tl.where(ok, unpack_key(best), 0.0)
+        else:
+            ok = (best > SENT) & (i < rem)
+        hit = (packed == best[:, None]) & ok[:, None]
+        chosen = chosen | hit
+        packed = tl.where(hit, SENT, packed)
+        packed = tl.where(ok[:, None], packed, SENT)
+        more = tl.max(ok.to(tl.int32), axis=0) > 0
+        i += 1
+    return chosen

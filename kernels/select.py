@@ -7,16 +7,16 @@ and the caller's ``workspace`` dict, and returns the same
 :class:`~sglang_xshare.select.contract.SelectionOutput` as the policy's reference, from raw
 logits (scoring is fused into the kernels).
 
-Launches per call (``T`` tokens, ``tiles = cdiv(T, BT)``, ``BT = 2048 / BLOCK_E``):
+Launches per call:
 
-=================  ==========================  =====================================
-policy             ``tiles <= 2`` (decode)     larger batches
-=================  ==========================  =====================================
-topk, cap          1 (refine)                  1
-oea(_simple),      1 (fused batch pass +       2 (batch pass with last-program pick,
-xshare, xshare_ep  pick + refine)              refine)
-xshare_spec        3 (token pass, request/batch picks, refine)
-=================  ==========================  =====================================
+=====================================  ==============================================
+policy                                 launches
+=====================================  ==============================================
+topk, cap                              1 (:mod:`._refine`)
+oea(_simple), xshare, xshare_ep,       1 (:mod:`._batch`: one program, or a grid that
+xshare_spec with ``request_group``     meets at a barrier); 2 under the interpreter
+xshare_spec with ``request_ids``       3 (:mod:`._spec`, arbitrary request ids)
+=====================================  ==============================================
 
 No host synchronisation, no data-dependent Python branching, static shapes: every call of a
 shape launches the same kernels with the same grids, so it can be captured in a CUDA graph.
@@ -30,7 +30,7 @@ import triton
 from sglang_xshare.config import RoutingSpec
 from sglang_xshare.select.contract import BatchContext, SelectionOutput
 
-from ._mass import mass_kernel
+from ._batch import batch_kernel
 from ._refine import refine_kernel
 from ._spec import group_kernel, spec_token_kernel
 from .workspace import Buffers, budget_args, buffers, placement_tables, routing_constexprs
@@ -45,17 +45,13 @@ __all__ = [
     "xshare_spec_kernel",
 ]
 
-#: Warps per program of every launch; ``workspace["num_warps"]`` overrides it (tuning).
-NUM_WARPS = 4
-_PICK_OEA, _PICK_XSHARE, _PICK_EP, _PICK_EP_REP = 1, 2, 3, 4
-
-
-def _warps(workspace: dict) -> int:
-    return int(workspace.get("num_warps", NUM_WARPS))
+_PICK_OEA, _PICK_XSHARE, _PICK_EP, _PICK_EP_REP, _PICK_SPEC = 1, 2, 3, 4, 5
+#: Request ids scanned per step by the general ``xshare_spec`` path.
+_SCAN = 1024
 
 
 def _prepare(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext, policy: str,
-             workspace: dict) -> tuple[torch.Tensor, Buffers, torch.Tensor]:
+             workspace: dict, group: int = 0, general_spec: bool = False) -> tuple[torch.Tensor, Buffers, torch.Tensor]:
     """Validate shapes; return contiguous-row logits, the shape's buffers and ``valid [T] uint8``."""
     if router_logits.dim() != 2 or router_logits.shape[1] != routing.num_experts:
         raise ValueError(f"router_logits must be [T, {routing.num_experts}], got {tuple(router_logits.shape)}")
@@ -63,7 +59,7 @@ def _prepare(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContex
         raise TypeError(f"router_logits must be float32, bfloat16 or float16, got {router_logits.dtype}")
     x = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     T, E = x.shape
-    buf = buffers(workspace, policy, T, E, ctx.top_k, x.device, x.dtype)
+    buf = buffers(workspace, policy, T, E, ctx.top_k, x.device, x.dtype, group, general_spec)
     valid = ctx.valid.view(torch.uint8) if ctx.valid.dtype == torch.bool else ctx.valid
     return x, buf, valid
 
@@ -90,35 +86,41 @@ def _bias(correction_bias: torch.Tensor | None, buf: Buffers) -> torch.Tensor:
     return correction_bias if correction_bias.is_contiguous() else correction_bias.contiguous()
 
 
+def _refine_launch(x, bias, valid, buf: Buffers, ids, w, ph, ctx: BatchContext, rc: dict, allow: int, keep_n: int,
+                   want_phys: bool) -> None:
+    """One :func:`refine_kernel` launch over ``T`` tokens, ``BT`` per program."""
+    T, E = x.shape
+    k = ctx.top_k
+    p = buf.plan
+    bt = max(1, min(p.bt, 2048 // p.block_e))
+    refine_kernel[(triton.cdiv(T, bt),)](
+        x, x.stride(0), bias, valid, T, E, buf.sel, buf.req, ids, w, ph if ph is not None else ids,
+        float(ctx.min_score), **rc, ALLOW=allow, K=k, K0=ctx.k0, KEEP_N=keep_n, HAS_MIN=ctx.min_score > 0,
+        RENORM=ctx.renormalize, WANT_PHYS=want_phys, BT=bt, BLOCK_E=p.block_e,
+        BLOCK_K=max(2, triton.next_power_of_2(k)), num_warps=p.num_warps,
+    )
+
+
 def _refine_only(router_logits, routing, ctx, correction_bias, workspace, policy: str, keep_n: int) -> SelectionOutput:
     """``topk`` / ``cap``: one refine launch over every expert."""
     k = ctx.top_k
     if router_logits.shape[0] == 0:
         return _empty(router_logits, k, False)
     x, buf, valid = _prepare(router_logits, routing, ctx, policy, workspace)
-    T, E = x.shape
-    p = buf.plan
-    ids, w, _ = _outputs(buf, T, k, x.device, workspace, False)
-    refine_kernel[(p.tiles,)](
-        x, x.stride(0), _bias(correction_bias, buf), valid, T, E,
-        buf.sel_buf, buf.dummy, buf.dummy, 0, buf.sel_buf,
-        ids, w, ids, float(ctx.min_score),
-        **routing_constexprs(routing, correction_bias is not None),
-        ALLOW=0, HAS_RID=False, K=k, K0=ctx.k0, KEEP_N=keep_n, HAS_MIN=ctx.min_score > 0,
-        RENORM=routing.renormalize, WANT_PHYS=False,
-        BT=p.bt, BLOCK_E=p.block_e, BLOCK_K=max(2, triton.next_power_of_2(k)), num_warps=_warps(workspace),
-    )
+    ids, w, _ = _outputs(buf, x.shape[0], k, x.device, workspace, False)
+    _refine_launch(x, _bias(correction_bias, buf), valid, buf, ids, w, None, ctx,
+                   routing_constexprs(routing, correction_bias is not None), 0, keep_n, False)
     return SelectionOutput(ids, w)
 
 
 def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, policy: str, pick: int,
-                  allow: int) -> SelectionOutput:
-    """``oea`` / ``oea_simple`` / ``xshare`` / ``xshare_ep``: batch pass (+ pick) then refine."""
+                  allow: int, group: int = 0) -> SelectionOutput:
+    """The batch policies: one :func:`batch_kernel` launch (+ a refine launch under the interpreter)."""
     k = ctx.top_k
     want_phys = policy == "xshare_ep"
     if router_logits.shape[0] == 0:
         return _empty(router_logits, k, want_phys)
-    x, buf, valid = _prepare(router_logits, routing, ctx, policy, workspace)
+    x, buf, valid = _prepare(router_logits, routing, ctx, policy, workspace, group)
     T, E = x.shape
     p = buf.plan
     ids, w, ph = _outputs(buf, T, k, x.device, workspace, want_phys)
@@ -127,35 +129,31 @@ def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, polic
         if tab.replicated:
             pick = _PICK_EP_REP
         rank, copy, copies, slot_rank = tab.rank, tab.copy, tab.copies, tab.slot_rank
-        R, EPR, block_c, block_r = tab.num_ranks, tab.experts_per_rank, tab.block_c, tab.block_r
+        R, block_c, block_r = tab.num_ranks, tab.block_c, tab.block_r
     else:
         rank = copy = copies = slot_rank = buf.dummy
-        R, EPR, block_c, block_r = 1, E, 2, 2
+        R, block_c, block_r = 1, 2, 2
         ph = ids
     mode, b_count, b_frac, b_eps, b_mass, b_mass_c = budget_args(ctx.budget)
+    rmode, rb_count, rb_frac, rb_eps, rb_mass, rb_mass_c = budget_args(ctx.request_budget)
     rc = routing_constexprs(routing, correction_bias is not None)
     bias = _bias(correction_bias, buf)
-    block_k = max(2, triton.next_power_of_2(k))
-    mass_kernel[(p.nb,)](
+    batch_kernel[(p.nb,)](
         x, x.stride(0), bias, valid, T, E, p.chunks,
-        buf.part_mass, buf.part_flags, buf.ticket, buf.sel_buf, buf.order_buf, buf.pk_buf, buf.val_buf,
-        rank, copy, copies, slot_rank, R, EPR,
+        buf.part_mass, buf.part_flags, buf.part_tot, buf.sync, buf.sel, buf.req, buf.pk_scr, buf.val_scr,
+        rank, copy, copies, slot_rank, R,
         b_count, b_frac, b_eps, b_mass, b_mass_c,
+        rb_count, rb_frac, rb_eps, rb_mass, rb_mass_c,
         ids, w, ph, float(ctx.min_score),
         **rc, K=k, K0=ctx.k0, MASS_FULL=ctx.mass_source == "full",
-        PICK=pick, MODE=mode, FILL=bool(ctx.fill_to_peak), BLOCK_C=block_c, BLOCK_R=block_r,
-        FUSED=p.fused, ALLOW=allow, HAS_MIN=ctx.min_score > 0, RENORM=routing.renormalize,
-        WANT_PHYS=want_phys, RB=p.rb, CH=min(32, p.block_e), BT=p.bt, BLOCK_E=p.block_e, BLOCK_K=block_k, num_warps=_warps(workspace),
+        PICK=pick, ALLOW=allow, MODE=mode, RMODE=rmode, FILL=bool(ctx.fill_to_peak), HAS_MIN=ctx.min_score > 0,
+        RENORM=ctx.renormalize, WANT_PHYS=want_phys, SYNC=p.sync, ONE_CHUNK=p.chunks == 1,
+        GROUP=group, GP=p.gp, RB=p.rb, CH=p.ch, BT=p.bt, BLOCK_E=p.block_e,
+        BLOCK_K=max(2, triton.next_power_of_2(k)), BLOCK_C=block_c, BLOCK_R=block_r, num_warps=p.num_warps,
     )
-    if not p.fused:
-        refine_kernel[(p.tiles,)](
-            x, x.stride(0), bias, valid, T, E,
-            buf.sel_buf, buf.dummy, buf.dummy, 0, buf.sel_buf,
-            ids, w, ph, float(ctx.min_score),
-            **rc, ALLOW=allow, HAS_RID=False, K=k, K0=ctx.k0, KEEP_N=k, HAS_MIN=ctx.min_score > 0,
-            RENORM=routing.renormalize, WANT_PHYS=want_phys,
-            BT=p.bt, BLOCK_E=p.block_e, BLOCK_K=block_k, num_warps=_warps(workspace),
-        )
+    if p.sync == 2:
+        _refine_launch(x, bias, valid, buf, ids, w, ph if want_phys else None, ctx, rc,
+                       3 if group else allow, k, want_phys)
     return SelectionOutput(ids, w, ph if want_phys else None)
 
 
@@ -204,45 +202,42 @@ def xshare_ep_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: Bat
 
 def xshare_spec_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext,
                        correction_bias: torch.Tensor | None, workspace: dict) -> SelectionOutput:
-    """``xshare_spec``: two-level (per request, then batch) XShare; ``ctx.request_ids`` groups tokens."""
+    """``xshare_spec``: two-level (per request, then batch) XShare.
+
+    ``ctx.request_group = g`` (requests are runs of ``g`` consecutive tokens: SGLang's verify
+    batches) runs fused in one launch; ``ctx.request_ids`` (any grouping) runs three launches;
+    neither: every token is its own request (``g = 1``).
+    """
     if ctx.budget is None or ctx.request_budget is None:
         raise ValueError("xshare_spec needs ctx.budget and ctx.request_budget")
+    if ctx.request_ids is None:
+        return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "xshare_spec", _PICK_SPEC, 1,
+                             group=int(ctx.request_group or 1))
     k = ctx.top_k
     if router_logits.shape[0] == 0:
         return _empty(router_logits, k, False)
-    x, buf, valid = _prepare(router_logits, routing, ctx, "xshare_spec", workspace)
+    x, buf, valid = _prepare(router_logits, routing, ctx, "xshare_spec", workspace, general_spec=True)
     T, E = x.shape
     p = buf.plan
     ids, w, _ = _outputs(buf, T, k, x.device, workspace, False)
     rc = routing_constexprs(routing, correction_bias is not None)
     bias = _bias(correction_bias, buf)
     rid = ctx.request_ids
-    has_rid = rid is not None
-    if has_rid and (rid.dtype != torch.int64 or not rid.is_contiguous()):
+    if rid.dtype != torch.int64 or not rid.is_contiguous():
         rid = rid.to(torch.int64).contiguous()
-    rid_arg = rid if has_rid else buf.dummy
-    mass_full = ctx.mass_source == "full"
-    spec_token_kernel[(p.tiles,)](
+    spec_token_kernel[(T,)](
         x, x.stride(0), bias, valid, T, E, buf.contrib, buf.tflags,
-        **rc, K=k, K0=ctx.k0, MASS_FULL=mass_full, BT=p.bt, BLOCK_E=p.block_e, num_warps=_warps(workspace),
+        **rc, K=k, K0=ctx.k0, MASS_FULL=ctx.mass_source == "full", BLOCK_E=p.block_e, num_warps=p.num_warps,
     )
     rmode, rb_count, rb_frac, rb_eps, rb_mass, rb_mass_c = budget_args(ctx.request_budget)
     mode, b_count, b_frac, b_eps, b_mass, b_mass_c = budget_args(ctx.budget)
     group_kernel[(T,)](
-        buf.contrib, buf.tflags, rid_arg, T, E,
-        buf.chosen_r, buf.gmass, buf.gflags, buf.gtot, buf.gne, buf.glist, buf.gpk, buf.gval, buf.ticket_g,
-        buf.sel_buf,
+        buf.contrib, buf.tflags, rid, T, E,
+        buf.part_mass, buf.part_flags, buf.part_tot, buf.req, buf.sync, buf.sel, buf.pk_scr, buf.val_scr,
         rb_count, rb_frac, rb_eps, rb_mass, rb_mass_c,
         b_count, b_frac, b_eps, b_mass, b_mass_c,
-        HAS_RID=has_rid, RMODE=rmode, MODE=mode, SCAN=1024, RB=p.rb, CH=min(32, p.block_e), BLOCK_E=p.block_e,
-        num_warps=_warps(workspace),
+        RMODE=rmode, MODE=mode, SCAN=min(_SCAN, triton.next_power_of_2(T)), RB=p.rb, CH=p.ch, BLOCK_E=p.block_e,
+        num_warps=p.num_warps,
     )
-    refine_kernel[(p.tiles,)](
-        x, x.stride(0), bias, valid, T, E,
-        buf.sel_buf, buf.chosen_r, rid_arg, p.block_e, buf.sel_buf,
-        ids, w, ids, float(ctx.min_score),
-        **rc, ALLOW=3, HAS_RID=has_rid, K=k, K0=ctx.k0, KEEP_N=k, HAS_MIN=ctx.min_score > 0,
-        RENORM=routing.renormalize, WANT_PHYS=False,
-        BT=p.bt, BLOCK_E=p.block_e, BLOCK_K=max(2, triton.next_power_of_2(k)), num_warps=_warps(workspace),
-    )
+    _refine_launch(x, bias, valid, buf, ids, w, None, ctx, rc, 3, k, False)
     return SelectionOutput(ids, w)

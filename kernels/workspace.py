@@ -1,15 +1,21 @@
 """Launch plans and preallocated buffers of the selection kernels (host side, no device sync).
 
 Buffers live in the ``workspace`` dict the :class:`~sglang_xshare.select.Selector` owns, keyed
-by ``(policy, T, E, k, device, logits dtype)``: the first (eager) call of a shape allocates
-them, every later call -- a CUDA-graph capture and its replays included -- reuses them and
-allocates nothing but its outputs (``torch.empty``; during capture they come from the graph's
-private pool). ``workspace["reuse_outputs"] = True`` makes the outputs workspace buffers too
-(then a call overwrites the previous call's outputs of the same shape).
+by the call's shape: the first (eager) call of a shape allocates them, every later call -- a
+CUDA-graph capture and its replays included -- reuses them and allocates nothing but its
+outputs (``torch.empty``; during capture they come from the graph's private pool).
+``workspace["reuse_outputs"] = True`` makes the outputs workspace buffers too (then a call
+overwrites the previous call's outputs of the same shape).
+
+Tuning knobs (``workspace`` keys, for benchmarks): ``"num_warps"``, ``"tile_elems"`` (elements
+of one ``[BT, BLOCK_E]`` tile), ``"sync"`` (force 1 = grid barrier or 2 = two launches),
+``"programs"`` (grid cap; 1 = one program for any batch: no grid synchronisation at all),
+``"plan_as_gpu"`` (plan as on a GPU where the tensors are not on one: ahead-of-time compile checks).
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -20,17 +26,21 @@ from sglang_xshare.placement import Placement
 from sglang_xshare.select.policies.xshare_ep import copies_table
 
 __all__ = ["Plan", "plan", "Buffers", "buffers", "budget_args", "placement_tables", "routing_constexprs",
-           "MAX_PROGRAMS", "FUSE_TILES", "TILE_ELEMS"]
+           "MAX_PROGRAMS", "TILE_ELEMS", "TILE_ELEMS_MAX", "max_programs", "interpreting"]
 
-#: Elements of one ``[BT, BLOCK_E]`` tile (BT: 32 rows at E=64, 8 at E=256, 4 at E=384; 4096 measured slower at T=1).
+#: Default elements of one ``[BT, BLOCK_E]`` tile (BT = 32 rows at E = 64, 8 at E = 256), for
+#: batches that need more than one tile; a smaller batch gets a tile of its own size.
 TILE_ELEMS = 2048
-#: A batch of at most this many tiles runs as one fused program (one launch in all); the fused
-#: program keeps its single tile in registers, so only 1 is supported.
-FUSE_TILES = 1
-#: Upper bound on the batch pass's grid; beyond it a program scores several tiles.
+#: Largest tile: a batch is cut into at most :func:`max_programs` tiles while tiles stay under this.
+TILE_ELEMS_MAX = 16384
+#: Upper bound on the grid of the one-launch batch kernel (all its programs must be resident).
 MAX_PROGRAMS = 128
-#: Elements of one tile of partial rows read by the reducing program.
+#: Elements of one tile of partial rows read per reduction step.
 REDUCE_ELEMS = 4096
+#: Columns of one step of the pairwise comparison (``[BLOCK_E, CH]`` per step).
+PAIR_CHUNK = 32
+#: Default warps per program.
+NUM_WARPS = 4
 #: ``eps`` of the fraction budget, ``ceil(n * f - 1e-6)``.
 _FRACTION_EPS = 1e-6
 
@@ -39,90 +49,134 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def interpreting() -> bool:
+    """Whether Triton runs in its CPU interpreter (programs run one after another there)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_SM_COUNT: dict[str, int] = {}
+
+
+def max_programs(device: torch.device) -> int:
+    """Grid cap of the grid-barrier mode: :data:`MAX_PROGRAMS`, at most the multiprocessor count
+    (read once per device: config time, not per call)."""
+    key = str(device)
+    if key not in _SM_COUNT:
+        n = MAX_PROGRAMS
+        if device.type == "cuda":
+            n = min(n, torch.cuda.get_device_properties(device).multi_processor_count)
+        _SM_COUNT[key] = max(1, n)
+    return _SM_COUNT[key]
+
+
 @dataclass(frozen=True)
 class Plan:
-    """Launch geometry for ``T`` tokens and ``E`` experts.
+    """Launch geometry of a ``[T, E]`` batch.
 
     Attributes:
-        block_e: ``E`` padded to a power of two; bt: tokens per tile; tiles: ``cdiv(T, bt)``;
-        chunks: tiles per program of the batch pass; nb: its grid; fused: one program does
-        everything; rb: partial rows per reduction step.
+        block_e: ``E`` padded to a power of two; bt: rows per tile; gp: rows per request
+            (request groups; 1 otherwise); tiles: tiles in all; nb: grid; chunks: tiles per
+            program; sync: 0 one program, 1 grid barrier, 2 two launches; rb: partial rows per
+            reduction step; ch: columns per pairwise step; num_warps: warps per program.
     """
 
     block_e: int
     bt: int
+    gp: int
     tiles: int
-    chunks: int
     nb: int
-    fused: bool
+    chunks: int
+    sync: int
     rb: int
+    ch: int
+    num_warps: int
 
 
-def plan(T: int, E: int, fuse_tiles: int = FUSE_TILES) -> Plan:
-    """The :class:`Plan` of a ``[T, E]`` batch (pure function of the shape and ``fuse_tiles``)."""
+def plan(T: int, E: int, *, group: int = 0, spin: bool = True, programs: int = MAX_PROGRAMS,
+         tile_elems: int = TILE_ELEMS, num_warps: int = NUM_WARPS, sync: int | None = None) -> Plan:
+    """The :class:`Plan` of ``T`` tokens over ``E`` experts (a pure function of its arguments).
+
+    Args:
+        group: tokens per request when requests are contiguous groups (``xshare_spec``), else 0.
+        spin: the grid barrier may be used (False under the interpreter).
+        programs: grid cap of the grid barrier (:func:`max_programs`); 1 = one program loops
+            over every tile (no grid synchronisation at all).
+        tile_elems: target elements per tile; the tile never exceeds the batch.
+        sync: force a synchronisation mode (1 or 2) when the batch needs several tiles.
+    """
     block_e = max(16, _pow2(E))
-    bt = max(1, min(64, TILE_ELEMS // block_e))
-    tiles = max(1, -(-T // bt))
-    rb = max(1, REDUCE_ELEMS // block_e)
-    if tiles <= min(fuse_tiles, 1):
-        return Plan(block_e, bt, tiles, tiles, 1, True, rb)
-    chunks = max(1, -(-tiles // MAX_PROGRAMS))
-    nb = -(-tiles // chunks)
-    # rb is a function of E only: a T-dependent constexpr would compile a variant per batch size
-    return Plan(block_e, bt, tiles, chunks, nb, False, rb)
+    gp = _pow2(group) if group else 1
+    units = -(-T // group) if group else T  # requests or tokens
+    per = max(1, tile_elems // (block_e * gp))
+    per = min(per, _pow2(max(units, 1)))
+    tiles = max(1, -(-units // per))
+    rb = max(1, REDUCE_ELEMS // block_e)  # a function of E only: no variant per batch size
+    ch = min(block_e, PAIR_CHUNK)
+
+    def done(mode: int, nb: int, chunks: int) -> Plan:
+        return Plan(block_e, per * gp, gp, tiles, nb, chunks, mode, rb, ch, num_warps)
+
+    if tiles == 1 or programs == 1:
+        return done(0, 1, tiles)
+    mode = sync or (1 if spin else 2)
+    if mode == 2:
+        return done(2, tiles, 1)
+    while tiles > programs and per * 2 * block_e * gp <= TILE_ELEMS_MAX:
+        per *= 2
+        tiles = -(-units // per)
+    if tiles == 1:
+        return done(0, 1, 1)
+    chunks = max(1, -(-tiles // programs))
+    return done(1, -(-tiles // chunks), chunks)
 
 
 class Buffers:
     """Scratch of one shape. All ``int32`` unless noted; ``BE`` = ``plan.block_e``.
 
     Attributes:
-        part_mass: ``[nb, BE] float32``; part_flags: ``[nb, BE]``; ticket: ``[1]`` (zero);
-        sel_buf / order_buf: ``[BE]``; pk_buf ``[BE] int64`` / val_buf ``[BE] float32`` (pick
-        scratch); dummy: ``[1]``. ``xshare_spec`` adds ``contrib [T, BE]
-        float32``, ``tflags [T, BE] int8``, ``chosen_r [T, BE] int8``, ``gmass [T, BE] float32``,
-        ``gflags [T, BE]``, ``gtot [T] float32``, ``gne [T]``, ``glist [T]``, ``gpk [T, BE] int64``,
-        ``gval [T, BE] float32``, ``ticket_g [1]``.
+        part_mass: ``[rows, BE] float32``, part_flags: ``[rows, BE]``, part_tot: ``[rows] float32``
+            (``rows`` = grid, or ``T`` for the general ``xshare_spec`` path); sync: ``[2]``
+            (zero between launches); sel: ``[BE]``; req: ``[T, BE] int8``; dummy: ``[1]``;
+            pk_scr / val_scr: ``[rows, BE]`` int64 / fp32 pick scratch, one row per program.
+        contrib / tflags: ``[T, BE]`` fp32 / int32 (general ``xshare_spec`` path).
         out_ids / out_w / out_phys: ``[T, k]`` outputs when ``reuse_outputs``.
     """
 
-    def __init__(self, p: Plan, T: int, k: int, device: torch.device, spec: bool) -> None:
+    def __init__(self, p: Plan, T: int, k: int, device: torch.device, general_spec: bool) -> None:
         i32, f32 = torch.int32, torch.float32
         be = p.block_e
+        rows = max(T, 1) if general_spec else p.nb
         self.plan = p
-        self.part_mass = torch.zeros(p.nb, be, dtype=f32, device=device)
-        self.part_flags = torch.zeros(p.nb, be, dtype=i32, device=device)
-        self.ticket = torch.zeros(1, dtype=i32, device=device)
-        self.sel_buf = torch.full((be,), -1, dtype=i32, device=device)
-        self.order_buf = torch.zeros(be, dtype=i32, device=device)
-        self.pk_buf = torch.zeros(be, dtype=torch.int64, device=device)
-        self.val_buf = torch.zeros(be, dtype=f32, device=device)
+        self.part_mass = torch.zeros(rows, be, dtype=f32, device=device)
+        self.part_flags = torch.zeros(rows, be, dtype=i32, device=device)
+        self.part_tot = torch.zeros(rows, dtype=f32, device=device)
+        self.sync = torch.zeros(2, dtype=i32, device=device)
+        self.sel = torch.full((be,), -1, dtype=i32, device=device)
+        self.req = torch.zeros(max(T, 1), be, dtype=torch.int8, device=device)
         self.dummy = torch.zeros(1, dtype=i32, device=device)
-        self.valid_all = torch.ones(max(T, 1), dtype=torch.uint8, device=device)
-        if spec:
-            self.contrib = torch.zeros(T, be, dtype=f32, device=device)
-            self.tflags = torch.zeros(T, be, dtype=torch.int8, device=device)
-            self.chosen_r = torch.zeros(T, be, dtype=torch.int8, device=device)
-            self.gmass = torch.zeros(T, be, dtype=f32, device=device)
-            self.gflags = torch.zeros(T, be, dtype=i32, device=device)
-            self.gtot = torch.zeros(T, dtype=f32, device=device)
-            self.gne = torch.zeros(T, dtype=i32, device=device)
-            self.glist = torch.zeros(T, dtype=i32, device=device)
-            self.gpk = torch.zeros(T, be, dtype=torch.int64, device=device)
-            self.gval = torch.zeros(T, be, dtype=f32, device=device)
-            self.ticket_g = torch.zeros(1, dtype=i32, device=device)
+        self.pk_scr = torch.zeros(rows, be, dtype=torch.int64, device=device)
+        self.val_scr = torch.zeros(rows, be, dtype=f32, device=device)
+        if general_spec:
+            self.contrib = torch.zeros(max(T, 1), be, dtype=f32, device=device)
+            self.tflags = torch.zeros(max(T, 1), be, dtype=i32, device=device)
         self.out_ids = torch.empty(T, k, dtype=i32, device=device)
         self.out_w = torch.empty(T, k, dtype=f32, device=device)
         self.out_phys = torch.empty(T, k, dtype=i32, device=device)
 
 
-def buffers(workspace: dict, policy: str, T: int, E: int, k: int, device: torch.device, dtype: torch.dtype) -> Buffers:
-    """The :class:`Buffers` of this shape, allocated on first use (``workspace["fuse_tiles"]``
-    overrides :data:`FUSE_TILES`, for tuning)."""
-    fuse = int(workspace.get("fuse_tiles", FUSE_TILES))
-    key = (policy, T, E, k, str(device), dtype, fuse)
+def buffers(workspace: dict, policy: str, T: int, E: int, k: int, device: torch.device, dtype: torch.dtype,
+            group: int = 0, general_spec: bool = False) -> Buffers:
+    """The :class:`Buffers` (and plan) of this call's shape, allocated on first use."""
+    knobs = (int(workspace.get("num_warps", NUM_WARPS)), int(workspace.get("tile_elems", TILE_ELEMS)),
+             workspace.get("sync"), workspace.get("programs"))
+    key = ("buffers", policy, T, E, k, str(device), dtype, group, general_spec, knobs)
     buf = workspace.get(key)
     if buf is None:
-        buf = Buffers(plan(T, E, fuse), T, k, device, spec=policy == "xshare_spec")
+        spin = (device.type == "cuda" or bool(workspace.get("plan_as_gpu"))) and not interpreting()
+        programs = max_programs(device) if knobs[3] is None else min(int(knobs[3]), max_programs(device))
+        p = plan(T, E, group=group, spin=spin, programs=programs, tile_elems=knobs[1],
+                 num_warps=knobs[0], sync=knobs[2] if spin else None)
+        buf = Buffers(p, T, k, device, general_spec)
         workspace[key] = buf
     return buf
 
@@ -150,7 +204,7 @@ class PlacementTables:
     Attributes:
         rank / copy: ``[E]`` rank and physical slot of each logical expert (replica-free);
         copies / slot_rank: ``[E, block_c]`` physical slots (ascending, -1 padded) and their ranks;
-        num_ranks, experts_per_rank, replicated, block_c, block_r.
+        num_ranks, replicated, block_c, block_r.
     """
 
     placement: Placement
@@ -159,7 +213,6 @@ class PlacementTables:
     copies: torch.Tensor
     slot_rank: torch.Tensor
     num_ranks: int
-    experts_per_rank: int
     replicated: bool
     block_c: int
     block_r: int
@@ -186,7 +239,6 @@ def placement_tables(workspace: dict, placement: Placement | None, E: int, devic
         copies=copies.to(device=device, dtype=torch.int32).contiguous(),
         slot_rank=slot_rank.to(device=device, dtype=torch.int32).contiguous(),
         num_ranks=placement.num_ranks,
-        experts_per_rank=placement.experts_per_rank,
         replicated=placement.has_replicas,
         block_c=block_c,
         block_r=max(2, _pow2(placement.num_ranks)),

@@ -129,7 +129,7 @@ def replay(trace: Trace, runs: Sequence[PolicyRun], placement: Placement | None 
             scores = compute_scores(logits, routing)
             n_batches += 1
             for label, sel in selectors.items():
-                out = sel(logits, layer_id=layer_id, num_token_non_padded=step.num_valid, request_ids=step.request_ids)
+                out = sel(logits, layer_id=layer_id, num_token_non_padded=step.num_valid, **step.requests())
                 m = selection_metrics(out, scores, valid, routing.top_k, placement)
                 acc = sums[label]
                 for key, val in m.items():

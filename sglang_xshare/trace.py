@@ -33,7 +33,7 @@ import torch
 
 from .config import RoutingSpec
 
-__all__ = ["Trace", "TraceStep", "default_trace_path", "dense_request_ids"]
+__all__ = ["Trace", "TraceStep", "default_trace_path", "dense_request_ids", "contiguous_group"]
 
 _REQUIRED_META = ("num_experts", "top_k", "scoring", "renormalize", "layer_ids")
 
@@ -47,12 +47,23 @@ class TraceStep:
         logits: ``[L, T, E] float32`` router logits of every layer.
         num_valid: non-padded slots ``n`` (slots ``>= n`` are padding).
         request_ids: ``[T] int64`` dense request ids in ``[0, T)`` (padding gets its own ids).
+        request_group: ``g`` when the requests are runs of ``g`` consecutive slots (``request_ids
+            == arange(T) // g``), else ``None`` -- pass it instead of ``request_ids`` for the
+            fused ``xshare_spec`` kernel (:meth:`requests`).
     """
 
     step: int
     logits: torch.Tensor
     num_valid: int
     request_ids: torch.Tensor
+    request_group: int | None = None
+
+    def requests(self) -> dict:
+        """Keyword arguments of a :class:`~sglang_xshare.select.Selector` call for this step's
+        requests: ``{"request_group": g}`` when the grouping is contiguous, else ``{"request_ids": ...}``."""
+        if self.request_group is not None:
+            return {"request_group": self.request_group}
+        return {"request_ids": self.request_ids}
 
 
 @dataclass
@@ -154,11 +165,13 @@ class Trace:
         for s in range(self.num_steps):
             rid = self.request_ids[s]
             n = int((rid >= 0).sum())
+            dense = dense_request_ids(rid)
             yield TraceStep(
                 step=s,
                 logits=torch.from_numpy(self.logits[s].astype(np.float32)).to(device),
                 num_valid=n,
-                request_ids=dense_request_ids(rid).to(device),
+                request_ids=dense.to(device),
+                request_group=contiguous_group(dense.numpy()),
             )
 
 
@@ -176,6 +189,18 @@ def dense_request_ids(request_ids: np.ndarray) -> torch.Tensor:
     pads = np.nonzero(out < 0)[0]
     out[pads] = len(seen) + np.arange(pads.size)
     return torch.from_numpy(out)
+
+
+def contiguous_group(dense_ids: np.ndarray) -> int | None:
+    """``g`` if ``dense_ids == arange(T) // g`` (requests are runs of ``g`` consecutive slots, the
+    last one possibly shorter), else ``None``. Host-side, offline."""
+    T = dense_ids.shape[0]
+    if T == 0:
+        return None
+    g = int((dense_ids == dense_ids[0]).sum())
+    if g < 1 or not np.array_equal(dense_ids, np.arange(T) // g):
+        return None
+    return g
 
 
 def default_trace_path() -> Path:

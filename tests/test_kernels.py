@@ -34,10 +34,13 @@ ROUTINGS = {
 
 
 def _case(policy, routing, T, inputs="randn", dtype="float32", k0=1, budget="0.6", request_budget="0.8",
-          n_valid=None, ep=1, replicas=0, rid="groups", min_score=0.0, mass_source="topk", fill=True, seed=0):
+          n_valid=None, ep=1, replicas=0, rid="groups", min_score=0.0, mass_source="topk", fill=True, seed=0,
+          group=None, knobs=None):
+    """One case. ``rid``: "groups" (request_ids = t // 4), "shuffled", "none"; ``group``: pass
+    ``request_group`` instead (the fused path); ``knobs``: kernel workspace knobs (launch plan)."""
     return dict(policy=policy, routing=routing, T=T, inputs=inputs, dtype=dtype, k0=k0, budget=budget,
                 request_budget=request_budget, n_valid=n_valid, ep=ep, replicas=replicas, rid=rid,
-                min_score=min_score, mass_source=mass_source, fill=fill, seed=seed)
+                min_score=min_score, mass_source=mass_source, fill=fill, seed=seed, group=group, knobs=knobs or {})
 
 
 CASES = {
@@ -92,34 +95,33 @@ CASES = {
     "ep-kimi-ep8-replicas": _case("xshare_ep", "kimi", 9, budget="0.6", ep=8, replicas=1, seed=37),
     "ep-T0": _case("xshare_ep", "olmoe", 0, ep=8),
     "spec-kimi-full-bf16": _case("xshare_spec", "kimi", 10, dtype="bfloat16", mass_source="full", seed=38),
+    # xshare_spec fused path: requests are runs of `group` consecutive tokens (SGLang verify batches)
+    "specg-olmoe-g4": _case("xshare_spec", "olmoe", 24, budget="0.7", request_budget="0.8", group=4, seed=39),
+    "specg-olmoe-g3-ragged": _case("xshare_spec", "olmoe", 22, group=3, seed=40),
+    "specg-dsv3-g4-mass-bias": _case("xshare_spec", "dsv3", 12, budget="mass:0.9", request_budget="mass:0.95",
+                                     group=4, seed=41),
+    "specg-sig64-g2-count-padded": _case("xshare_spec", "sig64", 20, budget="14", request_budget="6", n_valid=15,
+                                         group=2, seed=42),
+    "specg-olmoe-g4-ties": _case("xshare_spec", "olmoe", 16, inputs="ties", group=4, seed=43),
+    "specg-olmoe-g4-multi": _case("xshare_spec", "olmoe", 80, budget="0.6", request_budget="0.75", group=4, seed=44),
+    "specg-kimi-g4-full-bf16": _case("xshare_spec", "kimi", 10, dtype="bfloat16", mass_source="full", group=4,
+                                     seed=45),
+    "specg-olmoe-g1-nonfinite": _case("xshare_spec", "olmoe", 12, inputs="nonfinite", n_valid=10, group=1, seed=46),
+    "specg-olmoe-g4-allpad": _case("xshare_spec", "olmoe", 8, n_valid=0, group=4, seed=47),
+    # launch plans: one program looping over many tiles (chunk loops), many one-row programs
+    "xshare-olmoe-oneprog-chunks": _case("xshare", "olmoe", 70, budget="0.5", knobs={"programs": 1}, seed=48),
+    "ep-olmoe-ep8-replicas-chunks": _case("xshare_ep", "olmoe", 70, budget="0.5", ep=8, replicas=2,
+                                          knobs={"programs": 1}, seed=49),
+    "specg-olmoe-g4-chunks": _case("xshare_spec", "olmoe", 70, group=4, knobs={"programs": 1, "tile_elems": 512},
+                                   seed=50),
+    "oea_simple-dsv3-rowtiles": _case("oea_simple", "dsv3", 12, knobs={"tile_elems": 256}, seed=51),
+    "ep-dsv3-ep4-rowtiles-mass": _case("xshare_ep", "dsv3", 9, budget="mass:0.8", ep=4, knobs={"tile_elems": 256},
+                                       seed=52),
 }
 
 
 # ---------------------------------------------------------------- subprocess side
 
-
-
-def make_inputs(kind: str, T: int, E: int, seed: int, dtype):
-    """``[T, E]`` logits: clustered random, tie-heavy, or with NaN / inf entries and dead rows."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(3, E, generator=g) * 2.5
-    x = centers[torch.randint(0, 3, (T,), generator=g)] + torch.randn(T, E, generator=g)
-    if kind == "ties":  # few levels, duplicated rows: many exactly equal scores and masses
-        x = torch.randint(0, 4, (T, E), generator=g).float()
-        if T >= 2:
-            x[T // 2:] = x[: T - T // 2]
-    elif kind == "nonfinite" and T >= 6:
-        x[0, :] = float("nan")
-        x[1, :] = float("-inf")
-        x[2, 3] = float("inf")
-        x[2, 5] = float("inf")
-        x[3, ::2] = float("nan")
-        x[4, 1::3] = float("-inf")
-        x[5, 7] = float("inf")
-        x[5, 8] = float("nan")
-    return x.to(dtype)
 
 
 def build(case):
@@ -129,6 +131,7 @@ def build(case):
     from sglang_xshare.config import Budget, BudgetSchedule, RoutingSpec, SelectionConfig
     from sglang_xshare.placement import Placement
     from sglang_xshare.select import Selector
+    from sglang_xshare.select.inputs import make_logits
 
     E, k, scoring, renorm, ng, tg, has_bias = ROUTINGS[case["routing"]]
     routing = RoutingSpec(E, k, scoring=scoring, renormalize=renorm, num_expert_group=ng, topk_group=tg,
@@ -160,9 +163,9 @@ def build(case):
     sel = Selector(routing, cfg, placement, backend="reference", correction_bias=bias)
     T = case["T"]
     dtype = getattr(torch, case["dtype"])
-    x = make_inputs(case["inputs"], T, E, case["seed"], dtype)
+    x = make_logits(case["inputs"], T, E, case["seed"], dtype)
     rid = None
-    if policy == "xshare_spec" and case["rid"] != "none":
+    if policy == "xshare_spec" and case["group"] is None and case["rid"] != "none":
         rid = torch.arange(T) // 4
         if case["rid"] == "shuffled":
             rid = rid[torch.randperm(T, generator=g)] * 2 % max(T, 1)
@@ -197,7 +200,8 @@ def run_case(case) -> str:
     from sglang_xshare.select import compute_scores
 
     sel, x, rid, n_valid, bias = build(case)
-    ctx = sel.context(x.shape[0], x.device, 0, n_valid, rid)
+    ctx = sel.context(x.shape[0], x.device, 0, n_valid, rid, case["group"])
+    sel.workspace.update(case["knobs"])
     ref = sel.entry.reference(compute_scores(x, sel.routing, bias), ctx)
     fn = sel.entry.kernel()  # the registry's own lookup of the fast path
     if fn is None:

@@ -196,7 +196,7 @@ class RoutingHook:
                 new_ids = top_i.to(torch.int64)
                 new_w = top_p / top_p.sum(-1, keepdim=True) if self.routing.renormalize else top_p
             else:
-                outs = [self.selector(steps[j], layer_id=layer, request_ids=rid) for j in range(steps.shape[0])]
+                outs = [self.selector(steps[j], layer_id=layer, request_group=g) for j in range(steps.shape[0])]
                 new_ids = torch.stack([o.topk_ids for o in outs]).to(torch.int64)   # [S//g, B*g, k], -1 = none
                 new_w = torch.stack([o.topk_weights for o in outs])
             self._account(st, probs, top_p, top_i, new_ids)

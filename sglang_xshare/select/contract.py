@@ -8,8 +8,9 @@ Input of a policy (built once per layer call by :class:`~sglang_xshare.select.Se
   plus DeepSeek's correction bias, ``-inf`` for experts outside the token's allowed groups) and
   ``gate [T, E] float32`` (the weight an expert gets: softmax or sigmoid probabilities).
 * :class:`BatchContext` -- ``valid [T] bool`` (False for CUDA-graph padding: tokens at index
-  ``>= num_token_non_padded``), ``request_ids [T] int64`` in ``[0, T)`` (tokens of one request,
-  for ``xshare_spec``; ``None`` otherwise), the :class:`~sglang_xshare.placement.Placement`
+  ``>= num_token_non_padded``), the requests of ``xshare_spec`` -- ``request_group = g``
+  (requests are runs of ``g`` consecutive tokens, as in SGLang's verify batches) or
+  ``request_ids [T] int64`` in ``[0, T)`` (any grouping) -- the :class:`~sglang_xshare.placement.Placement`
   (``xshare_ep``) and the resolved per-layer knobs.
 
 Output (:class:`SelectionOutput`):
@@ -71,6 +72,10 @@ class BatchContext:
         budget: the layer's batch budget ``m_l`` (budgeted policies) or ``None``.
         request_budget: per-request budget ``m_r`` (``xshare_spec``) or ``None``.
         request_ids: ``[T] int64`` in ``[0, T)`` -- request of each token (``xshare_spec``) or ``None``.
+        request_group: tokens per request when requests are runs of consecutive tokens (token
+            ``t`` belongs to request ``t // request_group``; ``xshare_spec``) or ``None``. At
+            most one of ``request_ids`` / ``request_group`` is set; neither: each token is its
+            own request.
         placement: expert placement (``xshare_ep``) or ``None``.
         cap: per-token cap ``k'`` (``cap``) or ``None``.
         min_score: refinement floor on the gate weight of slots beyond ``k0``.
@@ -85,6 +90,7 @@ class BatchContext:
     budget: Budget | None = None
     request_budget: Budget | None = None
     request_ids: torch.Tensor | None = None
+    request_group: int | None = None
     placement: Placement | None = None
     cap: int | None = None
     min_score: float = 0.0

@@ -72,9 +72,13 @@ class Selector:
 
     def context(self, num_tokens: int, device: torch.device, layer_id: int | None = None,
                 num_token_non_padded: int | torch.Tensor | None = None,
-                request_ids: torch.Tensor | None = None) -> BatchContext:
+                request_ids: torch.Tensor | None = None, request_group: int | None = None) -> BatchContext:
         """The :class:`BatchContext` of one call (no host sync: ``valid`` is computed on device)."""
         cfg = self.config
+        if request_ids is not None and request_group is not None:
+            raise ValueError("pass request_ids or request_group, not both")
+        if request_group is not None and int(request_group) < 1:
+            raise ValueError(f"request_group must be >= 1, got {request_group}")
         valid = valid_mask(num_tokens, num_token_non_padded, device)
         return BatchContext(
             top_k=self.routing.top_k,
@@ -84,6 +88,7 @@ class Selector:
             budget=cfg.budget.for_layer(layer_id) if cfg.budget is not None else None,
             request_budget=cfg.request_budget,
             request_ids=None if request_ids is None else request_ids.to(device=device, dtype=torch.int64),
+            request_group=None if request_group is None else int(request_group),
             placement=self.placement,
             cap=cfg.cap,
             min_score=cfg.min_score,
@@ -93,7 +98,7 @@ class Selector:
 
     def __call__(self, router_logits: torch.Tensor, layer_id: int | None = None,
                  num_token_non_padded: int | torch.Tensor | None = None,
-                 request_ids: torch.Tensor | None = None) -> SelectionOutput:
+                 request_ids: torch.Tensor | None = None, request_group: int | None = None) -> SelectionOutput:
         """Select experts for one layer of one batch.
 
         Args:
@@ -101,6 +106,8 @@ class Selector:
             layer_id: picks the layer's budget override, if any.
             num_token_non_padded: tokens ``>= n`` are CUDA-graph padding (int or 0-d int tensor).
             request_ids: ``[T] int`` in ``[0, T)``, tokens of one request (``xshare_spec``).
+            request_group: requests are runs of this many consecutive tokens (``xshare_spec``;
+                SGLang's verify batches): the fused one-launch kernel path. Not with ``request_ids``.
 
         Returns:
             :class:`SelectionOutput` (``[T, k]`` int32 ids with -1, float32 weights, physical ids
@@ -108,7 +115,8 @@ class Selector:
         """
         if router_logits.dim() != 2 or router_logits.shape[1] != self.routing.num_experts:
             raise ValueError(f"router_logits must be [T, {self.routing.num_experts}], got {tuple(router_logits.shape)}")
-        ctx = self.context(router_logits.shape[0], router_logits.device, layer_id, num_token_non_padded, request_ids)
+        ctx = self.context(router_logits.shape[0], router_logits.device, layer_id, num_token_non_padded, request_ids,
+                           request_group)
         if self._kernel is not None and (self.backend == "kernel" or router_logits.is_cuda):
             return self._kernel(router_logits, self.routing, ctx, self.correction_bias, self.workspace)
         scores = compute_scores(router_logits, self.routing, self.correction_bias)

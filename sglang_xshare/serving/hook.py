@@ -366,12 +366,13 @@ def installed_config() -> XShareServerConfig | None:
 
 # ---- the routing seam ---------------------------------------------------------------------
 
-def _request_ids(num_tokens: int, device: torch.device) -> torch.Tensor | None:
-    """``[T] int64`` request groups of the running batch (target verify), or ``None``."""
+def _request_group() -> int | None:
+    """Tokens per request of the running batch (target verify: each request's draft tokens are
+    consecutive, token ``t`` is in request ``t // num_draft_tokens``), or ``None``."""
     info = current_batch()
     if info is None or info.kind != "verify" or not info.num_draft_tokens:
         return None
-    return torch.arange(num_tokens, device=device) // info.num_draft_tokens
+    return int(info.num_draft_tokens)
 
 
 def _make_post_process_wrapper(orig: Callable) -> Callable:
@@ -413,7 +414,7 @@ def _route(st: _State, orig: Callable, topk_ids: torch.Tensor, topk_weights: tor
     k = routing.top_k
     T = router_logits.shape[0]
     sel = lp.selector(router_logits, layer_id=lp.layer_id, num_token_non_padded=ntnp,
-                      request_ids=_request_ids(T, router_logits.device))
+                      request_group=_request_group())
     weights = sel.topk_weights if lp.scale is None else sel.topk_weights * lp.scale
     rebalancing = lp.eplb_rebalances
     use_physical = (sel.physical_ids is not None and info is not None and not rebalancing

@@ -9,7 +9,8 @@ The target + draft tokens of one request are strongly correlated, so selection i
    ``max(m_l, |warm|)`` -> ``S``;
 3. each token refines inside ``S_r(token) & S``.
 
-``request_ids`` are ``[T] int64`` in ``[0, T)``; ``None`` makes every token its own request.
+Requests: ``ctx.request_ids`` (``[T] int64`` in ``[0, T)``) or ``ctx.request_group = g`` (token
+``t`` is in request ``t // g``); neither makes every token its own request.
 The ``mass:X`` batch budget is a fraction of the whole batch's top-k mass.
 """
 
@@ -25,10 +26,10 @@ def reference(scores: Scores, ctx: BatchContext) -> SelectionOutput:
     """Two-level XShare with ``ctx.request_budget`` (``m_r``) and ``ctx.budget`` (``m_l``)."""
     assert ctx.budget is not None and ctx.request_budget is not None, "xshare_spec needs both budgets"
     T = scores.sel.shape[0]
-    if ctx.request_ids is None:
-        rid = torch.arange(T, device=scores.sel.device)
-    else:
+    if ctx.request_ids is not None:
         rid = ctx.request_ids.to(torch.int64).clamp(0, max(T - 1, 0))
+    else:
+        rid = torch.arange(T, device=scores.sel.device) // int(ctx.request_group or 1)
     sets = token_sets(scores, ctx)
     mass_r = group_mass(sets.contrib, rid, T)
     warm_r = group_any(sets.warm, rid, T)

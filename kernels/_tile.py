@@ -1,0 +1,149 @@
+"""Triton tile stages: what one program does to its ``[BT, BLOCK_E]`` tile of tokens.
+
+* :func:`tile_rows` -- which tokens the tile holds (plain runs of ``BT`` tokens, or ``BT / GP``
+  whole requests of ``GROUP`` consecutive tokens each, row ``r`` = request ``r // GP``, draft
+  ``r % GP``; rows with ``r % GP >= GROUP`` are empty);
+* :func:`tile_scan` -- scoring, each token's top-``k`` / top-``k0`` sets, the tile's mass and
+  flag partials, and for request groups (``GROUP > 0``) each request's own budgeted pick;
+* :func:`refine_tile` -- each token's best ``<= k`` experts inside its allowed set, weights,
+  physical slots, stores.
+
+Flags pack two "any" bits per expert as ``warm + 65536 * topk`` (0/1 each per tile); summed
+over tiles they count tiles, so only ``> 0`` is ever read.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._core import FLT_TINY, SENT, gate_at, load_scores, pack, token_topk, unpack_col, unpack_key, unpack_payload
+from ._pick import iterative_rows
+
+
+@triton.jit
+def tile_rows(tile, T, BT: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr):
+    """``(rows, rmask)`` ``[BT]``: token index of each row of tile ``tile`` and whether it exists."""
+    r = tl.arange(0, BT)
+    if GROUP == 0:
+        rows = tile * BT + r
+        rmask = rows < T
+    else:
+        RT: tl.constexpr = BT // GP
+        i = r % GP
+        rows = (tile * RT + r // GP) * GROUP + i
+        rmask = (i < GROUP) & (rows < T)
+    return rows, rmask
+
+
+@triton.jit
+def _rows_in_order(x3, GP: tl.constexpr):
+    """``x3 [RT, GP, N]`` -> ``[RT, N]``: the sum over axis 1 taken in row order (``((a + b) + c)
+    + ...``, as ``index_add_`` over tokens does), by one-hot extraction (exact)."""
+    i = tl.arange(0, GP)[None, :, None]
+    acc = tl.sum(tl.where(i == 0, x3, 0.0), axis=1)
+    for j in tl.static_range(1, GP):
+        acc = acc + tl.sum(tl.where(i == j, x3, 0.0), axis=1)
+    return acc
+
+
+@triton.jit
+def tile_scan(logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
+              rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c,
+              SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+              GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, K: tl.constexpr, K0: tl.constexpr,
+              MASS_FULL: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, RMODE: tl.constexpr):
+    """Score a tile and aggregate it.
+
+    Returns ``(sel, in_topk, v, alive, mx, inv, mass, flags, tot, req)``: ``sel [BT, BLOCK_E]``
+    ranking scores, ``in_topk`` each row's own top-k, ``v [BT]`` valid rows, ``alive / mx / inv``
+    for :func:`~._core.gate_at`; the tile partials ``mass [BLOCK_E] fp32`` (for request groups:
+    each request's mass on its own chosen set, summed), ``flags [BLOCK_E] int32`` and ``tot``
+    (fp32 scalar, the tile's whole mass); ``req [BT, BLOCK_E] int1`` each row's request set
+    (``GROUP > 0``; all True otherwise).
+    """
+    cmask = cols < E
+    gate, sel, alive, mx, inv = load_scores(logits_ptr, stride_t, bias_ptr, rows, rmask, cols, E,
+                                            SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G)
+    v = (tl.load(valid_ptr + rows, mask=rmask, other=0) != 0) & rmask
+    in_topk, in_warm = token_topk(sel, cols, cmask, K, K0)
+    tk = in_topk & v[:, None]
+    wm = in_warm & v[:, None]
+    if MASS_FULL:
+        contrib = tl.where(v[:, None] & (sel > float("-inf")) & cmask[None, :], gate, 0.0)
+    else:
+        contrib = tl.where(tk, gate, 0.0)
+    if GROUP == 0:
+        mass = tl.sum(contrib, axis=0)
+        flags = tl.max(wm.to(tl.int32), axis=0) + 65536 * tl.max(tk.to(tl.int32), axis=0)
+        tot = tl.sum(mass, axis=0)
+        req = sel == sel
+    else:
+        BT: tl.constexpr = sel.shape[0]
+        BE: tl.constexpr = sel.shape[1]
+        RT: tl.constexpr = BT // GP
+        mass_r = _rows_in_order(tl.reshape(contrib, [RT, GP, BE]), GP)
+        wcnt = tl.max(tl.reshape(wm.to(tl.int32), [RT, GP, BE]), axis=1)
+        ucnt = tl.max(tl.reshape(tk.to(tl.int32), [RT, GP, BE]), axis=1)
+        chosen_r = iterative_rows(mass_r, wcnt, ucnt, cols, E, RMODE, rb_count, rb_frac_bits, rb_eps_bits,
+                                  rb_mass, rb_mass_c)
+        mass = tl.sum(tl.where(chosen_r, mass_r, 0.0), axis=0)
+        flags = tl.max(wcnt, axis=0) + 65536 * tl.max(ucnt, axis=0)
+        tot = tl.sum(tl.sum(mass_r, axis=1), axis=0)
+        req = tl.reshape(tl.broadcast_to(chosen_r[:, None, :], [RT, GP, BE]), [BT, BE])
+    return sel, in_topk, v, alive, mx, inv, mass, flags, tot, req
+
+
+@triton.jit
+def refine_tile(sel, allowed, valid_row, rows, rmask, cols, E, logits_ptr, stride_t, alive, mx, inv, payload,
+                ids_ptr, w_ptr, phys_ptr, min_score,
+                SIGMOID: tl.constexpr, K: tl.constexpr, K0: tl.constexpr, KEEP_N: tl.constexpr, HAS_MIN: tl.constexpr,
+                RENORM: tl.constexpr, HAS_BIAS: tl.constexpr, WANT_PHYS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Refine one tile and write its ``[BT, K]`` ids / weights (/ physical slots).
+
+    Mirrors :func:`sglang_xshare.select.common.refine`: the ``K`` best keys of ``where(allowed,
+    sel, -inf)`` (``K`` maxima, each below the previous one), kept when the score is finite,
+    the row valid and the slot below ``KEEP_N``; beyond ``K0`` (``HAS_MIN``) the gate weight
+    must reach ``min_score``. Without a correction bias ``sel`` *is* the gate, so a slot's
+    weight is decoded from its key; with one, the weights are gathered from the logits
+    (:func:`~._core.gate_at`). ``payload [BLOCK_E] int32`` (``WANT_PHYS``) rides in the keys:
+    the physical slot of each expert.
+    """
+    cmask = cols < E
+    masked = tl.where(allowed, sel, float("-inf"))
+    packed = pack(masked, cols[None, :], cmask[None, :])
+    if WANT_PHYS:
+        packed = tl.where(cmask[None, :], packed | tl.maximum(payload, 0).to(tl.int64)[None, :], SENT)
+    kk = tl.arange(0, BLOCK_K)
+    out_ids = tl.full([sel.shape[0], BLOCK_K], -1, dtype=tl.int32)
+    out_w = tl.zeros([sel.shape[0], BLOCK_K], dtype=tl.float32)
+    out_ph = tl.full([sel.shape[0], BLOCK_K], -1, dtype=tl.int32)
+    best = tl.max(packed, axis=1)
+    for j in tl.static_range(K):
+        if j < KEEP_N:
+            if j > 0:
+                best = tl.max(tl.where(packed < best[:, None], packed, SENT), axis=1)
+            val = unpack_key(best)
+            keep = (val > float("-inf")) & valid_row
+            out_ids = tl.where(kk[None, :] == j, tl.where(keep, unpack_col(best), -1)[:, None], out_ids)
+            if not HAS_BIAS:
+                out_w = tl.where(kk[None, :] == j, tl.where(keep, val, 0.0)[:, None], out_w)
+            if WANT_PHYS:
+                out_ph = tl.where(kk[None, :] == j, tl.where(keep, unpack_payload(best), -1)[:, None], out_ph)
+    omask = rmask[:, None] & (kk < K)[None, :]
+    if HAS_BIAS:
+        g = gate_at(logits_ptr, stride_t, rows, out_ids, omask & (out_ids >= 0), alive, mx, inv, SIGMOID)
+        out_w = tl.where(out_ids >= 0, g, 0.0)
+    if HAS_MIN:
+        drop = (kk[None, :] >= K0) & (out_w < min_score)
+        out_ids = tl.where(drop, -1, out_ids)
+        out_w = tl.where(drop, 0.0, out_w)
+        out_ph = tl.where(drop, -1, out_ph)
+    if RENORM:
+        s = tl.sum(out_w, axis=1)
+        out_w = out_w / tl.maximum(s, FLT_TINY)[:, None]
+    offs = rows[:, None].to(tl.int64) * K + kk[None, :]
+    tl.store(ids_ptr + offs, out_ids, mask=omask)
+    tl.store(w_ptr + offs, out_w, mask=omask)
+    if WANT_PHYS:
+        tl.store(phys_ptr + offs, out_ph, mask=omask)
