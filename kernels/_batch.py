@@ -4,8 +4,8 @@ Grid ``(NB,)``; program ``p`` owns tiles ``p * chunks .. p * chunks + chunks - 1
 :mod:`._tile`). ``SYNC`` (constexpr) says how the programs meet:
 
 * ``0`` -- one program holds the whole batch: scan, pick and refine from the same registers.
-* ``1`` -- grid barrier: each program writes its partial row (``part_mass [NB, BLOCK_E] fp32``,
-  ``part_flags [NB, BLOCK_E] int32``, ``part_tot [NB] fp32``), arrives on ``sync[0]`` and spins
+* ``1`` -- grid barrier: each program writes its partial row (``part_mass [NB, BLOCK_E] fp64``,
+  ``part_flags [NB, BLOCK_E] int32``, ``part_tot [NB] fp64``), arrives on ``sync[0]`` and spins
   until all ``NB`` have arrived; then *every* program sums the ``NB`` rows in the same fixed
   order and runs the same pick (identical inputs, identical results, no second round trip),
   and refines its own tiles (from registers when it owns one). The last program to leave
@@ -16,8 +16,8 @@ Grid ``(NB,)``; program ``p`` owns tiles ``p * chunks .. p * chunks + chunks - 1
   chosen) and, for request groups, each row's request set to ``req [T, BLOCK_E] int8``;
   :func:`~._refine.refine_kernel` then refines.
 
-No float atomics: sums are taken in a fixed order, so identical inputs give bit-identical
-outputs. ``PICK`` (constexpr): 1 = OEA (the union of the top-``k0`` sets), 2 = XShare greedy,
+No float atomics, and masses are summed in float64 and rounded once to float32 (exact for these
+sums): any reduction order gives the reference's bits, and identical inputs bit-identical outputs. ``PICK`` (constexpr): 1 = OEA (the union of the top-``k0`` sets), 2 = XShare greedy,
 3 = ``xshare_ep`` without replicas, 4 = ``xshare_ep`` with replicas, 5 = XShare over request
 groups (``xshare_spec``). ``ALLOW``: 1 = the chosen set, 2 = chosen and the token's own top-k.
 """
@@ -66,12 +66,12 @@ def grid_depart(sync_ptr, nb):
 
 @triton.jit
 def reduce_partials(part_mass, part_flags, part_tot, nb, cols, RB: tl.constexpr):
-    """Sum the ``nb`` partial rows, ``RB`` at a time, in row order -> ``(mass, flags, tot)``."""
+    """Sum the ``nb`` partial rows (fp64 masses), ``RB`` at a time -> ``(mass, flags, tot)``."""
     rr = tl.arange(0, RB)
     BE: tl.constexpr = cols.shape[0]
-    mass = tl.zeros([BE], dtype=tl.float32)
+    mass = tl.zeros([BE], dtype=tl.float64)
     flags = tl.zeros([BE], dtype=tl.int32)
-    tots = tl.zeros([RB], dtype=tl.float32)
+    tots = tl.zeros([RB], dtype=tl.float64)
     for r0 in range(0, nb, RB):
         r = r0 + rr
         pm = r < nb
@@ -80,6 +80,16 @@ def reduce_partials(part_mass, part_flags, part_tot, nb, cols, RB: tl.constexpr)
         flags += tl.sum(tl.load(part_flags + offs, mask=pm[:, None], other=0, cache_modifier=".cg"), axis=0)
         tots += tl.load(part_tot + r, mask=pm, other=0.0, cache_modifier=".cg")
     return mass, flags, tl.sum(tots, axis=0)
+
+
+@triton.jit
+def round_masses(mass, tot, HAS_TOT: tl.constexpr):
+    """fp64 sums -> the fp32 ``mass`` and ``tot`` the pick reads: one rounding each (the mass
+    mode's total is the sum of the rounded masses, or the given request total)."""
+    mass = mass.to(tl.float32)
+    if not HAS_TOT:
+        tot = tl.sum(mass.to(tl.float64), axis=0)
+    return mass, tot.to(tl.float32)
 
 
 @triton.jit
@@ -144,7 +154,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
             rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c,
             SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, GROUP, GP, RMODE)
     else:
-        mass = tl.zeros([BLOCK_E], dtype=tl.float32)
+        mass = tl.zeros([BLOCK_E], dtype=tl.float64)
         flags = tl.zeros([BLOCK_E], dtype=tl.int32)
         tot = tl.sum(mass, axis=0)
         for c in range(chunks):
@@ -173,8 +183,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
         done = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu")
         if done == nb - 1:
             mass, flags, tot = reduce_partials(part_mass, part_flags, part_tot, nb, cols, RB)
-            if PICK != 5:
-                tot = tl.sum(mass, axis=0)
+            mass, tot = round_masses(mass, tot, PICK == 5)
             slot = batch_pick(mass, flags, tot, cols, E, pk_scr + pid * BLOCK_E, val_scr + pid * BLOCK_E,
                               rank_ptr, copy_ptr, copies_ptr, slot_rank_ptr, R,
                               b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c, PICK, MODE, FILL, CH,
@@ -183,8 +192,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
             tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
     else:
         # ---- pick (every program, identical) and refine this program's tiles
-        if PICK != 5:
-            tot = tl.sum(mass, axis=0)
+        mass, tot = round_masses(mass, tot, PICK == 5)
         slot = batch_pick(mass, flags, tot, cols, E, pk_scr + pid * BLOCK_E, val_scr + pid * BLOCK_E,
                           rank_ptr, copy_ptr, copies_ptr, slot_rank_ptr, R,
                           b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c, PICK, MODE, FILL, CH,

@@ -27,6 +27,13 @@ FLT_TINY = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
+def runtime(n: tl.constexpr):
+    """``n`` as a value the compiler cannot see through (``n + program_id(2)``, and axis 2 of
+    every grid here is 1): a loop bounded by it stays a loop instead of being unrolled."""
+    return n + tl.program_id(2)
+
+
+@triton.jit
 def orderable(x):
     """fp32 ``[...]`` -> int32 ``[...]`` with the same order (``-0.0`` is folded into ``+0.0``)."""
     x = tl.where(x == 0.0, 0.0, x)
@@ -197,14 +204,15 @@ def kth_keys(packed, K: tl.constexpr, K0: tl.constexpr):
     """Each row's ``K``-th and ``K0``-th largest key (``[BT] int64`` each) of ``packed [BT, N]``.
 
     ``packed >= kth[:, None]`` is then the row's top-``K`` set (keys are distinct). One max
-    per rank, each over the keys below the previous one (nothing is rewritten).
+    per rank, each over the keys below the previous one (nothing is rewritten). The ranks are a
+    rolled loop (:func:`runtime`): unrolled, ``K`` copies of a tile-wide pass overflow the
+    instruction cache, which measured slower than the loop.
     """
     best = tl.max(packed, axis=1)
     b0 = best
-    for j in tl.static_range(1, K):
+    for j in range(1, runtime(K)):
         best = tl.max(tl.where(packed < best[:, None], packed, SENT), axis=1)
-        if j == K0 - 1:
-            b0 = best
+        b0 = tl.where(j == K0 - 1, best, b0)
     return best, b0
 
 

@@ -6,7 +6,7 @@ packed counts ``flags`` (``warm_count + 65536 * topk_count`` per expert) -- and 
 :mod:`sglang_xshare.select.policies.xshare_ep` exactly, ties included. Nothing goes through
 memory but the read-only placement tables and one scratch row per program: an expert's
 position in the priority order is the number of larger keys, counted by comparing the key
-vector with itself in column chunks (:func:`pairwise`).
+vector with the (compacted) pickable keys in chunks (:func:`pairwise`).
 
 Budget modes (``MODE`` constexpr): 0 = count (``b_count``), 1 = fraction (``ceil(n * f - eps)``
 in float64, ``f`` and ``eps`` passed as their IEEE-754 bit patterns so no rounding to fp32
@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._core import SENT, pack, unpack_key
+from ._core import SENT, pack, unpack_key, unpack_payload
 
 
 @triton.jit
@@ -41,50 +41,60 @@ def priority_keys(mass, flags, cols, E):
 
 
 @triton.jit
-def pairwise(packed, val, grp, wflag, pk_ptr, val_ptr, grp_ptr, E, WANT_CUM: tl.constexpr, WANT_GRP: tl.constexpr,
+def pairwise(packed, pickable, val, grp, pk_ptr, val_ptr, WANT_CUM: tl.constexpr, WANT_GRP: tl.constexpr,
              CH: tl.constexpr):
     """Order statistics of the keys ``packed [BLOCK_E] int64`` (distinct), for every expert ``e``.
 
-    Returns ``[BLOCK_E]`` vectors:
+    Only the ``pickable [BLOCK_E] int1`` experts are compared against (the others have key
+    ``-inf`` or are padding: they outrank nobody), so with ``n`` pickable experts the work is
+    ``BLOCK_E x n`` -- small in decode, where ``n`` is at most the union of the tokens' top-k.
+    Returns ``[BLOCK_E]`` vectors (exact for pickable ``e``):
 
-    * ``pos[e] = #{f : packed[f] > packed[e]}`` (e's position in the descending order);
-    * ``cum[e] = sum of val[f] over packed[f] >= packed[e]`` (``WANT_CUM``; the reference's
-      cumulative sum at e's position; ``val [BLOCK_E] fp32``);
+    * ``pos[e] = #{f : packed[f] > packed[e]}`` (e's position in the descending order; a
+      non-pickable ``e`` gets ``n``);
+    * ``cum[e] = sum of val[f] over packed[f] >= packed[e]`` (``WANT_CUM``; float64, exact: the
+      reference's cumulative sum at e's position; ``val [BLOCK_E] fp32``);
     * ``gpos[e] = #{f : grp[f] == grp[e], packed[f] > packed[e]}`` and ``gwarm[e] = #{f :
-      grp[f] == grp[e], f warm}`` (``WANT_GRP``; ``grp [BLOCK_E] int32`` e.g. the EP rank, also
-      readable at ``grp_ptr [E]``; warm = key +inf).
+      grp[f] == grp[e], f warm}`` (``WANT_GRP``; ``grp [BLOCK_E] int32`` in ``[0, 65536)``, e.g.
+      the EP rank; warm = key +inf).
 
-    The keys (and ``val``) go once through this program's scratch row ``pk_ptr [BLOCK_E] int64``
-    / ``val_ptr [BLOCK_E] fp32`` (a CTA barrier each side: L1-resident), then are compared
-    ``CH`` keys at a time (``[CH, BLOCK_E]`` per step, a loop the compiler does not unroll),
-    so no thread holds a square matrix. Columns ``>= E`` are never read (their keys are
-    :data:`~._core.SENT`, they count nowhere).
+    The pickable keys (carrying ``grp`` in their payload bits) and ``val`` are compacted once
+    into this program's scratch row ``pk_ptr [BLOCK_E] int64`` / ``val_ptr [BLOCK_E] fp32`` (a
+    CTA barrier each side: L1-resident), then compared ``CH`` keys at a time (``[CH, BLOCK_E]``
+    per step, a loop the compiler does not unroll), so no thread holds a square matrix.
     """
     BE: tl.constexpr = packed.shape[0]
-    cols = tl.arange(0, BE)
+    n = tl.sum(pickable.to(tl.int32), axis=0)
+    slot = tl.cumsum(pickable.to(tl.int32), axis=0) - 1
     tl.debug_barrier()  # earlier readers of the scratch row are done
-    tl.store(pk_ptr + cols, packed)
+    if WANT_GRP:
+        tl.store(pk_ptr + slot, packed | grp.to(tl.int64), mask=pickable)
+    else:
+        tl.store(pk_ptr + slot, packed, mask=pickable)
     if WANT_CUM:
-        tl.store(val_ptr + cols, val)
+        tl.store(val_ptr + slot, val, mask=pickable)
     tl.debug_barrier()
     ch = tl.arange(0, CH)
     pos = tl.zeros([BE], dtype=tl.int32)
-    cum = tl.zeros([BE], dtype=tl.float32)
+    cum = tl.zeros([BE], dtype=tl.float64)
     gpos = tl.zeros([BE], dtype=tl.int32)
     gwarm = tl.zeros([BE], dtype=tl.int32)
-    for f0 in range(0, E, CH):  # a runtime trip count: one [CH, BLOCK_E] step live at a time
+    for f0 in range(0, n, CH):  # a runtime trip count: one [CH, BLOCK_E] step live at a time
+        fm = f0 + ch < n
+        pf = tl.load(pk_ptr + f0 + ch, mask=fm, other=SENT)
+        if WANT_GRP:  # compare the keys without their payload
+            gf = tl.where(fm, unpack_payload(pf), -1)
+            pf = pf & ~65535
         # [CH, BLOCK_E] with the compared chunk on axis 0: each thread reduces its own rows
-        pf = tl.load(pk_ptr + f0 + ch)
         gt = pf[:, None] > packed[None, :]
         pos += tl.sum(gt.to(tl.int32), axis=0)
         if WANT_CUM:
-            vf = tl.load(val_ptr + f0 + ch)
-            cum += tl.sum(tl.where(gt | (pf[:, None] == packed[None, :]), vf[:, None], 0.0), axis=0)
+            vf = tl.load(val_ptr + f0 + ch, mask=fm, other=0.0)
+            cum += tl.sum(tl.where(gt | (pf[:, None] == packed[None, :]), vf[:, None].to(tl.float64), 0.0), axis=0)
         if WANT_GRP:
-            gf = tl.load(grp_ptr + f0 + ch, mask=f0 + ch < E, other=-1)
             same = gf[:, None] == grp[None, :]
             gpos += tl.sum((same & gt).to(tl.int32), axis=0)
-            wf = (unpack_key(pf) == float("inf")) & (f0 + ch < E)
+            wf = unpack_key(pf) == float("inf")
             gwarm += tl.sum((same & wf[:, None]).to(tl.int32), axis=0)
     return pos, cum, gpos, gwarm
 
@@ -94,8 +104,9 @@ def resolve_m(MODE: tl.constexpr, union, pickable, cum, cmask, tot, b_count, b_f
               b_mass, b_mass_c):
     """The budget ``m`` (int32 scalar) of :func:`sglang_xshare.select.common.resolve_budget`.
 
-    ``cum`` is :func:`pairwise`'s cumulative mass (read only in mass mode); ``tot`` the fp32
-    mass the ``mass`` mode is a fraction of.
+    ``cum`` is :func:`pairwise`'s fp64 cumulative mass (read only in mass mode); ``tot`` the fp32
+    mass the ``mass`` mode is a fraction of (the threshold is fp32 tensor arithmetic, as in the
+    reference, compared with the exact ``cum``).
     """
     if MODE == 0:
         m = tl.sum(pickable.to(tl.int32), axis=0) * 0 + b_count
@@ -106,7 +117,7 @@ def resolve_m(MODE: tl.constexpr, union, pickable, cum, cmask, tot, b_count, b_f
         m = tl.ceil(n_union.to(tl.float64) * f - eps).to(tl.int32)
     else:
         thr = (tot * b_mass) * b_mass_c
-        need = tl.sum((cmask & (cum < thr)).to(tl.int32), axis=0) + 1
+        need = tl.sum((cmask & (cum < thr.to(tl.float64))).to(tl.int32), axis=0) + 1
         m = tl.minimum(need, tl.sum(pickable.to(tl.int32), axis=0))
     return m
 
@@ -117,8 +128,7 @@ def greedy_pick(mass, flags, cols, E, tot, pk_ptr, val_ptr, MODE: tl.constexpr, 
     """``xshare``: warm experts, then by descending mass up to ``max(m, |warm|)`` -> ``[BLOCK_E] int1``."""
     cmask = cols < E
     warm, union, pickable, packed = priority_keys(mass, flags, cols, E)
-    pos, cum, _g, _w = pairwise(packed, tl.where(pickable, mass, 0.0), cols, warm, pk_ptr, val_ptr, pk_ptr, E,
-                                MODE == 2, False, CH)
+    pos, cum, _g, _w = pairwise(packed, pickable, mass, cols, pk_ptr, val_ptr, MODE == 2, False, CH)
     m = resolve_m(MODE, union, pickable, cum, cmask, tot, b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c)
     m_eff = tl.maximum(m, tl.sum(warm.to(tl.int32), axis=0))
     return (pos < m_eff) & pickable
@@ -136,8 +146,8 @@ def ep_pick(mass, flags, cols, E, tot, pk_ptr, val_ptr, rank_ptr, R, MODE: tl.co
     cmask = cols < E
     warm, union, pickable, packed = priority_keys(mass, flags, cols, E)
     rank_e = tl.load(rank_ptr + cols, mask=cmask, other=-1)
-    pos, cum, pos_r, wload = pairwise(packed, tl.where(pickable, mass, 0.0), rank_e, warm, pk_ptr, val_ptr,
-                                      rank_ptr, E, MODE == 2, True, CH)
+    pos, cum, pos_r, wload = pairwise(packed, pickable, mass, tl.maximum(rank_e, 0), pk_ptr, val_ptr, MODE == 2,
+                                      True, CH)
     m = resolve_m(MODE, union, pickable, cum, cmask, tot, b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c)
     m_eff = tl.maximum(m, tl.sum(warm.to(tl.int32), axis=0))
     b = (m_eff + R - 1) // R
@@ -186,8 +196,7 @@ def ep_replicated_pick(mass, flags, cols, E, tot, pk_ptr, val_ptr, copies_ptr, s
     """
     cmask = cols < E
     warm, union, pickable, packed = priority_keys(mass, flags, cols, E)
-    pos, cum, _g, _w = pairwise(packed, tl.where(pickable, mass, 0.0), cols, warm, pk_ptr, val_ptr, pk_ptr, E,
-                                MODE == 2, False, CH)
+    pos, cum, _g, _w = pairwise(packed, pickable, mass, cols, pk_ptr, val_ptr, MODE == 2, False, CH)
     m = resolve_m(MODE, union, pickable, cum, cmask, tot, b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c)
     n_warm = tl.sum(warm.to(tl.int32), axis=0)
     n_pick = tl.sum(pickable.to(tl.int32), axis=0)
@@ -239,9 +248,9 @@ def iterative_rows(mass, wcnt, ucnt, cols, E, MODE: tl.constexpr, b_count, b_fra
     packed = tl.where(cand, pack(mass, cols[None, :], cmask), SENT)
     n_warm = tl.sum(warm.to(tl.int32), axis=1)
     if MODE == 2:
-        tot = tl.sum(tl.where(cmask, mass, 0.0), axis=1)
-        thr = (tot * b_mass) * b_mass_c
-        cum = tl.sum(tl.where(warm & (mass > 0.0), mass, 0.0), axis=1)
+        tot = tl.sum(tl.where(cmask, mass, 0.0).to(tl.float64), axis=1).to(tl.float32)
+        thr = ((tot * b_mass) * b_mass_c).to(tl.float64)
+        cum = tl.sum(tl.where(warm & (mass > 0.0), mass, 0.0).to(tl.float64), axis=1)
     else:
         if MODE == 0:
             m = n_warm * 0 + b_count
@@ -253,12 +262,12 @@ def iterative_rows(mass, wcnt, ucnt, cols, E, MODE: tl.constexpr, b_count, b_fra
         rem = tl.maximum(m, n_warm) - n_warm
     chosen = warm
     i = 0
-    more = tl.max(tl.max(packed, axis=1) > SENT, axis=0)
+    more = tl.max((tl.max(packed, axis=1) > SENT).to(tl.int32), axis=0) > 0
     while more:
         best = tl.max(packed, axis=1)
         if MODE == 2:
             ok = (best > SENT) & (cum < thr)
-            cum = cum + tl.where(ok, unpack_key(best), 0.0)
+            cum = cum + tl.where(ok, unpack_key(best), 0.0).to(tl.float64)
         else:
             ok = (best > SENT) & (i < rem)
         hit = (packed == best[:, None]) & ok[:, None]

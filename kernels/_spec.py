@@ -4,7 +4,7 @@ SGLang's target-verify batches are -- runs fused in :mod:`._batch`).
 1. :func:`spec_token_kernel`, grid ``(cdiv(T, BT),)``: scoring, each token's top-k / top-k0,
    ``contrib [T, BLOCK_E] fp32`` and ``tflags [T, BLOCK_E] int32`` (1 warm + 65536 top-k).
 2. :func:`group_kernel`, grid ``(T,)``: program ``r`` sums the rows of the tokens of request
-   ``r`` in token order (fixed order, no float atomics), picks ``S_r`` with the request budget
+   ``r`` (float64, rounded once), picks ``S_r`` with the request budget
    (:func:`~._pick.greedy_pick`), writes ``S_r`` to the ``req`` row of each of its tokens and
    its partials (mass on ``S_r``, flags, total) to row ``r``. The program that arrives last
    (integer ticket) sums the ``T`` rows in order and picks the batch set into ``sel``.
@@ -35,7 +35,7 @@ def spec_token_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, contrib_p
         logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E, 0, 0, 0, 1.0, 1.0,
         SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, 0, 1, 0)
     offs = t.to(tl.int64) * BLOCK_E + cols
-    tl.store(contrib_ptr + offs, mass)
+    tl.store(contrib_ptr + offs, mass.to(tl.float32))  # one token: exact
     tl.store(tflags_ptr + offs, flags)
 
 
@@ -50,7 +50,7 @@ def group_kernel(contrib_ptr, tflags_ptr, rid_ptr, T, E,
     """Request-level picks (one program per request id) and the batch-level pick (last program).
 
     ``rid [T] int64`` (clamped to ``[0, T)``). Program ``r`` finds its tokens with one vector
-    compare per ``SCAN`` ids and adds their rows one by one in token order. Writes ``part_*``
+    compare per ``SCAN`` ids and adds their rows one by one. Writes ``part_*``
     row ``r`` (``[T, BLOCK_E]`` / ``[T]``), ``req [T, BLOCK_E] int8`` rows of its tokens, and
     (last program) ``sel [BLOCK_E] int32``; pick scratch ``pk_scr [T, BLOCK_E] int64`` /
     ``val_scr [T, BLOCK_E] fp32``, one row per program.
@@ -59,7 +59,7 @@ def group_kernel(contrib_ptr, tflags_ptr, rid_ptr, T, E,
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
     ar = tl.arange(0, SCAN)
-    acc_m = tl.zeros([BLOCK_E], dtype=tl.float32)
+    acc_m = tl.zeros([BLOCK_E], dtype=tl.float64)
     acc_f = tl.zeros([BLOCK_E], dtype=tl.int32)
     for s0 in range(0, T, SCAN):
         idx = s0 + ar
@@ -69,15 +69,16 @@ def group_kernel(contrib_ptr, tflags_ptr, rid_ptr, T, E,
         while cnt > 0:
             t = tl.min(tl.where(hit, idx, 2147483647), axis=0)
             row = t.to(tl.int64) * BLOCK_E + cols
-            acc_m += tl.load(contrib_ptr + row)
+            acc_m += tl.load(contrib_ptr + row).to(tl.float64)
             acc_f = tl.maximum(acc_f, tl.load(tflags_ptr + row))
             hit = hit & (idx != t)
             cnt -= 1
-    tot_r = tl.sum(acc_m, axis=0)
+    mass_r = acc_m.to(tl.float32)
+    tot_r = tl.sum(mass_r.to(tl.float64), axis=0)
     pk_row = pk_scr + r.to(tl.int64) * BLOCK_E
     val_row = val_scr + r.to(tl.int64) * BLOCK_E
-    chosen = greedy_pick(acc_m, acc_f, cols, E, tot_r, pk_row, val_row, RMODE, rb_count, rb_frac_bits, rb_eps_bits,
-                         rb_mass, rb_mass_c, CH)
+    chosen = greedy_pick(mass_r, acc_f, cols, E, tot_r.to(tl.float32), pk_row, val_row, RMODE, rb_count,
+                         rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c, CH)
     # the request set, on the row of each of its tokens
     for s0 in range(0, T, SCAN):
         idx = s0 + ar
@@ -86,14 +87,14 @@ def group_kernel(contrib_ptr, tflags_ptr, rid_ptr, T, E,
         offs = idx[:, None].to(tl.int64) * BLOCK_E + cols[None, :]
         tl.store(req_ptr + offs, tl.broadcast_to(chosen[None, :], [SCAN, BLOCK_E]).to(tl.int8), mask=hit[:, None])
     row = r.to(tl.int64) * BLOCK_E + cols
-    tl.store(part_mass + row, tl.where(chosen, acc_m, 0.0))
+    tl.store(part_mass + row, tl.where(chosen, mass_r, 0.0).to(tl.float64))
     tl.store(part_flags + row, acc_f)
     tl.store(part_tot + r, tot_r)
     tl.debug_barrier()
     done = tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu")
     if done == T - 1:
         mb, fb, tot = reduce_partials(part_mass, part_flags, part_tot, T, cols, RB)
-        chosen_b = greedy_pick(mb, fb, cols, E, tot, pk_row, val_row, MODE, b_count, b_frac_bits, b_eps_bits, b_mass,
+        chosen_b = greedy_pick(mb.to(tl.float32), fb, cols, E, tot.to(tl.float32), pk_row, val_row, MODE, b_count, b_frac_bits, b_eps_bits, b_mass,
                                b_mass_c, CH)
         tl.store(sel_ptr + cols, tl.where(chosen_b, 0, -1))
         tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._core import FLT_TINY, SENT, gate_at, load_scores, pack, token_topk, unpack_col, unpack_key, unpack_payload
+from ._core import FLT_TINY, SENT, gate_at, load_scores, pack, runtime, token_topk, unpack_col, unpack_key, unpack_payload
 from ._pick import iterative_rows
 
 
@@ -37,17 +37,6 @@ def tile_rows(tile, T, BT: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr):
 
 
 @triton.jit
-def _rows_in_order(x3, GP: tl.constexpr):
-    """``x3 [RT, GP, N]`` -> ``[RT, N]``: the sum over axis 1 taken in row order (``((a + b) + c)
-    + ...``, as ``index_add_`` over tokens does), by one-hot extraction (exact)."""
-    i = tl.arange(0, GP)[None, :, None]
-    acc = tl.sum(tl.where(i == 0, x3, 0.0), axis=1)
-    for j in tl.static_range(1, GP):
-        acc = acc + tl.sum(tl.where(i == j, x3, 0.0), axis=1)
-    return acc
-
-
-@triton.jit
 def tile_scan(logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
               rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c,
               SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
@@ -57,10 +46,12 @@ def tile_scan(logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
 
     Returns ``(sel, in_topk, v, alive, mx, inv, mass, flags, tot, req)``: ``sel [BT, BLOCK_E]``
     ranking scores, ``in_topk`` each row's own top-k, ``v [BT]`` valid rows, ``alive / mx / inv``
-    for :func:`~._core.gate_at`; the tile partials ``mass [BLOCK_E] fp32`` (for request groups:
+    for :func:`~._core.gate_at`; the tile partials ``mass [BLOCK_E] fp64`` (for request groups:
     each request's mass on its own chosen set, summed), ``flags [BLOCK_E] int32`` and ``tot``
-    (fp32 scalar, the tile's whole mass); ``req [BT, BLOCK_E] int1`` each row's request set
-    (``GROUP > 0``; all True otherwise).
+    (fp64 scalar, the tile's whole request mass; request groups only); ``req [BT, BLOCK_E] int1``
+    each row's request set (``GROUP > 0``; all True otherwise). Masses are summed in float64 and
+    rounded once where the reference rounds (:func:`sglang_xshare.select.common.exact_sum`): the
+    same bits in any summation order.
     """
     cmask = cols < E
     gate, sel, alive, mx, inv = load_scores(logits_ptr, stride_t, bias_ptr, rows, rmask, cols, E,
@@ -74,22 +65,22 @@ def tile_scan(logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
     else:
         contrib = tl.where(tk, gate, 0.0)
     if GROUP == 0:
-        mass = tl.sum(contrib, axis=0)
+        mass = tl.sum(contrib.to(tl.float64), axis=0)
         flags = tl.max(wm.to(tl.int32), axis=0) + 65536 * tl.max(tk.to(tl.int32), axis=0)
-        tot = tl.sum(mass, axis=0)
+        tot = tl.sum(mass, axis=0) * 0.0
         req = sel == sel
     else:
         BT: tl.constexpr = sel.shape[0]
         BE: tl.constexpr = sel.shape[1]
         RT: tl.constexpr = BT // GP
-        mass_r = _rows_in_order(tl.reshape(contrib, [RT, GP, BE]), GP)
+        mass_r = tl.sum(tl.reshape(contrib, [RT, GP, BE]).to(tl.float64), axis=1).to(tl.float32)
         wcnt = tl.max(tl.reshape(wm.to(tl.int32), [RT, GP, BE]), axis=1)
         ucnt = tl.max(tl.reshape(tk.to(tl.int32), [RT, GP, BE]), axis=1)
         chosen_r = iterative_rows(mass_r, wcnt, ucnt, cols, E, RMODE, rb_count, rb_frac_bits, rb_eps_bits,
                                   rb_mass, rb_mass_c)
-        mass = tl.sum(tl.where(chosen_r, mass_r, 0.0), axis=0)
+        mass = tl.sum(tl.where(chosen_r, mass_r, 0.0).to(tl.float64), axis=0)
         flags = tl.max(wcnt, axis=0) + 65536 * tl.max(ucnt, axis=0)
-        tot = tl.sum(tl.sum(mass_r, axis=1), axis=0)
+        tot = tl.sum(tl.sum(mass_r.to(tl.float64), axis=1), axis=0)
         req = tl.reshape(tl.broadcast_to(chosen_r[:, None, :], [RT, GP, BE]), [BT, BE])
     return sel, in_topk, v, alive, mx, inv, mass, flags, tot, req
 
@@ -101,8 +92,8 @@ def refine_tile(sel, allowed, valid_row, rows, rmask, cols, E, logits_ptr, strid
                 RENORM: tl.constexpr, HAS_BIAS: tl.constexpr, WANT_PHYS: tl.constexpr, BLOCK_K: tl.constexpr):
     """Refine one tile and write its ``[BT, K]`` ids / weights (/ physical slots).
 
-    Mirrors :func:`sglang_xshare.select.common.refine`: the ``K`` best keys of ``where(allowed,
-    sel, -inf)`` (``K`` maxima, each below the previous one), kept when the score is finite,
+    Mirrors :func:`sglang_xshare.select.common.refine`: the ``KEEP_N`` best keys of
+    ``where(allowed, sel, -inf)`` (maxima, each below the previous one), kept when the score is finite,
     the row valid and the slot below ``KEEP_N``; beyond ``K0`` (``HAS_MIN``) the gate weight
     must reach ``min_score``. Without a correction bias ``sel`` *is* the gate, so a slot's
     weight is decoded from its key; with one, the weights are gathered from the logits
@@ -119,17 +110,16 @@ def refine_tile(sel, allowed, valid_row, rows, rmask, cols, E, logits_ptr, strid
     out_w = tl.zeros([sel.shape[0], BLOCK_K], dtype=tl.float32)
     out_ph = tl.full([sel.shape[0], BLOCK_K], -1, dtype=tl.int32)
     best = tl.max(packed, axis=1)
-    for j in tl.static_range(K):
-        if j < KEEP_N:
-            if j > 0:
-                best = tl.max(tl.where(packed < best[:, None], packed, SENT), axis=1)
-            val = unpack_key(best)
-            keep = (val > float("-inf")) & valid_row
-            out_ids = tl.where(kk[None, :] == j, tl.where(keep, unpack_col(best), -1)[:, None], out_ids)
-            if not HAS_BIAS:
-                out_w = tl.where(kk[None, :] == j, tl.where(keep, val, 0.0)[:, None], out_w)
-            if WANT_PHYS:
-                out_ph = tl.where(kk[None, :] == j, tl.where(keep, unpack_payload(best), -1)[:, None], out_ph)
+    for j in range(0, runtime(KEEP_N)):  # a rolled loop (see _core.kth_keys)
+        if j > 0:
+            best = tl.max(tl.where(packed < best[:, None], packed, SENT), axis=1)
+        val = unpack_key(best)
+        keep = (val > float("-inf")) & valid_row
+        out_ids = tl.where(kk[None, :] == j, tl.where(keep, unpack_col(best), -1)[:, None], out_ids)
+        if not HAS_BIAS:
+            out_w = tl.where(kk[None, :] == j, tl.where(keep, val, 0.0)[:, None], out_w)
+        if WANT_PHYS:
+            out_ph = tl.where(kk[None, :] == j, tl.where(keep, unpack_payload(best), -1)[:, None], out_ph)
     omask = rmask[:, None] & (kk < K)[None, :]
     if HAS_BIAS:
         g = gate_at(logits_ptr, stride_t, rows, out_ids, omask & (out_ids >= 0), alive, mx, inv, SIGMOID)

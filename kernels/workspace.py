@@ -28,9 +28,10 @@ from sglang_xshare.select.policies.xshare_ep import copies_table
 __all__ = ["Plan", "plan", "Buffers", "buffers", "budget_args", "placement_tables", "routing_constexprs",
            "MAX_PROGRAMS", "TILE_ELEMS", "TILE_ELEMS_MAX", "max_programs", "interpreting"]
 
-#: Default elements of one ``[BT, BLOCK_E]`` tile (BT = 32 rows at E = 64, 8 at E = 256), for
-#: batches that need more than one tile; a smaller batch gets a tile of its own size.
-TILE_ELEMS = 2048
+#: Default elements of one ``[BT, BLOCK_E]`` tile (BT = 8 rows at E = 64, 2 at E = 256; measured on
+#: an H100: smaller tiles = shorter unrolled code), for batches that need more than one tile; a
+#: smaller batch gets a tile of its own size.
+TILE_ELEMS = 512
 #: Largest tile: a batch is cut into at most :func:`max_programs` tiles while tiles stay under this.
 TILE_ELEMS_MAX = 16384
 #: Upper bound on the grid of the one-launch batch kernel (all its programs must be resident).
@@ -134,7 +135,7 @@ class Buffers:
     """Scratch of one shape. All ``int32`` unless noted; ``BE`` = ``plan.block_e``.
 
     Attributes:
-        part_mass: ``[rows, BE] float32``, part_flags: ``[rows, BE]``, part_tot: ``[rows] float32``
+        part_mass: ``[rows, BE] float64``, part_flags: ``[rows, BE]``, part_tot: ``[rows] float64``
             (``rows`` = grid, or ``T`` for the general ``xshare_spec`` path); sync: ``[2]``
             (zero between launches); sel: ``[BE]``; req: ``[T, BE] int8``; dummy: ``[1]``;
             pk_scr / val_scr: ``[rows, BE]`` int64 / fp32 pick scratch, one row per program.
@@ -147,9 +148,9 @@ class Buffers:
         be = p.block_e
         rows = max(T, 1) if general_spec else p.nb
         self.plan = p
-        self.part_mass = torch.zeros(rows, be, dtype=f32, device=device)
+        self.part_mass = torch.zeros(rows, be, dtype=torch.float64, device=device)
         self.part_flags = torch.zeros(rows, be, dtype=i32, device=device)
-        self.part_tot = torch.zeros(rows, dtype=f32, device=device)
+        self.part_tot = torch.zeros(rows, dtype=torch.float64, device=device)
         self.sync = torch.zeros(2, dtype=i32, device=device)
         self.sel = torch.full((be,), -1, dtype=i32, device=device)
         self.req = torch.zeros(max(T, 1), be, dtype=torch.int8, device=device)

@@ -4,7 +4,10 @@ Notation: ``T`` tokens, ``E`` logical experts, ``G`` selection groups (1 for a p
 ``T`` for per-request sets of speculative decoding), ``k`` the model's top-k.
 
 * :func:`token_order` / :func:`membership` -- each token's ranking and its top-j sets.
-* :func:`group_mass` / :func:`group_any` -- aggregate per-token quantities per group.
+* :func:`group_mass` / :func:`group_any` -- aggregate per-token quantities per group;
+  :func:`exact_sum` -- every sum of masses is *correctly rounded*: accumulated in float64 (exact
+  for these sums) and rounded once to float32, so it does not depend on the summation order --
+  the kernels' parallel reductions give the same bits, and equal masses stay exactly equal.
 * :func:`resolve_budget` -- a :class:`~sglang_xshare.config.Budget` -> ``m [G] int64`` on device.
 * :func:`greedy_pick` -- warm-up set first, then descending mass, up to ``max(m, |warm|)``.
   The objective (sum of the chosen experts' mass) is modular, so this greedy is exact.
@@ -23,6 +26,7 @@ __all__ = [
     "token_order",
     "membership",
     "group_mass",
+    "exact_sum",
     "group_any",
     "resolve_budget",
     "greedy_pick",
@@ -77,12 +81,19 @@ def token_sets(scores: Scores, ctx: BatchContext) -> TokenSets:
     return TokenSets(order, topk, warm, contrib)
 
 
+def exact_sum(x: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False) -> torch.Tensor:
+    """``x.sum(dim)`` of float32 masses, correctly rounded: accumulated in float64, then one
+    rounding to float32 (order-independent; see the module docstring)."""
+    return x.double().sum(dim=dim, keepdim=keepdim).float()
+
+
 def group_mass(contrib: torch.Tensor, group_index: torch.Tensor | None, num_groups: int) -> torch.Tensor:
-    """``[G, E] float32``: per-group sum of ``contrib [T, E]`` (``group_index [T] int64`` or None = one group)."""
+    """``[G, E] float32``: per-group sum of ``contrib [T, E]`` (``group_index [T] int64`` or None
+    = one group), correctly rounded (:func:`exact_sum`)."""
     if group_index is None:
-        return contrib.sum(dim=0, keepdim=True)
-    out = torch.zeros(num_groups, contrib.shape[1], dtype=contrib.dtype, device=contrib.device)
-    return out.index_add_(0, group_index, contrib)
+        return exact_sum(contrib, 0, keepdim=True)
+    out = torch.zeros(num_groups, contrib.shape[1], dtype=torch.float64, device=contrib.device)
+    return out.index_add_(0, group_index, contrib.double()).float()
 
 
 def group_any(mask: torch.Tensor, group_index: torch.Tensor | None, num_groups: int) -> torch.Tensor:
@@ -105,7 +116,8 @@ def resolve_budget(budget: Budget, mass: torch.Tensor, warm: torch.Tensor, union
         mass: ``[G, E] float32`` aggregated mass (the greedy's ordering).
         warm: ``[G, E] bool`` warm-up experts.
         union: ``[G, E] bool`` what plain top-k would activate (``fraction`` mode).
-        total: ``[G] float32`` mass the ``mass`` mode's fraction is of (default ``mass.sum(-1)``).
+        total: ``[G] float32`` mass the ``mass`` mode's fraction is of (default: the sum of
+            ``mass``, correctly rounded).
 
     Returns:
         ``[G] int64`` the budget ``m`` (before the warm-up floor is applied).
@@ -119,9 +131,9 @@ def resolve_budget(budget: Budget, mass: torch.Tensor, warm: torch.Tensor, union
     key = priority(mass, warm)
     order = descending_order(key)
     pickable = key.gather(1, order) > _NEG_INF
-    cum = torch.where(pickable, mass.gather(1, order), torch.zeros_like(mass)).cumsum(dim=-1)
-    tot = mass.sum(dim=-1) if total is None else total
-    need = (cum < (budget.value * tot * (1.0 - 1e-6)).unsqueeze(-1)).sum(dim=-1) + 1
+    cum = torch.where(pickable, mass.gather(1, order), torch.zeros_like(mass)).double().cumsum(dim=-1)  # exact
+    tot = exact_sum(mass, -1) if total is None else total
+    need = (cum < (budget.value * tot * (1.0 - 1e-6)).double().unsqueeze(-1)).sum(dim=-1) + 1
     return torch.minimum(need, pickable.sum(dim=-1)).to(torch.int64)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common import greedy_pick, group_any, group_mass, refine, resolve_budget, token_sets
+from ..common import exact_sum, greedy_pick, group_any, group_mass, refine, resolve_budget, token_sets
 from ..contract import BatchContext, Scores, SelectionOutput
 
 
@@ -36,9 +36,9 @@ def reference(scores: Scores, ctx: BatchContext) -> SelectionOutput:
     union_r = group_any(sets.topk, rid, T)
     chosen_r = greedy_pick(mass_r, warm_r, resolve_budget(ctx.request_budget, mass_r, warm_r, union_r))
 
-    mass_b = torch.where(chosen_r, mass_r, torch.zeros_like(mass_r)).sum(dim=0, keepdim=True)
+    mass_b = exact_sum(torch.where(chosen_r, mass_r, torch.zeros_like(mass_r)), 0, keepdim=True)
     warm_b = warm_r.any(dim=0, keepdim=True)
     union_b = union_r.any(dim=0, keepdim=True)
-    m_l = resolve_budget(ctx.budget, mass_b, warm_b, union_b, total=mass_r.sum(dim=(0, 1)).reshape(1))
+    m_l = resolve_budget(ctx.budget, mass_b, warm_b, union_b, total=exact_sum(mass_r, (0, 1)).reshape(1))
     chosen_b = greedy_pick(mass_b, warm_b, m_l)
     return refine(scores, chosen_r[rid] & chosen_b, ctx)
