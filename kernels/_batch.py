@@ -149,7 +149,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
     # ---- scan: scores, per-token sets, this program's partials
     if ONE_CHUNK:
         rows, rmask = tile_rows(pid, T, BT, GROUP, GP)
-        sel, in_topk, v, alive, mx, inv, mass, flags, tot, req = tile_scan(
+        sel, in_topk, v, alive, mx, den, mass, flags, tot, req = tile_scan(
             logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
             rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c,
             SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, GROUP, GP, RMODE)
@@ -182,9 +182,9 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
         tl.debug_barrier()
         done = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu")
         if done == nb - 1:
-            mass, flags, tot = reduce_partials(part_mass, part_flags, part_tot, nb, cols, RB)
-            mass, tot = round_masses(mass, tot, PICK == 5)
-            slot = batch_pick(mass, flags, tot, cols, E, pk_scr + pid * BLOCK_E, val_scr + pid * BLOCK_E,
+            m64, f_all, t64 = reduce_partials(part_mass, part_flags, part_tot, nb, cols, RB)
+            m32, t32 = round_masses(m64, t64, PICK == 5)
+            slot = batch_pick(m32, f_all, t32, cols, E, pk_scr + pid * BLOCK_E, val_scr + pid * BLOCK_E,
                               rank_ptr, copy_ptr, copies_ptr, slot_rank_ptr, R,
                               b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c, PICK, MODE, FILL, CH,
                               BLOCK_C, BLOCK_R)
@@ -202,19 +202,19 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
             allowed = chosen[None, :] & req
             if ALLOW == 2:
                 allowed = allowed & in_topk
-            refine_tile(sel, allowed, v, rows, rmask, cols, E, logits_ptr, stride_t, alive, mx, inv, slot,
+            refine_tile(sel, allowed, v, rows, rmask, cols, E, logits_ptr, stride_t, alive, mx, den, slot,
                         ids_ptr, w_ptr, phys_ptr, min_score,
                         SIGMOID, K, K0, K, HAS_MIN, RENORM, HAS_BIAS, WANT_PHYS, BLOCK_K)
         else:
             for c in range(chunks):
                 rows, rmask = tile_rows(pid * chunks + c, T, BT, GROUP, GP)
-                sel, in_topk, v, alive, mx, inv, _m, _f, _t, req = tile_scan(
+                sel, in_topk, v, alive, mx, den, _m, _f, _t, req = tile_scan(
                     logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
                     rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c,
                     SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, GROUP, GP, RMODE)
                 allowed = chosen[None, :] & req
                 if ALLOW == 2:
                     allowed = allowed & in_topk
-                refine_tile(sel, allowed, v, rows, rmask, cols, E, logits_ptr, stride_t, alive, mx, inv, slot,
+                refine_tile(sel, allowed, v, rows, rmask, cols, E, logits_ptr, stride_t, alive, mx, den, slot,
                             ids_ptr, w_ptr, phys_ptr, min_score,
                             SIGMOID, K, K0, K, HAS_MIN, RENORM, HAS_BIAS, WANT_PHYS, BLOCK_K)

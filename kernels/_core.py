@@ -15,8 +15,11 @@ every real key (``-inf`` scores included).
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 #: Key of a padded / removed entry: int64 min, below the key of any real score (even -inf).
 SENT = tl.constexpr(-9223372036854775808)
@@ -24,6 +27,20 @@ SENT = tl.constexpr(-9223372036854775808)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 #: Smallest normal float32 (``torch.finfo(torch.float32).tiny``), the renormalisation floor.
 FLT_TINY = tl.constexpr(1.1754943508222875e-38)
+
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    @triton.jit
+    def expf(x):
+        """``exp`` of fp32: numpy's under the interpreter (which has no libdevice)."""
+        return tl.exp(x)
+else:
+    @triton.jit
+    def expf(x):
+        """``exp`` of fp32: CUDA's accurate ``expf`` (libdevice), as torch's kernels use -- not
+        Triton's ``tl.exp`` (``ex2.approx``), whose last-bit differences would reorder near-equal
+        experts against torch."""
+        return libdevice.exp(x)
 
 
 @triton.jit
@@ -82,17 +99,19 @@ def load_scores(logits_ptr, stride_t, bias_ptr, rows, rmask, cols, E,
                 SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
                 N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,
                 BLOCK_G: tl.constexpr):
-    """Router logits of ``rows [BT]`` (``rmask``: row exists) -> ``(gate, sel, alive, mx, inv)``.
+    """Router logits of ``rows [BT]`` (``rmask``: row exists) -> ``(gate, sel, alive, mx, den)``.
 
     ``gate`` and ``sel`` are ``[BT, BLOCK_E] float32``; ``alive [BT]`` (the row has a finite
-    logit), ``mx`` / ``inv [BT] float32`` (softmax max and 1 / sum) let :func:`gate_at`
-    recompute any single gate bit-identically.
+    logit), ``mx`` / ``den [BT] float32`` (softmax max and sum) let :func:`gate_at` recompute
+    any single gate bit-identically.
 
     Mirrors :func:`sglang_xshare.select.scoring.compute_scores`: NaN -> -inf, +inf -> FLT_MAX,
-    a row without a finite logit -> all zeros; softmax (``e * (1 / sum)``) or sigmoid; ``sel =
-    gate + bias``; DeepSeek grouped top-k masks the experts outside the ``TOPK_GROUP`` best
-    groups to ``-inf`` (group score: max, or sum of the two best when biased). Padded columns
-    carry ``gate = 0`` and ``sel = -inf`` and must be masked by the caller.
+    a row without a finite logit -> all zeros; softmax (``exp(x - max) / sum``) or sigmoid
+    (``1 / (1 + exp(-x))``), with the accurate ``expf`` and the formulas of torch's CUDA kernels
+    (not Triton's approximate ``exp``), so each token's expert order is torch's bit for bit;
+    ``sel = gate + bias``; DeepSeek grouped top-k masks the experts outside the ``TOPK_GROUP``
+    best groups to ``-inf`` (group score: max, or sum of the two best when biased). Padded
+    columns carry ``gate = 0`` and ``sel = -inf`` and must be masked by the caller.
     """
     cmask = cols < E
     m2 = rmask[:, None] & cmask[None, :]
@@ -103,14 +122,14 @@ def load_scores(logits_ptr, stride_t, bias_ptr, rows, rmask, cols, E,
     alive = tl.max((x > float("-inf")).to(tl.int32), axis=1) > 0
     x = tl.where(alive[:, None] | (cmask[None, :] == 0), x, 0.0)
     if SIGMOID:
-        gate = 1.0 / (1.0 + tl.exp(-x))
+        gate = 1.0 / (1.0 + expf(-x))
         mx = tl.zeros([x.shape[0]], dtype=tl.float32)
-        inv = mx
+        den = mx
     else:
         mx = tl.max(x, axis=1)
-        ex = tl.exp(x - mx[:, None])
-        inv = 1.0 / tl.sum(ex, axis=1)
-        gate = ex * inv[:, None]
+        ex = expf(x - mx[:, None])
+        den = tl.sum(ex, axis=1)
+        gate = ex / den[:, None]
     gate = tl.where(cmask[None, :], gate, 0.0)
     if HAS_BIAS:
         b = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -120,11 +139,11 @@ def load_scores(logits_ptr, stride_t, bias_ptr, rows, rmask, cols, E,
     sel = tl.where(cmask[None, :], sel, float("-inf"))
     if N_GROUP > 0:
         sel = _mask_groups(sel, cols, cmask, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G)
-    return gate, sel, alive, mx, inv
+    return gate, sel, alive, mx, den
 
 
 @triton.jit
-def gate_at(logits_ptr, stride_t, rows, ids, mask, alive, mx, inv, SIGMOID: tl.constexpr):
+def gate_at(logits_ptr, stride_t, rows, ids, mask, alive, mx, den, SIGMOID: tl.constexpr):
     """``[BT, N] float32`` gate of expert ``ids [BT, N]`` of each row, recomputed from the logits
     with exactly the operations of :func:`load_scores` (so bit-identical to its ``gate``)."""
     x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + tl.maximum(ids, 0), mask=mask,
@@ -133,9 +152,9 @@ def gate_at(logits_ptr, stride_t, rows, ids, mask, alive, mx, inv, SIGMOID: tl.c
     x = tl.where(x == float("inf"), FLT_MAX, x)
     x = tl.where(alive[:, None], x, 0.0)
     if SIGMOID:
-        g = 1.0 / (1.0 + tl.exp(-x))
+        g = 1.0 / (1.0 + expf(-x))
     else:
-        g = tl.exp(x - mx[:, None]) * inv[:, None]
+        g = expf(x - mx[:, None]) / den[:, None]
     return g
 
 

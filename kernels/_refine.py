@@ -35,7 +35,7 @@ def refine_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, sel_ptr, req_
     rmask = rows < T
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
-    gate, sel, alive, mx, inv = load_scores(logits_ptr, stride_t, bias_ptr, rows, rmask, cols, E,
+    gate, sel, alive, mx, den = load_scores(logits_ptr, stride_t, bias_ptr, rows, rmask, cols, E,
                                             SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G)
     v = (tl.load(valid_ptr + rows, mask=rmask, other=0) != 0) & rmask
     if ALLOW == 0:
@@ -51,6 +51,6 @@ def refine_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, sel_ptr, req_
             req = tl.load(req_ptr + rows[:, None].to(tl.int64) * BLOCK_E + cols[None, :],
                           mask=rmask[:, None] & cmask[None, :], other=0, cache_modifier=".cg")
             allowed = allowed & (req != 0)
-    refine_tile(sel, allowed, v, rows, rmask, cols, E, logits_ptr, stride_t, alive, mx, inv, slot,
+    refine_tile(sel, allowed, v, rows, rmask, cols, E, logits_ptr, stride_t, alive, mx, den, slot,
                 ids_ptr, w_ptr, phys_ptr, min_score,
                 SIGMOID, K, K0, KEEP_N, HAS_MIN, RENORM, HAS_BIAS, WANT_PHYS, BLOCK_K)

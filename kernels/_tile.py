@@ -44,8 +44,8 @@ def tile_scan(logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
               MASS_FULL: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, RMODE: tl.constexpr):
     """Score a tile and aggregate it.
 
-    Returns ``(sel, in_topk, v, alive, mx, inv, mass, flags, tot, req)``: ``sel [BT, BLOCK_E]``
-    ranking scores, ``in_topk`` each row's own top-k, ``v [BT]`` valid rows, ``alive / mx / inv``
+    Returns ``(sel, in_topk, v, alive, mx, den, mass, flags, tot, req)``: ``sel [BT, BLOCK_E]``
+    ranking scores, ``in_topk`` each row's own top-k, ``v [BT]`` valid rows, ``alive / mx / den``
     for :func:`~._core.gate_at`; the tile partials ``mass [BLOCK_E] fp64`` (for request groups:
     each request's mass on its own chosen set, summed), ``flags [BLOCK_E] int32`` and ``tot``
     (fp64 scalar, the tile's whole request mass; request groups only); ``req [BT, BLOCK_E] int1``
@@ -54,7 +54,7 @@ def tile_scan(logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
     same bits in any summation order.
     """
     cmask = cols < E
-    gate, sel, alive, mx, inv = load_scores(logits_ptr, stride_t, bias_ptr, rows, rmask, cols, E,
+    gate, sel, alive, mx, den = load_scores(logits_ptr, stride_t, bias_ptr, rows, rmask, cols, E,
                                             SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G)
     v = (tl.load(valid_ptr + rows, mask=rmask, other=0) != 0) & rmask
     in_topk, in_warm = token_topk(sel, cols, cmask, K, K0)
@@ -82,11 +82,11 @@ def tile_scan(logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
         flags = tl.max(wcnt, axis=0) + 65536 * tl.max(ucnt, axis=0)
         tot = tl.sum(tl.sum(mass_r.to(tl.float64), axis=1), axis=0)
         req = tl.reshape(tl.broadcast_to(chosen_r[:, None, :], [RT, GP, BE]), [BT, BE])
-    return sel, in_topk, v, alive, mx, inv, mass, flags, tot, req
+    return sel, in_topk, v, alive, mx, den, mass, flags, tot, req
 
 
 @triton.jit
-def refine_tile(sel, allowed, valid_row, rows, rmask, cols, E, logits_ptr, stride_t, alive, mx, inv, payload,
+def refine_tile(sel, allowed, valid_row, rows, rmask, cols, E, logits_ptr, stride_t, alive, mx, den, payload,
                 ids_ptr, w_ptr, phys_ptr, min_score,
                 SIGMOID: tl.constexpr, K: tl.constexpr, K0: tl.constexpr, KEEP_N: tl.constexpr, HAS_MIN: tl.constexpr,
                 RENORM: tl.constexpr, HAS_BIAS: tl.constexpr, WANT_PHYS: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -122,7 +122,7 @@ def refine_tile(sel, allowed, valid_row, rows, rmask, cols, E, logits_ptr, strid
             out_ph = tl.where(kk[None, :] == j, tl.where(keep, unpack_payload(best), -1)[:, None], out_ph)
     omask = rmask[:, None] & (kk < K)[None, :]
     if HAS_BIAS:
-        g = gate_at(logits_ptr, stride_t, rows, out_ids, omask & (out_ids >= 0), alive, mx, inv, SIGMOID)
+        g = gate_at(logits_ptr, stride_t, rows, out_ids, omask & (out_ids >= 0), alive, mx, den, SIGMOID)
         out_w = tl.where(out_ids >= 0, g, 0.0)
     if HAS_MIN:
         drop = (kk[None, :] >= K0) & (out_w < min_score)
