@@ -74,8 +74,8 @@ ADVERSARIAL_T = (16, 64)
 
 SWEEP_MODELS = ["qwen3-128x8", "dsv3-256x8-grp-bias"]
 SWEEP_POLICIES = ["xshare", "xshare_ep", "xshare_spec"]
-SWEEP_KNOBS = [{"num_warps": 2}, {"num_warps": 8}, {"tile_elems": 256}, {"tile_elems": 1024}, {"tile_elems": 2048},
-               {"sync": 2}]
+SWEEP_KNOBS = [{"num_warps": 8}, {"tile_elems": 256}, {"tile_elems": 1024}, {"tile_elems": 2048}, {"sync": 2},
+               {"pair_chunk": 16}, {"pair_chunk": 64}]
 SWEEP_T = (1, 16, 64, 256)
 
 
@@ -335,8 +335,8 @@ def main() -> None:
     Ts = args.T or T_VALUES
     dev = torch.device("cuda")
     meta = run_metadata()
-    if meta["git"] == "unknown":  # the device copy has no .git: the caller passes the revision
-        meta["git"] = os.environ.get("XSHARE_GIT_REV", "unknown")
+    if os.environ.get("XSHARE_GIT_REV"):  # the device copy's .git (if any) is not this checkout's
+        meta["git"] = os.environ["XSHARE_GIT_REV"]
     large = set(models if args.large_models is None else args.large_models)
 
     def t_of(m: str) -> tuple:

@@ -5,16 +5,16 @@ Grid ``(NB,)``; program ``p`` owns tiles ``p * chunks .. p * chunks + chunks - 1
 
 * ``0`` -- one program holds the whole batch: scan, pick and refine from the same registers.
 * ``1`` -- grid barrier: each program writes its partial row (``part_mass [NB, BLOCK_E] fp64``,
-  ``part_flags [NB, BLOCK_E] int32``, ``part_tot [NB] fp64``), arrives on ``sync[0]`` and spins
-  until all ``NB`` have arrived; then *every* program sums the ``NB`` rows in the same fixed
-  order and runs the same pick (identical inputs, identical results, no second round trip),
-  and refines its own tiles (from registers when it owns one). The last program to leave
-  (``sync[1]``) resets both counters, so the next launch or graph replay starts clean. Needs
-  every program resident at once: the host caps ``NB`` at the multiprocessor count.
+  ``part_flags [NB, BLOCK_E] int32``, ``part_tot [NB] fp64``), arrives on the ever-growing
+  ``int64`` counter ``sync[0]`` and waits for its launch's ``NB`` arrivals
+  (:func:`grid_arrive_wait`); then *every* program sums the ``NB`` rows in the same fixed order
+  and runs the same pick (identical inputs, identical results, no second round trip), and
+  refines its own tiles (from registers when it owns one). Needs every program resident at
+  once: the host caps ``NB`` at the multiprocessor count.
 * ``2`` -- two launches (the interpreter, which runs programs one after another): the program
-  that arrives last sums the rows, picks and writes ``sel [BLOCK_E] int32`` (payload >= 0 =
-  chosen) and, for request groups, each row's request set to ``req [T, BLOCK_E] int8``;
-  :func:`~._refine.refine_kernel` then refines.
+  that takes the last ticket of its launch on ``sync[1]`` sums the rows, picks and writes ``sel
+  [BLOCK_E] int32`` (payload >= 0 = chosen) and, for request groups, each row's request set to
+  ``req [T, BLOCK_E] int8``; :func:`~._refine.refine_kernel` then refines.
 
 No float atomics, and masses are summed in float64 and rounded once to float32 (exact for these
 sums): any reduction order gives the reference's bits, and identical inputs bit-identical outputs. ``PICK`` (constexpr): 1 = OEA (the union of the top-``k0`` sets), 2 = XShare greedy,
@@ -38,30 +38,24 @@ MAX_SPINS = tl.constexpr(1 << 21)
 
 @triton.jit
 def grid_arrive_wait(sync_ptr, nb):
-    """Arrive on ``sync[0]`` (release) and wait until ``nb`` programs have (acquire).
+    """Grid barrier on the ``int64`` counter ``sync[0]``; returns the partial rows to read (``nb``).
 
-    The wait polls with plain volatile loads (no atomic traffic competing with the arrivals),
-    then one acquire read orders this program's later reads of the partial rows. Returns the
-    number of rows to read, ``min(arrived, nb)`` (= ``nb``): the reads depend on the acquire.
+    The counter only grows: a program's ticket ``old`` says which launch it belongs to
+    (``old // nb``: launches that share the buffer run one after another on their stream), and it
+    waits until that launch's ``nb`` programs have arrived, ``(old // nb + 1) * nb``. No reset, so
+    no departure round trip; 64-bit, so it never wraps. Arrival is a release, the polls are
+    acquire loads (no read-modify-write competing with the arrivals).
     """
     tl.debug_barrier()  # this program's partial stores precede its arrival
-    cnt = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu") + 1
+    old = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu")
+    target = (old // nb + 1) * nb
+    cnt = old + 1
     spins = 0
-    while (cnt < nb) & (spins < MAX_SPINS):
-        cnt = tl.load(sync_ptr, volatile=True)
+    while (cnt < target) & (spins < MAX_SPINS):
+        cnt = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")  # an ld.acquire
         spins += 1
-    cnt = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
-    return tl.minimum(cnt, nb)
-
-
-@triton.jit
-def grid_depart(sync_ptr, nb):
-    """Leave: the last of ``nb`` programs resets ``sync[0]`` and ``sync[1]`` for the next launch."""
-    left = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu")
-    if left == nb - 1:
-        tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
-        tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
+    return (nb - tl.maximum(target - cnt, 0)).to(tl.int32)  # the reads depend on the acquire
 
 
 @triton.jit
@@ -136,7 +130,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
     """Batch policy over ``T`` tokens -- see the module docstring.
 
     Shapes: ``logits [T, E]`` fp32/bf16/fp16 (row stride ``stride_t``), ``bias [E]``, ``valid [T]
-    uint8``; ``part_* [NB, BLOCK_E]`` / ``[NB]``, ``sync [2] int32`` (0 between launches), ``sel
+    uint8``; ``part_* [NB, BLOCK_E]`` / ``[NB]``, ``sync [2] int64`` (tickets; only grow), ``sel
     [BLOCK_E] int32``, ``req [T, BLOCK_E] int8``, pick scratch ``pk_scr [NB, BLOCK_E] int64`` /
     ``val_scr [NB, BLOCK_E] fp32`` (one row per program); placement tables ``rank / copy [E] int32``,
     ``copies / slot_rank [E, BLOCK_C] int32``. Outputs ``ids [T, K] int32``, ``w [T, K] fp32``,
@@ -177,11 +171,10 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
     if SYNC == 1:
         arrived = grid_arrive_wait(sync_ptr, nb)
         mass, flags, tot = reduce_partials(part_mass, part_flags, part_tot, arrived, cols, RB)
-        grid_depart(sync_ptr, nb)
     if SYNC == 2:
         tl.debug_barrier()
-        done = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu")
-        if done == nb - 1:
+        done = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu")
+        if done % nb == nb - 1:  # the last of this launch's programs (the ticket only grows)
             m64, f_all, t64 = reduce_partials(part_mass, part_flags, part_tot, nb, cols, RB)
             m32, t32 = round_masses(m64, t64, PICK == 5)
             slot = batch_pick(m32, f_all, t32, cols, E, pk_scr + pid * BLOCK_E, val_scr + pid * BLOCK_E,
@@ -189,7 +182,6 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                               b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c, PICK, MODE, FILL, CH,
                               BLOCK_C, BLOCK_R)
             tl.store(sel_ptr + cols, slot)
-            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
     else:
         # ---- pick (every program, identical) and refine this program's tiles
         mass, tot = round_masses(mass, tot, PICK == 5)

@@ -107,8 +107,9 @@ def load_scores(logits_ptr, stride_t, bias_ptr, rows, rmask, cols, E,
 
     Mirrors :func:`sglang_xshare.select.scoring.compute_scores`: NaN -> -inf, +inf -> FLT_MAX,
     a row without a finite logit -> all zeros; softmax (``exp(x - max) / sum``) or sigmoid
-    (``1 / (1 + exp(-x))``), with the accurate ``expf`` and the formulas of torch's CUDA kernels
-    (not Triton's approximate ``exp``), so each token's expert order is torch's bit for bit;
+    (``1 / (1 + exp(-x))``), with the accurate ``expf``, IEEE division (``div_rn``) and the
+    formulas of torch's CUDA kernels -- not Triton's approximate ``exp`` and ``/`` -- so each
+    token's scores, hence its expert order, are torch's bit for bit;
     ``sel = gate + bias``; DeepSeek grouped top-k masks the experts outside the ``TOPK_GROUP``
     best groups to ``-inf`` (group score: max, or sum of the two best when biased). Padded
     columns carry ``gate = 0`` and ``sel = -inf`` and must be masked by the caller.
@@ -122,14 +123,14 @@ def load_scores(logits_ptr, stride_t, bias_ptr, rows, rmask, cols, E,
     alive = tl.max((x > float("-inf")).to(tl.int32), axis=1) > 0
     x = tl.where(alive[:, None] | (cmask[None, :] == 0), x, 0.0)
     if SIGMOID:
-        gate = 1.0 / (1.0 + expf(-x))
+        gate = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + expf(-x))
         mx = tl.zeros([x.shape[0]], dtype=tl.float32)
         den = mx
     else:
         mx = tl.max(x, axis=1)
         ex = expf(x - mx[:, None])
         den = tl.sum(ex, axis=1)
-        gate = ex / den[:, None]
+        gate = tl.math.div_rn(ex, tl.broadcast_to(den[:, None], ex.shape))
     gate = tl.where(cmask[None, :], gate, 0.0)
     if HAS_BIAS:
         b = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -152,9 +153,10 @@ def gate_at(logits_ptr, stride_t, rows, ids, mask, alive, mx, den, SIGMOID: tl.c
     x = tl.where(x == float("inf"), FLT_MAX, x)
     x = tl.where(alive[:, None], x, 0.0)
     if SIGMOID:
-        g = 1.0 / (1.0 + expf(-x))
+        g = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + expf(-x))
     else:
-        g = expf(x - mx[:, None]) / den[:, None]
+        ex = expf(x - mx[:, None])
+        g = tl.math.div_rn(ex, tl.broadcast_to(den[:, None], ex.shape))
     return g
 
 

@@ -6,8 +6,9 @@ SGLang's target-verify batches are -- runs fused in :mod:`._batch`).
 2. :func:`group_kernel`, grid ``(T,)``: program ``r`` sums the rows of the tokens of request
    ``r`` (float64, rounded once), picks ``S_r`` with the request budget
    (:func:`~._pick.greedy_pick`), writes ``S_r`` to the ``req`` row of each of its tokens and
-   its partials (mass on ``S_r``, flags, total) to row ``r``. The program that arrives last
-   (integer ticket) sums the ``T`` rows in order and picks the batch set into ``sel``.
+   its partials (mass on ``S_r``, flags, total) to row ``r``. The program that takes the last
+   ticket of the launch (an ever-growing ``int64`` counter) sums the ``T`` rows and picks the
+   batch set into ``sel``.
 3. :func:`~._refine.refine_kernel` with ``ALLOW = 3``.
 """
 
@@ -92,9 +93,8 @@ def group_kernel(contrib_ptr, tflags_ptr, rid_ptr, T, E,
     tl.store(part_tot + r, tot_r)
     tl.debug_barrier()
     done = tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu")
-    if done == T - 1:
+    if done % T == T - 1:  # the last program of this launch (the int64 ticket only grows)
         mb, fb, tot = reduce_partials(part_mass, part_flags, part_tot, T, cols, RB)
         chosen_b = greedy_pick(mb.to(tl.float32), fb, cols, E, tot.to(tl.float32), pk_row, val_row, MODE, b_count, b_frac_bits, b_eps_bits, b_mass,
                                b_mass_c, CH)
         tl.store(sel_ptr + cols, tl.where(chosen_b, 0, -1))
-        tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")

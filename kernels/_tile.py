@@ -131,7 +131,7 @@ def refine_tile(sel, allowed, valid_row, rows, rmask, cols, E, logits_ptr, strid
         out_ph = tl.where(drop, -1, out_ph)
     if RENORM:
         s = tl.sum(out_w, axis=1)
-        out_w = out_w / tl.maximum(s, FLT_TINY)[:, None]
+        out_w = tl.math.div_rn(out_w, tl.broadcast_to(tl.maximum(s, FLT_TINY)[:, None], out_w.shape))
     offs = rows[:, None].to(tl.int64) * K + kk[None, :]
     tl.store(ids_ptr + offs, out_ids, mask=omask)
     tl.store(w_ptr + offs, out_w, mask=omask)

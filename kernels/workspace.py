@@ -10,7 +10,7 @@ overwrites the previous call's outputs of the same shape).
 Tuning knobs (``workspace`` keys, for benchmarks): ``"num_warps"``, ``"tile_elems"`` (elements
 of one ``[BT, BLOCK_E]`` tile), ``"sync"`` (force 1 = grid barrier or 2 = two launches),
 ``"programs"`` (grid cap; 1 = one program for any batch: no grid synchronisation at all),
-``"plan_as_gpu"`` (plan as on a GPU where the tensors are not on one: ahead-of-time compile checks).
+``"pair_chunk"`` (keys per step of the pick), ``"plan_as_gpu"`` (plan as on a GPU where the tensors are not on one: ahead-of-time compile checks).
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ class Plan:
 
 
 def plan(T: int, E: int, *, group: int = 0, spin: bool = True, programs: int = MAX_PROGRAMS,
-         tile_elems: int = TILE_ELEMS, num_warps: int = NUM_WARPS, sync: int | None = None) -> Plan:
+         tile_elems: int = TILE_ELEMS, num_warps: int = NUM_WARPS, sync: int | None = None,
+         pair_chunk: int = PAIR_CHUNK) -> Plan:
     """The :class:`Plan` of ``T`` tokens over ``E`` experts (a pure function of its arguments).
 
     Args:
@@ -105,6 +106,7 @@ def plan(T: int, E: int, *, group: int = 0, spin: bool = True, programs: int = M
             over every tile (no grid synchronisation at all).
         tile_elems: target elements per tile; the tile never exceeds the batch.
         sync: force a synchronisation mode (1 or 2) when the batch needs several tiles.
+        pair_chunk: keys compared per step of the pick (:func:`~._pick.pairwise`).
     """
     block_e = max(16, _pow2(E))
     gp = _pow2(group) if group else 1
@@ -113,7 +115,7 @@ def plan(T: int, E: int, *, group: int = 0, spin: bool = True, programs: int = M
     per = min(per, _pow2(max(units, 1)))
     tiles = max(1, -(-units // per))
     rb = max(1, REDUCE_ELEMS // block_e)  # a function of E only: no variant per batch size
-    ch = min(block_e, PAIR_CHUNK)
+    ch = min(block_e, _pow2(pair_chunk))
 
     def done(mode: int, nb: int, chunks: int) -> Plan:
         return Plan(block_e, per * gp, gp, tiles, nb, chunks, mode, rb, ch, num_warps)
@@ -137,8 +139,8 @@ class Buffers:
 
     Attributes:
         part_mass: ``[rows, BE] float64``, part_flags: ``[rows, BE]``, part_tot: ``[rows] float64``
-            (``rows`` = grid, or ``T`` for the general ``xshare_spec`` path); sync: ``[2]``
-            (zero between launches); sel: ``[BE]``; req: ``[T, BE] int8``; dummy: ``[1]``;
+            (``rows`` = grid, or ``T`` for the general ``xshare_spec`` path); sync: ``[2] int64``
+            launch tickets (they only grow); sel: ``[BE]``; req: ``[T, BE] int8``; dummy: ``[1]``;
             pk_scr / val_scr: ``[rows, BE]`` int64 / fp32 pick scratch, one row per program.
         contrib / tflags: ``[T, BE]`` fp32 / int32 (general ``xshare_spec`` path).
         out_ids / out_w / out_phys: ``[T, k]`` outputs when ``reuse_outputs``.
@@ -152,7 +154,7 @@ class Buffers:
         self.part_mass = torch.zeros(rows, be, dtype=torch.float64, device=device)
         self.part_flags = torch.zeros(rows, be, dtype=i32, device=device)
         self.part_tot = torch.zeros(rows, dtype=torch.float64, device=device)
-        self.sync = torch.zeros(2, dtype=i32, device=device)
+        self.sync = torch.zeros(2, dtype=torch.int64, device=device)
         self.sel = torch.full((be,), -1, dtype=i32, device=device)
         self.req = torch.zeros(max(T, 1), be, dtype=torch.int8, device=device)
         self.dummy = torch.zeros(1, dtype=i32, device=device)
@@ -170,14 +172,14 @@ def buffers(workspace: dict, policy: str, T: int, E: int, k: int, device: torch.
             group: int = 0, general_spec: bool = False) -> Buffers:
     """The :class:`Buffers` (and plan) of this call's shape, allocated on first use."""
     knobs = (int(workspace.get("num_warps", NUM_WARPS)), int(workspace.get("tile_elems", TILE_ELEMS)),
-             workspace.get("sync"), workspace.get("programs"))
+             workspace.get("sync"), workspace.get("programs"), int(workspace.get("pair_chunk", PAIR_CHUNK)))
     key = ("buffers", policy, T, E, k, str(device), dtype, group, general_spec, knobs)
     buf = workspace.get(key)
     if buf is None:
         spin = (device.type == "cuda" or bool(workspace.get("plan_as_gpu"))) and not interpreting()
         programs = max_programs(device) if knobs[3] is None else min(int(knobs[3]), max_programs(device))
         p = plan(T, E, group=group, spin=spin, programs=programs, tile_elems=knobs[1],
-                 num_warps=knobs[0], sync=knobs[2] if spin else None)
+                 num_warps=knobs[0], sync=knobs[2] if spin else None, pair_chunk=knobs[4])
         buf = Buffers(p, T, k, device, general_spec)
         workspace[key] = buf
     return buf
