@@ -74,8 +74,8 @@ ADVERSARIAL_T = (16, 64)
 
 SWEEP_MODELS = ["qwen3-128x8", "dsv3-256x8-grp-bias"]
 SWEEP_POLICIES = ["xshare", "xshare_ep", "xshare_spec"]
-SWEEP_KNOBS = [{"num_warps": 8}, {"tile_elems": 256}, {"tile_elems": 1024}, {"tile_elems": 2048}, {"sync": 2},
-               {"pair_chunk": 16}, {"pair_chunk": 64}]
+SWEEP_KNOBS = [{"num_warps": 8}, {"tile_elems": 256}, {"tile_elems": 1024}, {"sync": 2}, {"pair_chunk": 32},
+               {"two_stage": True}, {"two_stage": False}]
 SWEEP_T = (1, 16, 64, 256)
 
 

@@ -9,8 +9,11 @@ Grid ``(NB,)``; program ``p`` owns tiles ``p * chunks .. p * chunks + chunks - 1
   ``int64`` counter ``sync[0]`` and waits for its launch's ``NB`` arrivals
   (:func:`grid_arrive_wait`); then *every* program sums the ``NB`` rows in the same fixed order
   and runs the same pick (identical inputs, identical results, no second round trip), and
-  refines its own tiles (from registers when it owns one). Needs every program resident at
-  once: the host caps ``NB`` at the multiprocessor count.
+  refines its own tiles (from registers when it owns one). Wide grids (``TWO_STAGE``) reduce in
+  two stages instead -- program ``p`` sums a ``CW``-column slice of all rows into ``tot_mass /
+  tot_flags [BLOCK_E]`` / ``tot_tot [1]``, a second barrier on ``sync[1]``, then every program
+  reads the totals -- so each partial byte crosses L2 once instead of ``NB`` times. Needs every
+  program resident at once: the host caps ``NB`` at the multiprocessor count.
 * ``2`` -- two launches (the interpreter, which runs programs one after another): the program
   that takes the last ticket of its launch on ``sync[1]`` sums the rows, picks and writes ``sel
   [BLOCK_E] int32`` (payload >= 0 = chosen) and, for request groups, each row's request set to
@@ -77,6 +80,33 @@ def reduce_partials(part_mass, part_flags, part_tot, nb, cols, RB: tl.constexpr)
 
 
 @triton.jit
+def reduce_slice(part_mass, part_flags, part_tot, tot_mass, tot_flags, tot_tot, nb, pid, BE: tl.constexpr,
+                 CW: tl.constexpr, RB2: tl.constexpr):
+    """Stage 1 of the two-stage reduction: program ``pid`` sums columns ``[pid * CW, pid * CW + CW)``
+    of the ``nb`` partial rows into ``tot_mass / tot_flags [BE]`` (program 0 also ``tot_tot [1]``),
+    so every partial byte is read once, not once per program."""
+    c = pid * CW + tl.arange(0, CW)
+    cm = c < BE
+    rr = tl.arange(0, RB2)
+    m = tl.zeros([CW], dtype=tl.float64)
+    f = tl.zeros([CW], dtype=tl.int32)
+    for r0 in range(0, nb, RB2):
+        r = r0 + rr
+        msk = (r < nb)[:, None] & cm[None, :]
+        offs = r[:, None] * BE + c[None, :]
+        m += tl.sum(tl.load(part_mass + offs, mask=msk, other=0.0, cache_modifier=".cg"), axis=0)
+        f += tl.sum(tl.load(part_flags + offs, mask=msk, other=0, cache_modifier=".cg"), axis=0)
+    tl.store(tot_mass + c, m, mask=cm)
+    tl.store(tot_flags + c, f, mask=cm)
+    if pid == 0:
+        t = tl.zeros([RB2], dtype=tl.float64)
+        for r0 in range(0, nb, RB2):
+            r = r0 + rr
+            t += tl.load(part_tot + r, mask=r < nb, other=0.0, cache_modifier=".cg")
+        tl.store(tot_tot, tl.sum(t, axis=0))
+
+
+@triton.jit
 def round_masses(mass, tot, HAS_TOT: tl.constexpr):
     """fp64 sums -> the fp32 ``mass`` and ``tot`` the pick reads: one rounding each (the mass
     mode's total is the sum of the rounded masses, or the given request total)."""
@@ -114,7 +144,8 @@ def batch_pick(mass, flags, tot, cols, E, pk_ptr, val_ptr, rank_ptr, copy_ptr, c
 @triton.jit(do_not_specialize=["T", "E", "R", "chunks", "b_count", "b_frac_bits", "b_eps_bits",
                                "rb_count", "rb_frac_bits", "rb_eps_bits"])
 def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
-                 part_mass, part_flags, part_tot, sync_ptr, sel_ptr, req_ptr, pk_scr, val_scr,
+                 part_mass, part_flags, part_tot, tot_mass, tot_flags, tot_tot, sync_ptr, sel_ptr, req_ptr,
+                 pk_scr, val_scr,
                  rank_ptr, copy_ptr, copies_ptr, slot_rank_ptr, R,
                  b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c,
                  rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c,
@@ -124,7 +155,8 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                  K: tl.constexpr, K0: tl.constexpr, MASS_FULL: tl.constexpr,
                  PICK: tl.constexpr, ALLOW: tl.constexpr, MODE: tl.constexpr, RMODE: tl.constexpr,
                  FILL: tl.constexpr, HAS_MIN: tl.constexpr, RENORM: tl.constexpr, WANT_PHYS: tl.constexpr,
-                 SYNC: tl.constexpr, ONE_CHUNK: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
+                 SYNC: tl.constexpr, TWO_STAGE: tl.constexpr, CW: tl.constexpr, RB2: tl.constexpr,
+                 ONE_CHUNK: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
                  RB: tl.constexpr, CH: tl.constexpr, BT: tl.constexpr, BLOCK_E: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     """Batch policy over ``T`` tokens -- see the module docstring.
@@ -170,7 +202,15 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
             tl.store(req_ptr + roffs, req.to(tl.int8), mask=rmask[:, None])
     if SYNC == 1:
         arrived = grid_arrive_wait(sync_ptr, nb)
-        mass, flags, tot = reduce_partials(part_mass, part_flags, part_tot, arrived, cols, RB)
+        if TWO_STAGE:  # wide grids: each program reduces a column slice, then all read the totals
+            reduce_slice(part_mass, part_flags, part_tot, tot_mass, tot_flags, tot_tot, arrived, pid, BLOCK_E, CW,
+                         RB2)
+            ok = grid_arrive_wait(sync_ptr + 1, nb) > 0  # the reads below depend on its acquire
+            mass = tl.load(tot_mass + cols, mask=ok & (cols >= 0), other=0.0, cache_modifier=".cg")
+            flags = tl.load(tot_flags + cols, mask=ok & (cols >= 0), other=0, cache_modifier=".cg")
+            tot = tl.load(tot_tot, cache_modifier=".cg")
+        else:
+            mass, flags, tot = reduce_partials(part_mass, part_flags, part_tot, arrived, cols, RB)
     if SYNC == 2:
         tl.debug_barrier()
         done = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu")

@@ -140,14 +140,16 @@ def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, polic
     bias = _bias(correction_bias, buf)
     batch_kernel[(p.nb,)](
         x, x.stride(0), bias, valid, T, E, p.chunks,
-        buf.part_mass, buf.part_flags, buf.part_tot, buf.sync, buf.sel, buf.req, buf.pk_scr, buf.val_scr,
+        buf.part_mass, buf.part_flags, buf.part_tot, buf.tot_mass, buf.tot_flags, buf.tot_tot,
+        buf.sync, buf.sel, buf.req, buf.pk_scr, buf.val_scr,
         rank, copy, copies, slot_rank, R,
         b_count, b_frac, b_eps, b_mass, b_mass_c,
         rb_count, rb_frac, rb_eps, rb_mass, rb_mass_c,
         ids, w, ph, float(ctx.min_score),
         **rc, K=k, K0=ctx.k0, MASS_FULL=ctx.mass_source == "full",
         PICK=pick, ALLOW=allow, MODE=mode, RMODE=rmode, FILL=bool(ctx.fill_to_peak), HAS_MIN=ctx.min_score > 0,
-        RENORM=ctx.renormalize, WANT_PHYS=want_phys, SYNC=p.sync, ONE_CHUNK=p.chunks == 1,
+        RENORM=ctx.renormalize, WANT_PHYS=want_phys, SYNC=p.sync, TWO_STAGE=p.two_stage, CW=p.cw, RB2=p.rb2,
+        ONE_CHUNK=p.chunks == 1,
         GROUP=group, GP=p.gp, RB=p.rb, CH=p.ch, BT=p.bt, BLOCK_E=p.block_e,
         BLOCK_K=max(2, triton.next_power_of_2(k)), BLOCK_C=block_c, BLOCK_R=block_r, num_warps=p.num_warps,
     )

@@ -10,7 +10,8 @@ overwrites the previous call's outputs of the same shape).
 Tuning knobs (``workspace`` keys, for benchmarks): ``"num_warps"``, ``"tile_elems"`` (elements
 of one ``[BT, BLOCK_E]`` tile), ``"sync"`` (force 1 = grid barrier or 2 = two launches),
 ``"programs"`` (grid cap; 1 = one program for any batch: no grid synchronisation at all),
-``"pair_chunk"`` (keys per step of the pick), ``"plan_as_gpu"`` (plan as on a GPU where the tensors are not on one: ahead-of-time compile checks).
+``"pair_chunk"`` (keys per step of the pick), ``"two_stage"`` (force the two-stage grid
+reduction on / off), ``"plan_as_gpu"`` (plan as on a GPU where the tensors are not on one: ahead-of-time compile checks).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from sglang_xshare.placement import Placement
 from sglang_xshare.select.policies.xshare_ep import copies_table
 
 __all__ = ["Plan", "plan", "Buffers", "buffers", "budget_args", "placement_tables", "routing_constexprs",
-           "MAX_PROGRAMS", "TILE_ELEMS", "TILE_ELEMS_MAX", "max_programs", "interpreting"]
+           "MAX_PROGRAMS", "TILE_ELEMS", "TILE_ELEMS_MAX", "TWO_STAGE_ELEMS", "max_programs", "interpreting"]
 
 #: Default elements of one ``[BT, BLOCK_E]`` tile (BT = 8 rows at E = 64, 2 at E = 256; measured on
 #: an H100: smaller tiles = shorter unrolled code), for batches that need more than one tile; a
@@ -35,12 +36,12 @@ TILE_ELEMS = 512
 #: Largest tile: a batch is cut into at most :func:`max_programs` tiles while tiles stay under this.
 TILE_ELEMS_MAX = 16384
 #: Upper bound on the grid of the one-launch batch kernel (all its programs must be resident);
-#: beyond it tiles grow (measured on an H100: 64 programs of 4-row tiles beat 128 of 2 rows).
-MAX_PROGRAMS = 64
+#: beyond it tiles grow.
+MAX_PROGRAMS = 128
 #: Elements of one tile of partial rows read per reduction step.
 REDUCE_ELEMS = 4096
-#: Columns of one step of the pairwise comparison (``[BLOCK_E, CH]`` per step).
-PAIR_CHUNK = 32
+#: The grid barrier reduces in two stages from this many partial elements (``NB * BLOCK_E``) on.
+TWO_STAGE_ELEMS = 8192
 #: Default warps per program.
 NUM_WARPS = 4
 #: ``eps`` of the fraction budget, ``ceil(n * f - 1e-6)``.
@@ -79,7 +80,8 @@ class Plan:
         block_e: ``E`` padded to a power of two; bt: rows per tile; gp: rows per request
             (request groups; 1 otherwise); tiles: tiles in all; nb: grid; chunks: tiles per
             program; sync: 0 one program, 1 grid barrier, 2 two launches; rb: partial rows per
-            reduction step; ch: columns per pairwise step; num_warps: warps per program.
+            reduction step; ch: keys per pairwise step; num_warps: warps per program; two_stage:
+            grid-barrier reduction in two stages, ``cw`` columns and ``rb2`` rows per step each.
     """
 
     block_e: int
@@ -92,11 +94,14 @@ class Plan:
     rb: int
     ch: int
     num_warps: int
+    two_stage: bool = False
+    cw: int = 1
+    rb2: int = 1
 
 
 def plan(T: int, E: int, *, group: int = 0, spin: bool = True, programs: int = MAX_PROGRAMS,
          tile_elems: int = TILE_ELEMS, num_warps: int = NUM_WARPS, sync: int | None = None,
-         pair_chunk: int = PAIR_CHUNK) -> Plan:
+         pair_chunk: int | None = None, two_stage: bool | None = None) -> Plan:
     """The :class:`Plan` of ``T`` tokens over ``E`` experts (a pure function of its arguments).
 
     Args:
@@ -106,7 +111,9 @@ def plan(T: int, E: int, *, group: int = 0, spin: bool = True, programs: int = M
             over every tile (no grid synchronisation at all).
         tile_elems: target elements per tile; the tile never exceeds the batch.
         sync: force a synchronisation mode (1 or 2) when the batch needs several tiles.
-        pair_chunk: keys compared per step of the pick (:func:`~._pick.pairwise`).
+        pair_chunk: keys compared per step of the pick (:func:`~._pick.pairwise`); default by T.
+        two_stage: force the two-stage grid reduction on / off (default: grids of at least
+            :data:`TWO_STAGE_ELEMS` partial elements).
     """
     block_e = max(16, _pow2(E))
     gp = _pow2(group) if group else 1
@@ -115,10 +122,15 @@ def plan(T: int, E: int, *, group: int = 0, spin: bool = True, programs: int = M
     per = min(per, _pow2(max(units, 1)))
     tiles = max(1, -(-units // per))
     rb = max(1, REDUCE_ELEMS // block_e)  # a function of E only: no variant per batch size
+    if pair_chunk is None:  # measured on an H100: few pickable experts -> short steps
+        pair_chunk = 16 if T <= 2 else 64
     ch = min(block_e, _pow2(pair_chunk))
 
     def done(mode: int, nb: int, chunks: int) -> Plan:
-        return Plan(block_e, per * gp, gp, tiles, nb, chunks, mode, rb, ch, num_warps)
+        two = mode == 1 and nb * block_e >= (TWO_STAGE_ELEMS if two_stage is None else (0 if two_stage else 1 << 62))
+        cw = max(1, _pow2(-(-block_e // nb)))
+        return Plan(block_e, per * gp, gp, tiles, nb, chunks, mode, rb, ch, num_warps, two, cw,
+                    max(1, min(_pow2(nb), REDUCE_ELEMS // cw)))
 
     if tiles == 1 or programs == 1:
         return done(0, 1, tiles)
@@ -141,7 +153,8 @@ class Buffers:
         part_mass: ``[rows, BE] float64``, part_flags: ``[rows, BE]``, part_tot: ``[rows] float64``
             (``rows`` = grid, or ``T`` for the general ``xshare_spec`` path); sync: ``[2] int64``
             launch tickets (they only grow); sel: ``[BE]``; req: ``[T, BE] int8``; dummy: ``[1]``;
-            pk_scr / val_scr: ``[rows, BE]`` int64 / fp32 pick scratch, one row per program.
+            pk_scr / val_scr: ``[rows, BE]`` int64 / fp32 pick scratch, one row per program;
+            tot_mass / tot_flags / tot_tot: ``[BE]`` fp64 / int32 and ``[1]`` fp64 two-stage totals.
         contrib / tflags: ``[T, BE]`` fp32 / int32 (general ``xshare_spec`` path).
         out_ids / out_w / out_phys: ``[T, k]`` outputs when ``reuse_outputs``.
     """
@@ -158,6 +171,9 @@ class Buffers:
         self.sel = torch.full((be,), -1, dtype=i32, device=device)
         self.req = torch.zeros(max(T, 1), be, dtype=torch.int8, device=device)
         self.dummy = torch.zeros(1, dtype=i32, device=device)
+        self.tot_mass = torch.zeros(be, dtype=torch.float64, device=device)
+        self.tot_flags = torch.zeros(be, dtype=i32, device=device)
+        self.tot_tot = torch.zeros(1, dtype=torch.float64, device=device)
         self.pk_scr = torch.zeros(rows, be, dtype=torch.int64, device=device)
         self.val_scr = torch.zeros(rows, be, dtype=f32, device=device)
         if general_spec:
@@ -172,14 +188,15 @@ def buffers(workspace: dict, policy: str, T: int, E: int, k: int, device: torch.
             group: int = 0, general_spec: bool = False) -> Buffers:
     """The :class:`Buffers` (and plan) of this call's shape, allocated on first use."""
     knobs = (int(workspace.get("num_warps", NUM_WARPS)), int(workspace.get("tile_elems", TILE_ELEMS)),
-             workspace.get("sync"), workspace.get("programs"), int(workspace.get("pair_chunk", PAIR_CHUNK)))
+             workspace.get("sync"), workspace.get("programs"), workspace.get("pair_chunk"),
+             workspace.get("two_stage"))
     key = ("buffers", policy, T, E, k, str(device), dtype, group, general_spec, knobs)
     buf = workspace.get(key)
     if buf is None:
         spin = (device.type == "cuda" or bool(workspace.get("plan_as_gpu"))) and not interpreting()
         programs = max_programs(device) if knobs[3] is None else min(int(knobs[3]), max_programs(device))
         p = plan(T, E, group=group, spin=spin, programs=programs, tile_elems=knobs[1],
-                 num_warps=knobs[0], sync=knobs[2] if spin else None, pair_chunk=knobs[4])
+                 num_warps=knobs[0], sync=knobs[2] if spin else None, pair_chunk=knobs[4], two_stage=knobs[5])
         buf = Buffers(p, T, k, device, general_spec)
         workspace[key] = buf
     return buf
