@@ -145,7 +145,7 @@ def batch_pick(mass, flags, tot, cols, E, pk_ptr, val_ptr, rank_ptr, copy_ptr, c
                                "rb_count", "rb_frac_bits", "rb_eps_bits"])
 def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                  part_mass, part_flags, part_tot, tot_mass, tot_flags, tot_tot, sync_ptr, sel_ptr, req_ptr,
-                 pk_scr, val_scr,
+                 pk_scr, val_scr, rk_scr, rv_scr,
                  rank_ptr, copy_ptr, copies_ptr, slot_rank_ptr, R,
                  b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c,
                  rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c,
@@ -164,7 +164,8 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
     Shapes: ``logits [T, E]`` fp32/bf16/fp16 (row stride ``stride_t``), ``bias [E]``, ``valid [T]
     uint8``; ``part_* [NB, BLOCK_E]`` / ``[NB]``, ``sync [2] int64`` (tickets; only grow), ``sel
     [BLOCK_E] int32``, ``req [T, BLOCK_E] int8``, pick scratch ``pk_scr [NB, BLOCK_E] int64`` /
-    ``val_scr [NB, BLOCK_E] fp32`` (one row per program); placement tables ``rank / copy [E] int32``,
+    ``val_scr [NB, BLOCK_E] fp32`` (one row per program), request-pick scratch ``rk_scr / rv_scr
+    [NB, BT / GP, BLOCK_E]`` int64 / fp32; placement tables ``rank / copy [E] int32``,
     ``copies / slot_rank [E, BLOCK_C] int32``. Outputs ``ids [T, K] int32``, ``w [T, K] fp32``,
     ``phys [T, K] int32`` (``WANT_PHYS``). ``chunks`` tiles per program (``ONE_CHUNK``: exactly 1).
     """
@@ -172,12 +173,14 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
     nb = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
+    rk = rk_scr + pid * (BT // GP) * BLOCK_E  # this program's request-pick scratch
+    rv = rv_scr + pid * (BT // GP) * BLOCK_E
     # ---- scan: scores, per-token sets, this program's partials
     if ONE_CHUNK:
         rows, rmask = tile_rows(pid, T, BT, GROUP, GP)
         sel, in_topk, v, alive, mx, den, mass, flags, tot, req = tile_scan(
             logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
-            rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c,
+            rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c, rk, rv,
             SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, GROUP, GP, RMODE)
     else:
         mass = tl.zeros([BLOCK_E], dtype=tl.float64)
@@ -187,7 +190,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
             rows, rmask = tile_rows(pid * chunks + c, T, BT, GROUP, GP)
             _s, _k, _v, _a, _m, _i, m_c, f_c, t_c, _r = tile_scan(
                 logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
-                rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c,
+                rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c, rk, rv,
                 SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, GROUP, GP, RMODE)
             mass += m_c
             flags += f_c
@@ -242,7 +245,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                 rows, rmask = tile_rows(pid * chunks + c, T, BT, GROUP, GP)
                 sel, in_topk, v, alive, mx, den, _m, _f, _t, req = tile_scan(
                     logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
-                    rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c,
+                    rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c, rk, rv,
                     SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, GROUP, GP, RMODE)
                 allowed = chosen[None, :] & req
                 if ALLOW == 2:

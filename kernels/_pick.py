@@ -229,28 +229,33 @@ def ep_replicated_pick(mass, flags, cols, E, tot, pk_ptr, val_ptr, copies_ptr, s
 
 
 @triton.jit
-def iterative_rows(mass, wcnt, ucnt, cols, E, MODE: tl.constexpr, b_count, b_frac_bits, b_eps_bits, b_mass,
-                   b_mass_c):
-    """Greedy pick of many groups at once (one per row), by repeated row maxima.
+def rows_pick(mass, wcnt, ucnt, cols, E, k_ptr, v_ptr, MODE: tl.constexpr, b_count, b_frac_bits, b_eps_bits,
+              b_mass, b_mass_c, CC: tl.constexpr):
+    """Greedy pick of many groups at once (one per row): ``[RT, BLOCK_E] int1``.
 
-    For ``mass [RT, BLOCK_E] fp32`` and warm / top-k counts ``wcnt`` / ``ucnt [RT, BLOCK_E]``:
-    every row keeps its warm experts, then takes its next-best expert by mass while the budget
-    allows -- a count (``MODE`` 0 / 1: ``max(m, |warm|)`` experts in all) or, in mass mode, while
-    the cumulative mass before it (warm experts first) is below ``X`` of the row's total. Equal
-    to :func:`greedy_pick` row by row; the number of rounds is the largest number of non-warm
-    experts any row takes (small: a request's tokens bring at most ``tokens * k`` candidates).
+    For ``mass [RT, BLOCK_E] fp32`` and warm / top-k "any" flags ``wcnt`` / ``ucnt [RT, BLOCK_E]``,
+    every row keeps its warm experts, then its candidates (non-warm, mass > 0) by descending mass
+    while the budget allows: a count (``MODE`` 0 / 1: ``max(m, |warm|)`` experts in all), or in
+    mass mode while the mass before the candidate (warm experts first, then the candidates above
+    it) is below ``X`` of the row's total -- :func:`greedy_pick` row by row.
 
-    Returns ``[RT, BLOCK_E] int1``.
+    Each row's candidates (at most its tokens' top-k: few) are compacted into this program's
+    scratch ``k_ptr [RT, BLOCK_E] int64`` / ``v_ptr [RT, BLOCK_E] fp32`` (a CTA barrier each
+    side), then every expert is compared with them, ``CC`` at a time (``[RT, CC, BLOCK_E]``):
+    its rank among the candidates and the (exact, float64) mass above it.
     """
+    RT: tl.constexpr = mass.shape[0]
+    BE: tl.constexpr = mass.shape[1]
     cmask = (cols < E)[None, :]
     warm = (wcnt > 0) & cmask
     cand = (mass > 0.0) & cmask & (warm == 0)
-    packed = tl.where(cand, pack(mass, cols[None, :], cmask), SENT)
+    packed = pack(mass, cols[None, :], cmask)
     n_warm = tl.sum(warm.to(tl.int32), axis=1)
+    n_cand = tl.sum(cand.to(tl.int32), axis=1)
     if MODE == 2:
         tot = tl.sum(tl.where(cmask, mass, 0.0).to(tl.float64), axis=1).to(tl.float32)
         thr = ((tot * b_mass) * b_mass_c).to(tl.float64)
-        cum = tl.sum(tl.where(warm & (mass > 0.0), mass, 0.0).to(tl.float64), axis=1)
+        base = tl.sum(tl.where(warm & (mass > 0.0), mass, 0.0).to(tl.float64), axis=1)
     else:
         if MODE == 0:
             m = n_warm * 0 + b_count
@@ -260,20 +265,26 @@ def iterative_rows(mass, wcnt, ucnt, cols, E, MODE: tl.constexpr, b_count, b_fra
             eps = b_eps_bits.to(tl.float64, bitcast=True)
             m = tl.ceil(n_union.to(tl.float64) * f - eps).to(tl.int32)
         rem = tl.maximum(m, n_warm) - n_warm
-    chosen = warm
-    i = 0
-    more = tl.max((tl.max(packed, axis=1) > SENT).to(tl.int32), axis=0) > 0
-    while more:
-        best = tl.max(packed, axis=1)
+    rr = tl.arange(0, RT)[:, None]
+    slot = tl.cumsum(cand.to(tl.int32), axis=1) - 1
+    tl.debug_barrier()  # earlier readers of the scratch are done
+    tl.store(k_ptr + rr * BE + slot, packed, mask=cand)
+    if MODE == 2:
+        tl.store(v_ptr + rr * BE + slot, mass, mask=cand)
+    tl.debug_barrier()
+    cc = tl.arange(0, CC)[None, :]
+    pos = tl.zeros([RT, BE], dtype=tl.int32)
+    above = tl.zeros([RT, BE], dtype=tl.float64)
+    for c0 in range(0, tl.max(n_cand, axis=0), CC):
+        ok = (c0 + cc) < n_cand[:, None]
+        kc = tl.load(k_ptr + rr * BE + c0 + cc, mask=ok, other=SENT)
+        gt = kc[:, :, None] > packed[:, None, :]
+        pos += tl.sum(gt.to(tl.int32), axis=1)
         if MODE == 2:
-            ok = (best > SENT) & (cum < thr)
-            cum = cum + tl.where(ok, unpack_key(best), 0.0).to(tl.float64)
-        else:
-            ok = (best > SENT) & (i < rem)
-        hit = (packed == best[:, None]) & ok[:, None]
-        chosen = chosen | hit
-        packed = tl.where(hit, SENT, packed)
-        packed = tl.where(ok[:, None], packed, SENT)
-        more = tl.max(ok.to(tl.int32), axis=0) > 0
-        i += 1
-    return chosen
+            vc = tl.load(v_ptr + rr * BE + c0 + cc, mask=ok, other=0.0)
+            above += tl.sum(tl.where(gt, vc[:, :, None].to(tl.float64), 0.0), axis=1)
+    if MODE == 2:
+        take = cand & ((base[:, None] + above) < thr[:, None])
+    else:
+        take = cand & (pos < rem[:, None])
+    return warm | take

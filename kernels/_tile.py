@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._core import FLT_TINY, SENT, gate_at, load_scores, pack, runtime, token_topk, unpack_col, unpack_key, unpack_payload
-from ._pick import iterative_rows
+from ._pick import rows_pick
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def tile_rows(tile, T, BT: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr):
 
 @triton.jit
 def tile_scan(logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
-              rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c,
+              rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c, rk_ptr, rv_ptr,
               SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
               GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, K: tl.constexpr, K0: tl.constexpr,
               MASS_FULL: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, RMODE: tl.constexpr):
@@ -49,7 +49,8 @@ def tile_scan(logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
     for :func:`~._core.gate_at`; the tile partials ``mass [BLOCK_E] fp64`` (for request groups:
     each request's mass on its own chosen set, summed), ``flags [BLOCK_E] int32`` and ``tot``
     (fp64 scalar, the tile's whole request mass; request groups only); ``req [BT, BLOCK_E] int1``
-    each row's request set (``GROUP > 0``; all True otherwise). Masses are summed in float64 and
+    each row's request set (``GROUP > 0``; all True otherwise; ``rk_ptr / rv_ptr`` this program's
+    ``[BT / GP, BLOCK_E]`` int64 / fp32 scratch for the request picks). Masses are summed in float64 and
     rounded once where the reference rounds (:func:`sglang_xshare.select.common.exact_sum`): the
     same bits in any summation order.
     """
@@ -76,8 +77,8 @@ def tile_scan(logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
         mass_r = tl.sum(tl.reshape(contrib, [RT, GP, BE]).to(tl.float64), axis=1).to(tl.float32)
         wcnt = tl.max(tl.reshape(wm.to(tl.int32), [RT, GP, BE]), axis=1)
         ucnt = tl.max(tl.reshape(tk.to(tl.int32), [RT, GP, BE]), axis=1)
-        chosen_r = iterative_rows(mass_r, wcnt, ucnt, cols, E, RMODE, rb_count, rb_frac_bits, rb_eps_bits,
-                                  rb_mass, rb_mass_c)
+        chosen_r = rows_pick(mass_r, wcnt, ucnt, cols, E, rk_ptr, rv_ptr, RMODE, rb_count, rb_frac_bits,
+                             rb_eps_bits, rb_mass, rb_mass_c, 32)
         mass = tl.sum(tl.where(chosen_r, mass_r, 0.0).to(tl.float64), axis=0)
         flags = tl.max(wcnt, axis=0) + 65536 * tl.max(ucnt, axis=0)
         tot = tl.sum(tl.sum(mass_r.to(tl.float64), axis=1), axis=0)

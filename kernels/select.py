@@ -141,7 +141,7 @@ def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, polic
     batch_kernel[(p.nb,)](
         x, x.stride(0), bias, valid, T, E, p.chunks,
         buf.part_mass, buf.part_flags, buf.part_tot, buf.tot_mass, buf.tot_flags, buf.tot_tot,
-        buf.sync, buf.sel, buf.req, buf.pk_scr, buf.val_scr,
+        buf.sync, buf.sel, buf.req, buf.pk_scr, buf.val_scr, buf.rk_scr, buf.rv_scr,
         rank, copy, copies, slot_rank, R,
         b_count, b_frac, b_eps, b_mass, b_mass_c,
         rb_count, rb_frac, rb_eps, rb_mass, rb_mass_c,

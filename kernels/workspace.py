@@ -101,7 +101,7 @@ class Plan:
 
 def plan(T: int, E: int, *, group: int = 0, spin: bool = True, programs: int = MAX_PROGRAMS,
          tile_elems: int = TILE_ELEMS, num_warps: int = NUM_WARPS, sync: int | None = None,
-         pair_chunk: int | None = None, two_stage: bool | None = None) -> Plan:
+         pair_chunk: int | None = None, two_stage: bool | None = None, heavy_pick: bool = False) -> Plan:
     """The :class:`Plan` of ``T`` tokens over ``E`` experts (a pure function of its arguments).
 
     Args:
@@ -111,7 +111,8 @@ def plan(T: int, E: int, *, group: int = 0, spin: bool = True, programs: int = M
             over every tile (no grid synchronisation at all).
         tile_elems: target elements per tile; the tile never exceeds the batch.
         sync: force a synchronisation mode (1 or 2) when the batch needs several tiles.
-        pair_chunk: keys compared per step of the pick (:func:`~._pick.pairwise`); default by T.
+        pair_chunk: keys compared per step of the pick (:func:`~._pick.pairwise`); default by T
+            and ``heavy_pick`` (the pick keeps per-rank counts too: ``xshare_ep``).
         two_stage: force the two-stage grid reduction on / off (default: grids of at least
             :data:`TWO_STAGE_ELEMS` partial elements).
     """
@@ -122,8 +123,8 @@ def plan(T: int, E: int, *, group: int = 0, spin: bool = True, programs: int = M
     per = min(per, _pow2(max(units, 1)))
     tiles = max(1, -(-units // per))
     rb = max(1, REDUCE_ELEMS // block_e)  # a function of E only: no variant per batch size
-    if pair_chunk is None:  # measured on an H100: few pickable experts -> short steps
-        pair_chunk = 16 if T <= 2 else 64
+    if pair_chunk is None:  # measured on an H100 (bench_select sweep): few pickable experts -> short steps
+        pair_chunk = 16 if T <= 2 else (64 if T <= 64 and not heavy_pick else 32)
     ch = min(block_e, _pow2(pair_chunk))
 
     def done(mode: int, nb: int, chunks: int) -> Plan:
@@ -154,12 +155,14 @@ class Buffers:
             (``rows`` = grid, or ``T`` for the general ``xshare_spec`` path); sync: ``[2] int64``
             launch tickets (they only grow); sel: ``[BE]``; req: ``[T, BE] int8``; dummy: ``[1]``;
             pk_scr / val_scr: ``[rows, BE]`` int64 / fp32 pick scratch, one row per program;
-            tot_mass / tot_flags / tot_tot: ``[BE]`` fp64 / int32 and ``[1]`` fp64 two-stage totals.
+            tot_mass / tot_flags / tot_tot: ``[BE]`` fp64 / int32 and ``[1]`` fp64 two-stage totals;
+            rk_scr / rv_scr: ``[rows * requests per tile, BE]`` int64 / fp32 request-pick scratch.
         contrib / tflags: ``[T, BE]`` fp32 / int32 (general ``xshare_spec`` path).
         out_ids / out_w / out_phys: ``[T, k]`` outputs when ``reuse_outputs``.
     """
 
-    def __init__(self, p: Plan, T: int, k: int, device: torch.device, general_spec: bool) -> None:
+    def __init__(self, p: Plan, T: int, k: int, device: torch.device, general_spec: bool,
+                 spec_groups: bool = False) -> None:
         i32, f32 = torch.int32, torch.float32
         be = p.block_e
         rows = max(T, 1) if general_spec else p.nb
@@ -176,6 +179,9 @@ class Buffers:
         self.tot_tot = torch.zeros(1, dtype=torch.float64, device=device)
         self.pk_scr = torch.zeros(rows, be, dtype=torch.int64, device=device)
         self.val_scr = torch.zeros(rows, be, dtype=f32, device=device)
+        per = p.bt // p.gp if p.gp > 1 or spec_groups else 1
+        self.rk_scr = torch.zeros(rows * per, be, dtype=torch.int64, device=device)
+        self.rv_scr = torch.zeros(rows * per, be, dtype=f32, device=device)
         if general_spec:
             self.contrib = torch.zeros(max(T, 1), be, dtype=f32, device=device)
             self.tflags = torch.zeros(max(T, 1), be, dtype=i32, device=device)
@@ -196,8 +202,9 @@ def buffers(workspace: dict, policy: str, T: int, E: int, k: int, device: torch.
         spin = (device.type == "cuda" or bool(workspace.get("plan_as_gpu"))) and not interpreting()
         programs = max_programs(device) if knobs[3] is None else min(int(knobs[3]), max_programs(device))
         p = plan(T, E, group=group, spin=spin, programs=programs, tile_elems=knobs[1],
-                 num_warps=knobs[0], sync=knobs[2] if spin else None, pair_chunk=knobs[4], two_stage=knobs[5])
-        buf = Buffers(p, T, k, device, general_spec)
+                 num_warps=knobs[0], sync=knobs[2] if spin else None, pair_chunk=knobs[4], two_stage=knobs[5],
+                 heavy_pick=policy == "xshare_ep")
+        buf = Buffers(p, T, k, device, general_spec, spec_groups=group > 0)
         workspace[key] = buf
     return buf
 

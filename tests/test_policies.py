@@ -313,3 +313,33 @@ def test_invariants_large(policy):
     torch.testing.assert_close(w[valid].sum(1), torch.ones(int(valid.sum())))
     if policy in ("xshare", "xshare_ep", "oea", "oea_simple", "xshare_spec"):
         assert torch.unique(ids[ids >= 0]).numel() < torch.unique(own[valid, :k]).numel()
+
+
+def test_request_group_equals_request_ids():
+    """``request_group=g`` is the grouping ``t // g`` (the last request may be shorter)."""
+    sel = make("xshare_spec", 64, 8, budget="0.7", request_budget="0.8")
+    for T, g in ((24, 4), (22, 3), (9, 1)):
+        x = clustered_logits(T, 64, seed=T + g)
+        a = sel(x, request_group=g, num_token_non_padded=T - 1)
+        b = sel(x, request_ids=torch.arange(T) // g, num_token_non_padded=T - 1)
+        assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.topk_weights, b.topk_weights)
+    with pytest.raises(ValueError, match="not both"):
+        sel(clustered_logits(8, 64, seed=1), request_ids=torch.arange(8) // 4, request_group=4)
+    with pytest.raises(ValueError, match=">= 1"):
+        sel(clustered_logits(8, 64, seed=1), request_group=0)
+
+
+def test_masses_do_not_depend_on_token_order():
+    """Masses are correctly rounded sums: the same bits for any order of the tokens, so equal
+    masses stay equal and ties break the same way in any implementation."""
+    from sglang_xshare.select.common import exact_sum, group_mass
+
+    g = torch.Generator().manual_seed(5)
+    contrib = torch.rand(257, 64, generator=g) ** 3  # many magnitudes
+    perm = torch.randperm(257, generator=g)
+    assert torch.equal(group_mass(contrib, None, 1), group_mass(contrib[perm], None, 1))
+    rid = torch.randint(0, 40, (257,), generator=g)
+    assert torch.equal(group_mass(contrib, rid, 257), group_mass(contrib[perm], rid[perm], 257))
+    assert torch.equal(exact_sum(contrib, 0), exact_sum(contrib.flip(0), 0))
+    # and it is the float64 sum rounded once
+    assert torch.equal(exact_sum(contrib, 0), contrib.double().sum(0).float())

@@ -115,3 +115,14 @@ def test_default_trace_ships():
         pytest.fail(f"the package must ship its default trace at {path}")
     tr = Trace.load(path)
     assert tr.num_steps > 0 and tr.routing.num_experts >= 8
+
+
+def test_contiguous_group():
+    from sglang_xshare.trace import contiguous_group
+
+    assert contiguous_group(np.array([0, 0, 1, 1, 2, 2])) == 2
+    assert contiguous_group(np.array([0, 0, 0, 1, 1])) == 3  # the last request shorter
+    assert contiguous_group(np.array([0, 1, 2])) == 1
+    assert contiguous_group(np.array([0, 0, 1, 2])) is None
+    assert contiguous_group(np.array([1, 1, 0, 0])) is None
+    assert contiguous_group(np.array([], dtype=np.int64)) is None
