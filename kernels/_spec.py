@@ -32,6 +32,7 @@ def spec_token_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, contrib_p
     rows = t + tl.arange(0, 1)
     rmask = rows < T
     cols = tl.arange(0, BLOCK_E)
+    # one token, no request stage (GROUP = 0): the request budget and its scratch are not read
     _s, _k, _v, _a, _m, _i, mass, flags, _t, _r = tile_scan(
         logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E, 0, 0, 0, 1.0, 1.0, contrib_ptr, contrib_ptr,
         SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, 0, 1, 0)

@@ -29,7 +29,9 @@ Guarantees (tested for every policy):
 3. identical inputs give identical outputs. **Tie-breaking**: wherever experts are ordered by a
    score (a token's ranking, the batch's aggregated mass), equal scores are ordered by the lower
    expert index first (a stable descending sort); among the physical copies of one expert, the
-   least-loaded rank wins, then the lower physical slot.
+   least-loaded rank wins, then the lower physical slot. Aggregated masses are correctly rounded
+   sums (float64 accumulation, one rounding to float32), so they do not depend on the order of
+   the tokens or of a parallel reduction, and equal masses stay equal.
 4. NaN logits count as ``-inf``; ``+inf`` as the largest finite float; a token whose logits are
    all non-finite routes as if its logits were all equal (uniformly, lowest ids first).
 """
