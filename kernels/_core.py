@@ -15,11 +15,11 @@ every real key (``-inf`` scores included).
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+from .workspace import interpreting
 
 #: Key of a padded / removed entry: int64 min, below the key of any real score (even -inf).
 SENT = tl.constexpr(-9223372036854775808)
@@ -29,7 +29,7 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)
 FLT_TINY = tl.constexpr(1.1754943508222875e-38)
 
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+if interpreting():
     @triton.jit
     def expf(x):
         """``exp`` of fp32: numpy's under the interpreter (which has no libdevice)."""

@@ -78,16 +78,15 @@ class Plan:
 
     Attributes:
         block_e: ``E`` padded to a power of two; bt: rows per tile; gp: rows per request
-            (request groups; 1 otherwise); tiles: tiles in all; nb: grid; chunks: tiles per
-            program; sync: 0 one program, 1 grid barrier, 2 two launches; rb: partial rows per
-            reduction step; ch: keys per pairwise step; num_warps: warps per program; two_stage:
-            grid-barrier reduction in two stages, ``cw`` columns and ``rb2`` rows per step each.
+            (request groups; 1 otherwise); nb: grid; chunks: tiles per program; sync: 0 one
+            program, 1 grid barrier, 2 two launches; rb: partial rows per reduction step; ch:
+            keys per pairwise step; num_warps: warps per program; two_stage: grid-barrier
+            reduction in two stages, ``cw`` columns and ``rb2`` rows per step each.
     """
 
     block_e: int
     bt: int
     gp: int
-    tiles: int
     nb: int
     chunks: int
     sync: int
@@ -130,7 +129,7 @@ def plan(T: int, E: int, *, group: int = 0, spin: bool = True, programs: int = M
     def done(mode: int, nb: int, chunks: int) -> Plan:
         two = mode == 1 and nb * block_e >= (TWO_STAGE_ELEMS if two_stage is None else (0 if two_stage else 1 << 62))
         cw = max(1, _pow2(-(-block_e // nb)))
-        return Plan(block_e, per * gp, gp, tiles, nb, chunks, mode, rb, ch, num_warps, two, cw,
+        return Plan(block_e, per * gp, gp, nb, chunks, mode, rb, ch, num_warps, two, cw,
                     max(1, min(_pow2(nb), REDUCE_ELEMS // cw)))
 
     if tiles == 1 or programs == 1:
@@ -153,7 +152,8 @@ class Buffers:
     Attributes:
         part_mass: ``[rows, BE] float64``, part_flags: ``[rows, BE]``, part_tot: ``[rows] float64``
             (``rows`` = grid, or ``T`` for the general ``xshare_spec`` path); sync: ``[2] int64``
-            launch tickets (they only grow); sel: ``[BE]``; req: ``[T, BE] int8``; dummy: ``[1]``;
+            launch tickets (they only grow); sel: ``[BE]``; req: ``[T, BE] int8`` (``xshare_spec``,
+            else ``[1, BE]``); dummy: ``[1]``;
             pk_scr / val_scr: ``[rows, BE]`` int64 / fp32 pick scratch, one row per program;
             tot_mass / tot_flags / tot_tot: ``[BE]`` fp64 / int32 and ``[1]`` fp64 two-stage totals;
             rk_scr / rv_scr: ``[rows * requests per tile, BE]`` int64 / fp32 request-pick scratch.
@@ -172,7 +172,8 @@ class Buffers:
         self.part_tot = torch.zeros(rows, dtype=torch.float64, device=device)
         self.sync = torch.zeros(2, dtype=torch.int64, device=device)
         self.sel = torch.full((be,), -1, dtype=i32, device=device)
-        self.req = torch.zeros(max(T, 1), be, dtype=torch.int8, device=device)
+        # each token's request set: read only by xshare_spec's two-launch and arbitrary-id paths
+        self.req = torch.zeros(max(T, 1) if spec_groups or general_spec else 1, be, dtype=torch.int8, device=device)
         self.dummy = torch.zeros(1, dtype=i32, device=device)
         self.tot_mass = torch.zeros(be, dtype=torch.float64, device=device)
         self.tot_flags = torch.zeros(be, dtype=i32, device=device)
