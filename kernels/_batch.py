@@ -30,6 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._metrics import metrics_finish, metrics_mark
 from ._pick import ep_pick, ep_replicated_pick, greedy_pick
 from ._tile import refine_tile, tile_rows, tile_scan
 
@@ -141,7 +142,7 @@ def batch_pick(mass, flags, tot, cols, E, pk_ptr, val_ptr, rank_ptr, copy_ptr, c
     return slot
 
 
-@triton.jit(do_not_specialize=["T", "E", "R", "chunks", "b_count", "b_frac_bits", "b_eps_bits",
+@triton.jit(do_not_specialize=["T", "E", "R", "U", "chunks", "b_count", "b_frac_bits", "b_eps_bits",
                                "rb_count", "rb_frac_bits", "rb_eps_bits"])
 def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                  part_mass, part_flags, part_tot, tot_mass, tot_flags, tot_tot, sync_ptr, sel_ptr, req_ptr,
@@ -149,7 +150,8 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                  rank_ptr, copy_ptr, copies_ptr, slot_rank_ptr, R,
                  b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c,
                  rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c,
-                 ids_ptr, w_ptr, phys_ptr, min_score,
+                 ids_ptr, w_ptr, phys_ptr, min_score, out_scale, map_ptr,
+                 acc_ptr, mticket_ptr, used_ptr, top_ptr, urank_ptr, lrank_ptr, U,
                  SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                  GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
                  K: tl.constexpr, K0: tl.constexpr, MASS_FULL: tl.constexpr,
@@ -158,7 +160,9 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                  SYNC: tl.constexpr, TWO_STAGE: tl.constexpr, CW: tl.constexpr, RB2: tl.constexpr,
                  ONE_CHUNK: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
                  RB: tl.constexpr, CH: tl.constexpr, BT: tl.constexpr, BLOCK_E: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+                 BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                 VALID: tl.constexpr, OUT: tl.constexpr, SCALE: tl.constexpr, FILL_EMPTY: tl.constexpr,
+                 METRICS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_MR: tl.constexpr):
     """Batch policy over ``T`` tokens -- see the module docstring.
 
     Shapes: ``logits [T, E]`` fp32/bf16/fp16 (row stride ``stride_t``), ``bias [E]``, ``valid [T]
@@ -168,6 +172,9 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
     [NB, BT / GP, BLOCK_E]`` int64 / fp32; placement tables ``rank / copy [E] int32``,
     ``copies / slot_rank [E, BLOCK_C] int32``. Outputs ``ids [T, K] int32``, ``w [T, K] fp32``,
     ``phys [T, K] int32`` (``WANT_PHYS``). ``chunks`` tiles per program (``ONE_CHUNK``: exactly 1).
+    ``VALID``: how ``valid`` marks real rows (:func:`~._core.load_valid`); output epilogue ``OUT /
+    SCALE / FILL_EMPTY`` (:func:`~._tile.refine_tile`); ``METRICS``: fused live metrics
+    (:mod:`._metrics`, ranks padded to ``BLOCK_MR``), added by the refining launch.
     """
     pid = tl.program_id(0)
     nb = tl.num_programs(0)
@@ -181,7 +188,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
         sel, in_topk, v, alive, mx, den, mass, flags, tot, req = tile_scan(
             logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
             rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c, rk, rv,
-            SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, GROUP, GP, RMODE)
+            SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, GROUP, GP, RMODE, VALID)
     else:
         mass = tl.zeros([BLOCK_E], dtype=tl.float64)
         flags = tl.zeros([BLOCK_E], dtype=tl.int32)
@@ -191,7 +198,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
             _s, _k, _v, _a, _m, _i, m_c, f_c, t_c, _r = tile_scan(
                 logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
                 rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c, rk, rv,
-                SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, GROUP, GP, RMODE)
+                SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, GROUP, GP, RMODE, VALID)
             mass += m_c
             flags += f_c
             tot += t_c
@@ -237,19 +244,35 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
             allowed = chosen[None, :] & req
             if ALLOW == 2:
                 allowed = allowed & in_topk
-            refine_tile(sel, allowed, v, rows, rmask, cols, E, logits_ptr, stride_t, alive, mx, den, slot,
-                        ids_ptr, w_ptr, phys_ptr, min_score,
-                        SIGMOID, K, K0, K, HAS_MIN, RENORM, HAS_BIAS, WANT_PHYS, BLOCK_K)
+            disp, short = refine_tile(sel, allowed, v, rows, rmask, cols, E, logits_ptr, stride_t, alive, mx, den,
+                                      slot, ids_ptr, w_ptr, phys_ptr, min_score, out_scale, map_ptr,
+                                      SIGMOID, K, K0, K, HAS_MIN, RENORM, HAS_BIAS, WANT_PHYS, BLOCK_K,
+                                      OUT, SCALE, FILL_EMPTY)
+            if METRICS:
+                n_valid, pairs = metrics_mark(disp, in_topk, v, cols, E, used_ptr, top_ptr)
         else:
+            n_valid = tl.zeros([], tl.int32)
+            pairs = tl.zeros([], tl.int32)
+            short = tl.zeros([], tl.int32)
             for c in range(chunks):
                 rows, rmask = tile_rows(pid * chunks + c, T, BT, GROUP, GP)
                 sel, in_topk, v, alive, mx, den, _m, _f, _t, req = tile_scan(
                     logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
                     rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c, rk, rv,
-                    SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, GROUP, GP, RMODE)
+                    SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, GROUP, GP, RMODE,
+                    VALID)
                 allowed = chosen[None, :] & req
                 if ALLOW == 2:
                     allowed = allowed & in_topk
-                refine_tile(sel, allowed, v, rows, rmask, cols, E, logits_ptr, stride_t, alive, mx, den, slot,
-                            ids_ptr, w_ptr, phys_ptr, min_score,
-                            SIGMOID, K, K0, K, HAS_MIN, RENORM, HAS_BIAS, WANT_PHYS, BLOCK_K)
+                disp, sh = refine_tile(sel, allowed, v, rows, rmask, cols, E, logits_ptr, stride_t, alive, mx, den,
+                                       slot, ids_ptr, w_ptr, phys_ptr, min_score, out_scale, map_ptr,
+                                       SIGMOID, K, K0, K, HAS_MIN, RENORM, HAS_BIAS, WANT_PHYS, BLOCK_K,
+                                       OUT, SCALE, FILL_EMPTY)
+                short += sh
+                if METRICS:
+                    nv, pr = metrics_mark(disp, in_topk, v, cols, E, used_ptr, top_ptr)
+                    n_valid += nv
+                    pairs += pr
+        if METRICS:
+            metrics_finish(acc_ptr, mticket_ptr, used_ptr, top_ptr, urank_ptr, lrank_ptr, n_valid, pairs, short, U,
+                           E, BLOCK_U, BLOCK_E, BLOCK_MR)

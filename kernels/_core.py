@@ -95,6 +95,23 @@ def unpack_key(p):
 
 
 @triton.jit
+def load_valid(valid_ptr, rows, rmask, VALID: tl.constexpr):
+    """``[BT] int1``: which rows are real (non-padded) tokens.
+
+    ``VALID`` (constexpr): 0 = ``valid_ptr`` is a ``[T] uint8`` mask; 1 = it points to the
+    number of non-padded tokens (a 0-d ``int32`` / ``int64`` tensor, SGLang's
+    ``num_token_non_padded``: rows below it are real), read on the device; 2 = every row is real.
+    """
+    if VALID == 0:
+        v = tl.load(valid_ptr + rows, mask=rmask, other=0) != 0
+    elif VALID == 1:
+        v = rows < tl.load(valid_ptr)
+    else:
+        v = rows >= 0
+    return v & rmask
+
+
+@triton.jit
 def load_scores(logits_ptr, stride_t, bias_ptr, rows, rmask, cols, E,
                 SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
                 N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._core import FLT_TINY, SENT, gate_at, load_scores, pack, runtime, token_topk, unpack_col, unpack_key, unpack_payload
+from ._core import FLT_TINY, SENT, gate_at, load_scores, load_valid, pack, runtime, token_topk, unpack_col, unpack_key, unpack_payload
 from ._pick import rows_pick
 
 
@@ -41,8 +41,10 @@ def tile_scan(logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
               rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c, rk_ptr, rv_ptr,
               SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
               GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, K: tl.constexpr, K0: tl.constexpr,
-              MASS_FULL: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, RMODE: tl.constexpr):
-    """Score a tile and aggregate it.
+              MASS_FULL: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, RMODE: tl.constexpr,
+              VALID: tl.constexpr):
+    """Score a tile and aggregate it (``VALID``: how ``valid_ptr`` marks real rows, see
+    :func:`~._core.load_valid`).
 
     Returns ``(sel, in_topk, v, alive, mx, den, mass, flags, tot, req)``: ``sel [BT, BLOCK_E]``
     ranking scores, ``in_topk`` each row's own top-k, ``v [BT]`` valid rows, ``alive / mx / den``
@@ -57,7 +59,7 @@ def tile_scan(logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
     cmask = cols < E
     gate, sel, alive, mx, den = load_scores(logits_ptr, stride_t, bias_ptr, rows, rmask, cols, E,
                                             SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G)
-    v = (tl.load(valid_ptr + rows, mask=rmask, other=0) != 0) & rmask
+    v = load_valid(valid_ptr, rows, rmask, VALID)
     in_topk, in_warm = token_topk(sel, cols, cmask, K, K0)
     tk = in_topk & v[:, None]
     wm = in_warm & v[:, None]
@@ -88,9 +90,10 @@ def tile_scan(logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
 
 @triton.jit
 def refine_tile(sel, allowed, valid_row, rows, rmask, cols, E, logits_ptr, stride_t, alive, mx, den, payload,
-                ids_ptr, w_ptr, phys_ptr, min_score,
+                ids_ptr, w_ptr, phys_ptr, min_score, out_scale, map_ptr,
                 SIGMOID: tl.constexpr, K: tl.constexpr, K0: tl.constexpr, KEEP_N: tl.constexpr, HAS_MIN: tl.constexpr,
-                RENORM: tl.constexpr, HAS_BIAS: tl.constexpr, WANT_PHYS: tl.constexpr, BLOCK_K: tl.constexpr):
+                RENORM: tl.constexpr, HAS_BIAS: tl.constexpr, WANT_PHYS: tl.constexpr, BLOCK_K: tl.constexpr,
+                OUT: tl.constexpr, SCALE: tl.constexpr, FILL_EMPTY: tl.constexpr):
     """Refine one tile and write its ``[BT, K]`` ids / weights (/ physical slots).
 
     Mirrors :func:`sglang_xshare.select.common.refine`: the ``KEEP_N`` best keys of
@@ -100,6 +103,17 @@ def refine_tile(sel, allowed, valid_row, rows, rmask, cols, E, logits_ptr, strid
     weight is decoded from its key; with one, the weights are gathered from the logits
     (:func:`~._core.gate_at`). ``payload [BLOCK_E] int32`` (``WANT_PHYS``) rides in the keys:
     the physical slot of each expert.
+
+    Output epilogue (:class:`sglang_xshare.select.contract.OutputSpec`, mirrored by
+    :func:`sglang_xshare.select.output.apply_output`): ``OUT`` 0 = logical ids (and physical slots
+    to ``phys_ptr`` with ``WANT_PHYS``); 1 = the chosen physical slots go to ``ids_ptr``; 2 = the
+    logical ids mapped through ``map_ptr [E]`` (EPLB's static logical -> physical dispatch map);
+    ``SCALE``: weights times ``out_scale`` (after renormalisation); ``FILL_EMPTY``: an empty slot of
+    a real token repeats the token's first id with weight 0 (backends that cannot take ``-1``;
+    padded rows stay ``-1``).
+
+    Returns ``(disp, short)``: ``disp [BT, BLOCK_K] int32`` the ids as written (-1 = none, also
+    beyond ``K``) and the number of real rows with fewer than ``K`` kept slots (int32 scalar).
     """
     cmask = cols < E
     masked = tl.where(allowed, sel, float("-inf"))
@@ -133,8 +147,23 @@ def refine_tile(sel, allowed, valid_row, rows, rmask, cols, E, logits_ptr, strid
     if RENORM:
         s = tl.sum(out_w, axis=1)
         out_w = tl.math.div_rn(out_w, tl.broadcast_to(tl.maximum(s, FLT_TINY)[:, None], out_w.shape))
+    if SCALE:
+        out_w = out_w * out_scale
+    if OUT == 1:
+        disp = out_ph
+    elif OUT == 2:
+        disp = tl.where(out_ids >= 0, tl.load(map_ptr + tl.maximum(out_ids, 0), mask=omask & (out_ids >= 0),
+                                                other=-1).to(tl.int32), -1)
+    else:
+        disp = out_ids
+    short = tl.sum((tl.sum(((disp >= 0) & omask).to(tl.int32), axis=1) < K) & valid_row & rmask, axis=0)
+    stored = disp
+    if FILL_EMPTY:
+        first = tl.sum(tl.where(kk[None, :] == 0, disp, 0), axis=1)
+        stored = tl.where((disp < 0) & valid_row[:, None], first[:, None], disp)
     offs = rows[:, None].to(tl.int64) * K + kk[None, :]
-    tl.store(ids_ptr + offs, out_ids, mask=omask)
+    tl.store(ids_ptr + offs, stored, mask=omask)
     tl.store(w_ptr + offs, out_w, mask=omask)
-    if WANT_PHYS:
+    if WANT_PHYS and OUT == 0:
         tl.store(phys_ptr + offs, out_ph, mask=omask)
+    return tl.where(omask, disp, -1), short.to(tl.int32)

@@ -29,6 +29,7 @@ import triton
 
 from sglang_xshare.config import RoutingSpec
 from sglang_xshare.select.contract import BatchContext, SelectionOutput
+from sglang_xshare.select.output import OutputSpec
 
 from ._batch import batch_kernel
 from ._refine import refine_kernel
@@ -51,8 +52,9 @@ _SCAN = 1024
 
 
 def _prepare(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext, policy: str,
-             workspace: dict, group: int = 0, general_spec: bool = False) -> tuple[torch.Tensor, Buffers, torch.Tensor]:
-    """Validate shapes; return contiguous-row logits, the shape's buffers and ``valid [T] uint8``."""
+             workspace: dict, group: int = 0, general_spec: bool = False) -> tuple[torch.Tensor, Buffers, torch.Tensor, int]:
+    """Validate shapes; return contiguous-row logits, the shape's buffers and how real rows are
+    marked: ``(valid, VALID)`` -- a ``[T] uint8`` mask (0), the 0-d token count (1) or nothing (2)."""
     if router_logits.dim() != 2 or router_logits.shape[1] != routing.num_experts:
         raise ValueError(f"router_logits must be [T, {routing.num_experts}], got {tuple(router_logits.shape)}")
     if router_logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -60,8 +62,39 @@ def _prepare(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContex
     x = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     T, E = x.shape
     buf = buffers(workspace, policy, T, E, ctx.top_k, x.device, x.dtype, group, general_spec)
-    valid = ctx.valid.view(torch.uint8) if ctx.valid.dtype == torch.bool else ctx.valid
-    return x, buf, valid
+    if ctx.valid is not None:
+        return x, buf, (ctx.valid.view(torch.uint8) if ctx.valid.dtype == torch.bool else ctx.valid), 0
+    if ctx.num_valid is not None:
+        n = ctx.num_valid
+        if n.dtype not in (torch.int32, torch.int64) or n.device != x.device:
+            raise TypeError(f"num_valid must be an int32/int64 tensor on {x.device}, got {n.dtype} on {n.device}")
+        return x, buf, n, 1
+    return x, buf, buf.dummy, 2
+
+
+def _epilogue(output: OutputSpec | None, buf: Buffers, E: int, want_phys: bool) -> dict:
+    """Kernel arguments of the output epilogue (:class:`OutputSpec`) and the fused metrics."""
+    d = buf.dummy
+    if output is None:
+        return dict(out_scale=1.0, map_ptr=d, acc_ptr=d, mticket_ptr=d, used_ptr=d, top_ptr=d, urank_ptr=d,
+                    lrank_ptr=d, U=1, OUT=0, SCALE=False, FILL_EMPTY=False, METRICS=False, BLOCK_U=16, BLOCK_MR=2)
+    if output.ids == "physical" and not want_phys:
+        raise ValueError("OutputSpec(ids='physical') needs policy xshare_ep")
+    out = {"logical": 0, "physical": 1, "mapped": 2}[output.ids]
+    args = dict(out_scale=float(output.scale) if output.scale is not None else 1.0,
+                map_ptr=output.dispatch_map if output.dispatch_map is not None else d,
+                OUT=out, SCALE=output.scale is not None, FILL_EMPTY=output.empty == "fill")
+    m = output.metrics
+    if m is None:
+        args.update(acc_ptr=d, mticket_ptr=d, used_ptr=d, top_ptr=d, urank_ptr=d, lrank_ptr=d, U=1,
+                    METRICS=False, BLOCK_U=16, BLOCK_MR=2)
+    else:
+        U = int(m.unit_rank.numel())
+        used, top, ticket = buf.metrics_scratch(U)
+        args.update(acc_ptr=m.acc, mticket_ptr=ticket, used_ptr=used, top_ptr=top, urank_ptr=m.unit_rank,
+                    lrank_ptr=m.logical_rank, U=U, METRICS=True, BLOCK_U=used.numel(),
+                    BLOCK_MR=max(2, triton.next_power_of_2(m.num_ranks)))
+    return args
 
 
 def _outputs(buf: Buffers, T: int, k: int, device: torch.device, workspace: dict, phys: bool):
@@ -86,8 +119,8 @@ def _bias(correction_bias: torch.Tensor | None, buf: Buffers) -> torch.Tensor:
     return correction_bias if correction_bias.is_contiguous() else correction_bias.contiguous()
 
 
-def _refine_launch(x, bias, valid, buf: Buffers, ids, w, ph, ctx: BatchContext, rc: dict, allow: int, keep_n: int,
-                   want_phys: bool) -> None:
+def _refine_launch(x, bias, valid, vmode: int, buf: Buffers, ids, w, ph, ctx: BatchContext, rc: dict, allow: int,
+                   keep_n: int, want_phys: bool, epi: dict) -> None:
     """One :func:`refine_kernel` launch over ``T`` tokens, ``BT`` per program."""
     T, E = x.shape
     k = ctx.top_k
@@ -95,32 +128,34 @@ def _refine_launch(x, bias, valid, buf: Buffers, ids, w, ph, ctx: BatchContext, 
     bt = max(1, min(p.bt, 2048 // p.block_e))
     refine_kernel[(triton.cdiv(T, bt),)](
         x, x.stride(0), bias, valid, T, E, buf.sel, buf.req, ids, w, ph if ph is not None else ids,
-        float(ctx.min_score), **rc, ALLOW=allow, K=k, K0=ctx.k0, KEEP_N=keep_n, HAS_MIN=ctx.min_score > 0,
+        float(ctx.min_score), **epi, **rc, ALLOW=allow, K=k, K0=ctx.k0, KEEP_N=keep_n, HAS_MIN=ctx.min_score > 0,
         RENORM=ctx.renormalize, WANT_PHYS=want_phys, BT=bt, BLOCK_E=p.block_e,
-        BLOCK_K=max(2, triton.next_power_of_2(k)), num_warps=p.num_warps,
+        BLOCK_K=max(2, triton.next_power_of_2(k)), VALID=vmode, num_warps=p.num_warps,
     )
 
 
-def _refine_only(router_logits, routing, ctx, correction_bias, workspace, policy: str, keep_n: int) -> SelectionOutput:
+def _refine_only(router_logits, routing, ctx, correction_bias, workspace, policy: str, keep_n: int,
+                 output: OutputSpec | None = None) -> SelectionOutput:
     """``topk`` / ``cap``: one refine launch over every expert."""
     k = ctx.top_k
     if router_logits.shape[0] == 0:
         return _empty(router_logits, k, False)
-    x, buf, valid = _prepare(router_logits, routing, ctx, policy, workspace)
+    x, buf, valid, vmode = _prepare(router_logits, routing, ctx, policy, workspace)
     ids, w, _ = _outputs(buf, x.shape[0], k, x.device, workspace, False)
-    _refine_launch(x, _bias(correction_bias, buf), valid, buf, ids, w, None, ctx,
-                   routing_constexprs(routing, correction_bias is not None), 0, keep_n, False)
+    _refine_launch(x, _bias(correction_bias, buf), valid, vmode, buf, ids, w, None, ctx,
+                   routing_constexprs(routing, correction_bias is not None), 0, keep_n, False,
+                   _epilogue(output, buf, x.shape[1], False))
     return SelectionOutput(ids, w)
 
 
 def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, policy: str, pick: int,
-                  allow: int, group: int = 0) -> SelectionOutput:
+                  allow: int, group: int = 0, output: OutputSpec | None = None) -> SelectionOutput:
     """The batch policies: one :func:`batch_kernel` launch (+ a refine launch under the interpreter)."""
     k = ctx.top_k
     want_phys = policy == "xshare_ep"
     if router_logits.shape[0] == 0:
-        return _empty(router_logits, k, want_phys)
-    x, buf, valid = _prepare(router_logits, routing, ctx, policy, workspace, group)
+        return _empty(router_logits, k, want_phys and output is None)
+    x, buf, valid, vmode = _prepare(router_logits, routing, ctx, policy, workspace, group)
     T, E = x.shape
     p = buf.plan
     ids, w, ph = _outputs(buf, T, k, x.device, workspace, want_phys)
@@ -138,6 +173,8 @@ def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, polic
     rmode, rb_count, rb_frac, rb_eps, rb_mass, rb_mass_c = budget_args(ctx.request_budget)
     rc = routing_constexprs(routing, correction_bias is not None)
     bias = _bias(correction_bias, buf)
+    epi = _epilogue(output, buf, E, want_phys)
+    epi_b = epi if p.sync != 2 else {**epi, "METRICS": False}  # the refine launch counts
     batch_kernel[(p.nb,)](
         x, x.stride(0), bias, valid, T, E, p.chunks,
         buf.part_mass, buf.part_flags, buf.part_tot, buf.tot_mass, buf.tot_flags, buf.tot_tot,
@@ -145,65 +182,73 @@ def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, polic
         rank, copy, copies, slot_rank, R,
         b_count, b_frac, b_eps, b_mass, b_mass_c,
         rb_count, rb_frac, rb_eps, rb_mass, rb_mass_c,
-        ids, w, ph, float(ctx.min_score),
+        ids, w, ph, float(ctx.min_score), **epi_b,
         **rc, K=k, K0=ctx.k0, MASS_FULL=ctx.mass_source == "full",
         PICK=pick, ALLOW=allow, MODE=mode, RMODE=rmode, FILL=bool(ctx.fill_to_peak), HAS_MIN=ctx.min_score > 0,
         RENORM=ctx.renormalize, WANT_PHYS=want_phys, SYNC=p.sync, TWO_STAGE=p.two_stage, CW=p.cw, RB2=p.rb2,
         ONE_CHUNK=p.chunks == 1,
         GROUP=group, GP=p.gp, RB=p.rb, CH=p.ch, BT=p.bt, BLOCK_E=p.block_e,
-        BLOCK_K=max(2, triton.next_power_of_2(k)), BLOCK_C=block_c, BLOCK_R=block_r, num_warps=p.num_warps,
+        BLOCK_K=max(2, triton.next_power_of_2(k)), BLOCK_C=block_c, BLOCK_R=block_r, VALID=vmode,
+        num_warps=p.num_warps,
     )
     if p.sync == 2:
-        _refine_launch(x, bias, valid, buf, ids, w, ph if want_phys else None, ctx, rc,
-                       3 if group else allow, k, want_phys)
-    return SelectionOutput(ids, w, ph if want_phys else None)
+        _refine_launch(x, bias, valid, vmode, buf, ids, w, ph if want_phys else None, ctx, rc,
+                       3 if group else allow, k, want_phys, epi)
+    return SelectionOutput(ids, w, ph if want_phys and output is None else None)
 
 
 def topk_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext,
-                correction_bias: torch.Tensor | None, workspace: dict) -> SelectionOutput:
+                correction_bias: torch.Tensor | None, workspace: dict,
+                output: OutputSpec | None = None) -> SelectionOutput:
     """``topk``: every valid token's own top-k (SGLang's ``select_experts``), fused scoring."""
-    return _refine_only(router_logits, routing, ctx, correction_bias, workspace, "topk", ctx.top_k)
+    return _refine_only(router_logits, routing, ctx, correction_bias, workspace, "topk", ctx.top_k, output)
 
 
 def cap_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext,
-               correction_bias: torch.Tensor | None, workspace: dict) -> SelectionOutput:
+               correction_bias: torch.Tensor | None, workspace: dict,
+               output: OutputSpec | None = None) -> SelectionOutput:
     """``cap``: each token's top-``ctx.cap``; slots ``cap..k-1`` are -1."""
     if ctx.cap is None:
         raise ValueError("cap policy needs ctx.cap")
-    return _refine_only(router_logits, routing, ctx, correction_bias, workspace, "cap", int(ctx.cap))
+    return _refine_only(router_logits, routing, ctx, correction_bias, workspace, "cap", int(ctx.cap), output)
 
 
 def oea_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext,
-               correction_bias: torch.Tensor | None, workspace: dict) -> SelectionOutput:
+               correction_bias: torch.Tensor | None, workspace: dict,
+               output: OutputSpec | None = None) -> SelectionOutput:
     """``oea``: best ``<= k`` experts of each token inside the union of all top-``k0`` sets."""
-    return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "oea", _PICK_OEA, 1)
+    return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "oea", _PICK_OEA, 1, output=output)
 
 
 def oea_simple_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext,
-                      correction_bias: torch.Tensor | None, workspace: dict) -> SelectionOutput:
+                      correction_bias: torch.Tensor | None, workspace: dict,
+                      output: OutputSpec | None = None) -> SelectionOutput:
     """``oea_simple``: each token keeps those of its own top-k that are in the top-``k0`` union."""
-    return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "oea_simple", _PICK_OEA, 2)
+    return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "oea_simple", _PICK_OEA, 2, output=output)
 
 
 def xshare_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext,
-                  correction_bias: torch.Tensor | None, workspace: dict) -> SelectionOutput:
+                  correction_bias: torch.Tensor | None, workspace: dict,
+                  output: OutputSpec | None = None) -> SelectionOutput:
     """``xshare``: warm-up + budgeted greedy pick over the batch mass, then refinement."""
     if ctx.budget is None:
         raise ValueError("xshare needs ctx.budget")
-    return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "xshare", _PICK_XSHARE, 1)
+    return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "xshare", _PICK_XSHARE, 1, output=output)
 
 
 def xshare_ep_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext,
-                     correction_bias: torch.Tensor | None, workspace: dict) -> SelectionOutput:
+                     correction_bias: torch.Tensor | None, workspace: dict,
+                     output: OutputSpec | None = None) -> SelectionOutput:
     """``xshare_ep``: per-rank-capacity pick under ``ctx.placement`` (pure TP when ``None``);
     returns ``physical_ids`` too."""
     if ctx.budget is None:
         raise ValueError("xshare_ep needs ctx.budget")
-    return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "xshare_ep", _PICK_EP, 1)
+    return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "xshare_ep", _PICK_EP, 1, output=output)
 
 
 def xshare_spec_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext,
-                       correction_bias: torch.Tensor | None, workspace: dict) -> SelectionOutput:
+                       correction_bias: torch.Tensor | None, workspace: dict,
+                       output: OutputSpec | None = None) -> SelectionOutput:
     """``xshare_spec``: two-level (per request, then batch) XShare.
 
     ``ctx.request_group = g`` (requests are runs of ``g`` consecutive tokens: SGLang's verify
@@ -214,11 +259,11 @@ def xshare_spec_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: B
         raise ValueError("xshare_spec needs ctx.budget and ctx.request_budget")
     if ctx.request_ids is None:
         return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "xshare_spec", _PICK_SPEC, 1,
-                             group=int(ctx.request_group or 1))
+                             group=int(ctx.request_group or 1), output=output)
     k = ctx.top_k
     if router_logits.shape[0] == 0:
         return _empty(router_logits, k, False)
-    x, buf, valid = _prepare(router_logits, routing, ctx, "xshare_spec", workspace, general_spec=True)
+    x, buf, valid, vmode = _prepare(router_logits, routing, ctx, "xshare_spec", workspace, general_spec=True)
     T, E = x.shape
     p = buf.plan
     ids, w, _ = _outputs(buf, T, k, x.device, workspace, False)
@@ -229,7 +274,8 @@ def xshare_spec_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: B
         rid = rid.to(torch.int64).contiguous()
     spec_token_kernel[(T,)](
         x, x.stride(0), bias, valid, T, E, buf.contrib, buf.tflags,
-        **rc, K=k, K0=ctx.k0, MASS_FULL=ctx.mass_source == "full", BLOCK_E=p.block_e, num_warps=p.num_warps,
+        **rc, K=k, K0=ctx.k0, MASS_FULL=ctx.mass_source == "full", BLOCK_E=p.block_e, VALID=vmode,
+        num_warps=p.num_warps,
     )
     rmode, rb_count, rb_frac, rb_eps, rb_mass, rb_mass_c = budget_args(ctx.request_budget)
     mode, b_count, b_frac, b_eps, b_mass, b_mass_c = budget_args(ctx.budget)
@@ -241,5 +287,5 @@ def xshare_spec_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: B
         RMODE=rmode, MODE=mode, SCAN=min(_SCAN, triton.next_power_of_2(T)), RB=p.rb, CH=p.ch, BLOCK_E=p.block_e,
         num_warps=p.num_warps,
     )
-    _refine_launch(x, bias, valid, buf, ids, w, None, ctx, rc, 3, k, False)
+    _refine_launch(x, bias, valid, vmode, buf, ids, w, None, ctx, rc, 3, k, False, _epilogue(output, buf, E, False))
     return SelectionOutput(ids, w)

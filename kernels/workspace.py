@@ -189,6 +189,20 @@ class Buffers:
         self.out_ids = torch.empty(T, k, dtype=i32, device=device)
         self.out_w = torch.empty(T, k, dtype=f32, device=device)
         self.out_phys = torch.empty(T, k, dtype=i32, device=device)
+        self._metrics: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.device = device
+
+    def metrics_scratch(self, num_units: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(used [pow2(U)] int32, top [BE] int32, ticket [1] int64)`` of the fused metrics
+        (:mod:`._metrics`), zeroed once; the kernels clear the sets after each call. Per shape,
+        so the ticket counts one grid size."""
+        sc = self._metrics.get(num_units)
+        if sc is None:
+            sc = (torch.zeros(max(16, _pow2(num_units)), dtype=torch.int32, device=self.device),
+                  torch.zeros(self.plan.block_e, dtype=torch.int32, device=self.device),
+                  torch.zeros(1, dtype=torch.int64, device=self.device))
+            self._metrics[num_units] = sc
+        return sc
 
 
 def buffers(workspace: dict, policy: str, T: int, E: int, k: int, device: torch.device, dtype: torch.dtype,

@@ -35,12 +35,19 @@ ROUTINGS = {
 
 def _case(policy, routing, T, inputs="randn", dtype="float32", k0=1, budget="0.6", request_budget="0.8",
           n_valid=None, ep=1, replicas=0, rid="groups", min_score=0.0, mass_source="topk", fill=True, seed=0,
-          group=None, knobs=None):
+          group=None, knobs=None, output=None):
     """One case. ``rid``: "groups" (request_ids = t // 4), "shuffled", "none"; ``group``: pass
-    ``request_group`` instead (the fused path); ``knobs``: kernel workspace knobs (launch plan)."""
+    ``request_group`` instead (the fused path); ``knobs``: kernel workspace knobs (launch plan);
+    ``output``: an output epilogue ``dict(ids, empty, scale, metrics_ep)`` (``OutputSpec``; the
+    padding count then reaches the kernel as a device tensor, as SGLang passes it)."""
     return dict(policy=policy, routing=routing, T=T, inputs=inputs, dtype=dtype, k0=k0, budget=budget,
                 request_budget=request_budget, n_valid=n_valid, ep=ep, replicas=replicas, rid=rid,
-                min_score=min_score, mass_source=mass_source, fill=fill, seed=seed, group=group, knobs=knobs or {})
+                min_score=min_score, mass_source=mass_source, fill=fill, seed=seed, group=group, knobs=knobs or {},
+                output=output)
+
+
+def _out(ids="logical", empty="minus_one", scale=None, metrics_ep=4):
+    return dict(ids=ids, empty=empty, scale=scale, metrics_ep=metrics_ep)
 
 
 CASES = {
@@ -117,6 +124,20 @@ CASES = {
     "oea_simple-dsv3-rowtiles": _case("oea_simple", "dsv3", 12, knobs={"tile_elems": 256}, seed=51),
     "ep-dsv3-ep4-rowtiles-mass": _case("xshare_ep", "dsv3", 9, budget="mass:0.8", ep=4, knobs={"tile_elems": 256},
                                        seed=52),
+    # output epilogue (serving): padding count on device, -1 / fill, routed scale, EPLB static map,
+    # xshare_ep's physical copies, fused metrics on every launch plan
+    "out-topk-fill-scale": _case("topk", "olmoe", 12, n_valid=9, seed=53, output=_out(empty="fill", scale=2.5)),
+    "out-cap-mapped-fill": _case("cap", "dsv3", 10, n_valid=8, seed=54, output=_out(ids="mapped", empty="fill")),
+    "out-xshare-fused-nopad": _case("xshare", "olmoe", 30, budget="0.6", seed=55, output=_out(scale=0.5)),
+    "out-xshare-multi": _case("xshare", "olmoe", 70, budget="0.5", n_valid=61, seed=56, output=_out(empty="fill")),
+    "out-xshare-chunks": _case("xshare", "olmoe", 70, budget="0.5", n_valid=64, knobs={"programs": 1}, seed=57,
+                               output=_out()),
+    "out-ep-physical-fill": _case("xshare_ep", "olmoe", 30, budget="0.5", ep=8, replicas=2, n_valid=27, seed=58,
+                                  output=_out(ids="physical", empty="fill", metrics_ep=8)),
+    "out-ep-mapped": _case("xshare_ep", "olmoe", 20, budget="0.6", ep=4, n_valid=20, seed=59,
+                           output=_out(ids="mapped", metrics_ep=4)),
+    "out-specg-g4": _case("xshare_spec", "olmoe", 24, group=4, n_valid=20, seed=60, output=_out(empty="fill")),
+    "out-oea-allpad": _case("oea", "olmoe", 16, n_valid=0, seed=61, output=_out()),
 }
 
 
@@ -194,11 +215,63 @@ def compare(ref, out) -> str:
     return ""
 
 
+def _output_specs(case, sel, E: int):
+    """Two :class:`OutputSpec` of a case (kernel, reference), with their own accumulators."""
+    import torch
+
+    from sglang_xshare.placement import Placement
+    from sglang_xshare.select.output import MetricsSink, OutputSpec
+
+    o = case["output"]
+    g = torch.Generator().manual_seed(7 + case["seed"])
+    dmap = torch.randperm(E, generator=g).to(torch.int32) if o["ids"] == "mapped" else None
+    place = sel.placement if sel.placement is not None and o["ids"] == "physical" else \
+        Placement.expert_parallel(E, o["metrics_ep"])
+    specs = []
+    for _ in range(2):
+        acc = torch.zeros(8, dtype=torch.int64)
+        sink = MetricsSink.for_placement(acc, place, o["ids"], torch.device("cpu"))
+        specs.append(OutputSpec(o["ids"], o["empty"], o["scale"], dmap, sink))
+    return specs
+
+
+def run_output_case(case) -> str:
+    """The epilogue: kernel with ``OutputSpec`` vs the reference Selector with the same spec, on
+    two different batches in a row; the fused metrics' counts exactly (the second call must not
+    see the first's marks: the kernel clears its scratch sets)."""
+    import torch
+
+    from sglang_xshare.select.inputs import make_logits
+
+    sel, x, rid, n_valid, bias = build(case)
+    nv = None if n_valid is None else torch.tensor(n_valid, dtype=torch.int32)
+    spec_k, spec_r = _output_specs(case, sel, sel.routing.num_experts)
+    ctx = sel.context(x.shape[0], x.device, 0, nv, rid, case["group"], mask=False)
+    if nv is not None and ctx.valid is not None:
+        return "kernel context materialised a valid mask"
+    sel.workspace.update(case["knobs"])
+    fn = sel.entry.kernel()
+    x2 = make_logits(case["inputs"], x.shape[0], x.shape[1], case["seed"] + 100, x.dtype)
+    for batch in (x, x2):
+        ref = sel(batch, 0, nv, rid, case["group"], output=spec_r)
+        out = fn(batch, sel.routing, ctx, bias, sel.workspace, spec_k)
+        msg = compare(ref, out)
+        if msg:
+            return msg
+    if not torch.equal(spec_k.metrics.acc, spec_r.metrics.acc):
+        return f"metrics differ: kernel {spec_k.metrics.acc.tolist()} reference {spec_r.metrics.acc.tolist()}"
+    if int(spec_r.metrics.acc[0]) != 2 or (x.shape[0] and int(spec_r.metrics.acc[3]) == 0 and case["n_valid"] != 0):
+        return f"reference metrics look empty: {spec_r.metrics.acc.tolist()}"
+    return ""
+
+
 def run_case(case) -> str:
     import torch
 
     from sglang_xshare.select import compute_scores
 
+    if case["output"] is not None:
+        return run_output_case(case)
     sel, x, rid, n_valid, bias = build(case)
     ctx = sel.context(x.shape[0], x.device, 0, n_valid, rid, case["group"])
     sel.workspace.update(case["knobs"])

@@ -70,7 +70,8 @@ class BatchContext:
         top_k: the model's ``k``.
         k0: warm-up floor (every valid token keeps its top-``k0``).
         renormalize: divide kept weights by their sum.
-        valid: ``[T] bool``, False for padded tokens.
+        valid: ``[T] bool``, False for padded tokens; ``None`` when ``num_valid`` says it instead
+            (the kernel path reads the count on the device: no mask is materialised).
         budget: the layer's batch budget ``m_l`` (budgeted policies) or ``None``.
         request_budget: per-request budget ``m_r`` (``xshare_spec``) or ``None``.
         request_ids: ``[T] int64`` in ``[0, T)`` -- request of each token (``xshare_spec``) or ``None``.
@@ -83,12 +84,15 @@ class BatchContext:
         min_score: refinement floor on the gate weight of slots beyond ``k0``.
         mass_source: ``"topk"`` or ``"full"`` (see :class:`~sglang_xshare.config.SelectionConfig`).
         fill_to_peak: ``xshare_ep``: let every rank fill up to the busiest rank's load.
+        num_valid: 0-d ``int32`` / ``int64`` device tensor -- tokens ``< num_valid`` are real
+            (SGLang's ``num_token_non_padded``) -- used when ``valid`` is ``None``; both ``None``:
+            every token is real.
     """
 
     top_k: int
     k0: int
     renormalize: bool
-    valid: torch.Tensor
+    valid: torch.Tensor | None
     budget: Budget | None = None
     request_budget: Budget | None = None
     request_ids: torch.Tensor | None = None
@@ -98,6 +102,7 @@ class BatchContext:
     min_score: float = 0.0
     mass_source: str = "topk"
     fill_to_peak: bool = True
+    num_valid: torch.Tensor | None = None
 
 
 class SelectionOutput(NamedTuple):

@@ -14,6 +14,7 @@ from typing import Callable, Protocol
 import torch
 
 from ..config import POLICY_NAMES, RoutingSpec
+from .output import OutputSpec  # noqa: F401  (type of KernelFn's output)
 from .contract import BatchContext, Scores, SelectionOutput
 from .policies import cap, oea, topk, xshare, xshare_ep, xshare_spec
 
@@ -33,10 +34,13 @@ class KernelFn(Protocol):
         workspace: a dict owned by the calling :class:`~.selector.Selector` that persists
             across calls; the kernel keeps its preallocated buffers there (keyed by shape and
             device) so that a CUDA-graph-captured call allocates nothing.
+        output: :class:`~.output.OutputSpec` epilogue (dispatched ids, empty slots, scale,
+            fused metrics) or ``None`` (the plain contract).
     """
 
     def __call__(self, router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext,
-                 correction_bias: torch.Tensor | None, workspace: dict) -> SelectionOutput: ...
+                 correction_bias: torch.Tensor | None, workspace: dict,
+                 output: "OutputSpec | None" = None) -> SelectionOutput: ...
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ import torch
 
 from ..config import RoutingSpec, SelectionConfig, XShareConfigError
 from ..placement import Placement
+from .common import membership, token_order
 from .contract import BatchContext, SelectionOutput
+from .output import OutputSpec, apply_output, metrics_counts
 from .registry import get_policy
 from .scoring import compute_scores
 
@@ -72,14 +74,25 @@ class Selector:
 
     def context(self, num_tokens: int, device: torch.device, layer_id: int | None = None,
                 num_token_non_padded: int | torch.Tensor | None = None,
-                request_ids: torch.Tensor | None = None, request_group: int | None = None) -> BatchContext:
-        """The :class:`BatchContext` of one call (no host sync: ``valid`` is computed on device)."""
+                request_ids: torch.Tensor | None = None, request_group: int | None = None,
+                mask: bool = True) -> BatchContext:
+        """The :class:`BatchContext` of one call (no host sync: ``valid`` is computed on device).
+
+        ``mask=False`` (the kernel path) leaves a tensor ``num_token_non_padded`` as
+        ``num_valid`` for the kernel to read instead of materialising ``valid``.
+        """
         cfg = self.config
         if request_ids is not None and request_group is not None:
             raise ValueError("pass request_ids or request_group, not both")
         if request_group is not None and int(request_group) < 1:
             raise ValueError(f"request_group must be >= 1, got {request_group}")
-        valid = valid_mask(num_tokens, num_token_non_padded, device)
+        num_valid = None
+        if not mask and (num_token_non_padded is None or isinstance(num_token_non_padded, torch.Tensor)):
+            valid = None
+            if num_token_non_padded is not None:
+                num_valid = num_token_non_padded.reshape(())
+        else:
+            valid = valid_mask(num_tokens, num_token_non_padded, device)
         return BatchContext(
             top_k=self.routing.top_k,
             k0=cfg.k0 if cfg.policy not in ("topk", "cap") else (self.routing.top_k if cfg.policy == "topk" else cfg.cap or 1),
@@ -94,11 +107,17 @@ class Selector:
             min_score=cfg.min_score,
             mass_source=cfg.mass_source,
             fill_to_peak=cfg.fill_to_peak,
+            num_valid=num_valid,
         )
+
+    def uses_kernel(self, router_logits: torch.Tensor) -> bool:
+        """Whether a call with these logits runs the Triton kernel (else the reference)."""
+        return self._kernel is not None and (self.backend == "kernel" or router_logits.is_cuda)
 
     def __call__(self, router_logits: torch.Tensor, layer_id: int | None = None,
                  num_token_non_padded: int | torch.Tensor | None = None,
-                 request_ids: torch.Tensor | None = None, request_group: int | None = None) -> SelectionOutput:
+                 request_ids: torch.Tensor | None = None, request_group: int | None = None,
+                 output: OutputSpec | None = None) -> SelectionOutput:
         """Select experts for one layer of one batch.
 
         Args:
@@ -108,16 +127,29 @@ class Selector:
             request_ids: ``[T] int`` in ``[0, T)``, tokens of one request (``xshare_spec``).
             request_group: requests are runs of this many consecutive tokens (``xshare_spec``;
                 SGLang's verify batches): the fused one-launch kernel path. Not with ``request_ids``.
+            output: hand the result to a backend (:class:`~.output.OutputSpec`: dispatched ids,
+                empty-slot encoding, scale, fused metrics), in the same kernel launch.
 
         Returns:
             :class:`SelectionOutput` (``[T, k]`` int32 ids with -1, float32 weights, physical ids
-            for ``xshare_ep``).
+            for ``xshare_ep``); with ``output``: the dispatched ids and scaled weights, no
+            physical ids.
         """
         if router_logits.dim() != 2 or router_logits.shape[1] != self.routing.num_experts:
             raise ValueError(f"router_logits must be [T, {self.routing.num_experts}], got {tuple(router_logits.shape)}")
+        if output is not None and output.ids == "physical" and self.config.policy != "xshare_ep":
+            raise ValueError("OutputSpec(ids='physical') needs policy xshare_ep")
+        kernel = self.uses_kernel(router_logits)
         ctx = self.context(router_logits.shape[0], router_logits.device, layer_id, num_token_non_padded, request_ids,
-                           request_group)
-        if self._kernel is not None and (self.backend == "kernel" or router_logits.is_cuda):
-            return self._kernel(router_logits, self.routing, ctx, self.correction_bias, self.workspace)
+                           request_group, mask=not kernel)
+        if kernel:
+            return self._kernel(router_logits, self.routing, ctx, self.correction_bias, self.workspace, output)
         scores = compute_scores(router_logits, self.routing, self.correction_bias)
-        return self.entry.reference(scores, ctx)
+        out = self.entry.reference(scores, ctx)
+        if output is None:
+            return out
+        if output.metrics is not None:
+            in_topk = membership(token_order(scores.sel), self.routing.top_k, self.routing.num_experts)
+            disp = apply_output(out, OutputSpec(output.ids, "minus_one", None, output.dispatch_map), ctx.valid)
+            output.metrics.acc.add_(metrics_counts(disp.topk_ids, in_topk, ctx.valid, output.metrics))
+        return apply_output(out, output, ctx.valid)
