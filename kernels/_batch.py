@@ -35,31 +35,37 @@ from ._pick import ep_pick, ep_replicated_pick, greedy_pick
 from ._tile import refine_tile, tile_rows, tile_scan
 
 
-#: Polls before a waiting program gives up (about a second): a barrier that never fills -- which
-#: would be a bug -- then shows as wrong outputs (the benchmark's exactness check) instead of a hang.
-MAX_SPINS = tl.constexpr(1 << 21)
+#: Polls before a waiting program gives up by default (about a second; the ``max_spins`` kernel
+#: argument, workspace knob ``"max_spins"``). On a GPU the barrier's grid is
+#: launched cooperatively (all programs co-resident, or the launch fails), so a wait that never
+#: fills should not happen; if it does (a co-residency assumption broken), the program does NOT
+#: go on with partial sums: it routes its tiles by each token's own top-k (a valid, safe routing)
+#: and counts the event in the device's fault counter, which the serving hook reports.
+MAX_SPINS = 1 << 21
 
 
 @triton.jit
-def grid_arrive_wait(sync_ptr, nb):
-    """Grid barrier on the ``int64`` counter ``sync[0]``; returns the partial rows to read (``nb``).
+def grid_arrive_wait(sync_ptr, nb, max_spins):
+    """Grid barrier on the ``int64`` counter ``sync[0]`` -> ``(rows, ok)``: the partial rows to
+    read (``nb`` when everyone arrived) and whether everyone did.
 
     The counter only grows: a program's ticket ``old`` says which launch it belongs to
     (``old // nb``: launches that share the buffer run one after another on their stream), and it
     waits until that launch's ``nb`` programs have arrived, ``(old // nb + 1) * nb``. No reset, so
     no departure round trip; 64-bit, so it never wraps. Arrival is a release, the polls are
-    acquire loads (no read-modify-write competing with the arrivals).
+    acquire loads (no read-modify-write competing with the arrivals). Every program arrives
+    exactly once per launch, also one that then gives up, so the tickets of later launches stay aligned.
     """
     tl.debug_barrier()  # this program's partial stores precede its arrival
     old = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu")
     target = (old // nb + 1) * nb
     cnt = old + 1
     spins = 0
-    while (cnt < target) & (spins < MAX_SPINS):
+    while (cnt < target) & (spins < max_spins):
         cnt = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")  # an ld.acquire
         spins += 1
     tl.debug_barrier()
-    return (nb - tl.maximum(target - cnt, 0)).to(tl.int32)  # the reads depend on the acquire
+    return (nb - tl.maximum(target - cnt, 0)).to(tl.int32), cnt >= target  # the reads depend on the acquire
 
 
 @triton.jit
@@ -142,7 +148,7 @@ def batch_pick(mass, flags, tot, cols, E, pk_ptr, val_ptr, rank_ptr, copy_ptr, c
     return slot
 
 
-@triton.jit(do_not_specialize=["T", "E", "R", "U", "chunks", "b_count", "b_frac_bits", "b_eps_bits",
+@triton.jit(do_not_specialize=["T", "E", "R", "U", "max_spins", "chunks", "b_count", "b_frac_bits", "b_eps_bits",
                                "rb_count", "rb_frac_bits", "rb_eps_bits"])
 def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                  part_mass, part_flags, part_tot, tot_mass, tot_flags, tot_tot, sync_ptr, sel_ptr, req_ptr,
@@ -151,7 +157,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                  b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c,
                  rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c,
                  ids_ptr, w_ptr, phys_ptr, min_score, out_scale, map_ptr,
-                 acc_ptr, mticket_ptr, used_ptr, top_ptr, urank_ptr, lrank_ptr, U,
+                 acc_ptr, mticket_ptr, used_ptr, top_ptr, urank_ptr, lrank_ptr, U, okv_ptr, fault_ptr, max_spins,
                  SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                  GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
                  K: tl.constexpr, K0: tl.constexpr, MASS_FULL: tl.constexpr,
@@ -162,7 +168,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                  RB: tl.constexpr, CH: tl.constexpr, BT: tl.constexpr, BLOCK_E: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
                  VALID: tl.constexpr, OUT: tl.constexpr, SCALE: tl.constexpr, FILL_EMPTY: tl.constexpr,
-                 METRICS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_MR: tl.constexpr):
+                 METRICS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_MR: tl.constexpr, NBP: tl.constexpr):
     """Batch policy over ``T`` tokens -- see the module docstring.
 
     Shapes: ``logits [T, E]`` fp32/bf16/fp16 (row stride ``stride_t``), ``bias [E]``, ``valid [T]
@@ -174,7 +180,9 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
     ``phys [T, K] int32`` (``WANT_PHYS``). ``chunks`` tiles per program (``ONE_CHUNK``: exactly 1).
     ``VALID``: how ``valid`` marks real rows (:func:`~._core.load_valid`); output epilogue ``OUT /
     SCALE / FILL_EMPTY`` (:func:`~._tile.refine_tile`); ``METRICS``: fused live metrics
-    (:mod:`._metrics`, ranks padded to ``BLOCK_MR``), added by the refining launch.
+    (:mod:`._metrics`, ranks padded to ``BLOCK_MR``), added by the refining launch. ``okv [NB]
+    int32`` (two-stage barrier: each program's first wait succeeded), ``fault [1] int64`` (barrier
+    waits that did not fill: those programs routed by each token's own top-k), ``NBP >= NB``.
     """
     pid = tl.program_id(0)
     nb = tl.num_programs(0)
@@ -210,17 +218,24 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
         if SYNC == 2 and GROUP > 0 and ONE_CHUNK:
             roffs = rows[:, None].to(tl.int64) * BLOCK_E + cols[None, :]
             tl.store(req_ptr + roffs, req.to(tl.int8), mask=rmask[:, None])
+    ok = pid >= 0
     if SYNC == 1:
-        arrived = grid_arrive_wait(sync_ptr, nb)
+        arrived, ok = grid_arrive_wait(sync_ptr, nb, max_spins)
         if TWO_STAGE:  # wide grids: each program reduces a column slice, then all read the totals
             reduce_slice(part_mass, part_flags, part_tot, tot_mass, tot_flags, tot_tot, arrived, pid, BLOCK_E, CW,
                          RB2)
-            ok = grid_arrive_wait(sync_ptr + 1, nb) > 0  # the reads below depend on its acquire
+            tl.store(okv_ptr + pid, ok.to(tl.int32))  # a slice summed from missing rows poisons the totals
+            _a2, ok2 = grid_arrive_wait(sync_ptr + 1, nb, max_spins)  # the reads below depend on its acquire
+            q = tl.arange(0, NBP)
+            all_ok = tl.min(tl.load(okv_ptr + q, mask=ok2 & (q < nb), other=1, cache_modifier=".cg"), axis=0) > 0
+            ok = ok2 & all_ok
             mass = tl.load(tot_mass + cols, mask=ok & (cols >= 0), other=0.0, cache_modifier=".cg")
             flags = tl.load(tot_flags + cols, mask=ok & (cols >= 0), other=0, cache_modifier=".cg")
             tot = tl.load(tot_tot, cache_modifier=".cg")
         else:
             mass, flags, tot = reduce_partials(part_mass, part_flags, part_tot, arrived, cols, RB)
+        if not ok:
+            tl.atomic_add(fault_ptr, 1)
     if SYNC == 2:
         tl.debug_barrier()
         done = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu")
@@ -239,6 +254,9 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                           rank_ptr, copy_ptr, copies_ptr, slot_rank_ptr, R,
                           b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c, PICK, MODE, FILL, CH,
                           BLOCK_C, BLOCK_R)
+        if SYNC == 1:  # a barrier that did not fill: each token's own top-k (payload: the first copy)
+            primary = tl.load(copy_ptr + cols, mask=cmask & (PICK >= 3) & (PICK <= 4), other=0)
+            slot = tl.where(ok, slot, tl.where(cmask, primary, -1))
         chosen = slot >= 0
         if ONE_CHUNK:
             allowed = chosen[None, :] & req

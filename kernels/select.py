@@ -31,10 +31,10 @@ from sglang_xshare.config import RoutingSpec
 from sglang_xshare.select.contract import BatchContext, SelectionOutput
 from sglang_xshare.select.output import OutputSpec
 
-from ._batch import batch_kernel
+from ._batch import MAX_SPINS, batch_kernel
 from ._refine import refine_kernel
 from ._spec import group_kernel, spec_token_kernel
-from .workspace import Buffers, budget_args, buffers, placement_tables, routing_constexprs
+from .workspace import Buffers, _pow2, budget_args, buffers, fault_counter, placement_tables, routing_constexprs
 
 __all__ = [
     "topk_kernel",
@@ -95,6 +95,14 @@ def _epilogue(output: OutputSpec | None, buf: Buffers, E: int, want_phys: bool) 
                     lrank_ptr=m.logical_rank, U=U, METRICS=True, BLOCK_U=used.numel(),
                     BLOCK_MR=max(2, triton.next_power_of_2(m.num_ranks)))
     return args
+
+
+def _coop(p, x: torch.Tensor, workspace: dict) -> dict:
+    """``launch_cooperative_grid`` for grid-barrier plans on a GPU: the driver then schedules all
+    programs at once (or fails the launch) -- the barrier's co-residency is guaranteed, not assumed."""
+    if p.sync == 1 and x.is_cuda and workspace.get("cooperative", True):
+        return {"launch_cooperative_grid": True}
+    return {}
 
 
 def _outputs(buf: Buffers, T: int, k: int, device: torch.device, workspace: dict, phys: bool):
@@ -182,14 +190,15 @@ def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, polic
         rank, copy, copies, slot_rank, R,
         b_count, b_frac, b_eps, b_mass, b_mass_c,
         rb_count, rb_frac, rb_eps, rb_mass, rb_mass_c,
-        ids, w, ph, float(ctx.min_score), **epi_b,
+        ids, w, ph, float(ctx.min_score), **epi_b, okv_ptr=buf.okv, fault_ptr=fault_counter(x.device),
+        max_spins=int(workspace.get("max_spins", MAX_SPINS)),
         **rc, K=k, K0=ctx.k0, MASS_FULL=ctx.mass_source == "full",
         PICK=pick, ALLOW=allow, MODE=mode, RMODE=rmode, FILL=bool(ctx.fill_to_peak), HAS_MIN=ctx.min_score > 0,
         RENORM=ctx.renormalize, WANT_PHYS=want_phys, SYNC=p.sync, TWO_STAGE=p.two_stage, CW=p.cw, RB2=p.rb2,
         ONE_CHUNK=p.chunks == 1,
         GROUP=group, GP=p.gp, RB=p.rb, CH=p.ch, BT=p.bt, BLOCK_E=p.block_e,
         BLOCK_K=max(2, triton.next_power_of_2(k)), BLOCK_C=block_c, BLOCK_R=block_r, VALID=vmode,
-        num_warps=p.num_warps,
+        NBP=max(2, _pow2(p.nb)), num_warps=p.num_warps, **_coop(p, x, workspace),
     )
     if p.sync == 2:
         _refine_launch(x, bias, valid, vmode, buf, ids, w, ph if want_phys else None, ctx, rc,

@@ -11,7 +11,11 @@ Tuning knobs (``workspace`` keys, for benchmarks): ``"num_warps"``, ``"tile_elem
 of one ``[BT, BLOCK_E]`` tile), ``"sync"`` (force 1 = grid barrier or 2 = two launches),
 ``"programs"`` (grid cap; 1 = one program for any batch: no grid synchronisation at all),
 ``"pair_chunk"`` (keys per step of the pick), ``"two_stage"`` (force the two-stage grid
-reduction on / off), ``"plan_as_gpu"`` (plan as on a GPU where the tensors are not on one: ahead-of-time compile checks).
+reduction on / off), ``"cooperative"`` (launch grid-barrier plans cooperatively, default True on
+CUDA: the driver guarantees co-residency or fails the launch), ``"max_spins"`` (barrier polls
+before a program gives up and routes by top-k), ``"interpreter_barrier"`` (plan the grid barrier
+under the interpreter too, which runs programs one after another: every program but the last
+gives up -- the CPU test of that fallback), ``"plan_as_gpu"`` (plan as on a GPU where the tensors are not on one: ahead-of-time compile checks).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from sglang_xshare.placement import Placement
 from sglang_xshare.select.policies.xshare_ep import copies_table
 
 __all__ = ["Plan", "plan", "Buffers", "buffers", "budget_args", "placement_tables", "routing_constexprs",
-           "MAX_PROGRAMS", "TILE_ELEMS", "TILE_ELEMS_MAX", "TWO_STAGE_ELEMS", "max_programs", "interpreting"]
+           "fault_counter", "MAX_PROGRAMS", "TILE_ELEMS", "TILE_ELEMS_MAX", "TWO_STAGE_ELEMS", "max_programs", "interpreting"]
 
 #: Default elements of one ``[BT, BLOCK_E]`` tile (BT = 8 rows at E = 64, 2 at E = 256; measured on
 #: an H100: smaller tiles = shorter unrolled code), for batches that need more than one tile; a
@@ -58,6 +62,18 @@ def interpreting() -> bool:
 
 
 _SM_COUNT: dict[str, int] = {}
+_FAULTS: dict[str, torch.Tensor] = {}
+
+
+def fault_counter(device: torch.device) -> torch.Tensor:
+    """``[1] int64`` on ``device``: grid-barrier waits that did not fill (each such program routed
+    its tokens by their own top-k instead). Shared by every selector on the device; read it off
+    the hot path (the serving hook copies it asynchronously at step ends and warns when it grows)."""
+    key = str(device)
+    t = _FAULTS.get(key)
+    if t is None:
+        t = _FAULTS[key] = torch.zeros(1, dtype=torch.int64, device=device)
+    return t
 
 
 def max_programs(device: torch.device) -> int:
@@ -171,6 +187,7 @@ class Buffers:
         self.part_flags = torch.zeros(rows, be, dtype=i32, device=device)
         self.part_tot = torch.zeros(rows, dtype=torch.float64, device=device)
         self.sync = torch.zeros(2, dtype=torch.int64, device=device)
+        self.okv = torch.ones(max(p.nb, 1), dtype=i32, device=device)
         self.sel = torch.full((be,), -1, dtype=i32, device=device)
         # each token's request set: read only by xshare_spec's two-launch and arbitrary-id paths
         self.req = torch.zeros(max(T, 1) if spec_groups or general_spec else 1, be, dtype=torch.int8, device=device)
@@ -214,7 +231,8 @@ def buffers(workspace: dict, policy: str, T: int, E: int, k: int, device: torch.
     key = ("buffers", policy, T, E, k, str(device), dtype, group, general_spec, knobs)
     buf = workspace.get(key)
     if buf is None:
-        spin = (device.type == "cuda" or bool(workspace.get("plan_as_gpu"))) and not interpreting()
+        spin = (device.type == "cuda" or bool(workspace.get("plan_as_gpu"))) and not interpreting() \
+            or bool(workspace.get("interpreter_barrier"))
         programs = max_programs(device) if knobs[3] is None else min(int(knobs[3]), max_programs(device))
         p = plan(T, E, group=group, spin=spin, programs=programs, tile_elems=knobs[1],
                  num_warps=knobs[0], sync=knobs[2] if spin else None, pair_chunk=knobs[4], two_stage=knobs[5],

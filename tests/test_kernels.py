@@ -138,6 +138,14 @@ CASES = {
                            output=_out(ids="mapped", metrics_ep=4)),
     "out-specg-g4": _case("xshare_spec", "olmoe", 24, group=4, n_valid=20, seed=60, output=_out(empty="fill")),
     "out-oea-allpad": _case("oea", "olmoe", 16, n_valid=0, seed=61, output=_out()),
+    # the grid barrier (sync=1, the GPU's default plan) under the interpreter, which runs programs one
+    # after another: every program but the last times out and must route its tiles by top-k (never
+    # partial sums); the last sees every arrival and picks exactly; the fault counter counts the rest
+    "barrier-timeout-xshare": _case("xshare", "olmoe", 70, budget="0.5", n_valid=66, seed=62,
+                                    knobs={"interpreter_barrier": True, "sync": 1, "max_spins": 40}),
+    "barrier-timeout-ep-twostage": _case("xshare_ep", "olmoe", 70, budget="0.5", ep=8, seed=63,
+                                         knobs={"interpreter_barrier": True, "sync": 1, "max_spins": 40,
+                                                "two_stage": True}),
 }
 
 
@@ -265,6 +273,40 @@ def run_output_case(case) -> str:
     return ""
 
 
+def run_barrier_case(case) -> str:
+    """Barrier timeouts: tokens of programs that gave up get their own top-k, the rest the policy."""
+    import torch
+
+    from sglang_xshare.config import SelectionConfig
+    from sglang_xshare.kernels.workspace import buffers, fault_counter
+    from sglang_xshare.select import Selector, compute_scores
+
+    sel, x, rid, n_valid, bias = build(case)
+    sel.workspace.update(case["knobs"])
+    ctx = sel.context(x.shape[0], x.device, 0, n_valid, rid, case["group"])
+    T, E = x.shape
+    p = buffers(sel.workspace, case["policy"], T, E, sel.routing.top_k, x.device, x.dtype).plan
+    if p.sync != 1 or p.nb < 3:
+        return f"plan is not a grid barrier of several programs: {p}"
+    faults = fault_counter(x.device)
+    before = int(faults)
+    out = sel.entry.kernel()(x, sel.routing, ctx, bias, sel.workspace)
+    scores = compute_scores(x, sel.routing, bias)
+    ref = sel.entry.reference(scores, ctx)
+    topk = Selector(sel.routing, SelectionConfig(policy="topk"), backend="reference", correction_bias=bias)
+    plain = topk.entry.reference(scores, topk.context(T, x.device, 0, n_valid))
+    last = (p.nb - 1) * p.chunks * p.bt  # first row of the last program (it arrives last: everyone arrived)
+    gave_up = p.nb if p.two_stage else p.nb - 1  # two-stage: the others' poisoned slices reach everyone
+    exact_rows = torch.arange(T) >= (T if p.two_stage else last)
+    want_ids = torch.where(exact_rows[:, None], ref.topk_ids, plain.topk_ids)
+    if not torch.equal(out.topk_ids, want_ids):
+        bad = int((out.topk_ids != want_ids).any(dim=1).nonzero()[0])
+        return f"row {bad}: kernel {out.topk_ids[bad].tolist()} want {want_ids[bad].tolist()} (last program from {last})"
+    if int(faults) - before != gave_up:
+        return f"fault counter grew by {int(faults) - before}, want {gave_up}"
+    return ""
+
+
 def run_case(case) -> str:
     import torch
 
@@ -272,6 +314,8 @@ def run_case(case) -> str:
 
     if case["output"] is not None:
         return run_output_case(case)
+    if case["knobs"].get("interpreter_barrier"):
+        return run_barrier_case(case)
     sel, x, rid, n_valid, bias = build(case)
     ctx = sel.context(x.shape[0], x.device, 0, n_valid, rid, case["group"])
     sel.workspace.update(case["knobs"])
