@@ -136,13 +136,28 @@ ROUTERS = {
 
 
 @pytest.mark.parametrize("router", sorted(ROUTERS))
-def test_topk_policy_reproduces_sglang_routing(sg, installed, router):
-    """The hook translates SGLang's TopKConfig (groups, bias, sigmoid, renormalize) into the
-    RoutingSpec faithfully: policy ``topk`` selects the same experts with the same weights."""
+def test_topk_policy_is_sglang_routing_bit_for_bit(sg, installed, router):
+    """Policy ``topk`` is SGLang's own routing: bit-identical ids and weights for softmax,
+    grouped, DeepSeek-V3 biased-sigmoid and unnormalised routers."""
     x, logits = torch.randn(T, HIDDEN), _logits(14)
     plain = _topk(sg, **ROUTERS[router]).forward_native(x, logits.clone())
     installed(policy="topk", empty_slots="minus_one")
-    out = _topk(sg, **ROUTERS[router]).forward_native(x, logits.clone())
+    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+        out = _topk(sg, **ROUTERS[router]).forward_native(x, logits.clone())
+    assert torch.equal(plain.topk_ids, out.topk_ids) and torch.equal(plain.topk_weights, out.topk_weights)
+
+
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_policy_translates_sglang_routing(sg, installed, router):
+    """The hook translates SGLang's TopKConfig (groups, bias, sigmoid, renormalize, routed scale)
+    into the RoutingSpec faithfully: ``cap`` with k' = k (the fast path) selects SGLang's experts
+    with SGLang's weights."""
+    x, logits = torch.randn(T, HIDDEN), _logits(14)
+    plain = _topk(sg, **ROUTERS[router]).forward_native(x, logits.clone())
+    installed(policy="cap", cap=K, empty_slots="minus_one")
+    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+        out = _topk(sg, **ROUTERS[router]).forward_native(x, logits.clone())
+    assert next(iter(hook._STATE.layers.values())).paths == {T: "fast"}
     for a, b in zip(plain.topk_ids.tolist(), out.topk_ids.tolist()):
         assert set(a) == set(b)
     torch.testing.assert_close(plain.topk_weights.sort(-1).values, out.topk_weights.sort(-1).values, rtol=1e-5, atol=1e-6)
@@ -180,17 +195,42 @@ def test_metrics_only_passes_routing_through_bit_identical(sg, installed):
     x, logits = torch.randn(T, HIDDEN), _logits(3)
     before = tk.forward_native(x, logits.clone())
     installed(policy="off", metrics=True, metrics_interval=2)
-    assert sg._post_process_topk_ids is not hook._PATCHES[0].original
+    assert sg.select_experts is not hook._PATCHES[3].original
     for _ in range(2):
         with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
             after = tk.forward_native(x, logits.clone())
         assert torch.equal(before.topk_ids, after.topk_ids) and torch.equal(before.topk_weights, after.topk_weights)
-    flushed = hook._STATE.metrics.last
-    assert set(flushed) == {3}
-    distinct = len(set(before.topk_ids.flatten().tolist()))
-    assert flushed[3]["distinct"] == pytest.approx(distinct)
-    assert flushed[3]["retained_mass"] == pytest.approx(1.0)
-    assert flushed[3]["calls"] == 2
+    assert hook._STATE.metrics.steps == 2 and hook._STATE.metrics.flush() == {}  # nothing selected, nothing counted
+
+
+def test_live_metrics_count_what_was_dispatched(sg, installed):
+    """The fused metrics against an expectation built from the routed ids alone (not from the
+    Selector): distinct experts, the busiest of 4 EP ranks, top-k's distinct experts, tokens."""
+    from sglang.srt.runtime_context import get_parallel
+
+    installed(policy="xshare", budget="6", empty_slots="minus_one", metrics=True, metrics_interval=1000)
+    ep = get_parallel().moe_ep_size
+    tk = _topk(sg)
+    want = torch.zeros(8, dtype=torch.int64)
+    for step in range(3):
+        logits = _logits(40 + step)
+        n = T - 3 * step
+        with hook.batch_scope(hook.BatchInfo("decode", batch_size=n)):
+            out = tk.forward_native(torch.randn(T, HIDDEN), logits.clone(), num_token_non_padded=torch.tensor(n))
+        ids = out.topk_ids[:n]
+        used = sorted(set(ids[ids >= 0].tolist()))
+        top = sorted(set(torch.topk(logits[:n], K, dim=-1).indices.flatten().tolist()))
+        per = E // ep
+        peak = max(sum(1 for e in used if e // per == r) for r in range(ep))
+        tpeak = max(sum(1 for e in top if e // per == r) for r in range(ep))
+        short = int(((ids >= 0).sum(-1) < K).sum())
+        want += torch.tensor([1, n, len(used), len(top), peak, tpeak, int((ids >= 0).sum()), short])
+        assert (out.topk_ids[n:] == -1).all()
+    got = hook._STATE.metrics.flush()
+    assert list(got) == [3]
+    assert [got[3][f] for f in ("calls", "valid_tokens", "distinct", "topk_distinct", "peak", "topk_peak", "pairs",
+                                "short_tokens")] == want.tolist()
+    assert hook._STATE.metrics.path_steps == {"policy": 3} and hook._STATE.metrics.steps == 3
 
 
 def test_uninstall_restores_sglang(sg, installed):
@@ -222,8 +262,10 @@ def test_num_token_non_padded_from_forward_context(sg, installed):
 
 
 def _eplb_map(num_ranks: int = 4, redundant: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A placement with redundant copies: ``(p2l [P], logical_to_all_physical [E, P], num_valid [E])``."""
-    p2l = torch.cat([torch.arange(E), torch.arange(redundant) * 3 % E])
+    """A placement with redundant copies: ``(p2l [P], logical_to_all_physical [E, P], num_valid [E])``.
+    Not the identity on the first ``E`` slots, so a skipped logical -> physical remap shows."""
+    perm = torch.randperm(E, generator=torch.Generator().manual_seed(77))
+    p2l = torch.cat([perm, torch.arange(redundant) * 3 % E])
     P = p2l.numel()
     l2all = torch.full((E, P), -1, dtype=torch.int64)
     for e in range(E):
@@ -251,8 +293,10 @@ def test_eplb_redundant_mapping_is_honoured(sg, installed, algorithm, mode):
     tk = _topk(sg)
     logits = _logits(5)
     out = tk.forward_native(torch.randn(T, HIDDEN), logits.clone(), expert_location_dispatch_info=info)
+    assert next(iter(hook._STATE.layers.values())).paths == {T: "fast" if algorithm == "static" else "general"}
     ref = _selector(cfg)(logits, layer_id=3)
     kept = ref.topk_ids >= 0
+    assert not torch.equal(out.topk_ids[kept].long(), ref.topk_ids[kept].long())  # remapped: not the logical ids
     assert (out.topk_ids[kept] < P).all() and (out.topk_ids[kept] >= 0).all()
     assert torch.equal(p2l[out.topk_ids[kept].long()], ref.topk_ids[kept].long())  # right logical expert
     if algorithm == "static":
@@ -312,6 +356,63 @@ def test_xshare_ep_chooses_physical_copies_of_sglang_placement(sg, installed, ep
     assert torch.equal(md.physical_to_logical_map[3][out.topk_ids[kept].long()], ref.topk_ids[kept].long())
 
 
+def test_xshare_ep_against_independent_expectation(sg, installed, eplb_metadata):
+    """xshare_ep through the hook, checked without the Selector: dispatched physical slots hold
+    the logical experts, every token keeps its own top-1, and the busiest EP rank reads at most
+    ceil(budget / ranks) slots (a selector that lost the placement would not know the ranks)."""
+    from sglang.srt.eplb.expert_location_dispatch import ExpertLocationDispatchInfo
+
+    md = eplb_metadata
+    budget, R = 28, 4
+    installed(policy="xshare_ep", budget=str(budget), empty_slots="minus_one")
+    info = ExpertLocationDispatchInfo(
+        ep_dispatch_algorithm="static", partial_logical_to_rank_dispatch_physical_map=md.logical_to_all_physical_map[3, :, 0],
+        partial_logical_to_all_physical_map=md.logical_to_all_physical_map[3],
+        partial_logical_to_all_physical_map_num_valid=md.logical_to_all_physical_map_num_valid[3],
+        num_physical_experts=md.num_physical_experts)
+    logits = _logits(16)
+    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+        out = _topk(sg).forward_native(torch.randn(T, HIDDEN), logits.clone(), expert_location_dispatch_info=info)
+    p2l = md.physical_to_logical_map[3]
+    per_rank = md.num_physical_experts // R
+    kept = out.topk_ids >= 0
+    logical = torch.where(kept, p2l[out.topk_ids.clamp(min=0).long()], -1)
+    top1 = logits.argmax(-1)
+    assert (logical == top1[:, None]).any(-1).all()  # warm-up: each token keeps its own best expert
+    warm = len(set(top1.tolist()))
+    cap = -(-max(budget, warm) // R)
+    assert warm <= cap  # the data leaves room: the bound below is the policy's, not the warm-up's
+    slots = set(out.topk_ids[kept].tolist())
+    loads = [sum(1 for s_ in slots if s_ // per_rank == r) for r in range(R)]
+    assert max(loads) <= cap, loads
+    assert len({int(p2l[s_]) for s_ in slots}) <= budget + R  # fill-to-peak stays within one slot per rank
+    w = torch.softmax(logits, -1).gather(1, logical.clamp(min=0)) * kept
+    torch.testing.assert_close(out.topk_weights, w / w.sum(-1, keepdim=True))
+
+
+def test_single_token_batches_step_aside(sg, installed):
+    """``--xshare-min-tokens auto``: a one-token decode batch has nothing to share, so a batch
+    policy leaves SGLang's routing untouched there (bit for bit) and applies from two tokens on."""
+    x, logits = torch.randn(1, HIDDEN), _logits(17, n=1)
+    tk = _topk(sg)
+    plain = tk.forward_native(x, logits.clone())
+    installed(policy="xshare", budget="0.5", empty_slots="minus_one")
+    with hook.batch_scope(hook.BatchInfo("decode", batch_size=1)):
+        one = tk.forward_native(x, logits.clone())
+    assert torch.equal(one.topk_ids, plain.topk_ids) and torch.equal(one.topk_weights, plain.topk_weights)
+    two = torch.cat([logits, _logits(18, n=1)])
+    with hook.batch_scope(hook.BatchInfo("decode", batch_size=2)):
+        out = tk.forward_native(torch.randn(2, HIDDEN), two.clone())
+    union = set(torch.topk(two, K, dim=-1).indices.flatten().tolist())
+    assert len(set(out.topk_ids[out.topk_ids >= 0].tolist())) == -(-len(union) // 2)  # half of top-k's experts
+    assert next(iter(hook._STATE.layers.values())).paths == {1: "sglang", 2: "fast"}
+    hook.uninstall()
+    installed(policy="xshare", budget="0.5", empty_slots="minus_one", min_tokens="1")
+    with hook.batch_scope(hook.BatchInfo("decode", batch_size=1)):
+        forced = _topk(sg).forward_native(x, logits.clone())
+    assert (forced.topk_ids == -1).any()
+
+
 def test_fused_shared_expert_columns_untouched(sg, installed):
     from sglang.srt.configs.shared_experts import SharedExpertsConfig
     from sglang.srt.runtime_context import get_model
@@ -335,11 +436,13 @@ def test_routed_scaling_factor_applied_like_sglang(sg, installed):
     x, logits = torch.randn(T, HIDDEN), _logits(8)
     plain = tk.forward_native(x, logits.clone())
     assert plain.topk_weights.sum(-1).allclose(torch.full((T,), 2.5))  # SGLang folds the factor in
-    cfg = installed(policy="topk", empty_slots="minus_one")
+    installed(policy="cap", cap=2, empty_slots="minus_one")
     out = tk.forward_native(x, logits.clone())
-    ref = _selector(cfg)(logits, layer_id=3)
-    torch.testing.assert_close(out.topk_weights, ref.topk_weights * 2.5)
-    torch.testing.assert_close(out.topk_weights, plain.topk_weights)
+    kept = out.topk_ids >= 0
+    assert kept.sum(-1).eq(2).all()
+    torch.testing.assert_close(out.topk_weights.sum(-1), torch.full((T,), 2.5))  # renormalised, then scaled
+    p = torch.softmax(logits, -1).gather(1, out.topk_ids[:, :2].long())
+    torch.testing.assert_close(out.topk_weights[:, :2], 2.5 * p / p.sum(-1, keepdim=True))
 
 
 def test_draft_layers_keep_sglang_routing_unless_asked(sg, installed):

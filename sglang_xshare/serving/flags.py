@@ -73,6 +73,9 @@ class XShareServerConfig:
             it), ``"fill"`` (same expert as the token's first slot, weight 0), ``"distinct"``
             (another expert the batch already uses, weight 0), ``"auto"`` (per backend, see
             :mod:`sglang_xshare.serving.slots`).
+        min_tokens: smallest batch (tokens) a policy is applied to; smaller batches keep SGLang's
+            routing. ``"auto"``: 2 for the batch policies (one token has nothing to share with), 1
+            for ``cap``; decided per captured batch size, so it costs nothing at run time.
         metrics: keep per-layer metrics on device and flush them every ``metrics_interval`` steps.
         metrics_interval: decode steps between two metric flushes.
         record_trace: path of a trace file (``.npz``) to write router logits to, or ``None``.
@@ -91,6 +94,7 @@ class XShareServerConfig:
     apply_to_draft: bool = False
     apply_to_prefill: bool = False
     empty_slots: str = "auto"
+    min_tokens: str = "auto"
     metrics: bool = False
     metrics_interval: int = 200
     record_trace: str | None = None
@@ -149,6 +153,8 @@ class XShareServerConfig:
             raise XShareConfigError("--xshare-mass-source", f"must be 'topk' or 'full', got {self.mass_source!r}")
         if self.empty_slots not in ("auto", "minus_one", "fill", "distinct"):
             raise XShareConfigError("--xshare-empty-slots", f"must be auto, minus_one, fill or distinct, got {self.empty_slots!r}")
+        if self.min_tokens != "auto" and not (str(self.min_tokens).isdigit() and int(self.min_tokens) >= 1):
+            raise XShareConfigError("--xshare-min-tokens", f"must be 'auto' or an integer >= 1, got {self.min_tokens!r}")
         if self.metrics_interval < 1:
             raise XShareConfigError("--xshare-metrics-interval", f"must be >= 1, got {self.metrics_interval}")
         if self.record_trace_steps < 1:
@@ -250,9 +256,14 @@ def add_xshare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="How an empty (-1) slot reaches the MoE backend: 'minus_one', 'fill' (an expert the "
                         "token already uses, weight 0), 'distinct' (another expert the batch already uses, weight 0) "
                         "or 'auto' (per backend).")
+    g.add_argument("--xshare-min-tokens", type=str, default=d.min_tokens,
+                   help="Smallest decode batch (tokens) the policy is applied to; smaller batches keep SGLang's own "
+                        "routing at no cost. 'auto': 2 for batch policies (a single token has nothing to share), "
+                        "1 for cap.")
     g.add_argument("--xshare-metrics", action="store_true",
-                   help="Live per-layer metrics (activated experts, peak/mean rank load, retained mass), "
-                        "accumulated on device and logged / exported to Prometheus every --xshare-metrics-interval steps.")
+                   help="Live per-layer metrics counted inside the selection kernel (distinct experts vs plain "
+                        "top-k, busiest EP rank, tokens, short tokens), logged and exported to Prometheus "
+                        "(cumulative, sglang_xshare_*{layer,rank}) every --xshare-metrics-interval steps or 1 s.")
     g.add_argument("--xshare-metrics-interval", type=int, default=d.metrics_interval,
                    help="Decode steps between two metric flushes.")
     g.add_argument("--xshare-record-trace", type=str, default=None, metavar="PATH",
@@ -276,6 +287,7 @@ def _config_from_namespace(ns: argparse.Namespace) -> XShareServerConfig:
         apply_to_draft=ns.xshare_apply_to_draft,
         apply_to_prefill=ns.xshare_apply_to_prefill,
         empty_slots=ns.xshare_empty_slots,
+        min_tokens=ns.xshare_min_tokens,
         metrics=ns.xshare_metrics,
         metrics_interval=ns.xshare_metrics_interval,
         record_trace=ns.xshare_record_trace,

@@ -1,38 +1,42 @@
 """Install an expert-selection policy into SGLang 0.5.23's MoE routing, without editing SGLang.
 
-Where it plugs in (``sglang/srt/layers/moe/topk.py``): every routing path that materialises
-``topk_ids`` (``TopK.forward_native/cuda/cpu/xpu``, ``BypassedTopKOutput.to_standard``,
-``mega_gate``) ends in ``_post_process_topk_ids(topk_ids, topk_weights, topk_config,
-router_logits, layer_id, num_token_non_padded, expert_location_dispatch_info, ...)``. At that
-point SGLang has computed the model's *logical* top-k (grouped / biased / shared columns /
-routed scaling) and has not yet done its own post-processing (routed-experts capture, the
-LP solve, EPLB logical -> physical, shared-expert layouts, padded-row masking, the EPLB
-expert-distribution recorder). The hook wraps that function:
+Where it plugs in (``sglang/srt/layers/moe/topk.py``): ``TopK.forward_native/cuda/cpu/xpu`` and
+``BypassedTopKOutput.to_standard`` compute routing through ``select_experts(hidden_states,
+router_logits, topk_config, *, layer_id, num_token_non_padded, expert_location_dispatch_info,
+...)``; other paths (``mega_gate``, model-specific routers) end in ``_post_process_topk_ids``.
+The hook wraps both. For each call it asks the layer's :class:`~.layer.LayerPolicy` which path
+the batch takes (see :mod:`.layer`; a pure function of shapes and flags, decided once per
+captured CUDA-graph batch size):
 
-1. the policy (:class:`~sglang_xshare.select.Selector`) selects from the same ``router_logits``
-   the routed columns of ``topk_ids`` / ``topk_weights`` (``-1`` = empty slot); fused
-   shared-expert columns are kept untouched; the routed scaling factor is applied when SGLang
-   folds it into the weights (``is_routed_scaling_factor_fused_in_topk``);
-2. empty slots are filled (:func:`~.slots.fill_empty_slots`) so that SGLang's remap tables never
-   see ``-1``; SGLang's own post-processing then runs unchanged;
-3. the filled slots are put back to ``-1`` (backends that drop ``-1``) or onto the physical
-   copy of the slot they duplicate, weight 0 (the others); see :mod:`.slots`.
+* ``sglang`` -- SGLang routes (policy ``off``/``topk``, draft / prefill layers, one-token batches
+  under ``--xshare-min-tokens auto``, per-token dynamic bias, routing simulation);
+* ``fast`` -- the policy *replaces* SGLang's router: one Triton launch reads the router logits and
+  the padding count on the device and writes the final ``topk_ids`` / ``topk_weights``: the ids
+  the backend dispatches (logical, EPLB's static map fused in, or ``xshare_ep``'s physical
+  copies), empty slots as ``-1`` (DeepEP, triton / deep_gemm runners) or filled with weight 0,
+  SGLang's routed scaling factor, and the live metrics (:mod:`.metrics`) counted in the same
+  launch. SGLang's routed-experts capture and EPLB's expert-distribution recorder are called
+  as ``select_experts`` would;
+* ``general`` -- the policy replaces the router, then SGLang's own ``_post_process_topk_ids`` runs
+  (EPLB dynamic / LP dispatch, the torch-native CPU MoE): empty slots are filled before
+  (:func:`~.slots.fill_empty_slots`) and restored after;
+* ``legacy`` -- fused shared-expert columns written by SGLang's router, ROCm, paths that do not go
+  through ``select_experts``: SGLang's router runs and the policy is applied at its
+  post-processing seam (the policy's top-k then runs beside SGLang's).
 
 ``xshare_ep`` chooses physical copies itself: with EPLB dispatch ``static`` / ``dynamic`` its
-physical ids go to SGLang with the remap disabled for that call; with ``lp`` (SGLang's
-per-batch LP replica solver, whose EP all-reduce every rank must join) ``xshare_ep`` picks the
-logical experts and the LP solver their copies. Its placement is SGLang's
-``physical_to_logical_map`` of the layer, a *view* of the device tensor EPLB rebalances in
-place, so a rebalance reaches the policy (and captured CUDA graphs) without a rebuild.
+physical ids are dispatched directly; with ``lp`` (SGLang's per-batch LP replica solver, whose EP
+all-reduce every rank must join) or while EPLB rebalances (``--enable-eplb``) it picks the
+logical experts and SGLang's live mapping their copies.
 
-Also patched: ``TopK.__init__`` (marks draft-model layers), ``TopK.bind_runner_backend`` (logs
-layers whose output format bypasses ``select_experts``: TRITON_KERNEL, BYPASSED -- the policy
-cannot apply there), ``select_experts`` (per-token ``dynamic_expert_bias`` -> fall back), and
-``forward_context`` (which batch is running: decode / target-verify / prefill, the number of
-draft tokens, the step boundary for metrics and the trace recorder).
+Also patched: ``TopK.__init__`` (marks draft-model layers; allocates the metrics table while the
+model is built, outside graph capture), ``TopK.bind_runner_backend`` (logs layers whose output
+format bypasses ``select_experts``: TRITON_KERNEL, BYPASSED) and ``forward_context`` (which batch
+is running: decode / target-verify / prefill, the number of draft tokens, the step boundary
+for metrics and the trace recorder).
 
-Hot path: no host sync, static shapes; request groups of target-verify batches are
-``arange(T) // num_draft_tokens`` (each request has ``num_draft_tokens`` consecutive tokens).
+Hot path: no host sync, static shapes, no Python per token; request groups of target-verify
+batches are ``t // num_draft_tokens`` (each request's draft tokens are consecutive).
 
 Reaching SGLang's child processes: :func:`sglang_plugin` is registered as an entry point of
 SGLang's plugin group ``sglang.srt.plugins``; SGLang calls ``load_plugins()`` at the start of
@@ -50,12 +54,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import RoutingSpec, XShareConfigError
-from ..placement import Placement
-from ..select import Selector
 from .flags import ENV_VAR, XShareServerConfig
+from .layer import DRAFT_ATTR, LayerPolicy, build_layer
 from .patching import Patch, post_import_hooks
-from .slots import copy_source_physical, fill_empty_slots, fill_empty_slots_distinct, resolve_empty_slot_mode
+from .slots import copy_source_physical, fill_empty_slots, fill_empty_slots_distinct
 
 __all__ = ["install", "uninstall", "installed_config", "sglang_plugin", "LayerPolicy", "BatchInfo",
            "current_batch", "DRAFT_ATTR"]
@@ -64,9 +66,6 @@ logger = logging.getLogger("sglang_xshare.serving")
 
 TOPK_MODULE = "sglang.srt.layers.moe.topk"
 FORWARD_CONTEXT_MODULE = "sglang.srt.model_executor.forward_context"
-#: Attribute set on ``TopKConfig`` by the patched ``TopK.__init__``.
-DRAFT_ATTR = "_xshare_is_draft"
-
 _DECODE_KINDS = ("decode", "verify")
 
 
@@ -141,131 +140,6 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-# ---- per-layer policy -------------------------------------------------------------------
-
-@dataclass
-class LayerPolicy:
-    """How one SGLang ``TopK`` layer is routed under xshare (built once, at its first call).
-
-    Attributes:
-        layer_id: SGLang's layer index.
-        is_draft: a draft-model layer (speculative decoding).
-        num_experts: logical routed experts ``E``.
-        routing: the model's routing spec as SGLang configured it, or ``None`` on fallback.
-        selector: the policy, or ``None`` when this layer keeps SGLang's routing.
-        reason: why the layer keeps SGLang's routing (``None`` when it is selected).
-        scale: routed scaling factor SGLang folds into the weights, or ``None``.
-        placement: expert placement of the layer (device-resident; SGLang's EPLB map when present).
-        empty_mode: ``"minus_one"``, ``"fill"`` or ``"distinct"`` (see :mod:`.slots`).
-        eplb_rebalances: SGLang's EPLB may rebalance this server (read once, see :func:`_eplb_rebalances`).
-        topk_config: SGLang's ``TopKConfig`` (kept alive: the cache is keyed by its id).
-    """
-
-    layer_id: int
-    is_draft: bool
-    num_experts: int
-    routing: RoutingSpec | None
-    selector: Selector | None
-    reason: str | None
-    scale: float | None
-    placement: Placement | None
-    empty_mode: str
-    eplb_rebalances: bool = False
-    topk_config: Any = field(repr=False, default=None)
-
-
-def _routing_from_topk_config(tc: Any, num_experts: int) -> tuple[RoutingSpec | None, str | None]:
-    """``TopKConfig`` -> :class:`RoutingSpec`, or a reason why the policy cannot reproduce it."""
-    if tc.custom_routing_function is not None:
-        return None, "the model uses a custom_routing_function"
-    if tc.scoring_func not in ("softmax", "sigmoid"):
-        return None, f"scoring_func={tc.scoring_func!r} is not supported (softmax, sigmoid)"
-    if getattr(tc, "sqrtsoftplus_log1p", False):
-        return None, "sqrtsoftplus routing is not supported"
-    top_k = tc.top_k - tc.num_shared_topk_slots
-    grouped = bool(tc.use_grouped_topk)
-    try:
-        spec = RoutingSpec(
-            num_experts=num_experts,
-            top_k=top_k,
-            scoring=tc.scoring_func,
-            renormalize=bool(tc.renormalize),
-            num_expert_group=tc.num_expert_group if grouped else None,
-            topk_group=tc.topk_group if grouped else None,
-            has_correction_bias=tc.correction_bias is not None,
-        )
-    except XShareConfigError as e:
-        return None, f"routing not representable: {e}"
-    return spec, None
-
-
-def _backend_names(tc: Any, is_draft: bool) -> tuple[str, str | None]:
-    """``(a2a backend, runner backend)`` names for this layer, ``("none", None)`` when unknown."""
-    a2a = "none"
-    try:
-        from sglang.srt.layers.moe import utils as moe_utils
-
-        backend = moe_utils.get_speculative_moe_a2a_backend() if is_draft else moe_utils.get_moe_a2a_backend()
-        a2a = str(getattr(backend, "value", backend))
-    except Exception:  # moe config not initialised (unit tests, CPU): plain "none"
-        a2a = "none"
-    rb = getattr(tc, "runner_backend", None)
-    runner = None if rb is None else str(getattr(rb, "value", rb))
-    return a2a, runner
-
-
-def _eplb_rebalances() -> bool:
-    """Whether SGLang's EPLB may rebalance (``--enable-eplb``) in this process.
-
-    The Triton ``xshare_ep`` path caches placement tables derived from the map it saw first
-    (and CUDA graphs capture those buffers), so after a rebalance its physical copies could be
-    stale. While EPLB rebalances, ``xshare_ep`` therefore picks the *logical* experts and
-    SGLang's own live logical -> physical mapping picks their copies (always correct).
-    """
-    try:
-        from sglang.srt.runtime_context import get_exec
-
-        return bool(get_exec().moe.enable_eplb)
-    except Exception:
-        return False
-
-
-def _sglang_placement(num_experts: int, layer_id: int, device: torch.device, is_draft: bool) -> tuple[Placement, bool]:
-    """The layer's placement and whether it is SGLang's EPLB map (physical ids != logical ids).
-
-    With EPLB metadata the placement's ``physical_to_logical`` is a view of SGLang's device
-    tensor (updated in place on rebalance); otherwise plain EP over ``moe_ep_size`` ranks.
-    """
-    md = None
-    if not is_draft:
-        try:
-            from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
-
-            md = get_global_expert_location_metadata()
-        except Exception:
-            md = None
-    if md is not None and md.num_logical_experts == num_experts and layer_id < md.num_layers:
-        p2l_cpu = md.physical_to_logical_map_cpu[layer_id]
-        placement = Placement.from_map(num_experts, md.ep_size, p2l_cpu)
-        view = md.physical_to_logical_map[layer_id]
-        if view.dtype == torch.int64 and view.device == device:
-            placement = dataclasses.replace(placement, physical_to_logical=view)
-        else:
-            logger.warning("xshare: layer %d: EPLB map is %s on %s; using a copy (a rebalance will not reach it)",
-                           layer_id, view.dtype, view.device)
-            placement = dataclasses.replace(placement, physical_to_logical=p2l_cpu.to(device=device, dtype=torch.int64))
-        return placement, True
-    ep = 1
-    try:
-        from sglang.srt.runtime_context import get_parallel
-
-        ep = int(get_parallel().moe_ep_size)
-    except Exception:
-        ep = 1
-    placement = Placement.expert_parallel(num_experts, ep) if ep >= 1 and num_experts % ep == 0 else Placement.tensor_parallel(num_experts)
-    return dataclasses.replace(placement, physical_to_logical=placement.physical_to_logical.to(device)), False
-
-
 # ---- installed state ----------------------------------------------------------------------
 
 class _State:
@@ -277,12 +151,14 @@ class _State:
         self.logged: set[str] = set()
         self.lock = threading.Lock()
         self.dynamic_bias_call = False
+        self.in_select = False  # inside our select_experts: the post-processing seam passes through
+        self.min_tokens: int | None = None
         self.metrics = None
         self.recorder = None
         if cfg.metrics:
-            from .metrics import LiveMetrics
+            from .metrics import LiveMetrics, _rank
 
-            self.metrics = LiveMetrics(cfg.metrics_interval)
+            self.metrics = LiveMetrics(cfg.metrics_interval, rank=_rank())
         if cfg.record_trace is not None:
             from .recorder import TraceRecorder
 
@@ -299,44 +175,10 @@ class _State:
         if lp is not None and lp.num_experts == router_logits.shape[-1]:
             return lp
         with self.lock:
-            lp = self._build(tc, -1 if layer_id is None else int(layer_id), router_logits)
+            lp = build_layer(self.cfg, tc, -1 if layer_id is None else int(layer_id), router_logits, self.metrics)
             self.layers[key] = lp
-        return lp
-
-    def _build(self, tc: Any, layer_id: int, router_logits: torch.Tensor) -> LayerPolicy:
-        cfg = self.cfg
-        E = int(router_logits.shape[-1])
-        is_draft = bool(getattr(tc, DRAFT_ATTR, False))
-        routing, reason = _routing_from_topk_config(tc, E)
-        placement, _ = _sglang_placement(E, layer_id, router_logits.device, is_draft) if routing is not None else (None, False)
-        a2a, runner = _backend_names(tc, is_draft)
-        empty_mode = resolve_empty_slot_mode(cfg.empty_slots, a2a, runner, router_logits.device.type)
-        scale = None
-        if routing is not None and tc.routed_scaling_factor:
-            from sglang.srt.layers.moe.topk import is_routed_scaling_factor_fused_in_topk
-
-            if is_routed_scaling_factor_fused_in_topk(tc):
-                scale = float(tc.routed_scaling_factor)
-        selector = None
-        if not cfg.selects:
-            reason = reason or "policy off"
-        elif is_draft and not cfg.apply_to_draft:
-            reason = "draft-model layer (use --xshare-apply-to-draft)"
-        elif routing is not None:
-            # Raises XShareConfigError naming the flag (budget > E, k0 > top_k, ...) at model load.
-            sel_cfg = cfg.selection_config(routing)
-            selector = Selector(routing, sel_cfg, placement=placement, correction_bias=tc.correction_bias)
-        lp = LayerPolicy(layer_id, is_draft, E, routing, selector, None if selector is not None else reason,
-                         scale, placement, empty_mode, _eplb_rebalances(), tc)
-        if selector is not None:
-            self.log_once(f"layer{layer_id}:{is_draft}",
-                          "xshare: %s layer %d: policy %s (E=%d, top_k=%d, shared slots=%d, empty slots=%s, a2a=%s, runner=%s)",
-                          "draft" if is_draft else "target", layer_id, cfg.policy, E, routing.top_k,
-                          tc.num_shared_topk_slots, empty_mode, a2a, runner)
-        elif cfg.selects and reason:
-            self.log_once(f"fallback{layer_id}:{is_draft}", "xshare: %s layer %d keeps SGLang's routing: %s",
-                          "draft" if is_draft else "target", layer_id, reason,
-                          level=logging.INFO if "draft" in reason else logging.WARNING)
+            if lp.selector is not None and not lp.is_draft:
+                self.min_tokens = lp.min_tokens
         return lp
 
     def applies_to_batch(self) -> bool:
@@ -351,7 +193,11 @@ class _State:
         if info.kind not in _DECODE_KINDS or _capturing():
             return
         if self.metrics is not None:
-            self.metrics.on_step_end()
+            path = None
+            n = info.num_real_tokens
+            if self.min_tokens is not None and n is not None:
+                path = "policy" if n >= self.min_tokens else "sglang"
+            self.metrics.on_step_end(path)
         if self.recorder is not None:
             self.recorder.on_step_end(info)
 
@@ -364,7 +210,7 @@ def installed_config() -> XShareServerConfig | None:
     return None if _STATE is None else _STATE.cfg
 
 
-# ---- the routing seam ---------------------------------------------------------------------
+# ---- the routing seams --------------------------------------------------------------------
 
 def _request_group() -> int | None:
     """Tokens per request of the running batch (target verify: each request's draft tokens are
@@ -375,64 +221,127 @@ def _request_group() -> int | None:
     return int(info.num_draft_tokens)
 
 
-def _make_post_process_wrapper(orig: Callable) -> Callable:
-    def _post_process_topk_ids(topk_ids, topk_weights, topk_config, router_logits, layer_id,
-                                num_token_non_padded=None, expert_location_dispatch_info=None,
-                                padded_rows_masked=False):
+def _sglang_overrides_routing(topk_mod: Any) -> bool:
+    """SGLang's routing simulation (uniform / round-robin experts) is on."""
+    envs = topk_mod.envs
+    return bool(envs.SGLANG_SIMULATE_UNIFORM_EXPERTS.get() or envs.SGLANG_SIMULATE_ROUND_ROBIN_EXPERTS.get())
+
+
+def _path(st: _State, lp: LayerPolicy, topk_mod: Any, T: int, tc: Any, info: Any, extra: dict) -> str:
+    """Which path this call takes (``sglang`` / ``fast`` / ``general`` / ``legacy``); shapes and flags only."""
+    if lp.selector is None or not st.applies_to_batch() or T == 0:
+        return "sglang"
+    if extra.get("dynamic_expert_bias") is not None:
+        st.log_once(f"dyn{lp.layer_id}", "xshare: layer %d got a per-token dynamic_expert_bias; SGLang routes it",
+                    lp.layer_id)
+        return "sglang"
+    if T < lp.min_tokens:
+        return "sglang"
+    if extra.get("router_logits_partials") is not None or getattr(topk_mod, "_is_hip", False) \
+            or getattr(topk_mod, "_use_aiter", False) or tc.num_shared_topk_slots > 0:
+        return "legacy"
+    if _sglang_overrides_routing(topk_mod):
+        return "sglang"
+    algo = getattr(info, "ep_dispatch_algorithm", None) if info is not None else None
+    if algo == "fake":
+        return "sglang"
+    if lp.empty_mode == "distinct":
+        return "general"
+    if info is None:
+        return "fast"
+    if lp.selector.config.policy == "xshare_ep" and algo in ("static", "dynamic") and not lp.eplb_rebalances:
+        return "fast"
+    if algo == "static" and getattr(info, "partial_logical_to_rank_dispatch_physical_map", None) is not None \
+            and topk_mod.get_global_experts_capturer() is None:  # the capturer wants logical ids
+        return "fast"
+    return "general"
+
+
+def _fast_spec(lp: LayerPolicy, info: Any):
+    """The layer's :class:`~sglang_xshare.select.output.OutputSpec` for this dispatch info."""
+    if info is None:
+        return lp.output_spec("logical")
+    if lp.selector.config.policy == "xshare_ep":
+        return lp.output_spec("physical")
+    return lp.output_spec("mapped", info.partial_logical_to_rank_dispatch_physical_map)
+
+
+def _make_select_experts_wrapper(orig: Callable) -> Callable:
+    import sys
+
+    def select_experts(hidden_states, router_logits, topk_config, *, layer_id=None, num_token_non_padded=None,
+                       expert_location_dispatch_info=None, **extra):
         st = _STATE
-        if st is None or router_logits is None or router_logits.dim() != 2:
-            return orig(topk_ids, topk_weights, topk_config, router_logits, layer_id,
-                        num_token_non_padded, expert_location_dispatch_info, padded_rows_masked)
-        return _route(st, orig, topk_ids, topk_weights, topk_config, router_logits, layer_id,
-                      num_token_non_padded, expert_location_dispatch_info, padded_rows_masked)
+        if st is None or not st.cfg.active or router_logits is None or router_logits.dim() != 2:
+            return orig(hidden_states, router_logits, topk_config, layer_id=layer_id,
+                        num_token_non_padded=num_token_non_padded,
+                        expert_location_dispatch_info=expert_location_dispatch_info, **extra)
+        topk_mod = sys.modules[TOPK_MODULE]
+        lp = st.layer(topk_config, layer_id, router_logits)
+        T = int(router_logits.shape[0])
+        path = _path(st, lp, topk_mod, T, topk_config, expert_location_dispatch_info, extra)
+        if lp.paths.get(T) != path:
+            lp.paths[T] = path
+            st.log_once(f"path{lp.is_draft}:{T}:{path}", "xshare: %s batches of %d tokens: %s path",
+                        "draft" if lp.is_draft else "target", T, path)
+        if st.recorder is not None and not lp.is_draft and st.applies_to_batch():
+            st.recorder.record(lp, router_logits)
+        if path in ("sglang", "legacy"):
+            dyn = extra.get("dynamic_expert_bias") is not None
+            st.dynamic_bias_call, st.in_select = dyn, path == "sglang"
+            try:
+                return orig(hidden_states, router_logits, topk_config, layer_id=layer_id,
+                            num_token_non_padded=num_token_non_padded,
+                            expert_location_dispatch_info=expert_location_dispatch_info, **extra)
+            finally:
+                st.dynamic_bias_call = st.in_select = False
+        if path == "fast":
+            out = lp.selector(router_logits, layer_id=lp.layer_id, num_token_non_padded=num_token_non_padded,
+                              request_group=_request_group(), output=_fast_spec(lp, expert_location_dispatch_info))
+            ids, weights = out.topk_ids, out.topk_weights
+            topk_mod.capture_routed_experts_if_allowed(topk_config, layer_id, ids)
+            topk_mod.get_global_expert_distribution_recorder().on_select_experts(topk_ids=ids)
+            return topk_mod.StandardTopKOutput(weights, ids, router_logits)
+        post = getattr(topk_mod._post_process_topk_ids, "__wrapped__", topk_mod._post_process_topk_ids)
+        ids, weights, rec = _general(st, lp, post, None, None, topk_config, router_logits, layer_id,
+                                     num_token_non_padded, expert_location_dispatch_info)
+        if rec is not None:
+            topk_mod.get_global_expert_distribution_recorder().on_select_experts(topk_ids=rec)
+        return topk_mod.StandardTopKOutput(weights, ids, router_logits)
 
-    _post_process_topk_ids.__wrapped__ = orig  # type: ignore[attr-defined]
-    return _post_process_topk_ids
+    select_experts.__wrapped__ = orig  # type: ignore[attr-defined]
+    return select_experts
 
 
-def _route(st: _State, orig: Callable, topk_ids: torch.Tensor, topk_weights: torch.Tensor, tc: Any,
-           router_logits: torch.Tensor, layer_id: Any, ntnp: Any, info: Any, padded_rows_masked: bool):
-    lp = st.layer(tc, layer_id, router_logits)
-    in_batch = st.applies_to_batch()
-    if st.recorder is not None and not lp.is_draft and in_batch:
-        st.recorder.record(lp, router_logits)
-    dyn = st.dynamic_bias_call
-    if dyn and lp.selector is not None:
-        st.log_once(f"dyn{lp.layer_id}", "xshare: layer %d got a per-token dynamic_expert_bias; SGLang routes it", lp.layer_id)
-    if lp.selector is None or not in_batch or dyn or topk_ids.shape[0] != router_logits.shape[0]:
-        ids_in = topk_ids  # SGLang masks padded rows of its input in place on some paths
-        out = orig(topk_ids, topk_weights, tc, router_logits, layer_id, ntnp, info, padded_rows_masked)
-        if (st.metrics is not None and lp.routing is not None and not lp.is_draft and in_batch
-                and topk_ids.shape[0] == router_logits.shape[0]):
-            k = lp.routing.top_k
-            phys = out[0][:, :k] if info is not None else None
-            st.metrics.observe(lp, router_logits, ids_in[:, :k], topk_weights[:, :k], phys, ntnp)
-        return out
-
+def _general(st: _State, lp: LayerPolicy, post: Callable, topk_ids: torch.Tensor | None,
+             topk_weights: torch.Tensor | None, tc: Any, router_logits: torch.Tensor, layer_id: Any, ntnp: Any,
+             info: Any):
+    """The policy's selection, then SGLang's post-processing ``post`` on it (empty slots filled
+    before, restored after). ``topk_ids / topk_weights``: SGLang's router output whose extra
+    (fused shared-expert) columns are kept (``legacy``), or ``None`` (``general``)."""
     routing = lp.routing
-    assert routing is not None
     k = routing.top_k
     T = router_logits.shape[0]
-    sel = lp.selector(router_logits, layer_id=lp.layer_id, num_token_non_padded=ntnp,
-                      request_group=_request_group())
-    weights = sel.topk_weights if lp.scale is None else sel.topk_weights * lp.scale
-    rebalancing = lp.eplb_rebalances
-    use_physical = (sel.physical_ids is not None and info is not None and not rebalancing
+    use_physical = (lp.selector.config.policy == "xshare_ep" and info is not None and not lp.eplb_rebalances
                     and getattr(info, "ep_dispatch_algorithm", None) in ("static", "dynamic"))
-    if sel.physical_ids is not None and info is not None and not use_physical:
+    if lp.selector.config.policy == "xshare_ep" and info is not None and not use_physical:
         st.log_once("ep_lp", "xshare: xshare_ep with --ep-dispatch-algorithm %s%s: xshare_ep picks the experts, "
                     "SGLang's dispatcher picks their copies", getattr(info, "ep_dispatch_algorithm", None),
-                    " and EPLB rebalancing" if rebalancing else "")
-    chosen = sel.physical_ids if use_physical else sel.topk_ids
+                    " and EPLB rebalancing" if lp.eplb_rebalances else "")
+    spec = lp.output_spec("physical" if use_physical else "logical", empty="minus_one")
+    sel = lp.selector(router_logits, layer_id=lp.layer_id, num_token_non_padded=ntnp,
+                      request_group=_request_group(), output=spec)
+    chosen, weights = sel.topk_ids, sel.topk_weights
     empty = chosen < 0
     if lp.empty_mode == "distinct":
         width = lp.placement.num_physical if (use_physical and lp.placement is not None) else routing.num_experts
         filled, filled_w, source = fill_empty_slots_distinct(chosen, weights, width)
     else:
         filled, filled_w, source = fill_empty_slots(chosen, weights)
-    filled = filled.to(topk_ids.dtype)
-    filled_w = filled_w.to(topk_weights.dtype)
-    if topk_ids.shape[-1] > k:  # fused shared-expert columns written by the router: untouched
+    id_dtype = topk_ids.dtype if topk_ids is not None else torch.int32
+    filled = filled.to(id_dtype)
+    filled_w = filled_w.to(topk_weights.dtype if topk_weights is not None else torch.float32)
+    if topk_ids is not None and topk_ids.shape[-1] > k:  # fused shared-expert columns of the router: untouched
         filled = torch.cat([filled, topk_ids[:, k:]], dim=-1)
         filled_w = torch.cat([filled_w, topk_weights[:, k:]], dim=-1)
     call_info, call_logits = info, router_logits
@@ -441,16 +350,33 @@ def _route(st: _State, orig: Callable, topk_ids: torch.Tensor, topk_weights: tor
         P = lp.placement.num_physical if lp.placement is not None else routing.num_experts
         if P != router_logits.shape[1]:  # only its width is read (per-rank shared-slot layout)
             call_logits = router_logits[:, :1].expand(T, P)
-    new_ids, new_w, rec = orig(filled, filled_w, tc, call_logits, layer_id, ntnp, call_info, False)
+    new_ids, new_w, rec = post(filled, filled_w, tc, call_logits, layer_id, ntnp, call_info, False)
     routed = new_ids[:, :k]
     if lp.empty_mode == "minus_one":
         routed.copy_(routed.masked_fill(empty, -1))
     elif lp.empty_mode == "fill":
         routed.copy_(copy_source_physical(routed, source))
-    if st.metrics is not None and not lp.is_draft:
-        phys = routed.masked_fill(empty, -1) if info is not None else None
-        st.metrics.observe(lp, router_logits, sel.topk_ids, sel.topk_weights, phys, ntnp)
     return new_ids, new_w, rec
+
+
+def _make_post_process_wrapper(orig: Callable) -> Callable:
+    def _post_process_topk_ids(topk_ids, topk_weights, topk_config, router_logits, layer_id,
+                                num_token_non_padded=None, expert_location_dispatch_info=None,
+                                padded_rows_masked=False):
+        st = _STATE
+        if st is None or st.in_select or router_logits is None or router_logits.dim() != 2:
+            return orig(topk_ids, topk_weights, topk_config, router_logits, layer_id,
+                        num_token_non_padded, expert_location_dispatch_info, padded_rows_masked)
+        lp = st.layer(topk_config, layer_id, router_logits)
+        if (lp.selector is None or not st.applies_to_batch() or st.dynamic_bias_call
+                or topk_ids.shape[0] != router_logits.shape[0] or router_logits.shape[0] < lp.min_tokens):
+            return orig(topk_ids, topk_weights, topk_config, router_logits, layer_id,
+                        num_token_non_padded, expert_location_dispatch_info, padded_rows_masked)
+        return _general(st, lp, orig, topk_ids, topk_weights, topk_config, router_logits, layer_id,
+                        num_token_non_padded, expert_location_dispatch_info)
+
+    _post_process_topk_ids.__wrapped__ = orig  # type: ignore[attr-defined]
+    return _post_process_topk_ids
 
 
 # ---- the other patches --------------------------------------------------------------------
@@ -462,6 +388,9 @@ def _make_topk_init_wrapper(orig: Callable) -> Callable:
             setattr(self.topk_config, DRAFT_ATTR, bool(self.is_draft))
         except AttributeError:
             pass
+        st = _STATE
+        if st is not None and st.metrics is not None and torch.cuda.is_available() and not _capturing():
+            st.metrics.row(0, torch.device("cuda", torch.cuda.current_device()))  # the table, outside capture
 
     __init__.__wrapped__ = orig  # type: ignore[attr-defined]
     return __init__
@@ -485,21 +414,6 @@ def _make_bind_wrapper(orig: Callable) -> Callable:
 
     bind_runner_backend.__wrapped__ = orig  # type: ignore[attr-defined]
     return bind_runner_backend
-
-
-def _make_select_experts_wrapper(orig: Callable) -> Callable:
-    def select_experts(*args, **kwargs):
-        st = _STATE
-        if st is None or kwargs.get("dynamic_expert_bias") is None:
-            return orig(*args, **kwargs)
-        st.dynamic_bias_call = True
-        try:
-            return orig(*args, **kwargs)
-        finally:
-            st.dynamic_bias_call = False
-
-    select_experts.__wrapped__ = orig  # type: ignore[attr-defined]
-    return select_experts
 
 
 def _make_forward_context_wrapper(orig: Callable) -> Callable:

@@ -1,143 +1,214 @@
-"""Live per-layer metrics of a running SGLang server, cheap enough to leave on.
+"""Live per-layer metrics of a running SGLang server: counted inside the selection kernel.
 
-Per MoE layer call (target layers of decode / target-verify batches) the core's
-:func:`sglang_xshare.metrics.selection_metrics` is evaluated on device and *added* to a device
-accumulator ``[max_layers, M + 1]`` (the last column counts calls): no host sync, static shapes,
-so it is captured into SGLang's CUDA graphs like the rest of the layer. Every
-``--xshare-metrics-interval`` decode steps the accumulator is read once (one device -> host copy),
-logged as one line per flush, exported as Prometheus gauges (``sglang_xshare_<metric>{layer}``;
-SGLang's ``/metrics`` shows them with ``--enable-metrics``, which sets up prometheus_client's
-multi-process directory) and zeroed.
+Every selecting MoE layer owns a row of one device table ``[MAX_LAYERS, len(METRIC_FIELDS)]
+int64`` (:data:`sglang_xshare.select.output.METRIC_FIELDS`); the policy's kernel adds its counts
+to that row in the same launch (:mod:`sglang_xshare.kernels._metrics`): no extra kernel, no host
+sync, captured into SGLang's CUDA graphs with the layer.
 
-Charged ranks: the physical ids SGLang actually dispatches (after EPLB) when an EPLB map is
-active, else each logical expert's copy in plain EP over ``--ep-size`` ranks.
+At decode-step ends (host side, every step also under graph replay) the table is copied to
+pinned host memory *asynchronously* every ``--xshare-metrics-interval`` steps or once a second,
+and the copy made the time before is read -- the step never waits for the GPU. Each read is
+logged (one line) and exported as Prometheus gauges: cumulative sums
+``sglang_xshare_<field>{layer, rank}``, plus ``sglang_xshare_decode_steps{rank}`` and the path
+counters ``sglang_xshare_path_steps{path, rank}`` (decode steps whose batch took the policy vs
+SGLang's own routing). SGLang's ``/metrics`` shows them with ``--enable-metrics`` (its
+multi-process registry), so a client can difference two scrapes. The grid-barrier fault counter
+of the kernels is read the same way; when it grows a warning names it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from typing import Any
 
 import torch
 
-from ..metrics import METRIC_NAMES, selection_metrics
-from ..select import SelectionOutput, compute_scores, valid_mask
+from ..select.output import METRIC_FIELDS
 
-__all__ = ["LiveMetrics", "MAX_LAYERS"]
+__all__ = ["LiveMetrics", "MAX_LAYERS", "parse_prometheus"]
 
 logger = logging.getLogger("sglang_xshare.serving")
 
-#: Rows of the accumulator (layer ids beyond it are not tracked; logged once).
+#: Rows of the table (layer ids beyond it are not tracked; logged once).
 MAX_LAYERS = 512
 
 
 class LiveMetrics:
-    """Device accumulator of per-layer selection metrics, flushed every ``interval`` steps.
+    """Device table of per-layer counts, read asynchronously every ``interval`` steps (or 1 s).
 
     Args:
-        interval: decode steps between two flushes (host reads).
+        interval: decode steps between two reads.
+        rank: label of this process's series (EP/TP rank).
+        export: publish Prometheus gauges (needs ``prometheus_client``).
     """
 
-    def __init__(self, interval: int) -> None:
+    def __init__(self, interval: int, rank: int = 0, export: bool = True) -> None:
         self.interval = int(interval)
-        self.sums: torch.Tensor | None = None  # [MAX_LAYERS, len(METRIC_NAMES) + 1] float32
+        self.rank = int(rank)
+        self.export = export
+        self.table: torch.Tensor | None = None
         self.steps = 0
-        self.flushes = 0
-        self.last: dict[int, dict[str, float]] = {}
+        self.path_steps: dict[str, int] = {}
+        self.totals: dict[int, dict[str, int]] = {}
+        self.faults = 0
+        self._pending: tuple[torch.Tensor, torch.Tensor, Any] | None = None
+        self._bufs: list[tuple[torch.Tensor, torch.Tensor]] = []  # two pinned (table, faults) copies, alternating
+        self._flip = 0
+        self._last_read = time.monotonic()
         self._gauges: dict[str, Any] | None = None
         self._warned: set[str] = set()
 
-    def _warn_once(self, key: str, msg: str, *args: Any) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.warning(msg, *args)
-
-    def observe(self, lp: Any, router_logits: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                physical_ids: torch.Tensor | None, num_token_non_padded: Any) -> None:
-        """Add one layer call's metrics to the accumulator (device ops only).
-
-        Args:
-            lp: the :class:`~.hook.LayerPolicy` (routing, placement, layer id).
-            router_logits: ``[T, E]``.
-            topk_ids: ``[T, k]`` logical ids (``-1`` = empty), routed columns only.
-            topk_weights: ``[T, k]`` float.
-            physical_ids: ``[T, k]`` physical ids SGLang dispatches (``-1`` empty) or ``None``.
-            num_token_non_padded: int / 0-d tensor / ``None``.
-        """
-        if lp.routing is None or lp.placement is None:
-            return
-        layer = lp.layer_id
+    # ---- device side ---------------------------------------------------------------------
+    def row(self, layer: int, device: torch.device) -> torch.Tensor | None:
+        """The ``[len(METRIC_FIELDS)] int64`` row of ``layer`` (allocating the table on first use)."""
         if not (0 <= layer < MAX_LAYERS):
             self._warn_once(f"l{layer}", "xshare metrics: layer id %d outside [0, %d); not tracked", layer, MAX_LAYERS)
-            return
-        dev = router_logits.device
-        if self.sums is None:
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                self._warn_once("capture", "xshare metrics: first MoE call is inside CUDA-graph capture; "
-                                "metrics start with the next eager forward")
-                return
-            self.sums = torch.zeros(MAX_LAYERS, len(METRIC_NAMES) + 1, dtype=torch.float32, device=dev)
-        valid = valid_mask(router_logits.shape[0], num_token_non_padded, dev)
-        scores = compute_scores(router_logits, lp.routing, lp.topk_config.correction_bias if lp.routing.has_correction_bias else None)
-        ids = topk_ids.to(torch.int32).masked_fill(~valid.unsqueeze(1), -1)
-        phys = None
-        if physical_ids is not None and lp.placement.num_physical > 0:
-            phys = physical_ids.to(torch.int32).masked_fill(~valid.unsqueeze(1), -1)
-            phys = torch.where(phys < lp.placement.num_physical, phys, torch.full_like(phys, -1))
-        out = SelectionOutput(ids, topk_weights.float(), phys)
-        m = selection_metrics(out, scores, valid, lp.routing.top_k, lp.placement)
-        vec = torch.stack([m[n].reshape(()).float() for n in METRIC_NAMES] + [torch.ones((), device=dev)])
-        self.sums[layer].add_(vec)
+            return None
+        if self.table is None:
+            self.table = torch.zeros(MAX_LAYERS, len(METRIC_FIELDS), dtype=torch.int64, device=device)
+        return self.table[layer]
 
-    def on_step_end(self) -> None:
-        """Count a decode step; flush every ``interval`` steps."""
+    # ---- host side -----------------------------------------------------------------------
+    def on_step_end(self, path: str | None = None) -> None:
+        """Count a decode step (``path``: which routing path its batch took); read now and then."""
         self.steps += 1
-        if self.steps % self.interval == 0:
-            self.flush()
+        if path is not None:
+            self.path_steps[path] = self.path_steps.get(path, 0) + 1
+        now = time.monotonic()
+        if self.steps % self.interval == 0 or now - self._last_read >= 1.0:
+            self._last_read = now
+            self.poll()
 
-    def flush(self) -> dict[int, dict[str, float]]:
-        """Read, log, export and zero the accumulator; returns ``{layer: {metric: mean}}``."""
-        if self.sums is None:
+    def poll(self) -> dict[int, dict[str, int]] | None:
+        """Read the copy started at the previous poll (complete by now) and start a new one."""
+        done = None
+        if self._pending is not None:
+            host, faults, event = self._pending
+            if event is not None:
+                event.synchronize()  # normally long complete: it was issued a poll ago
+            done = self._absorb(host, int(faults[0]))
+        self._pending = self._start_copy()
+        return done
+
+    def flush(self) -> dict[int, dict[str, int]]:
+        """Read the table now (synchronous; tests and shutdown): ``{layer: cumulative counts}``."""
+        self._pending = None
+        pending = self._start_copy()
+        if pending is None:
             return {}
-        host = self.sums.to("cpu", copy=True)
-        self.sums.zero_()
-        self.flushes += 1
-        out: dict[int, dict[str, float]] = {}
-        for layer in torch.nonzero(host[:, -1] > 0).flatten().tolist():
-            n = float(host[layer, -1])
-            out[layer] = {name: float(host[layer, j]) / n for j, name in enumerate(METRIC_NAMES)}
-            out[layer]["calls"] = n
-        self.last = out
+        host, faults, event = pending
+        if event is not None:
+            event.synchronize()
+        return self._absorb(host, int(faults[0]))
+
+    def _start_copy(self):
+        if self.table is None:
+            return None
+        dev = self.table.device
+        pin = dev.type == "cuda"
+        if not self._bufs:
+            self._bufs = [(torch.empty(self.table.shape, dtype=torch.int64, pin_memory=pin),
+                           torch.zeros(1, dtype=torch.int64, pin_memory=pin)) for _ in range(2)]
+        self._flip ^= 1
+        host, faults = self._bufs[self._flip]
+        host.copy_(self.table, non_blocking=pin)
+        if dev.type == "cuda":
+            from ..kernels.workspace import fault_counter
+
+            faults.copy_(fault_counter(dev), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return host, faults, event
+        return host, faults, None
+
+    def _absorb(self, host: torch.Tensor, faults: int) -> dict[int, dict[str, int]]:
+        out: dict[int, dict[str, int]] = {}
+        for layer in torch.nonzero(host[:, 0] > 0).flatten().tolist():
+            out[layer] = {name: int(host[layer, j]) for j, name in enumerate(METRIC_FIELDS)}
+        self.totals = out
+        if faults > self.faults:
+            logger.warning("xshare: %d selection-kernel grid barrier wait(s) did not fill (now %d in total); "
+                           "those tokens were routed by their own top-k. Programs were not co-resident: "
+                           "report this with the GPU, batch size and MoE backend.", faults - self.faults, faults)
+        self.faults = faults
         if out:
             self._log(out)
-            self._export(out)
+            if self.export:
+                self._export(out)
         return out
 
-    def _log(self, out: dict[int, dict[str, float]]) -> None:
-        layers = sorted(out)
-        mean = {name: sum(out[l][name] for l in layers) / len(layers) for name in METRIC_NAMES}
-        logger.info(
-            "xshare metrics (%d steps, %d layers): distinct experts %.2f, peak/mean rank experts %.2f/%.2f "
-            "(ratio %.3f), retained top-k mass %.4f, short tokens %.2f of %.2f",
-            self.steps, len(layers), mean["distinct"], mean["peak_experts"], mean["mean_experts"],
-            mean["peak_over_mean"], mean["retained_mass"], mean["short_tokens"], mean["valid_tokens"],
-        )
-        logger.debug("xshare metrics per layer: %s", {l: {k: round(v, 4) for k, v in out[l].items()} for l in layers})
+    def _log(self, out: dict[int, dict[str, int]]) -> None:
+        calls = sum(v["calls"] for v in out.values())
+        if not calls:
+            return
+        mean = {f: sum(v[f] for v in out.values()) / calls for f in METRIC_FIELDS if f != "calls"}
+        logger.info("xshare metrics (%d decode steps, paths %s, %d layers): experts %.2f vs top-k %.2f, busiest rank "
+                    "%.2f vs %.2f, tokens %.1f, short tokens %.2f", self.steps, self.path_steps, len(out),
+                    mean["distinct"], mean["topk_distinct"], mean["peak"], mean["topk_peak"], mean["valid_tokens"],
+                    mean["short_tokens"])
 
-    def _export(self, out: dict[int, dict[str, float]]) -> None:
+    def _export(self, out: dict[int, dict[str, int]]) -> None:
         try:
             from prometheus_client import Gauge
         except ImportError:
             return
         if self._gauges is None:
             self._gauges = {}
-            for name in METRIC_NAMES:
-                try:
-                    self._gauges[name] = Gauge(f"sglang_xshare_{name}", f"xshare per-layer mean of {name} since the last flush",
-                                               labelnames=["layer"], multiprocess_mode="mostrecent")
-                except ValueError:  # already registered in this process
-                    self._gauges = {}
-                    return
+            try:
+                for name in METRIC_FIELDS:
+                    self._gauges[name] = Gauge(f"sglang_xshare_{name}", f"xshare: cumulative per-layer {name}",
+                                               labelnames=["layer", "rank"], multiprocess_mode="all")
+                self._gauges["_steps"] = Gauge("sglang_xshare_decode_steps", "xshare: decode steps seen",
+                                               labelnames=["rank"], multiprocess_mode="all")
+                self._gauges["_paths"] = Gauge("sglang_xshare_path_steps", "xshare: decode steps per routing path",
+                                               labelnames=["path", "rank"], multiprocess_mode="all")
+                self._gauges["_faults"] = Gauge("sglang_xshare_barrier_faults", "xshare: grid-barrier waits that "
+                                                "did not fill", labelnames=["rank"], multiprocess_mode="all")
+            except ValueError:  # already registered in this process
+                self._gauges = {}
+                return
+        r = str(self.rank)
         for layer, vals in out.items():
-            for name, g in self._gauges.items():
-                g.labels(layer=str(layer)).set(vals[name])
+            for name in METRIC_FIELDS:
+                self._gauges[name].labels(layer=str(layer), rank=r).set(vals[name])
+        self._gauges["_steps"].labels(rank=r).set(self.steps)
+        for path, n in self.path_steps.items():
+            self._gauges["_paths"].labels(path=path, rank=r).set(n)
+        self._gauges["_faults"].labels(rank=r).set(self.faults)
+
+    def _warn_once(self, key: str, msg: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(msg, *args)
+
+
+def parse_prometheus(text: str, prefix: str = "sglang_xshare_") -> list[tuple[str, dict[str, str], float]]:
+    """Samples of a Prometheus text exposition whose name starts with ``prefix``:
+    ``[(name, labels, value)]`` (what :func:`bench/serve.py` reads from SGLang's ``/metrics``)."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith(prefix):
+            continue
+        head, _, value = line.rpartition(" ")
+        name, _, rest = head.partition("{")
+        labels: dict[str, str] = {}
+        for part in rest.rstrip("}").split(","):
+            if "=" in part:
+                k, _, v = part.partition("=")
+                labels[k.strip()] = v.strip().strip('"')
+        try:
+            out.append((name, labels, float(value)))
+        except ValueError:
+            continue
+    return out
+
+
+def _rank() -> int:
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        return int(getattr(get_parallel(), "tp_rank", 0) or 0)
+    except Exception:
+        return int(os.environ.get("RANK", "0") or 0)
