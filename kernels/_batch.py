@@ -157,7 +157,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                  b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c,
                  rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c,
                  ids_ptr, w_ptr, phys_ptr, min_score, out_scale, map_ptr,
-                 acc_ptr, mticket_ptr, used_ptr, top_ptr, urank_ptr, lrank_ptr, U, okv_ptr, fault_ptr, max_spins,
+                 acc_ptr, mticket_ptr, used_ptr, top_ptr, urank_ptr, lrank_ptr, U, okv_ptr, fault_ptr, max_spins, stats_ptr,
                  SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                  GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
                  K: tl.constexpr, K0: tl.constexpr, MASS_FULL: tl.constexpr,
@@ -211,7 +211,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
             flags += f_c
             tot += t_c
     # ---- meet
-    if SYNC != 0:
+    if SYNC != 0 and SYNC != 4:
         tl.store(part_mass + pid * BLOCK_E + cols, mass)
         tl.store(part_flags + pid * BLOCK_E + cols, flags)
         tl.store(part_tot + pid, tot)
@@ -236,6 +236,17 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
             mass, flags, tot = reduce_partials(part_mass, part_flags, part_tot, arrived, cols, RB)
         if not ok:
             tl.atomic_add(fault_ptr, 1)
+    if SYNC == 3:  # global selection, launch 1: this rank's statistics for an all-reduce
+        tl.debug_barrier()
+        done = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu")
+        if done % nb == nb - 1:
+            m64, f_all, _t64 = reduce_partials(part_mass, part_flags, part_tot, nb, cols, RB)
+            tl.store(stats_ptr + cols, m64)
+            tl.store(stats_ptr + BLOCK_E + cols, f_all.to(tl.float64))
+    if SYNC == 4:  # global selection, launch 2: every rank's statistics, summed by the all-reduce
+        mass = tl.load(stats_ptr + cols, cache_modifier=".cg")
+        flags = tl.load(stats_ptr + BLOCK_E + cols, cache_modifier=".cg").to(tl.int32)
+        tot = tl.sum(mass, axis=0) * 0.0
     if SYNC == 2:
         tl.debug_barrier()
         done = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu")
@@ -247,7 +258,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                               b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c, PICK, MODE, FILL, CH,
                               BLOCK_C, BLOCK_R)
             tl.store(sel_ptr + cols, slot)
-    else:
+    elif SYNC != 3:
         # ---- pick (every program, identical) and refine this program's tiles
         mass, tot = round_masses(mass, tot, PICK == 5)
         slot = batch_pick(mass, flags, tot, cols, E, pk_scr + pid * BLOCK_E, val_scr + pid * BLOCK_E,

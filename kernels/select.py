@@ -52,7 +52,8 @@ _SCAN = 1024
 
 
 def _prepare(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext, policy: str,
-             workspace: dict, group: int = 0, general_spec: bool = False) -> tuple[torch.Tensor, Buffers, torch.Tensor, int]:
+             workspace: dict, group: int = 0, general_spec: bool = False,
+             two_launch: bool = False) -> tuple[torch.Tensor, Buffers, torch.Tensor, int]:
     """Validate shapes; return contiguous-row logits, the shape's buffers and how real rows are
     marked: ``(valid, VALID)`` -- a ``[T] uint8`` mask (0), the 0-d token count (1) or nothing (2)."""
     if router_logits.dim() != 2 or router_logits.shape[1] != routing.num_experts:
@@ -61,7 +62,7 @@ def _prepare(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContex
         raise TypeError(f"router_logits must be float32, bfloat16 or float16, got {router_logits.dtype}")
     x = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     T, E = x.shape
-    buf = buffers(workspace, policy, T, E, ctx.top_k, x.device, x.dtype, group, general_spec)
+    buf = buffers(workspace, policy, T, E, ctx.top_k, x.device, x.dtype, group, general_spec, two_launch)
     if ctx.valid is not None:
         return x, buf, (ctx.valid.view(torch.uint8) if ctx.valid.dtype == torch.bool else ctx.valid), 0
     if ctx.num_valid is not None:
@@ -163,7 +164,8 @@ def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, polic
     want_phys = policy == "xshare_ep"
     if router_logits.shape[0] == 0:
         return _empty(router_logits, k, want_phys and output is None)
-    x, buf, valid, vmode = _prepare(router_logits, routing, ctx, policy, workspace, group)
+    glob = ctx.stats_reduce is not None
+    x, buf, valid, vmode = _prepare(router_logits, routing, ctx, policy, workspace, group, two_launch=glob)
     T, E = x.shape
     p = buf.plan
     ids, w, ph = _outputs(buf, T, k, x.device, workspace, want_phys)
@@ -182,24 +184,34 @@ def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, polic
     rc = routing_constexprs(routing, correction_bias is not None)
     bias = _bias(correction_bias, buf)
     epi = _epilogue(output, buf, E, want_phys)
-    epi_b = epi if p.sync != 2 else {**epi, "METRICS": False}  # the refine launch counts
-    batch_kernel[(p.nb,)](
-        x, x.stride(0), bias, valid, T, E, p.chunks,
-        buf.part_mass, buf.part_flags, buf.part_tot, buf.tot_mass, buf.tot_flags, buf.tot_tot,
-        buf.sync, buf.sel, buf.req, buf.pk_scr, buf.val_scr, buf.rk_scr, buf.rv_scr,
-        rank, copy, copies, slot_rank, R,
-        b_count, b_frac, b_eps, b_mass, b_mass_c,
-        rb_count, rb_frac, rb_eps, rb_mass, rb_mass_c,
-        ids, w, ph, float(ctx.min_score), **epi_b, okv_ptr=buf.okv, fault_ptr=fault_counter(x.device),
-        max_spins=int(workspace.get("max_spins", MAX_SPINS)),
-        **rc, K=k, K0=ctx.k0, MASS_FULL=ctx.mass_source == "full",
-        PICK=pick, ALLOW=allow, MODE=mode, RMODE=rmode, FILL=bool(ctx.fill_to_peak), HAS_MIN=ctx.min_score > 0,
-        RENORM=ctx.renormalize, WANT_PHYS=want_phys, SYNC=p.sync, TWO_STAGE=p.two_stage, CW=p.cw, RB2=p.rb2,
-        ONE_CHUNK=p.chunks == 1,
-        GROUP=group, GP=p.gp, RB=p.rb, CH=p.ch, BT=p.bt, BLOCK_E=p.block_e,
-        BLOCK_K=max(2, triton.next_power_of_2(k)), BLOCK_C=block_c, BLOCK_R=block_r, VALID=vmode,
-        NBP=max(2, _pow2(p.nb)), num_warps=p.num_warps, **_coop(p, x, workspace),
-    )
+
+    def launch(sync: int, epi_l: dict) -> None:
+        batch_kernel[(p.nb,)](
+            x, x.stride(0), bias, valid, T, E, p.chunks,
+            buf.part_mass, buf.part_flags, buf.part_tot, buf.tot_mass, buf.tot_flags, buf.tot_tot,
+            buf.sync, buf.sel, buf.req, buf.pk_scr, buf.val_scr, buf.rk_scr, buf.rv_scr,
+            rank, copy, copies, slot_rank, R,
+            b_count, b_frac, b_eps, b_mass, b_mass_c,
+            rb_count, rb_frac, rb_eps, rb_mass, rb_mass_c,
+            ids, w, ph, float(ctx.min_score), **epi_l, okv_ptr=buf.okv, fault_ptr=fault_counter(x.device),
+            max_spins=int(workspace.get("max_spins", MAX_SPINS)), stats_ptr=buf.stats,
+            **rc, K=k, K0=ctx.k0, MASS_FULL=ctx.mass_source == "full",
+            PICK=pick, ALLOW=allow, MODE=mode, RMODE=rmode, FILL=bool(ctx.fill_to_peak), HAS_MIN=ctx.min_score > 0,
+            RENORM=ctx.renormalize, WANT_PHYS=want_phys, SYNC=sync, TWO_STAGE=p.two_stage, CW=p.cw, RB2=p.rb2,
+            ONE_CHUNK=p.chunks == 1,
+            GROUP=group, GP=p.gp, RB=p.rb, CH=p.ch, BT=p.bt, BLOCK_E=p.block_e,
+            BLOCK_K=max(2, triton.next_power_of_2(k)), BLOCK_C=block_c, BLOCK_R=block_r, VALID=vmode,
+            NBP=max(2, _pow2(p.nb)), num_warps=p.num_warps, **(_coop(p, x, workspace) if sync == 1 else {}),
+        )
+
+    if glob:  # statistics of this rank -> all-reduce (the caller's collective) -> the same pick everywhere
+        launch(3, {**epi, "METRICS": False})
+        red = ctx.stats_reduce(buf.stats)
+        if red is not None and red is not buf.stats:
+            buf.stats.copy_(red)
+        launch(4, epi)
+        return SelectionOutput(ids, w, ph if want_phys and output is None else None)
+    launch(p.sync if p.sync else 0, epi if p.sync != 2 else {**epi, "METRICS": False})  # sync 2: the refine launch counts
     if p.sync == 2:
         _refine_launch(x, bias, valid, vmode, buf, ids, w, ph if want_phys else None, ctx, rc,
                        3 if group else allow, k, want_phys, epi)

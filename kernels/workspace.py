@@ -188,6 +188,7 @@ class Buffers:
         self.part_tot = torch.zeros(rows, dtype=torch.float64, device=device)
         self.sync = torch.zeros(2, dtype=torch.int64, device=device)
         self.okv = torch.ones(max(p.nb, 1), dtype=i32, device=device)
+        self.stats = torch.zeros(2, be, dtype=torch.float64, device=device)
         self.sel = torch.full((be,), -1, dtype=i32, device=device)
         # each token's request set: read only by xshare_spec's two-launch and arbitrary-id paths
         self.req = torch.zeros(max(T, 1) if spec_groups or general_spec else 1, be, dtype=torch.int8, device=device)
@@ -223,16 +224,17 @@ class Buffers:
 
 
 def buffers(workspace: dict, policy: str, T: int, E: int, k: int, device: torch.device, dtype: torch.dtype,
-            group: int = 0, general_spec: bool = False) -> Buffers:
-    """The :class:`Buffers` (and plan) of this call's shape, allocated on first use."""
+            group: int = 0, general_spec: bool = False, two_launch: bool = False) -> Buffers:
+    """The :class:`Buffers` (and plan) of this call's shape, allocated on first use
+    (``two_launch``: the one-tile-per-program geometry of the two-launch modes, any device)."""
     knobs = (int(workspace.get("num_warps", NUM_WARPS)), int(workspace.get("tile_elems", TILE_ELEMS)),
-             workspace.get("sync"), workspace.get("programs"), workspace.get("pair_chunk"),
+             2 if two_launch else workspace.get("sync"), workspace.get("programs"), workspace.get("pair_chunk"),
              workspace.get("two_stage"))
-    key = ("buffers", policy, T, E, k, str(device), dtype, group, general_spec, knobs)
+    key = ("buffers", policy, T, E, k, str(device), dtype, group, general_spec, knobs, two_launch)
     buf = workspace.get(key)
     if buf is None:
         spin = (device.type == "cuda" or bool(workspace.get("plan_as_gpu"))) and not interpreting() \
-            or bool(workspace.get("interpreter_barrier"))
+            or bool(workspace.get("interpreter_barrier")) or two_launch
         programs = max_programs(device) if knobs[3] is None else min(int(knobs[3]), max_programs(device))
         p = plan(T, E, group=group, spin=spin, programs=programs, tile_elems=knobs[1],
                  num_warps=knobs[0], sync=knobs[2] if spin else None, pair_chunk=knobs[4], two_stage=knobs[5],

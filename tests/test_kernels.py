@@ -35,7 +35,7 @@ ROUTINGS = {
 
 def _case(policy, routing, T, inputs="randn", dtype="float32", k0=1, budget="0.6", request_budget="0.8",
           n_valid=None, ep=1, replicas=0, rid="groups", min_score=0.0, mass_source="topk", fill=True, seed=0,
-          group=None, knobs=None, output=None):
+          group=None, knobs=None, output=None, ranks=None):
     """One case. ``rid``: "groups" (request_ids = t // 4), "shuffled", "none"; ``group``: pass
     ``request_group`` instead (the fused path); ``knobs``: kernel workspace knobs (launch plan);
     ``output``: an output epilogue ``dict(ids, empty, scale, metrics_ep)`` (``OutputSpec``; the
@@ -43,7 +43,7 @@ def _case(policy, routing, T, inputs="randn", dtype="float32", k0=1, budget="0.6
     return dict(policy=policy, routing=routing, T=T, inputs=inputs, dtype=dtype, k0=k0, budget=budget,
                 request_budget=request_budget, n_valid=n_valid, ep=ep, replicas=replicas, rid=rid,
                 min_score=min_score, mass_source=mass_source, fill=fill, seed=seed, group=group, knobs=knobs or {},
-                output=output)
+                output=output, ranks=ranks)
 
 
 def _out(ids="logical", empty="minus_one", scale=None, metrics_ep=4):
@@ -141,6 +141,11 @@ CASES = {
     # the grid barrier (sync=1, the GPU's default plan) under the interpreter, which runs programs one
     # after another: every program but the last times out and must route its tiles by top-k (never
     # partial sums); the last sees every arrival and picks exactly; the fault counter counts the rest
+    # EP-global selection: the batch split over 2 "ranks", statistics summed between them (the all-reduce)
+    "global-xshare-2ranks": _case("xshare", "olmoe", 40, budget="0.5", seed=64, ranks=(17, 23)),
+    "global-ep-replicas-2ranks": _case("xshare_ep", "olmoe", 30, budget="0.6", ep=4, replicas=2, seed=65,
+                                       ranks=(12, 18)),
+    "global-oea-dsv3-2ranks": _case("oea", "dsv3", 16, k0=2, seed=66, ranks=(9, 7)),
     "barrier-timeout-xshare": _case("xshare", "olmoe", 70, budget="0.5", n_valid=66, seed=62,
                                     knobs={"interpreter_barrier": True, "sync": 1, "max_spins": 40}),
     "barrier-timeout-ep-twostage": _case("xshare_ep", "olmoe", 70, budget="0.5", ep=8, seed=63,
@@ -307,6 +312,34 @@ def run_barrier_case(case) -> str:
     return ""
 
 
+def run_global_case(case) -> str:
+    """Two ranks hold parts of one batch; each selects with the other's statistics added (what the
+    all-reduce gives): the kernel equals the reference on every rank, and together they equal the
+    plain policy on the whole batch."""
+    import torch
+
+    sel, x, rid, n_valid, bias = build(case)
+    a, b = case["ranks"]
+    parts = [x[:a], x[a:a + b]]
+    ref_sel = type(sel)(sel.routing, sel.config, sel.placement, backend="reference", correction_bias=bias)
+    ker_sel = type(sel)(sel.routing, sel.config, sel.placement, backend="kernel", correction_bias=bias)
+    outs = {}
+    for name, s_ in (("reference", ref_sel), ("kernel", ker_sel)):
+        got = [None, None]
+        s_(parts[0], stats_reduce=lambda st: got.__setitem__(0, st.clone()) or st)  # phase 1: own statistics
+        s_(parts[1], stats_reduce=lambda st: got.__setitem__(1, st.clone()) or st)
+        outs[name] = [s_(parts[r], stats_reduce=lambda st, r=r: st + got[1 - r]) for r in (0, 1)]
+    whole = ref_sel(x)
+    for r in (0, 1):
+        msg = compare(outs["reference"][r], outs["kernel"][r])
+        if msg:
+            return f"rank {r}: kernel vs reference: {msg}"
+    joined = type(whole)(*(torch.cat([outs["reference"][0][i], outs["reference"][1][i]]) if whole[i] is not None
+                           else None for i in range(3)))
+    msg = compare(whole, joined)
+    return f"ranks joined vs one batch: {msg}" if msg else ""
+
+
 def run_case(case) -> str:
     import torch
 
@@ -314,6 +347,8 @@ def run_case(case) -> str:
 
     if case["output"] is not None:
         return run_output_case(case)
+    if case["ranks"] is not None:
+        return run_global_case(case)
     if case["knobs"].get("interpreter_barrier"):
         return run_barrier_case(case)
     sel, x, rid, n_valid, bias = build(case)

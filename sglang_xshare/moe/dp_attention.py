@@ -3,21 +3,22 @@
 With SGLang's ``--enable-dp-attention`` every EP rank routes only its own tokens, yet an expert's
 load is the union over *all* ranks' tokens: if each rank picks its own budgeted set, the sets
 differ and the busiest GPU reads the union. :class:`DPAttentionSelector` gives the batch-aware
-policies (``xshare``, ``xshare_ep``) one global view per layer:
+policies (``oea``, ``xshare``, ``xshare_ep``) one global view per layer:
 
-1. each rank scores its tokens and computes its per-expert statistics ``[3, E] float32``:
+1. each rank scores its tokens and computes its per-expert statistics:
    aggregated gating mass, warm-up count (tokens whose top-``k0`` holds ``e``), top-k count;
-2. **one** ``all_reduce(SUM)`` of those ``3 * E`` floats (SGLang's LP dispatcher all-reduces
+2. **one** ``all_reduce(SUM)`` of those statistics (SGLang's LP dispatcher all-reduces
    per-expert counts the same way) -- every rank then holds bitwise-identical statistics;
-3. every rank runs the policy's own pick (:func:`~sglang_xshare.select.common.greedy_pick`, or
-   ``xshare_ep``'s :func:`~sglang_xshare.select.policies.xshare_ep.pick_partitioned` /
-   ``pick_replicated``) on them: the same expert set (and copies) everywhere, deterministically;
-4. each rank refines its own tokens inside that set (:func:`~sglang_xshare.select.common.refine`).
+3. every rank runs the policy's own pick on them: the same expert set (and copies) everywhere,
+   deterministically;
+4. each rank refines its own tokens inside that set.
 
-The result equals the single-process policy on the concatenation of all ranks' tokens (up to the
-float summation order of the mass). ``mode="local"`` is the baseline: each rank calls the
-:class:`~sglang_xshare.select.Selector` on its own tokens, no collective. Policies that are not
-batch-budgeted (``topk``, ``cap``, ``oea*``) always run locally. No host sync; the collective is
+This is the policy's own ``stats_reduce`` path (:class:`~sglang_xshare.select.contract.BatchContext`):
+the reference sums ``[3, E] float64`` statistics (:func:`~sglang_xshare.select.common.batch_stats`),
+the Triton path runs two launches around the collective. The result equals the single-process
+policy on the concatenation of all ranks' tokens. ``mode="local"`` is the baseline: each rank calls the
+:class:`~sglang_xshare.select.Selector` on its own tokens, no collective. Policies without batch
+statistics (``topk``, ``cap``, ``xshare_spec``) always run locally. No host sync; the collective is
 CUDA-graph capturable on NCCL.
 """
 
@@ -27,14 +28,10 @@ import torch
 import torch.distributed as dist
 
 from ..placement import Placement
-from ..select import Selector, SelectionOutput, compute_scores
-from ..select.common import greedy_pick, refine, resolve_budget, token_sets
-from ..select.policies import xshare_ep as xshare_ep_policy
+from ..select import Selector, SelectionOutput
+from ..select.selector import GLOBAL_POLICIES
 
 __all__ = ["DPAttentionSelector", "GLOBAL_POLICIES"]
-
-#: Policies whose expert set is a batch decision (they get the global view).
-GLOBAL_POLICIES = ("xshare", "xshare_ep")
 
 
 class DPAttentionSelector:
@@ -46,7 +43,8 @@ class DPAttentionSelector:
         group: the process group holding all DP-attention ranks of this EP group (default world).
 
     Attributes:
-        last_stats: ``[3, E] float32`` the all-reduced statistics of the last global call.
+        last_stats: the all-reduced statistics of the last global call (``[3, E] float64`` on the
+            reference path, ``[2, BLOCK_E] float64`` on the kernel path).
     """
 
     def __init__(self, selector: Selector, mode: str = "global", group: dist.ProcessGroup | None = None) -> None:
@@ -63,31 +61,13 @@ class DPAttentionSelector:
     def placement(self) -> Placement | None:
         return self.selector.placement
 
+    def _all_reduce(self, stats: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)
+        self.last_stats = stats
+        return stats
+
     def __call__(self, router_logits: torch.Tensor, layer_id: int | None = None,
                  num_token_non_padded: int | torch.Tensor | None = None, request_ids: torch.Tensor | None = None) -> SelectionOutput:
         """Same signature and contract as :meth:`Selector.__call__`."""
-        if not self.is_global:
-            return self.selector(router_logits, layer_id=layer_id, num_token_non_padded=num_token_non_padded,
-                                 request_ids=request_ids)
-        sel = self.selector
-        ctx = sel.context(router_logits.shape[0], router_logits.device, layer_id, num_token_non_padded)
-        scores = compute_scores(router_logits, sel.routing, sel.correction_bias)
-        sets = token_sets(scores, ctx)
-        stats = torch.stack([sets.contrib.sum(dim=0), sets.warm.sum(dim=0).float(), sets.topk.sum(dim=0).float()])
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)
-        self.last_stats = stats
-        mass, warm, union = stats[0], stats[1] > 0, stats[2] > 0
-        assert ctx.budget is not None
-        m = resolve_budget(ctx.budget, mass[None], warm[None], union[None])[0]
-        if self.policy == "xshare":
-            chosen = greedy_pick(mass[None], warm[None], m[None])
-            return refine(scores, chosen, ctx)
-        placement = sel.placement or Placement.tensor_parallel(sel.routing.num_experts)
-        m_eff = torch.maximum(m, warm.sum())
-        per_rank = torch.div(m_eff + placement.num_ranks - 1, placement.num_ranks, rounding_mode="floor")
-        pick = xshare_ep_policy.pick_replicated if placement.has_replicas else xshare_ep_policy.pick_partitioned
-        chosen, copy = pick(mass, warm, per_rank, placement, ctx.fill_to_peak)
-        out = refine(scores, chosen.unsqueeze(0), ctx)
-        ids = out.topk_ids.to(torch.int64)
-        phys = torch.where(ids >= 0, copy[ids.clamp(min=0)], torch.full_like(ids, -1)).to(torch.int32)
-        return SelectionOutput(out.topk_ids, out.topk_weights, phys)
+        return self.selector(router_logits, layer_id=layer_id, num_token_non_padded=num_token_non_padded,
+                             request_ids=request_ids, stats_reduce=self._all_reduce if self.is_global else None)

@@ -28,6 +28,7 @@ __all__ = [
     "group_mass",
     "exact_sum",
     "group_any",
+    "batch_stats",
     "resolve_budget",
     "greedy_pick",
     "priority",
@@ -94,6 +95,21 @@ def group_mass(contrib: torch.Tensor, group_index: torch.Tensor | None, num_grou
         return exact_sum(contrib, 0, keepdim=True)
     out = torch.zeros(num_groups, contrib.shape[1], dtype=torch.float64, device=contrib.device)
     return out.index_add_(0, group_index, contrib.double()).float()
+
+
+def batch_stats(sets: "TokenSets", ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch's ``(mass [1, E] float32, warm [1, E] bool, union [1, E] bool)``: aggregated mass,
+    the union of the top-``k0`` sets and of the top-k sets.
+
+    With ``ctx.stats_reduce`` (a batch spread over ranks) the statistics of every rank are summed
+    first -- ``[3, E] float64``: exact mass sums, warm-up and top-k counts -- and the mass is rounded
+    once after the sum, as :func:`exact_sum` does for one rank.
+    """
+    if ctx.stats_reduce is None:
+        return group_mass(sets.contrib, None, 1), group_any(sets.warm, None, 1), group_any(sets.topk, None, 1)
+    st = torch.stack([sets.contrib.double().sum(0), sets.warm.double().sum(0), sets.topk.double().sum(0)])
+    st = ctx.stats_reduce(st)
+    return st[0:1].float(), st[1:2] > 0, st[2:3] > 0
 
 
 def group_any(mask: torch.Tensor, group_index: torch.Tensor | None, num_groups: int) -> torch.Tensor:

@@ -39,7 +39,7 @@ Guarantees (tested for every policy):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -87,6 +87,10 @@ class BatchContext:
         num_valid: 0-d ``int32`` / ``int64`` device tensor -- tokens ``< num_valid`` are real
             (SGLang's ``num_token_non_padded``) -- used when ``valid`` is ``None``; both ``None``:
             every token is real.
+        stats_reduce: the batch spans several ranks (DP attention, DeepEP's scattered layout):
+            ``stats -> sum of every rank's stats`` (an all-reduce, same shape). The batch policies
+            (``oea``, ``xshare``, ``xshare_ep``) then choose from all ranks' tokens -- the same set on
+            every rank -- and refine their own tokens. ``None``: the batch is this rank's tokens.
     """
 
     top_k: int
@@ -103,6 +107,7 @@ class BatchContext:
     mass_source: str = "topk"
     fill_to_peak: bool = True
     num_valid: torch.Tensor | None = None
+    stats_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class SelectionOutput(NamedTuple):

@@ -20,7 +20,10 @@ from .output import OutputSpec, apply_output, metrics_counts
 from .registry import get_policy
 from .scoring import compute_scores
 
-__all__ = ["Selector", "valid_mask"]
+__all__ = ["Selector", "valid_mask", "GLOBAL_POLICIES"]
+
+#: Policies whose expert set is a batch decision over statistics that can be summed across ranks.
+GLOBAL_POLICIES = ("oea", "oea_simple", "xshare", "xshare_ep")
 
 Backend = Literal["auto", "reference", "kernel"]
 
@@ -75,7 +78,7 @@ class Selector:
     def context(self, num_tokens: int, device: torch.device, layer_id: int | None = None,
                 num_token_non_padded: int | torch.Tensor | None = None,
                 request_ids: torch.Tensor | None = None, request_group: int | None = None,
-                mask: bool = True) -> BatchContext:
+                mask: bool = True, stats_reduce=None) -> BatchContext:
         """The :class:`BatchContext` of one call (no host sync: ``valid`` is computed on device).
 
         ``mask=False`` (the kernel path) leaves a tensor ``num_token_non_padded`` as
@@ -108,6 +111,7 @@ class Selector:
             mass_source=cfg.mass_source,
             fill_to_peak=cfg.fill_to_peak,
             num_valid=num_valid,
+            stats_reduce=stats_reduce,
         )
 
     def uses_kernel(self, router_logits: torch.Tensor) -> bool:
@@ -117,7 +121,7 @@ class Selector:
     def __call__(self, router_logits: torch.Tensor, layer_id: int | None = None,
                  num_token_non_padded: int | torch.Tensor | None = None,
                  request_ids: torch.Tensor | None = None, request_group: int | None = None,
-                 output: OutputSpec | None = None) -> SelectionOutput:
+                 output: OutputSpec | None = None, stats_reduce=None) -> SelectionOutput:
         """Select experts for one layer of one batch.
 
         Args:
@@ -129,6 +133,10 @@ class Selector:
                 SGLang's verify batches): the fused one-launch kernel path. Not with ``request_ids``.
             output: hand the result to a backend (:class:`~.output.OutputSpec`: dispatched ids,
                 empty-slot encoding, scale, fused metrics), in the same kernel launch.
+            stats_reduce: the batch spans several ranks: an all-reduce (sum) of the batch
+                statistics, so that ``oea`` / ``xshare`` / ``xshare_ep`` choose from every rank's
+                tokens (see :class:`~.contract.BatchContext`); the kernel path is then two launches
+                around the collective.
 
         Returns:
             :class:`SelectionOutput` (``[T, k]`` int32 ids with -1, float32 weights, physical ids
@@ -139,9 +147,11 @@ class Selector:
             raise ValueError(f"router_logits must be [T, {self.routing.num_experts}], got {tuple(router_logits.shape)}")
         if output is not None and output.ids == "physical" and self.config.policy != "xshare_ep":
             raise ValueError("OutputSpec(ids='physical') needs policy xshare_ep")
+        if stats_reduce is not None and self.config.policy not in GLOBAL_POLICIES:
+            raise ValueError(f"policy {self.config.policy} has no batch statistics to reduce over ranks")
         kernel = self.uses_kernel(router_logits)
         ctx = self.context(router_logits.shape[0], router_logits.device, layer_id, num_token_non_padded, request_ids,
-                           request_group, mask=not kernel)
+                           request_group, mask=not kernel, stats_reduce=stats_reduce)
         if kernel:
             return self._kernel(router_logits, self.routing, ctx, self.correction_bias, self.workspace, output)
         scores = compute_scores(router_logits, self.routing, self.correction_bias)

@@ -76,6 +76,10 @@ class XShareServerConfig:
         min_tokens: smallest batch (tokens) a policy is applied to; smaller batches keep SGLang's
             routing. ``"auto"``: 2 for the batch policies (one token has nothing to share with), 1
             for ``cap``; decided per captured batch size, so it costs nothing at run time.
+        ep_global: when SGLang gives each EP rank only part of the batch (DP attention, DeepEP's
+            scattered layout), ``oea`` / ``xshare`` / ``xshare_ep`` choose one expert set from all
+            ranks' tokens: an all-reduce of the batch statistics over the MoE EP group inside the
+            layer (every rank joins it on every MoE call of the target model).
         metrics: keep per-layer metrics on device and flush them every ``metrics_interval`` steps.
         metrics_interval: decode steps between two metric flushes.
         record_trace: path of a trace file (``.npz``) to write router logits to, or ``None``.
@@ -95,6 +99,7 @@ class XShareServerConfig:
     apply_to_prefill: bool = False
     empty_slots: str = "auto"
     min_tokens: str = "auto"
+    ep_global: bool = False
     metrics: bool = False
     metrics_interval: int = 200
     record_trace: str | None = None
@@ -155,6 +160,9 @@ class XShareServerConfig:
             raise XShareConfigError("--xshare-empty-slots", f"must be auto, minus_one, fill or distinct, got {self.empty_slots!r}")
         if self.min_tokens != "auto" and not (str(self.min_tokens).isdigit() and int(self.min_tokens) >= 1):
             raise XShareConfigError("--xshare-min-tokens", f"must be 'auto' or an integer >= 1, got {self.min_tokens!r}")
+        if self.ep_global and self.policy not in ("oea", "oea_simple", "xshare", "xshare_ep"):
+            raise XShareConfigError("--xshare-ep-global", f"policy {self.policy} has no batch statistics to share "
+                                    "across ranks (oea, oea_simple, xshare, xshare_ep)")
         if self.metrics_interval < 1:
             raise XShareConfigError("--xshare-metrics-interval", f"must be >= 1, got {self.metrics_interval}")
         if self.record_trace_steps < 1:
@@ -260,6 +268,9 @@ def add_xshare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Smallest decode batch (tokens) the policy is applied to; smaller batches keep SGLang's own "
                         "routing at no cost. 'auto': 2 for batch policies (a single token has nothing to share), "
                         "1 for cap.")
+    g.add_argument("--xshare-ep-global", action="store_true",
+                   help="When each EP rank routes only part of the batch (DP attention, DeepEP), choose one expert "
+                        "set from all ranks' tokens (an all-reduce of the batch statistics in every target MoE layer).")
     g.add_argument("--xshare-metrics", action="store_true",
                    help="Live per-layer metrics counted inside the selection kernel (distinct experts vs plain "
                         "top-k, busiest EP rank, tokens, short tokens), logged and exported to Prometheus "
@@ -288,6 +299,7 @@ def _config_from_namespace(ns: argparse.Namespace) -> XShareServerConfig:
         apply_to_prefill=ns.xshare_apply_to_prefill,
         empty_slots=ns.xshare_empty_slots,
         min_tokens=ns.xshare_min_tokens,
+        ep_global=ns.xshare_ep_global,
         metrics=ns.xshare_metrics,
         metrics_interval=ns.xshare_metrics_interval,
         record_trace=ns.xshare_record_trace,

@@ -46,8 +46,8 @@ every scheduler / TP / EP / DP-controller process. It reads :data:`~.flags.ENV_V
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -67,6 +67,8 @@ logger = logging.getLogger("sglang_xshare.serving")
 TOPK_MODULE = "sglang.srt.layers.moe.topk"
 FORWARD_CONTEXT_MODULE = "sglang.srt.model_executor.forward_context"
 _DECODE_KINDS = ("decode", "verify")
+#: Environment variable forcing the ``general`` or ``legacy`` path where ``fast`` would run (benchmarks).
+FORCE_PATH_ENV = "SGLANG_XSHARE_FORCE_PATH"
 
 
 # ---- batch information ------------------------------------------------------------------
@@ -153,6 +155,8 @@ class _State:
         self.dynamic_bias_call = False
         self.in_select = False  # inside our select_experts: the post-processing seam passes through
         self.min_tokens: int | None = None
+        #: diagnostics (``SGLANG_XSHARE_FORCE_PATH=general|legacy``): take that path where the fast one would run
+        self.force_path = os.environ.get(FORCE_PATH_ENV) or None
         self.metrics = None
         self.recorder = None
         if cfg.metrics:
@@ -257,6 +261,13 @@ def _path(st: _State, lp: LayerPolicy, topk_mod: Any, T: int, tc: Any, info: Any
     return "general"
 
 
+def _decide(st: _State, lp: LayerPolicy, topk_mod: Any, T: int, tc: Any, info: Any, extra: dict) -> str:
+    path = _path(st, lp, topk_mod, T, tc, info, extra)
+    if st.force_path in ("general", "legacy") and path in ("fast", "general"):
+        return st.force_path
+    return path
+
+
 def _fast_spec(lp: LayerPolicy, info: Any):
     """The layer's :class:`~sglang_xshare.select.output.OutputSpec` for this dispatch info."""
     if info is None:
@@ -279,13 +290,15 @@ def _make_select_experts_wrapper(orig: Callable) -> Callable:
         topk_mod = sys.modules[TOPK_MODULE]
         lp = st.layer(topk_config, layer_id, router_logits)
         T = int(router_logits.shape[0])
-        path = _path(st, lp, topk_mod, T, topk_config, expert_location_dispatch_info, extra)
+        path = _decide(st, lp, topk_mod, T, topk_config, expert_location_dispatch_info, extra)
         if lp.paths.get(T) != path:
             lp.paths[T] = path
             st.log_once(f"path{lp.is_draft}:{T}:{path}", "xshare: %s batches of %d tokens: %s path",
                         "draft" if lp.is_draft else "target", T, path)
         if st.recorder is not None and not lp.is_draft and st.applies_to_batch():
             st.recorder.record(lp, router_logits)
+        if lp.stats_reduce is not None and path not in ("fast", "general"):
+            lp.stats_reduce(lp.idle_stats.zero_())  # every rank joins the collective on every call
         if path in ("sglang", "legacy"):
             dyn = extra.get("dynamic_expert_bias") is not None
             st.dynamic_bias_call, st.in_select = dyn, path == "sglang"
@@ -297,7 +310,8 @@ def _make_select_experts_wrapper(orig: Callable) -> Callable:
                 st.dynamic_bias_call = st.in_select = False
         if path == "fast":
             out = lp.selector(router_logits, layer_id=lp.layer_id, num_token_non_padded=num_token_non_padded,
-                              request_group=_request_group(), output=_fast_spec(lp, expert_location_dispatch_info))
+                              request_group=_request_group(), output=_fast_spec(lp, expert_location_dispatch_info),
+                              stats_reduce=lp.stats_reduce)
             ids, weights = out.topk_ids, out.topk_weights
             topk_mod.capture_routed_experts_if_allowed(topk_config, layer_id, ids)
             topk_mod.get_global_expert_distribution_recorder().on_select_experts(topk_ids=ids)
@@ -330,7 +344,7 @@ def _general(st: _State, lp: LayerPolicy, post: Callable, topk_ids: torch.Tensor
                     " and EPLB rebalancing" if lp.eplb_rebalances else "")
     spec = lp.output_spec("physical" if use_physical else "logical", empty="minus_one")
     sel = lp.selector(router_logits, layer_id=lp.layer_id, num_token_non_padded=ntnp,
-                      request_group=_request_group(), output=spec)
+                      request_group=_request_group(), output=spec, stats_reduce=lp.stats_reduce)
     chosen, weights = sel.topk_ids, sel.topk_weights
     empty = chosen < 0
     if lp.empty_mode == "distinct":

@@ -161,6 +161,10 @@ class LayerPolicy:
         min_tokens: smallest batch (tokens) the policy is applied to; smaller ones take SGLang's path.
         eplb_rebalances: SGLang's EPLB may rebalance this server (read once).
         metrics_row: ``[8] int64`` row of the live metrics table (fused into the kernel) or ``None``.
+        stats_reduce: ``--xshare-ep-global``: the all-reduce (sum over the MoE EP group) of the batch
+            statistics, or ``None``; every call of the layer then joins it exactly once.
+        idle_stats: zeros of the statistics' shape, all-reduced by calls that do not select (so that
+            every rank joins the collective on every call, whatever its batch).
         topk_config: SGLang's ``TopKConfig`` (kept alive: the cache is keyed by its id).
         paths: the path taken per batch size so far (``T -> path``; logged once per size).
     """
@@ -177,6 +181,8 @@ class LayerPolicy:
     min_tokens: int = 1
     eplb_rebalances: bool = False
     metrics_row: torch.Tensor | None = None
+    stats_reduce: Any = None
+    idle_stats: torch.Tensor | None = None
     topk_config: Any = field(repr=False, default=None)
     paths: dict[int, str] = field(default_factory=dict, repr=False)
     _specs: dict[tuple, OutputSpec] = field(default_factory=dict, repr=False)
@@ -203,6 +209,39 @@ def _min_tokens(cfg: Any) -> int:
     if cfg.min_tokens != "auto":
         return int(cfg.min_tokens)
     return 2 if cfg.policy in BATCH_POLICIES else 1
+
+
+def _setup_ep_global(lp: LayerPolicy, tc: Any, device: torch.device) -> None:
+    """``--xshare-ep-global``: all-reduce the statistics over SGLang's MoE EP group, when the MoE
+    input of this rank is only part of the batch. Every call of the layer then joins the collective
+    (the path a batch takes must not depend on this rank's own batch size: ``min_tokens = 1``)."""
+    if tc.num_shared_topk_slots > 0:
+        logger.warning("xshare: layer %d has fused shared-expert columns; --xshare-ep-global is not applied there",
+                       lp.layer_id)
+        return
+    try:
+        from sglang.srt.layers.moe.utils import is_moe_input_scattered_across_dp_ranks
+        from sglang.srt.runtime_context import get_parallel
+
+        scattered = bool(is_moe_input_scattered_across_dp_ranks())
+        group = get_parallel().moe_ep_group
+        size = int(getattr(group, "world_size", 1))
+    except Exception as e:  # no SGLang parallel state (tests on one process)
+        logger.warning("xshare: --xshare-ep-global: no MoE EP group (%s); selecting per rank", e)
+        return
+    if not scattered or size <= 1:
+        logger.info("xshare: --xshare-ep-global: every rank routes the whole batch here (scattered=%s, EP group %d); "
+                    "nothing to share", scattered, size)
+        return
+    lp.stats_reduce = group.all_reduce
+    lp.min_tokens = 1
+    if device.type == "cuda" and lp.selector.uses_kernel(torch.empty(0, device=device)):
+        from ..kernels.workspace import plan
+
+        lp.idle_stats = torch.zeros(2, plan(1, lp.num_experts).block_e, dtype=torch.float64, device=device)
+    else:
+        lp.idle_stats = torch.zeros(3, lp.num_experts, dtype=torch.float64, device=device)
+    logger.info("xshare: layer %d: EP-global selection over %d ranks", lp.layer_id, size)
 
 
 def build_layer(cfg: Any, tc: Any, layer_id: int, router_logits: torch.Tensor, metrics: Any = None) -> LayerPolicy:
@@ -236,7 +275,9 @@ def build_layer(cfg: Any, tc: Any, layer_id: int, router_logits: torch.Tensor, m
     if metrics is not None and selector is not None and not is_draft:
         row = metrics.row(layer_id, router_logits.device)
     lp = LayerPolicy(layer_id, is_draft, E, routing, selector, None if selector is not None else reason, scale,
-                     placement, empty_mode, _min_tokens(cfg), _eplb_rebalances(), row, tc)
+                     placement, empty_mode, _min_tokens(cfg), _eplb_rebalances(), row, topk_config=tc)
+    if cfg.ep_global and selector is not None and not is_draft:
+        _setup_ep_global(lp, tc, router_logits.device)
     if selector is not None:
         logger.info("xshare: %s layer %d: policy %s (E=%d, top_k=%d, shared slots=%d, empty slots=%s, a2a=%s, "
                     "runner=%s, min tokens=%d)", "draft" if is_draft else "target", layer_id, cfg.policy, E,

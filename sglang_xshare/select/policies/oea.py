@@ -12,19 +12,19 @@ No expert outside the baseline union is ever activated, so OEA is XShare with a 
 
 from __future__ import annotations
 
-from ..common import group_any, refine, token_sets
+from ..common import batch_stats, refine, token_sets
 from ..contract import BatchContext, Scores, SelectionOutput
 
 
 def reference(scores: Scores, ctx: BatchContext) -> SelectionOutput:
     """Full OEA: best ``<= k`` experts of each token inside the union of all top-``k0`` sets."""
     sets = token_sets(scores, ctx)
-    active = group_any(sets.warm, None, 1)
+    active = batch_stats(sets, ctx)[1]
     return refine(scores, active, ctx)
 
 
 def reference_simple(scores: Scores, ctx: BatchContext) -> SelectionOutput:
     """Simplified OEA: each token keeps those of its own top-k that are in the active set."""
     sets = token_sets(scores, ctx)
-    active = group_any(sets.warm, None, 1)
+    active = batch_stats(sets, ctx)[1]
     return refine(scores, active & sets.topk, ctx)

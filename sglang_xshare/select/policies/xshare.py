@@ -13,7 +13,7 @@ Per layer and batch:
 
 from __future__ import annotations
 
-from ..common import greedy_pick, group_any, group_mass, refine, resolve_budget, token_sets
+from ..common import batch_stats, greedy_pick, refine, resolve_budget, token_sets
 from ..contract import BatchContext, Scores, SelectionOutput
 
 
@@ -21,8 +21,7 @@ def reference(scores: Scores, ctx: BatchContext) -> SelectionOutput:
     """XShare with the layer's batch budget ``ctx.budget``."""
     assert ctx.budget is not None, "xshare needs ctx.budget"
     sets = token_sets(scores, ctx)
-    mass = group_mass(sets.contrib, None, 1)
-    warm = group_any(sets.warm, None, 1)
-    m = resolve_budget(ctx.budget, mass, warm, group_any(sets.topk, None, 1))
+    mass, warm, union = batch_stats(sets, ctx)
+    m = resolve_budget(ctx.budget, mass, warm, union)
     chosen = greedy_pick(mass, warm, m)
     return refine(scores, chosen, ctx)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ...placement import Placement
-from ..common import group_any, group_mass, priority, refine, resolve_budget, token_sets
+from ..common import batch_stats, priority, refine, resolve_budget, token_sets
 from ..contract import BatchContext, Scores, SelectionOutput
 from ..scoring import descending_order
 
@@ -41,9 +41,9 @@ def reference(scores: Scores, ctx: BatchContext) -> SelectionOutput:
     E = scores.sel.shape[1]
     placement = ctx.placement or Placement.tensor_parallel(E)
     sets = token_sets(scores, ctx)
-    mass = group_mass(sets.contrib, None, 1)[0]
-    warm = group_any(sets.warm, None, 1)[0]
-    m = resolve_budget(ctx.budget, mass[None], warm[None], group_any(sets.topk, None, 1))[0]
+    mass1, warm1, union1 = batch_stats(sets, ctx)
+    mass, warm = mass1[0], warm1[0]
+    m = resolve_budget(ctx.budget, mass1, warm1, union1)[0]
     m_eff = torch.maximum(m, warm.sum())
     per_rank = torch.div(m_eff + placement.num_ranks - 1, placement.num_ranks, rounding_mode="floor")
     pick = pick_replicated if placement.has_replicas else pick_partitioned

@@ -1,0 +1,297 @@
+"""Serving benchmark: a real SGLang server per configuration, SGLang's own load generator, ratios vs off.
+
+For each configuration (``off``, ``xshare@0.7``, ``xshare_ep@0.7``, ``oea+k0=4``, ``cap+cap=6`` ...,
+see :mod:`sglang_xshare.servebench.configs`) this starts the server through
+``sglang-xshare-launch-server`` (or ``sglang-xshare-ray`` with ``--ray``), waits until it
+generates, drives a decode-heavy workload with ``sglang.bench_serving`` at each concurrency
+(``--reps`` runs, prompts of random token ids, every request decodes ``--output-len`` tokens),
+reads xshare's live metrics and SGLang's counters from ``/metrics`` around each run, stops the
+server (nothing left behind) and moves on. Same workload, same seeds for every configuration.
+
+Writes ``bench/results/<name>.{json,md,png}``: per configuration and concurrency the median
+output throughput (and its spread over the runs), TPOT and ITL median / p99, the ratio to ``off``,
+and per MoE layer call the distinct experts and the busiest rank's experts -- the policy's and
+plain top-k's on the same batches.
+
+Model: ``--model PATH`` (real weights) or ``--preset qwen3-30b-a3b|deepseek-v3-mini [--layers N]``
+(a config written here, ``--load-format dummy``). Everything after ``--`` goes to the server.
+
+    python bench/serve.py --preset qwen3-30b-a3b --layers 24 --tp 2 --ep 2 \\
+        --configs off,xshare@0.7,xshare_ep@0.7,oea+k0=4,cap+cap=6 --concurrency 1,8,16,32,64,128 \\
+        --name serve_qwen3_tp2 -- --moe-runner-backend triton
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sglang_xshare.benchio import markdown_table, run_metadata, write_results  # noqa: E402
+from sglang_xshare.servebench.client import (bench_serving_argv, counter_delta, run_bench_serving,  # noqa: E402
+                                             scrape, xshare_counters)
+from sglang_xshare.servebench.configs import ServeConfig, parse_configs  # noqa: E402
+from sglang_xshare.servebench.models import PRESETS, write_model  # noqa: E402
+from sglang_xshare.servebench.server import Server, ServerDied  # noqa: E402
+
+#: Flags every server of a run gets (the combination seen to start on the H200 hosts).
+BASE_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--grammar-backend", "none",
+              "--disable-custom-all-reduce", "--enforce-disable-flashinfer-allreduce-fusion",
+              "--disable-prefill-cuda-graph", "--enable-metrics", "--skip-server-warmup"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(cfg: ServeConfig, model: str, port: int, args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """The command line of one configuration's server."""
+    sg = ["--model-path", model, "--host", "127.0.0.1", "--port", str(port), "--tp-size", str(args.tp),
+          "--cuda-graph-max-bs-decode", str(args.max_bs), "--mem-fraction-static", str(args.mem_fraction)]
+    if args.ep > 1:
+        sg += ["--ep-size", str(args.ep)]
+    if args.dummy:
+        sg += ["--load-format", "dummy"]
+    sg += BASE_FLAGS + extra
+    xs = list(cfg.flags)
+    if cfg.selects:
+        xs += ["--xshare-metrics", "--xshare-metrics-interval", "50"]
+    py = sys.executable
+    if cfg.plain:
+        return [py, "-m", "sglang.launch_server", *sg]
+    if args.ray:
+        ray = [py, "-m", "sglang_xshare.launch.ray_launcher", "--address", "auto", "--nnodes", "1",
+               "--gpus-per-node", str(args.tp), "--tp-size", str(args.tp), "--health-timeout", "900"]
+        if args.ep > 1:
+            ray += ["--ep-size", str(args.ep)]
+        sg_no_tp = [a for i, a in enumerate(sg) if a not in ("--tp-size", "--ep-size") and
+                    (i == 0 or sg[i - 1] not in ("--tp-size", "--ep-size"))]
+        return [*ray, "--", *sg_no_tp, *xs]
+    return [py, "-m", "sglang_xshare.launch_server", *sg, *xs]
+
+
+def per_call(delta: dict[str, float]) -> dict[str, float]:
+    """Layer-call means of xshare's counters (per MoE layer and step)."""
+    calls = delta.get("calls", 0.0)
+    out = {"calls": calls, "decode_steps": delta.get("decode_steps", 0.0),
+           "policy_steps": delta.get("path_steps:policy", 0.0), "sglang_steps": delta.get("path_steps:sglang", 0.0),
+           "barrier_faults": delta.get("barrier_faults", 0.0)}
+    if calls > 0:
+        for f in ("distinct", "topk_distinct", "peak", "topk_peak", "valid_tokens", "short_tokens"):
+            out[f] = delta.get(f, 0.0) / calls
+    return out
+
+
+def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: list[str], out_dir: Path) -> dict:
+    port = free_port()
+    cmd = server_command(cfg, model, port, args, extra)
+    safe = cfg.label.replace("@", "_").replace("+", "_").replace("=", "")
+    log = out_dir / f"{args.name}_{safe}.log"
+    env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    rec: dict = {"config": cfg.label, "command": " ".join(cmd), "levels": [], "log": str(log)}
+    server = Server(cmd, port, log, env=env)
+    t0 = time.time()
+    try:
+        server.start()
+        rec["startup_s"] = round(server.wait_ready(timeout=args.startup_timeout), 1)
+        print(f"[{cfg.label}] ready in {rec['startup_s']} s", flush=True)
+        tok = model
+        warm = bench_serving_argv(server.base_url, tok, concurrency=max(args.concurrency), num_prompts=max(args.concurrency),
+                                  input_len=args.input_len, output_len=16, seed=999,
+                                  output_file=str(out_dir / f"{args.name}_warmup.jsonl"))
+        run_bench_serving(warm)
+        for c in args.concurrency:
+            runs = []
+            for rep in range(args.reps):
+                before = xshare_counters(scrape(server.base_url))
+                argv = bench_serving_argv(server.base_url, tok, concurrency=c,
+                                          num_prompts=max(args.min_prompts, args.waves * c),
+                                          input_len=args.input_len, output_len=args.output_len,
+                                          seed=args.seed + 1000 * rep + c,
+                                          output_file=str(out_dir / f"{args.name}_{safe}_c{c}.jsonl"))
+                res = run_bench_serving(argv)
+                time.sleep(args.settle)  # metrics reach /metrics within a second
+                after = xshare_counters(scrape(server.base_url))
+                d = counter_delta(before, after)
+                res["xshare"] = per_call(d.get("0", next(iter(d.values()), {})))
+                runs.append(res)
+                print(f"[{cfg.label}] c={c} rep={rep}: {res['output_throughput']:.0f} tok/s, median TPOT "
+                      f"{res['median_tpot_ms']:.2f} ms, experts {res['xshare'].get('distinct', float('nan')):.1f} "
+                      f"(top-k {res['xshare'].get('topk_distinct', float('nan')):.1f})", flush=True)
+            rec["levels"].append({"concurrency": c, "runs": runs})
+    except ServerDied as e:
+        rec["error"] = str(e)[-4000:]
+        print(f"[{cfg.label}] FAILED: {e}", flush=True)
+    except Exception as e:  # keep the other configurations going
+        rec["error"] = f"{type(e).__name__}: {e}\n{server.tail()}"[-4000:]
+        print(f"[{cfg.label}] FAILED: {rec['error']}", flush=True)
+    finally:
+        rec["killed_at_stop"] = server.stop()
+        rec["wall_s"] = round(time.time() - t0, 1)
+    return rec
+
+
+def _med(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(records: list[dict]) -> tuple[list[dict], str]:
+    """Rows per (configuration, concurrency) with medians over runs and ratios to ``off``."""
+    rows = []
+    base = {}
+    for rec in records:
+        for lvl in rec.get("levels", []):
+            runs = lvl["runs"]
+            tp = [r["output_throughput"] for r in runs if r.get("output_throughput")]
+            x = [r.get("xshare", {}) for r in runs]
+            row = {
+                "config": rec["config"], "concurrency": lvl["concurrency"], "runs": len(runs),
+                "tok_s": _med(tp), "tok_s_min": min(tp) if tp else None, "tok_s_max": max(tp) if tp else None,
+                "tpot_med_ms": _med([r.get("median_tpot_ms") for r in runs]),
+                "tpot_p99_ms": _med([r.get("p99_tpot_ms") for r in runs]),
+                "itl_med_ms": _med([r.get("median_itl_ms") for r in runs]),
+                "itl_p99_ms": _med([r.get("p99_itl_ms") for r in runs]),
+                "accept_length": _med([r.get("accept_length") for r in runs]),
+                "experts": _med([v.get("distinct") for v in x]), "topk_experts": _med([v.get("topk_distinct") for v in x]),
+                "peak": _med([v.get("peak") for v in x]), "topk_peak": _med([v.get("topk_peak") for v in x]),
+                "tokens_per_call": _med([v.get("valid_tokens") for v in x]),
+                "policy_steps": sum(v.get("policy_steps", 0) for v in x), "sglang_steps": sum(v.get("sglang_steps", 0) for v in x),
+                "barrier_faults": sum(v.get("barrier_faults", 0) for v in x),
+            }
+            rows.append(row)
+            if rec["config"] == "off":
+                base[lvl["concurrency"]] = row["tok_s"]
+    for row in rows:
+        b = base.get(row["concurrency"])
+        row["ratio_vs_off"] = (row["tok_s"] / b) if (b and row["tok_s"]) else None
+    head = ["config", "conc.", "tok/s (median)", "spread", "vs off", "TPOT med / p99 ms", "ITL med / p99 ms",
+            "experts / layer", "top-k experts", "busiest rank", "top-k busiest"]
+
+    def f(v, d=1):
+        return "-" if v is None else f"{v:.{d}f}"
+
+    table = [[r["config"], r["concurrency"], f(r["tok_s"], 0), f"{f(r['tok_s_min'], 0)}-{f(r['tok_s_max'], 0)}",
+              f(r["ratio_vs_off"], 3), f"{f(r['tpot_med_ms'], 2)} / {f(r['tpot_p99_ms'], 2)}",
+              f"{f(r['itl_med_ms'], 2)} / {f(r['itl_p99_ms'], 2)}", f(r["experts"]), f(r["topk_experts"]),
+              f(r["peak"]), f(r["topk_peak"])] for r in rows]
+    return rows, markdown_table(head, table)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for cfg in dict.fromkeys(r["config"] for r in rows):
+        rs = [r for r in rows if r["config"] == cfg and r["tok_s"]]
+        if not rs:
+            continue
+        a.plot([r["concurrency"] for r in rs], [r["tok_s"] for r in rs], marker="o", label=cfg)
+        rr = [r for r in rs if r["ratio_vs_off"]]
+        b.plot([r["concurrency"] for r in rr], [r["ratio_vs_off"] for r in rr], marker="o", label=cfg)
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.grid(alpha=0.3)
+    a.set_ylabel("output tokens / s (median)")
+    b.set_ylabel("throughput / off")
+    b.axhline(1.0, color="k", lw=0.8)
+    a.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model folder with real weights (e.g. sglang_xshare/data/model)")
+    src.add_argument("--preset", choices=sorted(PRESETS), help="MoE shape with random weights (--load-format dummy)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers of --preset (default: the model's)")
+    ap.add_argument("--configs", default="off,xshare@0.7,xshare_ep@0.7,oea+k0=4,cap+cap=6")
+    ap.add_argument("--concurrency", default="1,8,16,32,64,128", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--input-len", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=3, help="runs per concurrency (median and spread)")
+    ap.add_argument("--waves", type=int, default=2, help="requests per run = waves x concurrency")
+    ap.add_argument("--min-prompts", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--max-bs", type=int, default=128, help="--cuda-graph-max-bs-decode")
+    ap.add_argument("--mem-fraction", type=float, default=0.8)
+    ap.add_argument("--ray", action="store_true", help="start the servers through sglang-xshare-ray (a Ray head is started)")
+    ap.add_argument("--startup-timeout", type=float, default=600.0)
+    ap.add_argument("--settle", type=float, default=1.5, help="seconds before the after-run metrics scrape")
+    ap.add_argument("--name", default="serve")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--work", default="/tmp/xshare-serve", help="model folders and server logs")
+    args = ap.parse_args(argv)
+    configs = parse_configs(args.configs)
+    out_dir, work = Path(args.out), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    args.dummy = args.preset is not None
+    model = str(write_model(work / f"{args.preset}-{args.layers}", args.preset, args.layers)) if args.dummy else args.model
+    meta = run_metadata()
+    try:
+        import sglang
+
+        meta["sglang"] = sglang.__version__
+    except ImportError:
+        meta["sglang"] = "not installed"
+    if args.ray:
+        import subprocess
+
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        subprocess.run(["ray", "start", "--head", "--num-gpus", str(args.tp), "--disable-usage-stats"], check=True,
+                       env=dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0"))
+    records = []
+    try:
+        for cfg in configs:
+            records.append(run_config(cfg, model, args, extra, work))
+    finally:
+        if args.ray:
+            import subprocess
+
+            subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    rows, table = summarize(records)
+    shape = args.preset or Path(args.model).name
+    title = (f"{shape}{'' if args.layers is None else f' ({args.layers} layers)'}, TP {args.tp} / EP {args.ep}, "
+             f"{' '.join(extra)}; in {args.input_len} / out {args.output_len} tokens")
+    notes = [f"Workload: `sglang.bench_serving` random-ids prompts, {args.input_len} input / {args.output_len} output "
+             f"tokens (ignore_eos), {args.waves} x concurrency requests per run, {args.reps} runs per point; "
+             f"tok/s = output throughput (median, spread = min-max over runs). Experts = per MoE layer call, from "
+             f"xshare's live metrics (the policy's distinct experts and busiest EP rank, and plain top-k's on the same "
+             f"batches). Server: {title}."]
+    for rec in records:
+        notes.append(f"- `{rec['config']}`: start-up {rec.get('startup_s', '-')} s, killed at stop "
+                     f"{rec.get('killed_at_stop')}{', ERROR: ' + rec['error'].splitlines()[0] if rec.get('error') else ''}")
+    md = "\n".join(notes) + "\n\n" + table + f"\n\n![{args.name}]({args.name}.png)\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_results(out_dir, args.name, {"title": title, "rows": rows, "records": records}, md, meta)
+    if any(r["tok_s"] for r in rows):
+        plot(rows, out_dir / f"{args.name}.png", title)
+    print(table)
+    return 0 if all("error" not in r for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Correctness inside a running SGLang server (GPU): greedy equality, EOS, and quality from SGLang's logprobs.
+
+1. **Token for token.** The same prompts, greedy, through ``plain`` (``python -m sglang.launch_server``),
+   ``off`` and ``topk`` (the hook installed, SGLang's routing): the generated ids must be equal.
+   Prompts are the shipped model's held-out windows (real text), all sent at once so the server
+   decodes them as one batch.
+2. **EOS.** The same prompts without ``ignore_eos``: how many answers stop at the first token.
+3. **Quality in the server.** The held-out windows (``eval_tokens.npy``, 129 tokens each) go
+   through each server with ``return_logprob`` from position 0 (teacher forcing), the policy applied
+   to prefill batches too (``--xshare-apply-to-prefill``); prefill batches hold ``--batch`` whole
+   windows (``--chunked-prefill-size`` = batch x window). CE per window = mean negative log-prob of
+   tokens 1..128; the delta vs ``off`` is paired per window (95% t-interval over batches). The
+   same batches go through the offline harness (``sglang_xshare.hf``, the model in transformers)
+   with the same grouping (all tokens of a batch in one selection, ``StepLayout(g=129)``), so the
+   two deltas can be compared.
+
+Writes ``bench/results/<name>.{json,md}``.
+
+    python bench/serve_correctness.py --tp 1 --name serve_correctness_tp1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from sglang_xshare.benchio import markdown_table, run_metadata, write_results  # noqa: E402
+from sglang_xshare.servebench.configs import parse_configs  # noqa: E402
+from sglang_xshare.servebench.server import Server  # noqa: E402
+
+MODEL = ROOT / "sglang_xshare" / "data" / "model"
+BASE = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--grammar-backend", "none",
+        "--disable-custom-all-reduce", "--enforce-disable-flashinfer-allreduce-fusion", "--disable-prefill-cuda-graph",
+        "--disable-radix-cache", "--skip-server-warmup", "--random-seed", "0"]
+
+
+def post(url: str, payload: dict, timeout: float = 600.0) -> list | dict:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def t975(n: int) -> float:
+    from sglang_xshare.hf.evaluate import t_quantile_975
+
+    return t_quantile_975(n)
+
+
+def start(cfg, args, port: int, log: Path, extra: list[str]) -> Server:
+    sg = ["--model-path", str(MODEL), "--host", "127.0.0.1", "--port", str(port), "--tp-size", str(args.tp),
+          "--chunked-prefill-size", str(args.batch * 129), "--max-prefill-tokens", str(args.batch * 129),
+          "--mem-fraction-static", "0.5", *BASE, *extra]
+    if args.ep > 1:
+        sg += ["--ep-size", str(args.ep)]
+    py = sys.executable
+    cmd = [py, "-m", "sglang.launch_server", *sg] if cfg.plain else \
+        [py, "-m", "sglang_xshare.launch_server", *sg, *cfg.flags] + (["--xshare-apply-to-prefill"] if cfg.selects else [])
+    env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    return Server(cmd, port, log, env=env)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--configs", default="plain,off,topk,xshare@0.7,xshare_ep@0.7")
+    ap.add_argument("--equal", default="plain,off,topk", help="configurations that must generate the same ids")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=48)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--batch", type=int, default=16, help="windows per prefill batch (quality)")
+    ap.add_argument("--windows", type=int, default=256, help="held-out windows (quality; multiple of --batch)")
+    ap.add_argument("--port", type=int, default=31000)
+    ap.add_argument("--name", default="serve_correctness")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--work", default="/tmp/xshare-correctness")
+    ap.add_argument("--no-harness", action="store_true")
+    args, extra = ap.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+    configs = parse_configs(args.configs)
+    ev = np.load(MODEL / "eval_tokens.npy").astype(np.int64)  # [3, 256, 129]
+    # interleave datasets so every batch mixes them (as the harness' "mixed" batches)
+    windows = ev.transpose(1, 0, 2).reshape(-1, ev.shape[-1])[: args.windows]
+    prompts = [w[: args.prompt_len].tolist() for w in windows[: args.prompts]]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    res: dict[str, dict] = {}
+    for i, cfg in enumerate(configs):
+        port = args.port + i
+        srv = start(cfg, args, port, work / f"{args.name}_{i}.log", extra)
+        r: dict = {"config": cfg.label}
+        try:
+            srv.start()
+            r["startup_s"] = round(srv.wait_ready(900), 1)
+            url = srv.base_url + "/generate"
+            greedy = {"temperature": 0.0, "max_new_tokens": args.new_tokens, "ignore_eos": True}
+            outs = post(url, {"input_ids": prompts, "sampling_params": greedy})
+            r["ids"] = [o["output_ids"] for o in outs]
+            free = post(url, {"input_ids": prompts, "sampling_params": {**greedy, "ignore_eos": False}})
+            r["first_token_eos"] = sum(1 for o in free if len(o["output_ids"]) <= 1)
+            r["mean_len_no_ignore_eos"] = statistics.mean(len(o["output_ids"]) for o in free)
+            t0 = time.time()
+            lp = post(url, {"input_ids": [w.tolist() for w in windows],
+                            "sampling_params": {"temperature": 0.0, "max_new_tokens": 1},
+                            "return_logprob": True, "logprob_start_len": 0})
+            r["logprob_s"] = round(time.time() - t0, 1)
+            r["ce"] = [-statistics.mean(x[0] for x in o["meta_info"]["input_token_logprobs"][1:]) for o in lp]
+        except Exception as e:  # keep going: the report says what failed
+            r["error"] = f"{type(e).__name__}: {e}\n{srv.tail()}"[-3000:]
+            print(f"[{cfg.label}] FAILED {r['error']}", flush=True)
+        finally:
+            r["killed_at_stop"] = srv.stop()
+        res[cfg.label] = r
+        print(f"[{cfg.label}] done: eos-first {r.get('first_token_eos')}, ce {statistics.mean(r['ce']) if 'ce' in r else '-'}",
+              flush=True)
+
+    # 1. equality
+    eq_names = [c for c in args.equal.split(",") if c in res and "ids" in res[c]]
+    eq_rows = []
+    if eq_names:
+        ref = res[eq_names[0]]["ids"]
+        for n in eq_names[1:]:
+            same = sum(1 for a, b in zip(ref, res[n]["ids"]) if a == b)
+            first_diff = next((j for j, (a, b) in enumerate(zip(ref, res[n]["ids"])) if a != b), None)
+            eq_rows.append([f"{eq_names[0]} vs {n}", f"{same}/{len(ref)}", "-" if first_diff is None else first_diff])
+    # 3. quality
+    q_rows, quality = [], {}
+    base = res.get("off", {}).get("ce")
+    nb = args.windows // args.batch
+    harness = {} if args.no_harness else harness_deltas(configs, windows, args)
+    for cfg in configs:
+        ce = res[cfg.label].get("ce")
+        if not cfg.selects or ce is None or base is None:
+            continue
+        d = [a - b for a, b in zip(ce, base)]
+        per_batch = [statistics.mean(d[j * args.batch:(j + 1) * args.batch]) for j in range(nb)]
+        m = statistics.mean(per_batch)
+        ci = t975(nb - 1) * statistics.stdev(per_batch) / math.sqrt(nb)
+        h = harness.get(cfg.label)
+        quality[cfg.label] = {"server_delta": m, "server_ci95": ci, "harness": h}
+        q_rows.append([cfg.label, f"{statistics.mean(base):.4f}", f"{m:+.4f} ± {ci:.4f}",
+                       "-" if h is None else f"{h['delta']:+.4f} ± {h['ci95']:.4f}",
+                       "-" if h is None else f"{h['distinct']:.1f} / {h['distinct_topk']:.1f}"])
+    eos_rows = [[n, r.get("first_token_eos"), r.get("mean_len_no_ignore_eos")] for n, r in res.items()]
+    md = (f"Shipped model (`sglang_xshare/data/model`), TP {args.tp} / EP {args.ep}, SGLang server per configuration "
+          f"({' '.join(BASE + extra)}).\n\n"
+          f"## Greedy generation, token for token\n\n{args.prompts} held-out prompts of {args.prompt_len} tokens, "
+          f"{args.new_tokens} new tokens, one batched request.\n\n"
+          + markdown_table(["comparison", "identical outputs", "first differing prompt"], eq_rows)
+          + "\n\n## EOS\n\nThe same prompts without ignore_eos: answers that end at the first token.\n\n"
+          + markdown_table(["config", "first token is EOS", "mean new tokens"], eos_rows)
+          + f"\n\n## Quality from SGLang's input logprobs\n\n{args.windows} held-out windows of 129 tokens, prefill "
+          f"batches of {args.batch} windows, policy applied to prefill. dCE = CE(policy) - CE(off), nats/token, "
+          f"95% CI over {nb} batches. Harness = the same batches in transformers with the same grouping "
+          f"(`StepLayout(tokens_per_request=129)`).\n\n"
+          + markdown_table(["config", "CE off (server)", "dCE server", "dCE harness", "harness experts / top-k"], q_rows)
+          + "\n")
+    payload = {"results": {k: {kk: vv for kk, vv in v.items() if kk != "ids"} for k, v in res.items()},
+               "equality": eq_rows, "quality": quality}
+    write_results(args.out, args.name, payload, md, run_metadata())
+    print(md)
+    return 0
+
+
+def harness_deltas(configs, windows: np.ndarray, args) -> dict:
+    """The offline harness on the same batches (transformers, CUDA if available)."""
+    import torch
+
+    from sglang_xshare.config import BudgetSchedule, SelectionConfig
+    from sglang_xshare.hf import evaluate_point, load_model, routing_spec_of
+    from sglang_xshare.hf.hook import StepLayout
+    from sglang_xshare.select import Selector
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(MODEL, device=dev)
+    routing = routing_spec_of(model.config)
+    toks = torch.from_numpy(windows).to(dev)
+    batches = [(toks[j * args.batch:(j + 1) * args.batch], torch.zeros(args.batch, dtype=torch.long))
+               for j in range(args.windows // args.batch)]
+    out = {}
+    for cfg in configs:
+        if not cfg.selects or cfg.policy not in ("xshare", "xshare_ep", "oea", "cap"):
+            continue
+        flags = dict(zip(cfg.flags[::2], cfg.flags[1::2]))
+        sc = SelectionConfig(policy=cfg.policy, k0=int(flags.get("--xshare-warmup-k0", 1)),
+                             budget=BudgetSchedule.parse(flags["--xshare-budget"]) if "--xshare-budget" in flags else None,
+                             cap=int(flags["--xshare-cap"]) if "--xshare-cap" in flags else None)
+        p = evaluate_point(model, Selector(routing, sc), batches, layout=StepLayout(tokens_per_request=windows.shape[1]),
+                           measure_output_error=False)
+        out[cfg.label] = {"delta": p.delta, "ci95": p.ci95, "distinct": p.distinct, "distinct_topk": p.distinct_topk}
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

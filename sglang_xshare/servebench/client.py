@@ -1,0 +1,100 @@
+"""Load generation and counters: SGLang's own benchmark client, SGLang's and xshare's ``/metrics``.
+
+:func:`run_bench_serving` runs ``sglang.bench_serving`` (``sglang.benchmark.serving``) in this
+process -- its own argument parser, dataset generation (``random-ids``: prompts of random token
+ids, varied; ``ignore_eos`` is its default, so every request decodes its full output length) and
+metrics -- once per load level, without paying its import for every level.
+:func:`xshare_counters` reads this package's live metrics from a ``/metrics`` scrape
+(:mod:`sglang_xshare.serving.metrics`), summed over layers, per rank.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+from ..serving.metrics import parse_prometheus
+from .server import http_get
+
+__all__ = ["bench_serving_argv", "run_bench_serving", "scrape", "xshare_counters", "counter_delta", "RESULT_KEYS"]
+
+#: What a level keeps of ``bench_serving``'s result.
+RESULT_KEYS = ("completed", "duration", "total_output_tokens", "output_throughput", "request_throughput",
+               "median_tpot_ms", "p99_tpot_ms", "mean_tpot_ms", "median_itl_ms", "p99_itl_ms", "median_ttft_ms",
+               "p99_ttft_ms", "accept_length", "concurrency")
+
+
+def bench_serving_argv(base_url: str, tokenizer: str, *, concurrency: int, num_prompts: int, input_len: int,
+                       output_len: int, seed: int, output_file: str, dataset: str = "random-ids",
+                       dataset_path: str | None = None, extra: Sequence[str] = ()) -> list[str]:
+    """``sglang.bench_serving`` arguments of one load level (decode-heavy by default)."""
+    argv = ["--backend", "sglang", "--base-url", base_url, "--tokenizer", tokenizer,
+            "--dataset-name", dataset, "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
+            "--random-input-len", str(input_len), "--random-output-len", str(output_len),
+            "--random-range-ratio", "1.0", "--seed", str(seed), "--output-file", output_file,
+            "--disable-tqdm", "--warmup-requests", "1", "--ready-check-timeout-sec", "0"]
+    if dataset_path:
+        argv += ["--dataset-path", dataset_path]
+    return argv + list(extra)
+
+
+def _parsed(argv: Sequence[str]) -> Any:
+    """SGLang's own parser and defaults for ``argv`` (its ``cli_main`` up to the run)."""
+    import sglang.benchmark.serving as bs
+
+    captured: dict[str, Any] = {}
+    real, old_argv = bs.run_benchmark, sys.argv
+    bs.run_benchmark = lambda a: captured.setdefault("args", a)
+    sys.argv = ["sglang.bench_serving", *argv]
+    try:
+        bs.cli_main()
+    finally:
+        bs.run_benchmark, sys.argv = real, old_argv
+    return captured["args"]
+
+
+def run_bench_serving(argv: Sequence[str]) -> dict[str, Any]:
+    """Run one ``sglang.bench_serving`` level in-process; returns its result (:data:`RESULT_KEYS`)."""
+    import sglang.benchmark.serving as bs
+
+    result = bs.run_benchmark(_parsed(argv)) or {}
+    return {k: result.get(k) for k in RESULT_KEYS}
+
+
+def scrape(base_url: str) -> str:
+    """The server's ``/metrics`` text (empty when metrics are off or nothing answers)."""
+    code, body = http_get(base_url + "/metrics", timeout=10.0)
+    return body if code == 200 else ""
+
+
+def xshare_counters(text: str) -> dict[str, dict[str, float]]:
+    """``{rank: {field: value}}`` from a scrape: each ``sglang_xshare_<field>`` summed over layers
+    (``decode_steps``, ``barrier_faults`` and ``path_steps:<path>`` as they are). A rank that shows
+    up under several PIDs (multi-process registry) keeps its largest values (they only grow)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, labels, value in parse_prometheus(text):
+        field = name[len("sglang_xshare_"):]
+        if field == "path_steps":
+            field = "path_steps:" + labels.get("path", "?")
+        rank = labels.get("rank", "0")
+        key = (labels.get("layer"), labels.get("pid"))
+        per = out.setdefault(rank, {})
+        bucket = per.setdefault(f"__{field}", {})
+        bucket[key] = max(value, bucket.get(key, 0.0))
+    for rank, per in out.items():
+        for k in [k for k in per if k.startswith("__")]:
+            vals: dict = per.pop(k)
+            by_layer: dict = {}
+            for (layer, _pid), v in vals.items():
+                by_layer[layer] = max(v, by_layer.get(layer, 0.0))
+            per[k[2:]] = float(sum(by_layer.values()))
+    return out
+
+
+def counter_delta(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """``after - before`` per rank and field (counters that only grow)."""
+    out = {}
+    for rank, vals in after.items():
+        b = before.get(rank, {})
+        out[rank] = {k: v - b.get(k, 0.0) for k, v in vals.items()}
+    return out

@@ -1,0 +1,77 @@
+"""Serving configurations of the benchmark: ``NAME[@BUDGET][+KEY=VALUE...]`` -> server flags.
+
+Examples::
+
+    off                      SGLang's routing (the hook is not installed)
+    plain                    SGLang's own launcher (python -m sglang.launch_server), no xshare at all
+    topk                     the hook installed, policy topk (SGLang's routing)
+    xshare@0.7               --xshare-policy xshare --xshare-budget 0.7
+    xshare_ep@0.7            GPU-aware
+    oea+k0=4                 --xshare-policy oea --xshare-warmup-k0 4
+    cap+cap=6                --xshare-policy cap --xshare-cap 6
+    xshare_spec@0.7+rb=0.75  --xshare-request-budget 0.75
+    xshare@0.7+min=1         --xshare-min-tokens 1
+    xshare_ep@0.7+global     EP-global selection (--xshare-ep-global)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["ServeConfig", "parse_config", "parse_configs"]
+
+_KEYS = {"k0": "--xshare-warmup-k0", "cap": "--xshare-cap", "rb": "--xshare-request-budget",
+         "min": "--xshare-min-tokens", "empty": "--xshare-empty-slots"}
+_SWITCHES = {"global": "--xshare-ep-global"}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """One configuration: its label, whether it uses SGLang's own launcher, and its xshare flags."""
+
+    label: str
+    policy: str
+    plain: bool = False
+    flags: tuple[str, ...] = field(default=())
+
+    @property
+    def selects(self) -> bool:
+        return self.policy not in ("off", "plain", "topk")
+
+
+def parse_config(text: str) -> ServeConfig:
+    """``NAME[@BUDGET][+KEY=VALUE|+SWITCH...]`` -> :class:`ServeConfig` (``ValueError`` if malformed)."""
+    head, *opts = text.strip().split("+")
+    name, _, budget = head.partition("@")
+    if not name:
+        raise ValueError(f"empty configuration in {text!r}")
+    if name == "plain":
+        if budget or opts:
+            raise ValueError("'plain' takes no budget or options")
+        return ServeConfig(text.strip(), "plain", plain=True)
+    flags: list[str] = []
+    if name != "off":
+        flags += ["--xshare-policy", name]
+    elif budget or opts:
+        raise ValueError("'off' takes no budget or options")
+    if budget:
+        flags += ["--xshare-budget", budget]
+    for o in opts:
+        k, eq, v = o.partition("=")
+        if eq:
+            if k not in _KEYS:
+                raise ValueError(f"unknown option {k!r} in {text!r}; known: {', '.join(_KEYS)}")
+            flags += [_KEYS[k], v]
+        elif k in _SWITCHES:
+            flags.append(_SWITCHES[k])
+        else:
+            raise ValueError(f"unknown switch {k!r} in {text!r}; known: {', '.join(_SWITCHES)}")
+    return ServeConfig(text.strip(), name, False, tuple(flags))
+
+
+def parse_configs(text: str) -> list[ServeConfig]:
+    """Comma-separated configurations."""
+    out = [parse_config(t) for t in text.split(",") if t.strip()]
+    if not out:
+        raise ValueError("no configuration given")
+    return out

@@ -1,0 +1,175 @@
+"""The serving benchmark's parts that run without a GPU: configurations, model folders, SGLang's
+client arguments, metric scraping, and the server life cycle (nothing left behind)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sglang_xshare.servebench.configs import parse_config, parse_configs
+from sglang_xshare.servebench.server import MARK_ENV, Server, ServerDied, http_get, marked_processes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- configurations ---------------------------------------------------------------------------
+
+def test_config_grammar_maps_to_server_flags():
+    c = parse_config("xshare_ep@0.7+k0=2+min=1+global")
+    assert c.policy == "xshare_ep" and c.selects and not c.plain
+    assert c.flags == ("--xshare-policy", "xshare_ep", "--xshare-budget", "0.7", "--xshare-warmup-k0", "2",
+                       "--xshare-min-tokens", "1", "--xshare-ep-global")
+    assert parse_config("off").flags == () and not parse_config("off").selects
+    assert parse_config("plain").plain and parse_config("plain").flags == ()
+    assert parse_config("cap+cap=6").flags == ("--xshare-policy", "cap", "--xshare-cap", "6")
+    assert [c.label for c in parse_configs("off, xshare@0.7 ,oea+k0=4")] == ["off", "xshare@0.7", "oea+k0=4"]
+    for bad in ("off@0.5", "plain+k0=1", "xshare@0.7+bogus=1", "xshare+nonsense", ""):
+        with pytest.raises(ValueError):
+            parse_configs(bad)
+
+
+def test_every_config_flag_is_a_real_server_flag():
+    """The flags a configuration produces parse and validate with the server's own flag parser."""
+    from sglang_xshare.serving.flags import parse_xshare_argv
+
+    for text in ("xshare@0.7", "xshare_ep@0.7+global", "oea+k0=4", "cap+cap=6", "xshare@0.7+min=1",
+                 "xshare_spec@0.7+rb=0.75"):
+        cfg = parse_xshare_argv(list(parse_config(text).flags))
+        assert cfg.policy == parse_config(text).policy
+
+
+# ---- model folders ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "deepseek-v3-mini"])
+def test_preset_folder_is_a_loadable_model_config(tmp_path, preset):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from sglang_xshare.servebench.models import PRESETS, write_model
+    from sglang_xshare.serving.flags import routing_from_model_config
+
+    folder = write_model(tmp_path / preset, preset, layers=4)
+    cfg = AutoConfig.from_pretrained(folder)
+    assert cfg.num_hidden_layers == 4 and cfg.hidden_size == 2048
+    spec = routing_from_model_config(str(folder))
+    assert spec.top_k == 8 and spec.num_experts == PRESETS[preset].get("num_experts", PRESETS[preset].get("n_routed_experts"))
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.vocab_size == PRESETS[preset]["vocab_size"]
+    ids = [5, 77, cfg.vocab_size - 1, 1234]
+    assert tok(tok.decode(ids), add_special_tokens=False).input_ids == ids  # every id round-trips through text
+
+
+# ---- SGLang's client --------------------------------------------------------------------------
+
+@pytest.mark.sglang
+def test_bench_serving_arguments_parse_with_sglangs_parser(tmp_path):
+    pytest.importorskip("sglang")
+    from sglang_xshare.servebench.client import _parsed, bench_serving_argv
+
+    argv = bench_serving_argv("http://127.0.0.1:1", "tok", concurrency=16, num_prompts=32, input_len=32,
+                              output_len=256, seed=3, output_file=str(tmp_path / "o.jsonl"))
+    ns = _parsed(argv)
+    assert (ns.backend, ns.dataset_name, ns.max_concurrency, ns.num_prompts) == ("sglang", "random-ids", 16, 32)
+    assert (ns.random_input_len, ns.random_output_len, ns.random_range_ratio) == (32, 256, 1.0)
+    assert ns.disable_ignore_eos is False  # every request decodes its full length
+
+
+# ---- metrics: exported by the hook's LiveMetrics, read back by the bench -------------------
+
+def test_live_metrics_exported_and_read_back():
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import REGISTRY, generate_latest
+
+    from sglang_xshare.select.output import METRIC_FIELDS
+    from sglang_xshare.servebench.client import counter_delta, xshare_counters
+    from sglang_xshare.serving.metrics import LiveMetrics
+
+    m = LiveMetrics(interval=1, rank=0)
+    m.row(2, torch.device("cpu")).add_(torch.tensor([3, 40, 30, 45, 9, 14, 240, 2]))
+    m.row(5, torch.device("cpu")).add_(torch.tensor([3, 40, 20, 40, 7, 12, 230, 1]))
+    before = xshare_counters(generate_latest(REGISTRY).decode())
+    m.on_step_end("policy")
+    m.on_step_end("policy")  # the second poll reads the copy the first one started
+    after = xshare_counters(generate_latest(REGISTRY).decode())
+    d = counter_delta(before, after)["0"]
+    assert d["calls"] == 6 and d["distinct"] == 50 and d["topk_distinct"] == 85 and d["peak"] == 16
+    assert d["valid_tokens"] == 80 and d["decode_steps"] >= 1 and d["path_steps:policy"] >= 1
+    assert set(METRIC_FIELDS) <= set(after["0"])
+
+
+# ---- server life cycle -------------------------------------------------------------------------
+
+_FAKE = textwrap.dedent('''
+    import http.server, os, signal, subprocess, sys, time
+    # a child that ignores SIGTERM, and a grandchild that leaves the process group
+    subprocess.Popen([sys.executable, "-c", "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    if os.environ.get("FAKE_DIE"):
+        print("fatal: exiting on purpose", flush=True); sys.exit(3)
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health_generate" else 404); self.end_headers(); self.wfile.write(b"ok")
+        def log_message(self, *a): pass
+    time.sleep(1.0)
+    http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+''')
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_lifecycle_leaves_no_process(tmp_path):
+    script = tmp_path / "fake_server.py"
+    script.write_text(_FAKE)
+    port = _port()
+    srv = Server([sys.executable, str(script), str(port)], port, tmp_path / "s.log")
+    srv.start()
+    assert srv.wait_ready(timeout=60) > 0.5
+    assert http_get(srv.base_url + "/health_generate")[0] == 200
+    time.sleep(0.5)
+    assert len(marked_processes(srv.mark)) == 3  # server, stubborn child, escaped grandchild
+    killed = srv.stop(grace=3)
+    assert marked_processes(srv.mark) == [] and not srv.alive()
+    assert len(killed) >= 2  # the SIGTERM-immune child and the grandchild outside the group had to be killed
+    assert http_get(srv.base_url + "/health_generate")[0] == 0
+
+
+def test_server_that_dies_is_reported_with_its_log(tmp_path):
+    script = tmp_path / "fake_server.py"
+    script.write_text(_FAKE)
+    port = _port()
+    srv = Server([sys.executable, str(script), str(port)], port, tmp_path / "s.log", env={"FAKE_DIE": "1"})
+    srv.start()
+    with pytest.raises(ServerDied, match="exiting on purpose"):
+        srv.wait_ready(timeout=60)
+    srv.stop(grace=3)
+    assert marked_processes(srv.mark) == []
+
+
+@pytest.mark.sglang
+def test_real_launcher_failure_is_reported_and_cleaned_up(tmp_path):
+    """The real ``sglang_xshare.launch_server`` on this CPU machine cannot serve (no CUDA kernels):
+    the bench reports it as a failed start and nothing of it survives."""
+    pytest.importorskip("sglang")
+    port = _port()
+    cmd = [sys.executable, "-m", "sglang_xshare.launch_server", "--model-path", str(ROOT / "sglang_xshare/data/model"),
+           "--port", str(port), "--xshare-policy", "xshare", "--xshare-budget", "0.7"]
+    srv = Server(cmd, port, tmp_path / "s.log")
+    srv.start()
+    with pytest.raises(ServerDied):
+        srv.wait_ready(timeout=600)
+    srv.stop(grace=5)
+    assert marked_processes(srv.mark) == []
+    assert MARK_ENV not in os.environ
