@@ -8,6 +8,7 @@ importing the registry never needs Triton or a GPU.
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -71,7 +72,11 @@ class PolicyEntry:
         mod, _, fn = path.partition(":")
         try:
             return getattr(importlib.import_module(mod), fn)
-        except ImportError:
+        except ImportError as e:
+            if torch.cuda.is_available():  # a GPU without its fast path would silently run the reference
+                logging.getLogger("sglang_xshare").warning(
+                    "xshare: the Triton kernel of policy %s cannot be imported (%s); the PyTorch reference runs "
+                    "instead", self.name, e)
             return None
 
 

@@ -1,0 +1,18 @@
+# Source on an offline GPU host after SGLang's wheel set is installed (../shared/gpu-sglang: install.sh
+# installs it into $SITE): puts SGLang's site and this package (installed with its SGLang plugin
+# entry point into $XS_SITE) on PYTHONPATH, and keeps NVLink multicast off.
+#   source scripts/gpu/env.sh
+SITE=${SITE:-/root/gpu-site}
+XS_SITE=${XS_SITE:-/root/xs-site}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=$XS_SITE:$SITE${PYTHONPATH:+:$PYTHONPATH}
+export PATH=$SITE/bin:$XS_SITE/bin:$PATH
+rm -rf "$XS_SITE"
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target "$XS_SITE" . >/tmp/xs-install.log 2>&1 \
+  || { cat /tmp/xs-install.log; return 1 2>/dev/null || exit 1; }
+python3 - <<'PY'
+import importlib.metadata as md, torch, sglang, sglang_xshare
+eps = [e.value for e in md.entry_points(group="sglang.srt.plugins") if e.name == "xshare"]
+print("torch", torch.__version__, "sglang", sglang.__version__, "gpus", torch.cuda.device_count(),
+      "xshare plugin", eps, "from", sglang_xshare.__file__)
+PY
