@@ -119,6 +119,16 @@ def main() -> int:
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     publish(ServerArgs(model_path="dummy"), role="test", ranks=SpawnRanks(world_rank=0, dp_rank=None, gpu_id=0))
+    import socket
+
+    from sglang.srt.distributed import parallel_state as ps
+
+    with socket.socket() as sk:  # SGLang's routing reads its TP group: a world of one, as a TP=1 server has
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    ps.init_distributed_environment(world_size=1, rank=0, local_rank=0,
+                                    distributed_init_method=f"tcp://127.0.0.1:{port}", backend="nccl")
+    ps.initialize_model_parallel(backend="nccl")
     rows, table = [], []
     for sname, shape in SHAPES.items():
         for T in args.T:

@@ -56,8 +56,10 @@ def free_port() -> int:
 
 def server_command(cfg: ServeConfig, model: str, port: int, args: argparse.Namespace, extra: list[str]) -> list[str]:
     """The command line of one configuration's server."""
+    sizes = [b for b in args.graph_bs if b <= args.max_bs]
     sg = ["--model-path", model, "--host", "127.0.0.1", "--port", str(port), "--tp-size", str(args.tp),
-          "--cuda-graph-max-bs-decode", str(args.max_bs), "--mem-fraction-static", str(args.mem_fraction)]
+          "--cuda-graph-max-bs-decode", str(args.max_bs), "--cuda-graph-bs-decode", *map(str, sizes),
+          "--mem-fraction-static", str(args.mem_fraction)]
     if args.ep > 1:
         sg += ["--ep-size", str(args.ep)]
     if args.dummy:
@@ -237,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--max-bs", type=int, default=128, help="--cuda-graph-max-bs-decode")
+    ap.add_argument("--graph-bs", default="1,2,4,8,16,32,64,96,128", type=lambda s: [int(x) for x in s.split(",")],
+                    help="decode batch sizes captured as CUDA graphs (--cuda-graph-bs-decode)")
     ap.add_argument("--mem-fraction", type=float, default=0.8)
     ap.add_argument("--ray", action="store_true", help="start the servers through sglang-xshare-ray (a Ray head is started)")
     ap.add_argument("--startup-timeout", type=float, default=600.0)

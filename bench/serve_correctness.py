@@ -11,7 +11,7 @@
    windows (``--chunked-prefill-size`` = batch x window). CE per window = mean negative log-prob of
    tokens 1..128; the delta vs ``off`` is paired per window (95% t-interval over batches). The
    same batches go through the offline harness (``sglang_xshare.hf``, the model in transformers)
-   with the same grouping (all tokens of a batch in one selection, ``StepLayout(g=129)``), so the
+   with the same grouping (all tokens of a batch in one selection, ``StepLayout(g=128)``), so the
    two deltas can be compared.
 
 Writes ``bench/results/<name>.{json,md}``.
@@ -163,7 +163,7 @@ def main() -> int:
           + f"\n\n## Quality from SGLang's input logprobs\n\n{args.windows} held-out windows of 129 tokens, prefill "
           f"batches of {args.batch} windows, policy applied to prefill. dCE = CE(policy) - CE(off), nats/token, "
           f"95% CI over {nb} batches. Harness = the same batches in transformers with the same grouping "
-          f"(`StepLayout(tokens_per_request=129)`).\n\n"
+          f"(`StepLayout(tokens_per_request=128)`).\n\n"
           + markdown_table(["config", "CE off (server)", "dCE server", "dCE harness", "harness experts / top-k"], q_rows)
           + "\n")
     payload = {"results": {k: {kk: vv for kk, vv in v.items() if kk != "ids"} for k, v in res.items()},
@@ -196,7 +196,7 @@ def harness_deltas(configs, windows: np.ndarray, args) -> dict:
         sc = SelectionConfig(policy=cfg.policy, k0=int(flags.get("--xshare-warmup-k0", 1)),
                              budget=BudgetSchedule.parse(flags["--xshare-budget"]) if "--xshare-budget" in flags else None,
                              cap=int(flags["--xshare-cap"]) if "--xshare-cap" in flags else None)
-        p = evaluate_point(model, Selector(routing, sc), batches, layout=StepLayout(tokens_per_request=windows.shape[1]),
+        p = evaluate_point(model, Selector(routing, sc), batches, layout=StepLayout(tokens_per_request=windows.shape[1] - 1),
                            measure_output_error=False)
         out[cfg.label] = {"delta": p.delta, "ci95": p.ci95, "distinct": p.distinct, "distinct_topk": p.distinct_topk}
     return out

@@ -10,6 +10,10 @@ export PATH=$SITE/bin:$XS_SITE/bin:$PATH
 rm -rf "$XS_SITE"
 python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target "$XS_SITE" . >/tmp/xs-install.log 2>&1 \
   || { cat /tmp/xs-install.log; return 1 2>/dev/null || exit 1; }
+# wheels carried in .whl (e.g. `datasets`, which sglang.bench_serving imports and the set lacks)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-deps --no-index --no-compile --target "$XS_SITE" .whl/*.whl >>/tmp/xs-install.log 2>&1
+fi
 python3 - <<'PY'
 import importlib.metadata as md, torch, sglang, sglang_xshare
 eps = [e.value for e in md.entry_points(group="sglang.srt.plugins") if e.name == "xshare"]
