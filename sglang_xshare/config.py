@@ -224,6 +224,10 @@ class SelectionConfig:
             ``"full"`` (each token's whole distribution over all experts).
         fill_to_peak: ``xshare_ep`` only -- once the busiest rank sets the peak, let the other
             ranks fill up to that peak (free for latency, more mass kept).
+        hard_cap: ``xshare_ep`` only -- the budget is a hard cap on distinct experts: at most
+            ``max(m_l, |warm-up set|)`` (by default the per-rank budget ``ceil(m_l / R)`` on every
+            rank, and ``fill_to_peak``, may activate more than ``m_l``). The other budgeted
+            policies never exceed ``max(m_l, |warm-up set|)``.
     """
 
     policy: str = "xshare"
@@ -234,6 +238,7 @@ class SelectionConfig:
     min_score: float = 0.0
     mass_source: Literal["topk", "full"] = "topk"
     fill_to_peak: bool = True
+    hard_cap: bool = False
 
     def validate(self, routing: RoutingSpec) -> "SelectionConfig":
         """Check this config against the model; return ``self``. Raises :class:`XShareConfigError`."""

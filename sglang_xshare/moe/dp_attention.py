@@ -5,17 +5,18 @@ load is the union over *all* ranks' tokens: if each rank picks its own budgeted 
 differ and the busiest GPU reads the union. :class:`DPAttentionSelector` gives the batch-aware
 policies (``xshare``, ``xshare_ep``) one global view per layer:
 
-1. each rank scores its tokens and computes its per-expert statistics ``[3, E] float32``:
-   aggregated gating mass, warm-up count (tokens whose top-``k0`` holds ``e``), top-k count;
-2. **one** ``all_reduce(SUM)`` of those ``3 * E`` floats (SGLang's LP dispatcher all-reduces
-   per-expert counts the same way) -- every rank then holds bitwise-identical statistics;
+1. each rank scores its tokens and computes its per-expert statistics ``[3, E] int64``:
+   aggregated gating mass (fixed-point units, :func:`~sglang_xshare.select.common.mass_units`),
+   warm-up count (tokens whose top-``k0`` holds ``e``), top-k count;
+2. **one** ``all_reduce(SUM)`` of those ``3 * E`` integers (SGLang's LP dispatcher all-reduces
+   per-expert counts the same way) -- integer sums are exact, so every rank holds the same
+   statistics as a single process summing all tokens;
 3. every rank runs the policy's own pick (:func:`~sglang_xshare.select.common.greedy_pick`, or
    ``xshare_ep``'s :func:`~sglang_xshare.select.policies.xshare_ep.pick_partitioned` /
    ``pick_replicated``) on them: the same expert set (and copies) everywhere, deterministically;
 4. each rank refines its own tokens inside that set (:func:`~sglang_xshare.select.common.refine`).
 
-The result equals the single-process policy on the concatenation of all ranks' tokens (up to the
-float summation order of the mass). ``mode="local"`` is the baseline: each rank calls the
+The result equals the single-process policy on the concatenation of all ranks' tokens, bit for bit. ``mode="local"`` is the baseline: each rank calls the
 :class:`~sglang_xshare.select.Selector` on its own tokens, no collective. Policies that are not
 batch-budgeted (``topk``, ``cap``, ``oea*``) always run locally. No host sync; the collective is
 CUDA-graph capturable on NCCL.
@@ -29,7 +30,8 @@ import torch.distributed as dist
 from ..placement import Placement
 from ..select import Selector, SelectionOutput, compute_scores
 from ..select.common import greedy_pick, refine, resolve_budget, token_sets
-from ..select.policies import xshare_ep as xshare_ep_policy
+from ..select.policies.xshare_ep import pick as ep_pick
+from ..select.policies.xshare_ep import tensor_parallel
 
 __all__ = ["DPAttentionSelector", "GLOBAL_POLICIES"]
 
@@ -46,7 +48,7 @@ class DPAttentionSelector:
         group: the process group holding all DP-attention ranks of this EP group (default world).
 
     Attributes:
-        last_stats: ``[3, E] float32`` the all-reduced statistics of the last global call.
+        last_stats: ``[3, E] int64`` the all-reduced statistics of the last global call.
     """
 
     def __init__(self, selector: Selector, mode: str = "global", group: dist.ProcessGroup | None = None) -> None:
@@ -73,7 +75,7 @@ class DPAttentionSelector:
         ctx = sel.context(router_logits.shape[0], router_logits.device, layer_id, num_token_non_padded)
         scores = compute_scores(router_logits, sel.routing, sel.correction_bias)
         sets = token_sets(scores, ctx)
-        stats = torch.stack([sets.contrib.sum(dim=0), sets.warm.sum(dim=0).float(), sets.topk.sum(dim=0).float()])
+        stats = torch.stack([sets.contrib.sum(dim=0), sets.warm.sum(dim=0), sets.topk.sum(dim=0)]).to(torch.int64)
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)
         self.last_stats = stats
         mass, warm, union = stats[0], stats[1] > 0, stats[2] > 0
@@ -82,11 +84,8 @@ class DPAttentionSelector:
         if self.policy == "xshare":
             chosen = greedy_pick(mass[None], warm[None], m[None])
             return refine(scores, chosen, ctx)
-        placement = sel.placement or Placement.tensor_parallel(sel.routing.num_experts)
-        m_eff = torch.maximum(m, warm.sum())
-        per_rank = torch.div(m_eff + placement.num_ranks - 1, placement.num_ranks, rounding_mode="floor")
-        pick = xshare_ep_policy.pick_replicated if placement.has_replicas else xshare_ep_policy.pick_partitioned
-        chosen, copy = pick(mass, warm, per_rank, placement, ctx.fill_to_peak)
+        placement = sel.placement or tensor_parallel(sel.routing.num_experts)
+        chosen, copy = ep_pick(mass, warm, m, placement, ctx.fill_to_peak, ctx.hard_cap)
         out = refine(scores, chosen.unsqueeze(0), ctx)
         ids = out.topk_ids.to(torch.int64)
         phys = torch.where(ids >= 0, copy[ids.clamp(min=0)], torch.full_like(ids, -1)).to(torch.int32)

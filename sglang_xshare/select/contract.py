@@ -18,7 +18,8 @@ Output (:class:`SelectionOutput`):
 * ``topk_ids [T, k] int32`` -- logical expert ids, best first; a slot that selects nothing is
   ``-1`` (DeepEP skips it); padded tokens are all ``-1``.
 * ``topk_weights [T, k] float32`` -- the gate weight of each kept slot, 0 where the id is ``-1``;
-  divided by the kept sum when the model renormalises.
+  divided by the kept sum when the model renormalises -- and when that sum is 0 (sigmoid gates
+  that all underflow to 0), ``1 / n`` on each of the token's ``n`` kept slots.
 * ``physical_ids [T, k] int32`` or ``None`` -- for ``xshare_ep``: the physical copy (EPLB slot)
   chosen for each kept slot, ``-1`` where the id is ``-1``.
 
@@ -29,9 +30,14 @@ Guarantees (tested for every policy):
 3. identical inputs give identical outputs. **Tie-breaking**: wherever experts are ordered by a
    score (a token's ranking, the batch's aggregated mass), equal scores are ordered by the lower
    expert index first (a stable descending sort); among the physical copies of one expert, the
-   least-loaded rank wins, then the lower physical slot. Aggregated masses are correctly rounded
-   sums (float64 accumulation, one rounding to float32), so they do not depend on the order of
-   the tokens or of a parallel reduction, and equal masses stay equal.
+   least-loaded rank wins, then the lower physical slot. **Masses** are fixed-point sums at
+   ``2**-40`` resolution: each gate ``g`` in ``[0, 1]`` counts ``floor(g * 2**40)`` (gates below
+   ``2**-40`` count 0) and a mass is the ``int64`` sum -- exact (while the summed gates stay
+   below ``2**23``, e.g. ``T * E <= 2**23``) and therefore the same integer for any order of the
+   tokens, of the requests, or of a parallel reduction; equal masses stay equal. Experts are
+   ordered by ``float32(float64(mass))`` (a fixed function of that integer); the ``mass:X``
+   budget compares exact cumulative masses with ``(float64(total) * X) * (1 - 1e-6)``. The
+   reference and the kernels compute the same integers and the same comparisons.
 4. NaN logits count as ``-inf``; ``+inf`` as the largest finite float; a token whose logits are
    all non-finite routes as if its logits were all equal (uniformly, lowest ids first).
 """
@@ -83,6 +89,7 @@ class BatchContext:
         min_score: refinement floor on the gate weight of slots beyond ``k0``.
         mass_source: ``"topk"`` or ``"full"`` (see :class:`~sglang_xshare.config.SelectionConfig`).
         fill_to_peak: ``xshare_ep``: let every rank fill up to the busiest rank's load.
+        hard_cap: ``xshare_ep``: never more than ``max(m_l, |warm|)`` distinct experts.
     """
 
     top_k: int
@@ -98,6 +105,7 @@ class BatchContext:
     min_score: float = 0.0
     mass_source: str = "topk"
     fill_to_peak: bool = True
+    hard_cap: bool = False
 
 
 class SelectionOutput(NamedTuple):

@@ -6,7 +6,8 @@ Problem (placement with ``R`` ranks, physical slots ``p`` of logical experts ``l
   ``min z  s.t.  sum_{p: l(p)=e} y_p = 1 (e warm),  y_p = 0 (e not warm),  sum_{p on r} y_p <= z``;
 * stage 2 -- with capacity ``c = max(b, z*)`` per rank (``fill_to_peak``), the most mass:
   ``max sum_p mass[l(p)] y_p  s.t.  sum_{p: l(p)=e} y_p = 1 (warm), <= 1 (others),
-  sum_{p on r} y_p <= c,  y binary``.
+  sum_{p on r} y_p <= c,  y binary`` -- and with ``max_experts`` (``xshare_ep``'s hard cap)
+  also ``sum_p y_p <= max_experts``.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ class EpOptimum:
     chosen: frozenset[int]
 
 
-def solve_xshare_ep(mass: np.ndarray, warm: np.ndarray, per_rank: int, placement: Placement) -> EpOptimum:
-    """Solve both stages exactly. ``mass [E] float``, ``warm [E] bool``, ``per_rank`` = ``b``."""
+def solve_xshare_ep(mass: np.ndarray, warm: np.ndarray, per_rank: int, placement: Placement,
+                    max_experts: int | None = None) -> EpOptimum:
+    """Solve both stages exactly. ``mass [E] float``, ``warm [E] bool``, ``per_rank`` = ``b``,
+    ``max_experts``: at most this many chosen experts (``>= |warm|``) or ``None``."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     p2l = placement.physical_to_logical.numpy()
@@ -61,8 +64,10 @@ def solve_xshare_ep(mass: np.ndarray, warm: np.ndarray, per_rank: int, placement
     # stage 2: maximise mass under capacity
     c2 = -np.asarray(mass, dtype=float)[p2l]
     ub_e = np.where(wanted, 1.0, 0.0)
-    r2 = milp(c2, constraints=[LinearConstraint(owner, lo, ub_e), LinearConstraint(on_rank, -np.inf, float(cap))],
-              integrality=np.ones(P), bounds=Bounds(0, 1))
+    cons = [LinearConstraint(owner, lo, ub_e), LinearConstraint(on_rank, -np.inf, float(cap))]
+    if max_experts is not None:
+        cons.append(LinearConstraint(np.ones((1, P)), -np.inf, float(max_experts)))
+    r2 = milp(c2, constraints=cons, integrality=np.ones(P), bounds=Bounds(0, 1))
     if not r2.success:
         raise RuntimeError(f"stage-2 ILP failed: {r2.message}")
     y = np.round(r2.x).astype(bool)

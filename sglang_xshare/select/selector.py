@@ -94,6 +94,7 @@ class Selector:
             min_score=cfg.min_score,
             mass_source=cfg.mass_source,
             fill_to_peak=cfg.fill_to_peak,
+            hard_cap=cfg.hard_cap,
         )
 
     def __call__(self, router_logits: torch.Tensor, layer_id: int | None = None,
