@@ -39,7 +39,13 @@ class XShareConfigError(ValueError):
 
     def __init__(self, flag: str, message: str) -> None:
         self.flag = flag
+        self.detail = message
         super().__init__(f"{flag}: {message}")
+
+    def renamed(self, names: Mapping[str, str]) -> "XShareConfigError":
+        """The same error naming the flag as a front-end spells it (``names``: core -> front-end,
+        e.g. ``{"--xshare-budget": "--budget"}``); flags not in ``names`` are kept."""
+        return XShareConfigError(names.get(self.flag, self.flag), self.detail)
 
 
 @dataclass(frozen=True)
