@@ -192,3 +192,22 @@ def test_contiguous_group():
     assert contiguous_group(np.array([0, 0, 1, 2])) is None
     assert contiguous_group(np.array([1, 1, 0, 0])) is None
     assert contiguous_group(np.array([], dtype=np.int64)) is None
+
+
+def test_run_metadata_revision(tmp_path, monkeypatch):
+    """Results record the revision: the checkout's (whatever the cwd), or $XSHARE_GIT_REV for a
+    copy without .git (what the GPU machines run)."""
+    from sglang_xshare.benchio import run_metadata
+
+    monkeypatch.chdir(tmp_path)  # not a git tree
+    monkeypatch.delenv("XSHARE_GIT_REV", raising=False)
+    rev = run_metadata(["x"])["git"]
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert rev.startswith(head.stdout.strip())
+    monkeypatch.setenv("XSHARE_GIT_REV", "abc1234")
+    assert run_metadata(["x"])["git"] == "abc1234"
