@@ -18,7 +18,7 @@ import numpy as np
 
 from ..placement import Placement
 
-__all__ = ["EpOptimum", "solve_xshare_ep"]
+__all__ = ["EpOptimum", "solve_xshare_ep", "least_peak"]
 
 
 @dataclass(frozen=True)
@@ -73,3 +73,35 @@ def solve_xshare_ep(mass: np.ndarray, warm: np.ndarray, per_rank: int, placement
     y = np.round(r2.x).astype(bool)
     chosen = frozenset(int(e) for e in np.unique(p2l[y]))
     return EpOptimum(warm_peak=z, capacity=cap, mass=float(-r2.fun), chosen=chosen)
+
+
+def least_peak(mass: np.ndarray, warm: np.ndarray, placement: Placement, max_experts: int,
+               min_mass: float) -> int:
+    """The least busiest-rank load of any feasible choice with every warm expert, at most
+    ``max_experts`` experts (each on one of its copies) and at least ``min_mass`` mass -- a
+    greedy answer with a larger peak is *dominated* (no more experts, no less mass, lower peak)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    p2l = placement.physical_to_logical.numpy()
+    P, E, R = p2l.size, placement.num_experts, placement.num_ranks
+    rank = np.arange(P) // placement.experts_per_rank
+    owner = np.zeros((E, P))
+    owner[p2l, np.arange(P)] = 1.0
+    on_rank = np.zeros((R, P))
+    on_rank[rank, np.arange(P)] = 1.0
+    warm = np.asarray(warm, dtype=bool)
+    wanted = warm | (np.asarray(mass) > 0)
+    zero = np.zeros((1, 1))
+    c = np.zeros(P + 1)
+    c[-1] = 1.0
+    cons = [
+        LinearConstraint(np.hstack([owner, np.zeros((E, 1))]), np.where(warm, 1.0, 0.0), np.where(wanted, 1.0, 0.0)),
+        LinearConstraint(np.hstack([on_rank, -np.ones((R, 1))]), -np.inf, 0.0),
+        LinearConstraint(np.hstack([np.ones((1, P)), zero]), -np.inf, float(max_experts)),
+        # a hair below min_mass: the greedy's own set must stay feasible despite float rounding
+        LinearConstraint(np.hstack([np.asarray(mass, dtype=float)[p2l][None, :], zero]), min_mass * (1 - 1e-9), np.inf),
+    ]
+    r = milp(c, constraints=cons, integrality=np.ones(P + 1), bounds=Bounds(0, np.append(np.ones(P), P)))
+    if not r.success:
+        raise RuntimeError(f"least-peak ILP failed: {r.message}")
+    return int(round(r.x[-1]))
