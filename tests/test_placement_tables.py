@@ -63,7 +63,7 @@ def test_refresh_follows_an_in_place_rebalance():
     _remap(placement, new)
     stale = sel(x)  # tables are a snapshot until refreshed
     assert torch.equal(stale.physical_ids, before.physical_ids)
-    placement.refresh_tables_()
+    sel.refresh_placement_()
     after = sel(x)
     fresh = _selector(Placement.from_map(E, 2, new))(x)
     assert torch.equal(after.topk_ids, fresh.topk_ids) and torch.equal(after.physical_ids, fresh.physical_ids)

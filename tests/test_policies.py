@@ -417,3 +417,38 @@ def test_sigmoid_underflow_gives_uniform_weights(policy):
         n = int(kept.sum())
         assert n >= 1 and torch.all(out.topk_weights[t][kept] == 1.0 / n)
     assert torch.all(out.topk_weights[1::2].sum(1) > 0.99)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("hard", [False, True])
+def test_xshare_ep_with_replicas_end_to_end(seed, hard):
+    """xshare_ep on an EPLB-style placement with replicas against an independent oracle: masses
+    summed with Python loops (fixed-point), the replica greedy written out
+    (tests.test_ilp_oracle.greedy_by_definition), then each token's best <= k experts inside the
+    chosen set, each on the chosen copy."""
+    from .test_ilp_oracle import greedy_by_definition
+
+    E, k, T, R = 16, 4, 10, 4
+    g = torch.Generator().manual_seed(seed)
+    p2l = torch.cat([torch.randperm(E, generator=g), torch.randint(0, E, (R,), generator=g)])
+    placement = Placement.from_map(E, R, p2l)
+    cfg = SelectionConfig(policy="xshare_ep", k0=1, budget=BudgetSchedule.parse("6"), hard_cap=hard)
+    sel = Selector(RoutingSpec(E, k), cfg, placement, backend="reference")
+    logits = clustered_logits(T, E, seed)
+    out = sel(logits)
+    scores = compute_scores(logits, sel.routing)
+    order = _topk_sets(scores, E).tolist()
+    mass = [0] * E
+    warm = [False] * E
+    for t in range(T):
+        for j, e in enumerate(order[t][:k]):
+            mass[e] += int(mass_units(scores.gate[t, e]))
+            warm[e] = warm[e] or j == 0
+    copy = greedy_by_definition(mass, warm, 6, p2l.tolist(), R, True, hard)
+    chosen = {e for e in range(E) if copy[e] >= 0}
+    assert chosen != {e for e in range(E) if warm[e]}, "the case must choose beyond the warm-up set"
+    for t in range(T):
+        want = [e for e in order[t] if e in chosen][:k]
+        kept = out.topk_ids[t] >= 0
+        assert out.topk_ids[t][kept].tolist() == want
+        assert out.physical_ids[t][kept].tolist() == [copy[e] for e in want]
