@@ -48,6 +48,20 @@ def test_xshare_ep_with_replicas_compiles_fullgraph():
     torch.compile(refresh_tables_, fullgraph=True, backend="eager")(tables)
 
 
+def test_xshare_ep_with_replicas_reads_nothing_on_the_host():
+    """The whole selection -- tables built, refreshed, every budget mode, hard cap -- runs on the
+    *meta* device, map included: any ``.cpu()`` / ``.tolist()`` / ``.item()`` (a host sync on a
+    GPU) would raise there."""
+    placement = Placement(E, 2, torch.tensor(list(range(E)) + [0, 5], device="meta"))  # meta map: no host copy
+    x = torch.empty(6, E, device="meta")
+    for budget in ("4", "0.6", "mass:0.9"):
+        for hard in (False, True):
+            cfg = SelectionConfig(policy="xshare_ep", k0=1, budget=BudgetSchedule.parse(budget), hard_cap=hard)
+            out = Selector(RoutingSpec(E, K), cfg, placement, backend="reference")(x)
+            assert out.physical_ids.device.type == "meta" and out.physical_ids.shape == (6, K)
+    refresh_tables_(placement_tables(placement, "meta"))
+
+
 def _remap(placement: Placement, new_map: list[int]) -> None:
     """What EPLB does: rewrite the map tensor in place (same storage, new contents)."""
     placement.physical_to_logical.copy_(torch.tensor(new_map))
