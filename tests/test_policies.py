@@ -347,11 +347,12 @@ def test_masses_do_not_depend_on_token_order():
     assert mass_units(torch.tensor([2.0**-41, 2.0**-40, 0.75, 1.0])).tolist() == [0, 1, 3 << 38, 1 << MASS_BITS]
 
 
-def _midpoint_selector(policy: str) -> Selector:
-    kw: dict = {"budget": BudgetSchedule.parse("3")}
+def _midpoint_selector(policy: str, budget: str = "3") -> Selector:
+    kw: dict = {"budget": BudgetSchedule.parse(budget)}
     if policy == "xshare_spec":
         kw["request_budget"] = Budget.parse("2")
     placement = Placement.expert_parallel(8, 2) if policy == "xshare_ep" else None
+    kw["hard_cap"] = policy == "xshare_ep"  # the count is a cap: the same sets as xshare here
     return Selector(RoutingSpec(8, 2), SelectionConfig(policy=policy, k0=1, **kw), placement, backend="reference")
 
 
@@ -359,20 +360,24 @@ def _midpoint_selector(policy: str) -> Selector:
 def test_midpoint_counter_example_is_order_independent(policy):
     """Issue 13's counter-example: experts 2 and 5 tie but for two gates of ~5e-17 on 5. A
     float64 sum rounded to float32 picked {2, 6, 7} or {5, 6, 7} depending on the token order;
-    fixed-point masses drop the 5e-17 gates and keep the tie (lower id: expert 2), in every order."""
+    fixed-point masses drop the 5e-17 gates and keep the tie (lower id: expert 2), in every order
+    -- and count gates down to 2^-40 (the "dust" inputs), in every order."""
     import itertools
 
     from sglang_xshare.select.inputs import make_logits
 
-    x = make_logits("midpoint", 6, 8, 0)
-    sel = _midpoint_selector(policy)
-    base = sel(x)
-    assert sorted(set(base.topk_ids[base.topk_ids >= 0].tolist())) == [2, 6, 7]
-    for perm in itertools.permutations(range(6)):
-        p = torch.tensor(perm)
-        out = sel(x[p]) if policy != "xshare_spec" else sel(x[p], request_ids=torch.arange(6))
-        assert torch.equal(out.topk_ids, base.topk_ids[p]), perm
-        assert torch.equal(out.topk_weights, base.topk_weights[p]), perm
+    # "midpoint": the ~5e-17 gates are below 2^-40 (tie, 2 wins); "dust": masses of tiny gates
+    # around the resolution (1 > 0 > 3 = 0 units: 3 never picked)
+    for kind, budget, want in (("midpoint", "3", [2, 6, 7]), ("dust", "3", [1, 6, 7]), ("dust", "5", [0, 1, 6, 7])):
+        sel = _midpoint_selector(policy, budget)
+        x = make_logits(kind, 6, 8, 0)
+        base = sel(x)
+        assert sorted(set(base.topk_ids[base.topk_ids >= 0].tolist())) == want, kind
+        for perm in itertools.permutations(range(6)):
+            p = torch.tensor(perm)
+            out = sel(x[p]) if policy != "xshare_spec" else sel(x[p], request_ids=torch.arange(6))
+            assert torch.equal(out.topk_ids, base.topk_ids[p]), (kind, perm)
+            assert torch.equal(out.topk_weights, base.topk_weights[p]), (kind, perm)
 
 
 @pytest.mark.parametrize("seed", range(8))

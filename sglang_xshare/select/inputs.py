@@ -5,15 +5,21 @@
 * ``"ties"`` -- few integer levels and duplicated rows: many exactly equal scores and masses;
 * ``"nonfinite"`` -- NaN rows, ``-inf`` rows, ``+inf`` entries, partly NaN / ``-inf`` rows;
 * ``"range"`` -- gates over the whole dynamic range (``1e-30`` to 1): random logits in
-  ``[-69, 0]``, the second half of the rows mirroring the first with two experts swapped (their
-  masses tie exactly), and "dust" rows adding gates of ``~1e-17`` to one of the two (below the
-  masses' fixed-point resolution: the tie must survive, in any token order);
+  ``[-69, 0]``, the second half of the rows mirroring the first with two pairs of experts
+  swapped (each pair's masses tie exactly), and "dust" rows adding gates of ``~1e-17`` to one of
+  the first pair (below the masses' ``2**-40`` resolution: the tie must survive, in any token
+  order) and of ``~1e-11`` to the higher id of the second pair (above it: that one must win);
 * ``"underflow"`` -- as ``"randn"``, but every other row below ``-110``: sigmoid gates that
   all underflow to 0 (renormalised weights then fall back to uniform over the kept slots);
 * ``"midpoint"`` -- the counter-example of a float64-accumulated mass (``T = 6``, ``E = 8``,
   top-2): experts 2 and 5 get the same two gates ``a, b`` (rows 0/1 and 4/5), expert 5 also two
   gates of ``~5e-17`` (rows 2/3); ``a + b`` is a float32 rounding midpoint, so a float64 sum
-  rounds to float32 differently depending on the order the tiny gates are added in.
+  rounds to float32 differently depending on the order the tiny gates are added in. Fixed-point
+  masses drop the tiny gates: experts 2 and 5 tie, 2 wins;
+* ``"dust"`` -- masses made of tiny gates only, around the ``2**-40`` resolution (``T = 6``,
+  ``E >= 8``, top-2, experts 6 / 7 first): expert 1 gets two gates of ``~1e-10`` (~112 units
+  each), expert 0 two of ``~5e-12`` (5 units each), expert 3 two of ``~9e-14`` (0 units: never
+  picked, though a float sum would rank it next).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 
 __all__ = ["KINDS", "make_logits"]
 
-KINDS = ("randn", "ties", "nonfinite", "range", "underflow", "midpoint")
+KINDS = ("randn", "ties", "nonfinite", "range", "underflow", "midpoint", "dust")
 
 
 def make_logits(kind: str, T: int, E: int, seed: int, dtype: torch.dtype = torch.float32,
@@ -41,6 +47,8 @@ def make_logits(kind: str, T: int, E: int, seed: int, dtype: torch.dtype = torch
         x = _dynamic_range(T, E, g)
     elif kind == "midpoint":
         x = _midpoint(T, E)
+    elif kind == "dust":
+        x = _dust(T, E)
     elif kind == "underflow":
         x[::2] = x[::2] - 130.0
     elif kind == "nonfinite" and T >= 6:
@@ -57,16 +65,20 @@ def make_logits(kind: str, T: int, E: int, seed: int, dtype: torch.dtype = torch
 
 def _dynamic_range(T: int, E: int, g: torch.Generator) -> torch.Tensor:
     x = -torch.rand(T, E, generator=g) * 69.0  # exp(-69) ~ 1e-30
-    if E < 2 or T < 2:
+    if E < 4 or T < 2:
         return x
-    i, j = torch.randperm(E, generator=g)[:2].tolist()
+    i, j, i2, j2 = torch.randperm(E, generator=g)[:4].tolist()
     half = T // 2
     x[half: 2 * half] = x[:half]
-    x[half: 2 * half, [i, j]] = x[:half, [j, i]]  # mirrored rows: experts i and j tie exactly
-    for r in range(2 * half, T):  # dust: one dominant expert, i second with a gate ~1e-17
+    x[half: 2 * half, [i, j, i2, j2]] = x[:half, [j, i, j2, i2]]  # mirrored rows: exact ties within each pair
+    others = [e for e in range(E) if e not in (i, j, i2, j2)] or [0]
+    for n, r in enumerate(range(2 * half, T)):  # dust rows: one dominant expert, a dust gate second
         x[r] = -100.0
-        x[r, j if j != 0 else (i + 1) % E] = 0.0
-        x[r, i] = -38.0
+        x[r, others[n % len(others)]] = 0.0
+        if n % 2 == 0:
+            x[r, i] = -38.0  # ~3e-17 < 2^-40: counts 0, the (i, j) tie survives
+        else:
+            x[r, max(i2, j2)] = -25.0  # ~1.4e-11 > 2^-40: the higher id of (i2, j2) wins
     return x
 
 
@@ -96,4 +108,16 @@ def _midpoint(T: int, E: int) -> torch.Tensor:
     x[:6, :8] = _midpoint_rows(l0, l1)
     if E > 8:
         x[:6, 8:] = -100.0
+    return x
+
+
+def _dust(T: int, E: int) -> torch.Tensor:
+    if T < 6 or E < 8:
+        raise ValueError("the 'dust' inputs need T >= 6 and E >= 8")
+    x = torch.full((T, E), -100.0)
+    x[:, 6] = 0.0
+    x[2:4, 6], x[2:4, 7] = -100.0, 0.0
+    x[0:2, 1] = -23.0  # gate ~1.0e-10: ~112 units
+    x[2:4, 0] = -26.0  # ~5.1e-12: 5 units
+    x[4:6, 3] = -30.0  # ~9.4e-14: 0 units
     return x
