@@ -212,7 +212,8 @@ def check_items(models: list[str], policies: list[str], t_of, seeds: int, sweep:
             for T in t_of(m):
                 items += [(m, p, T, 101 + s, "randn", None, None) for s in range(seeds)]
                 if T in ADVERSARIAL_T:
-                    items += [(m, p, T, 201, "ties", None, None), (m, p, T, 202, "nonfinite", T - 3, None)]
+                    items += [(m, p, T, 201, "ties", None, None), (m, p, T, 202, "nonfinite", T - 3, None),
+                              (m, p, T, 203, "range", None, None), (m, p, T, 204, "underflow", T - 2, None)]
     if sweep:
         items += [(m, p, T, 301, "randn", None, kn) for m in SWEEP_MODELS for p in SWEEP_POLICIES
                   for T in SWEEP_T for kn in SWEEP_KNOBS]
@@ -334,9 +335,7 @@ def main() -> None:
     models = args.models or list(MODELS)
     Ts = args.T or T_VALUES
     dev = torch.device("cuda")
-    meta = run_metadata()
-    if os.environ.get("XSHARE_GIT_REV"):  # the device copy's .git (if any) is not this checkout's
-        meta["git"] = os.environ["XSHARE_GIT_REV"]
+    meta = run_metadata()  # honours XSHARE_GIT_REV (the device copy's .git, if any, is not this checkout's)
     large = set(models if args.large_models is None else args.large_models)
 
     def t_of(m: str) -> tuple:

@@ -20,11 +20,14 @@ For every backend, tokens-per-rank ``T`` and policy, on the same inputs in one r
    experts and token-expert pairs, peak/mean, retained gating mass; all-to-all bytes (useful rows
    that leave the rank, and what the backend moves);
 5. timing with CUDA events, medians over ``--iters`` after ``--warmup``: eager per stage
-   (dispatch / experts / combine) and the whole layer replayed from a CUDA graph where the backend
-   is capturable (``--batches`` routing batches rotate between replays); each number is the max
-   over ranks of the rank's median.
+   (select / dispatch / experts / combine), and the **whole layer** -- router logits in: select
+   (with the ``+global`` all-reduce), logical -> physical copies, dispatch, experts, combine --
+   eager and replayed from one CUDA graph where the backend is capturable (``--batches``
+   routing batches rotate between replays); each number is the max over ranks of the rank's
+   median. "layer vs topk" compares whole layers.
 
-Writes ``bench/results/<name>.json``, ``.md`` (tables, ratios vs ``topk``) and ``.png``.
+Writes ``bench/results/<name>.json``, ``.md`` (tables, ratios vs ``topk``) and ``.png``; the
+revision recorded is ``$XSHARE_GIT_REV`` when set (a copy without ``.git``), else ``git``'s.
 """
 
 from __future__ import annotations
@@ -82,8 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--no-graph", action="store_true", help="time eager only")
     p.add_argument("--tol", type=float, default=2e-2, help="max relative error vs the reference")
-    p.add_argument("--select-backend", choices=("auto", "reference", "kernel"), default="reference",
-                   help="Selector backend (the select stage is timed apart from the layer)")
+    p.add_argument("--select-backend", choices=("auto", "reference", "kernel"), default="auto",
+                   help="Selector backend (auto: the Triton kernels on CUDA, as in serving; the select stage is "
+                        "part of the timed layer; +global always runs the reference's all-reduced view)")
     p.add_argument("--experts-impl", choices=("auto", "triton", "torch"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results")
@@ -206,9 +210,9 @@ def run_point(args, layer: EPMoELayer, selector, logits_all: list[torch.Tensor],
     hb = stats.hidden_bytes_per_row
     row["a2a_useful_bytes"] = max_over_ranks([2.0 * float(stats.remote_rows(rank)) * hb], device)[0]
     row["a2a_wire_bytes"] = max_over_ranks([2.0 * float(stats.remote_wire_rows(rank)) * hb], device)[0]
-    # -- eager per stage
+    # -- eager per stage (select timed above)
     nb = len(sels)
-    d_t, c_t, k_t, tot = [], [], [], []
+    d_t, c_t, k_t = [], [], []
     dist.barrier()
     for it in range(args.warmup + args.iters):
         b = it % nb
@@ -224,38 +228,52 @@ def run_point(args, layer: EPMoELayer, selector, logits_all: list[torch.Tensor],
             d_t.append(timer.elapsed(e0, e1))
             k_t.append(timer.elapsed(e1, e2))
             c_t.append(timer.elapsed(e2, e3))
-            tot.append(timer.elapsed(e0, e3))
+    # -- the whole layer eager: router logits in (select, +global all-reduce, copies, dispatch, experts, combine)
+    layer.selector = selector
+    mine_logits = [lg[mine].contiguous() for lg in logits_all]
+    tot = []
+    dist.barrier()
+    for it in range(args.warmup + args.iters):
+        b = it % nb
+        e0 = timer.mark()
+        layer(hidden[b], mine_logits[b])
+        e1 = timer.mark()
+        if it >= args.warmup:
+            timer.sync()
+            tot.append(timer.elapsed(e0, e1))
     med = [statistics.median(v) for v in (d_t, k_t, c_t, tot, t_sel)]
     row["dispatch_us"], row["experts_us"], row["combine_us"], row["layer_eager_us"], row["select_us"] = max_over_ranks(med, device)
     # -- CUDA graph of the whole layer
     row["layer_graph_us"] = None
     if graph_ok and not args.no_graph:
         try:
-            row["layer_graph_us"] = time_graph(args, layer, hidden, phys, [s.topk_weights for s in sels], timer, device)
+            row["layer_graph_us"] = time_graph(args, layer, hidden, mine_logits, timer, device)
         except Exception as exc:  # noqa: BLE001 - reported, eager numbers stand
             row["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     row["layer_us"] = row["layer_graph_us"] if row["layer_graph_us"] else row["layer_eager_us"]
     return row
 
 
-def time_graph(args, layer: EPMoELayer, hidden, phys, weights, timer: Timer, device) -> float:
-    h_s, p_s, w_s = hidden[0].clone(), phys[0].clone(), weights[0].float().clone()
+def time_graph(args, layer: EPMoELayer, hidden, logits, timer: Timer, device) -> float:
+    """Median replay time of one CUDA graph of the whole layer, ``layer(hidden, router_logits)``:
+    select (+ the ``+global`` all-reduce), physical copies, dispatch, experts, combine. The
+    static inputs rotate over the ``--batches`` routing batches between replays (layer 0's
+    budget: a graph captures one layer)."""
+    h_s, x_s = hidden[0].clone(), logits[0].clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
-            tokens, handle = layer.dispatch(h_s, p_s, w_s)
-            layer.combine(layer.compute(tokens), handle)
+            layer(h_s, x_s)
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     dist.barrier()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g, capture_error_mode="thread_local"):  # NCCL's watchdog thread keeps polling
-        tokens, handle = layer.dispatch(h_s, p_s, w_s)
-        out_s = layer.combine(layer.compute(tokens), handle)
+        out_s = layer(h_s, x_s)
     torch.cuda.synchronize()
     # replay check: the graph computes what eager computes
-    ref = layer.forward_selected(hidden[0], SelectionOutput(None, weights[0], phys[0]))
+    ref = layer(hidden[0], logits[0])
     g.replay()
     torch.cuda.synchronize()
     gerr = float((out_s.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
@@ -267,8 +285,7 @@ def time_graph(args, layer: EPMoELayer, hidden, phys, weights, timer: Timer, dev
     for it in range(args.warmup + args.iters):
         b = it % nb
         h_s.copy_(hidden[b])
-        p_s.copy_(phys[b])
-        w_s.copy_(weights[b])
+        x_s.copy_(logits[b])
         a = timer.mark()
         g.replay()
         z = timer.mark()
@@ -279,8 +296,8 @@ def time_graph(args, layer: EPMoELayer, hidden, phys, weights, timer: Timer, dev
 
 
 def time_allreduce(E: int, device, timer: Timer, iters: int = 50) -> float:
-    """Median of one all-reduce of the DP-attention statistics ``[3, E] float32`` (max over ranks)."""
-    x = torch.ones(3, E, device=device)
+    """Median of one all-reduce of the DP-attention statistics ``[3, E] int64`` (max over ranks)."""
+    x = torch.ones(3, E, dtype=torch.int64, device=device)
     v = []
     for it in range(10 + iters):
         a = timer.mark()
@@ -327,10 +344,13 @@ def report(args, rows: list[dict], info: dict, meta: dict) -> str:
         f"Routing: {info['routing']}.",
         "Backends: " + "; ".join(f"`{b}`: {why}" for b, why in info["backend_reason"].items()) + "."
         + "".join(f" Backend `{b}` did not run: {err}." for b, err in info["backend_error"].items()),
-        f"DP-attention all-reduce of [3, E] float32 statistics: {info['allreduce_us']:.1f} us (median, eager).",
-        "Times: medians over iterations, max over ranks; `layer graph` = dispatch+experts+combine replayed from a CUDA "
-        "graph; ratios use the graph time when there is one, else eager. `peak exp` = distinct experts on the busiest "
-        "rank; `peak pairs` = token-expert pairs on the busiest rank; `retained` = kept share of the top-k gating mass.",
+        f"DP-attention all-reduce of [3, E] int64 statistics: {info['allreduce_us']:.1f} us (median, eager). "
+        f"Select stage: `{args.select_backend}` backend (`+global`: the all-reduced reference view).",
+        "Times: medians over iterations, max over ranks; `layer eager` / `layer graph` = the whole layer from router "
+        "logits -- select (with the `+global` all-reduce), physical copies, dispatch, experts, combine -- eager / "
+        "replayed from one CUDA graph; `layer vs topk` uses the graph time when there is one, else eager. `peak exp` "
+        "= distinct experts on the busiest rank; `peak pairs` = token-expert pairs on the busiest rank; `retained` = "
+        "kept share of the top-k gating mass.",
         "",
         markdown_table(heads, tab),
     ]

@@ -82,6 +82,24 @@ def server_command(cfg: ServeConfig, model: str, port: int, args: argparse.Names
     return [py, "-m", "sglang_xshare.launch_server", *sg, *xs]
 
 
+def flush_metrics(base_url: str, settle: float) -> None:
+    """xshare's live metrics are read at decode-step ends, asynchronously (the copy started at one
+    read is taken at the next, >= 1 s later): two tiny one-request generations ``settle`` seconds
+    apart make the counts of the run just finished reach ``/metrics``."""
+    import json as _json
+    import urllib.request
+
+    for _ in range(2):
+        time.sleep(settle)
+        body = _json.dumps({"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}})
+        req = urllib.request.Request(base_url + "/generate", data=body.encode(), headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=60).read()
+        except OSError:
+            pass
+    time.sleep(0.5)
+
+
 def per_call(delta: dict[str, float]) -> dict[str, float]:
     """Layer-call means of xshare's counters (per MoE layer and step)."""
     calls = delta.get("calls", 0.0)
@@ -122,7 +140,7 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
                                           seed=args.seed + 1000 * rep + c,
                                           output_file=str(out_dir / f"{args.name}_{safe}_c{c}.jsonl"))
                 res = run_bench_serving(argv)
-                time.sleep(args.settle)  # metrics reach /metrics within a second
+                flush_metrics(server.base_url, args.settle)
                 after = xshare_counters(scrape(server.base_url))
                 d = counter_delta(before, after)
                 res["xshare"] = per_call(d.get("0", next(iter(d.values()), {})))
@@ -244,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-fraction", type=float, default=0.8)
     ap.add_argument("--ray", action="store_true", help="start the servers through sglang-xshare-ray (a Ray head is started)")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
-    ap.add_argument("--settle", type=float, default=1.5, help="seconds before the after-run metrics scrape")
+    ap.add_argument("--settle", type=float, default=1.1, help="seconds between the two metric-flushing requests")
     ap.add_argument("--name", default="serve")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--work", default="/tmp/xshare-serve", help="model folders and server logs")

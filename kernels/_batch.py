@@ -4,8 +4,8 @@ Grid ``(NB,)``; program ``p`` owns tiles ``p * chunks .. p * chunks + chunks - 1
 :mod:`._tile`). ``SYNC`` (constexpr) says how the programs meet:
 
 * ``0`` -- one program holds the whole batch: scan, pick and refine from the same registers.
-* ``1`` -- grid barrier: each program writes its partial row (``part_mass [NB, BLOCK_E] fp64``,
-  ``part_flags [NB, BLOCK_E] int32``, ``part_tot [NB] fp64``), arrives on the ever-growing
+* ``1`` -- grid barrier: each program writes its partial row (``part_mass [NB, BLOCK_E] int64``,
+  ``part_flags [NB, BLOCK_E] int32``, ``part_tot [NB] int64``), arrives on the ever-growing
   ``int64`` counter ``sync[0]`` and waits for its launch's ``NB`` arrivals
   (:func:`grid_arrive_wait`); then *every* program sums the ``NB`` rows in the same fixed order
   and runs the same pick (identical inputs, identical results, no second round trip), and
@@ -19,8 +19,8 @@ Grid ``(NB,)``; program ``p`` owns tiles ``p * chunks .. p * chunks + chunks - 1
   [BLOCK_E] int32`` (payload >= 0 = chosen) and, for request groups, each row's request set to
   ``req [T, BLOCK_E] int8``; :func:`~._refine.refine_kernel` then refines.
 
-No float atomics, and masses are summed in float64 and rounded once to float32 (exact for these
-sums): any reduction order gives the reference's bits, and identical inputs bit-identical outputs. ``PICK`` (constexpr): 1 = OEA (the union of the top-``k0`` sets), 2 = XShare greedy,
+No float atomics; masses are int64 sums of fixed-point units (exact): any reduction order gives
+the reference's integers, and identical inputs bit-identical outputs. ``PICK`` (constexpr): 1 = OEA (the union of the top-``k0`` sets), 2 = XShare greedy,
 3 = ``xshare_ep`` without replicas, 4 = ``xshare_ep`` with replicas, 5 = XShare over request
 groups (``xshare_spec``). ``ALLOW``: 1 = the chosen set, 2 = chosen and the token's own top-k.
 """
@@ -70,19 +70,19 @@ def grid_arrive_wait(sync_ptr, nb, max_spins):
 
 @triton.jit
 def reduce_partials(part_mass, part_flags, part_tot, nb, cols, RB: tl.constexpr):
-    """Sum the ``nb`` partial rows (fp64 masses), ``RB`` at a time -> ``(mass, flags, tot)``."""
+    """Sum the ``nb`` partial rows (int64 masses), ``RB`` at a time -> ``(mass, flags, tot)``."""
     rr = tl.arange(0, RB)
     BE: tl.constexpr = cols.shape[0]
-    mass = tl.zeros([BE], dtype=tl.float64)
+    mass = tl.zeros([BE], dtype=tl.int64)
     flags = tl.zeros([BE], dtype=tl.int32)
-    tots = tl.zeros([RB], dtype=tl.float64)
+    tots = tl.zeros([RB], dtype=tl.int64)
     for r0 in range(0, nb, RB):
         r = r0 + rr
         pm = r < nb
         offs = r[:, None] * BE + cols[None, :]
-        mass += tl.sum(tl.load(part_mass + offs, mask=pm[:, None], other=0.0, cache_modifier=".cg"), axis=0)
+        mass += tl.sum(tl.load(part_mass + offs, mask=pm[:, None], other=0, cache_modifier=".cg"), axis=0)
         flags += tl.sum(tl.load(part_flags + offs, mask=pm[:, None], other=0, cache_modifier=".cg"), axis=0)
-        tots += tl.load(part_tot + r, mask=pm, other=0.0, cache_modifier=".cg")
+        tots += tl.load(part_tot + r, mask=pm, other=0, cache_modifier=".cg")
     return mass, flags, tl.sum(tots, axis=0)
 
 
@@ -95,39 +95,38 @@ def reduce_slice(part_mass, part_flags, part_tot, tot_mass, tot_flags, tot_tot, 
     c = pid * CW + tl.arange(0, CW)
     cm = c < BE
     rr = tl.arange(0, RB2)
-    m = tl.zeros([CW], dtype=tl.float64)
+    m = tl.zeros([CW], dtype=tl.int64)
     f = tl.zeros([CW], dtype=tl.int32)
     for r0 in range(0, nb, RB2):
         r = r0 + rr
         msk = (r < nb)[:, None] & cm[None, :]
         offs = r[:, None] * BE + c[None, :]
-        m += tl.sum(tl.load(part_mass + offs, mask=msk, other=0.0, cache_modifier=".cg"), axis=0)
+        m += tl.sum(tl.load(part_mass + offs, mask=msk, other=0, cache_modifier=".cg"), axis=0)
         f += tl.sum(tl.load(part_flags + offs, mask=msk, other=0, cache_modifier=".cg"), axis=0)
     tl.store(tot_mass + c, m, mask=cm)
     tl.store(tot_flags + c, f, mask=cm)
     if pid == 0:
-        t = tl.zeros([RB2], dtype=tl.float64)
+        t = tl.zeros([RB2], dtype=tl.int64)
         for r0 in range(0, nb, RB2):
             r = r0 + rr
-            t += tl.load(part_tot + r, mask=r < nb, other=0.0, cache_modifier=".cg")
+            t += tl.load(part_tot + r, mask=r < nb, other=0, cache_modifier=".cg")
         tl.store(tot_tot, tl.sum(t, axis=0))
 
 
 @triton.jit
-def round_masses(mass, tot, HAS_TOT: tl.constexpr):
-    """fp64 sums -> the fp32 ``mass`` and ``tot`` the pick reads: one rounding each (the mass
-    mode's total is the sum of the rounded masses, or the given request total)."""
-    mass = mass.to(tl.float32)
+def mass_total(mass, tot, HAS_TOT: tl.constexpr):
+    """The total the ``mass:X`` budget is a fraction of (int64): the sum of the expert masses,
+    or (``HAS_TOT``) the given request total ``tot``."""
     if not HAS_TOT:
-        tot = tl.sum(mass.to(tl.float64), axis=0)
-    return mass, tot.to(tl.float32)
+        tot = tl.sum(mass, axis=0)
+    return tot
 
 
 @triton.jit
-def batch_pick(mass, flags, tot, cols, E, pk_ptr, val_ptr, rank_ptr, copy_ptr, copies_ptr, slot_rank_ptr, R,
+def batch_pick(mass, flags, tot, cols, E, pk_ptr, val_ptr, rank_ptr, copy_ptr, slot_expert_ptr, slot_rank_ptr, R,
                b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c,
                PICK: tl.constexpr, MODE: tl.constexpr, FILL: tl.constexpr, CH: tl.constexpr,
-               BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+               BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, HARD: tl.constexpr):
     """The policy's pick -> ``[BLOCK_E] int32``: the payload (physical slot for ``xshare_ep``,
     else 0) of each chosen expert, -1 for the others."""
     cmask = cols < E
@@ -135,12 +134,12 @@ def batch_pick(mass, flags, tot, cols, E, pk_ptr, val_ptr, rank_ptr, copy_ptr, c
         slot = tl.where(((flags & 65535) > 0) & cmask, 0, -1)
     elif PICK == 3:
         chosen = ep_pick(mass, flags, cols, E, tot, pk_ptr, val_ptr, rank_ptr, R, MODE, FILL, b_count, b_frac_bits,
-                         b_eps_bits, b_mass, b_mass_c, CH)
+                         b_eps_bits, b_mass, b_mass_c, CH, HARD)
         slot = tl.where(chosen, tl.load(copy_ptr + cols, mask=cmask, other=-1), -1)
     elif PICK == 4:
-        slot = ep_replicated_pick(mass, flags, cols, E, tot, pk_ptr, val_ptr, copies_ptr, slot_rank_ptr, R, MODE, FILL,
+        slot = ep_replicated_pick(mass, flags, cols, E, tot, pk_ptr, val_ptr, slot_expert_ptr, slot_rank_ptr, R, MODE, FILL,
                                   b_count,
-                                  b_frac_bits, b_eps_bits, b_mass, b_mass_c, CH, BLOCK_C, BLOCK_R)
+                                  b_frac_bits, b_eps_bits, b_mass, b_mass_c, CH, BLOCK_P, BLOCK_R, HARD)
     else:
         chosen = greedy_pick(mass, flags, cols, E, tot, pk_ptr, val_ptr, MODE, b_count, b_frac_bits, b_eps_bits, b_mass,
                              b_mass_c, CH)
@@ -149,11 +148,11 @@ def batch_pick(mass, flags, tot, cols, E, pk_ptr, val_ptr, rank_ptr, copy_ptr, c
 
 
 @triton.jit(do_not_specialize=["T", "E", "R", "U", "max_spins", "chunks", "b_count", "b_frac_bits", "b_eps_bits",
-                               "rb_count", "rb_frac_bits", "rb_eps_bits"])
+                               "b_mass", "b_mass_c", "rb_count", "rb_frac_bits", "rb_eps_bits", "rb_mass", "rb_mass_c"])
 def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                  part_mass, part_flags, part_tot, tot_mass, tot_flags, tot_tot, sync_ptr, sel_ptr, req_ptr,
                  pk_scr, val_scr, rk_scr, rv_scr,
-                 rank_ptr, copy_ptr, copies_ptr, slot_rank_ptr, R,
+                 rank_ptr, copy_ptr, slot_expert_ptr, slot_rank_ptr, R,
                  b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c,
                  rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c,
                  ids_ptr, w_ptr, phys_ptr, min_score, out_scale, map_ptr,
@@ -166,23 +165,28 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                  SYNC: tl.constexpr, TWO_STAGE: tl.constexpr, CW: tl.constexpr, RB2: tl.constexpr,
                  ONE_CHUNK: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
                  RB: tl.constexpr, CH: tl.constexpr, BT: tl.constexpr, BLOCK_E: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
                  VALID: tl.constexpr, OUT: tl.constexpr, SCALE: tl.constexpr, FILL_EMPTY: tl.constexpr,
-                 METRICS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_MR: tl.constexpr, NBP: tl.constexpr):
+                 METRICS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_MR: tl.constexpr, NBP: tl.constexpr,
+                 HARD: tl.constexpr = False):
     """Batch policy over ``T`` tokens -- see the module docstring.
 
     Shapes: ``logits [T, E]`` fp32/bf16/fp16 (row stride ``stride_t``), ``bias [E]``, ``valid [T]
     uint8``; ``part_* [NB, BLOCK_E]`` / ``[NB]``, ``sync [2] int64`` (tickets; only grow), ``sel
     [BLOCK_E] int32``, ``req [T, BLOCK_E] int8``, pick scratch ``pk_scr [NB, BLOCK_E] int64`` /
-    ``val_scr [NB, BLOCK_E] fp32`` (one row per program), request-pick scratch ``rk_scr / rv_scr
-    [NB, BT / GP, BLOCK_E]`` int64 / fp32; placement tables ``rank / copy [E] int32``,
-    ``copies / slot_rank [E, BLOCK_C] int32``. Outputs ``ids [T, K] int32``, ``w [T, K] fp32``,
-    ``phys [T, K] int32`` (``WANT_PHYS``). ``chunks`` tiles per program (``ONE_CHUNK``: exactly 1).
+    ``val_scr [NB, BLOCK_E] int64`` (one row per program), request-pick scratch ``rk_scr / rv_scr
+    [NB, BT / GP, BLOCK_E]`` int64 / int64; placement tables
+    (:class:`sglang_xshare.placement.PlacementTables`) ``rank / copy [E] int32``, ``slot_expert /
+    slot_rank [BLOCK_P] int32``. Budgets: ``*_frac_bits``, ``*_eps_bits``, ``*_mass`` and
+    ``*_mass_c`` are float64 bit patterns (:func:`~.workspace.budget_args`). ``HARD``:
+    ``xshare_ep``'s hard cap. Outputs ``ids [T, K] int32``, ``w [T, K] fp32``, ``phys [T, K]
+    int32`` (``WANT_PHYS``). ``chunks`` tiles per program (``ONE_CHUNK``: exactly 1).
     ``VALID``: how ``valid`` marks real rows (:func:`~._core.load_valid`); output epilogue ``OUT /
     SCALE / FILL_EMPTY`` (:func:`~._tile.refine_tile`); ``METRICS``: fused live metrics
     (:mod:`._metrics`, ranks padded to ``BLOCK_MR``), added by the refining launch. ``okv [NB]
     int32`` (two-stage barrier: each program's first wait succeeded), ``fault [1] int64`` (barrier
-    waits that did not fill: those programs routed by each token's own top-k), ``NBP >= NB``.
+    waits that did not fill: those programs routed by each token's own top-k), ``NBP >= NB``;
+    ``stats [2, BLOCK_E] int64`` (``SYNC`` 3 / 4: this rank's, then every rank's masses and flags).
     """
     pid = tl.program_id(0)
     nb = tl.num_programs(0)
@@ -198,7 +202,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
             rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c, rk, rv,
             SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, GROUP, GP, RMODE, VALID)
     else:
-        mass = tl.zeros([BLOCK_E], dtype=tl.float64)
+        mass = tl.zeros([BLOCK_E], dtype=tl.int64)
         flags = tl.zeros([BLOCK_E], dtype=tl.int32)
         tot = tl.sum(mass, axis=0)
         for c in range(chunks):
@@ -229,7 +233,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
             q = tl.arange(0, NBP)
             all_ok = tl.min(tl.load(okv_ptr + q, mask=ok2 & (q < nb), other=1, cache_modifier=".cg"), axis=0) > 0
             ok = ok2 & all_ok
-            mass = tl.load(tot_mass + cols, mask=ok & (cols >= 0), other=0.0, cache_modifier=".cg")
+            mass = tl.load(tot_mass + cols, mask=ok & (cols >= 0), other=0, cache_modifier=".cg")
             flags = tl.load(tot_flags + cols, mask=ok & (cols >= 0), other=0, cache_modifier=".cg")
             tot = tl.load(tot_tot, cache_modifier=".cg")
         else:
@@ -240,31 +244,31 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
         tl.debug_barrier()
         done = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu")
         if done % nb == nb - 1:
-            m64, f_all, _t64 = reduce_partials(part_mass, part_flags, part_tot, nb, cols, RB)
-            tl.store(stats_ptr + cols, m64)
-            tl.store(stats_ptr + BLOCK_E + cols, f_all.to(tl.float64))
+            m_all, f_all, _t_all = reduce_partials(part_mass, part_flags, part_tot, nb, cols, RB)
+            tl.store(stats_ptr + cols, m_all)
+            tl.store(stats_ptr + BLOCK_E + cols, f_all.to(tl.int64))
     if SYNC == 4:  # global selection, launch 2: every rank's statistics, summed by the all-reduce
         mass = tl.load(stats_ptr + cols, cache_modifier=".cg")
         flags = tl.load(stats_ptr + BLOCK_E + cols, cache_modifier=".cg").to(tl.int32)
-        tot = tl.sum(mass, axis=0) * 0.0
+        tot = tl.sum(mass, axis=0) * 0
     if SYNC == 2:
         tl.debug_barrier()
         done = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu")
         if done % nb == nb - 1:  # the last of this launch's programs (the ticket only grows)
-            m64, f_all, t64 = reduce_partials(part_mass, part_flags, part_tot, nb, cols, RB)
-            m32, t32 = round_masses(m64, t64, PICK == 5)
-            slot = batch_pick(m32, f_all, t32, cols, E, pk_scr + pid * BLOCK_E, val_scr + pid * BLOCK_E,
-                              rank_ptr, copy_ptr, copies_ptr, slot_rank_ptr, R,
+            m_all, f_all, t_all = reduce_partials(part_mass, part_flags, part_tot, nb, cols, RB)
+            t_all = mass_total(m_all, t_all, PICK == 5)
+            slot = batch_pick(m_all, f_all, t_all, cols, E, pk_scr + pid * BLOCK_E, val_scr + pid * BLOCK_E,
+                              rank_ptr, copy_ptr, slot_expert_ptr, slot_rank_ptr, R,
                               b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c, PICK, MODE, FILL, CH,
-                              BLOCK_C, BLOCK_R)
+                              BLOCK_P, BLOCK_R, HARD)
             tl.store(sel_ptr + cols, slot)
     elif SYNC != 3:
         # ---- pick (every program, identical) and refine this program's tiles
-        mass, tot = round_masses(mass, tot, PICK == 5)
+        tot = mass_total(mass, tot, PICK == 5)
         slot = batch_pick(mass, flags, tot, cols, E, pk_scr + pid * BLOCK_E, val_scr + pid * BLOCK_E,
-                          rank_ptr, copy_ptr, copies_ptr, slot_rank_ptr, R,
+                          rank_ptr, copy_ptr, slot_expert_ptr, slot_rank_ptr, R,
                           b_count, b_frac_bits, b_eps_bits, b_mass, b_mass_c, PICK, MODE, FILL, CH,
-                          BLOCK_C, BLOCK_R)
+                          BLOCK_P, BLOCK_R, HARD)
         if SYNC == 1:  # a barrier that did not fill: each token's own top-k (payload: the first copy)
             primary = tl.load(copy_ptr + cols, mask=cmask & (PICK >= 3) & (PICK <= 4), other=0)
             slot = tl.where(ok, slot, tl.where(cmask, primary, -1))

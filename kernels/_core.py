@@ -27,6 +27,9 @@ SENT = tl.constexpr(-9223372036854775808)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 #: Smallest normal float32 (``torch.finfo(torch.float32).tiny``), the renormalisation floor.
 FLT_TINY = tl.constexpr(1.1754943508222875e-38)
+#: ``2**40``: a gate contributes ``floor(gate * MASS_SCALE)`` int64 units to a mass
+#: (:data:`sglang_xshare.select.common.MASS_BITS`; exact in float32).
+MASS_SCALE = tl.constexpr(1099511627776.0)
 
 
 if interpreting():
@@ -48,6 +51,27 @@ def runtime(n: tl.constexpr):
     """``n`` as a value the compiler cannot see through (``n + program_id(2)``, and axis 2 of
     every grid here is 1): a loop bounded by it stays a loop instead of being unrolled."""
     return n + tl.program_id(2)
+
+
+@triton.jit
+def mass_units(gate):
+    """fp32 gates in ``[0, 1]`` -> int64 fixed-point units ``floor(gate * 2**40)``, as
+    :func:`sglang_xshare.select.common.mass_units` (exact scaling, truncating cast)."""
+    return (gate * MASS_SCALE).to(tl.int64)
+
+
+@triton.jit
+def mass_key(mass):
+    """int64 masses -> the fp32 keys experts are ordered by, ``float32(float64(mass))``
+    (:func:`sglang_xshare.select.common.mass_key`)."""
+    return mass.to(tl.float64).to(tl.float32)
+
+
+@triton.jit
+def mass_threshold(tot, mass_bits, slack_bits):
+    """``(float64(tot) * X) * (1 - 1e-6)`` (fp64; ``X`` and the slack as IEEE-754 bit patterns):
+    :func:`sglang_xshare.select.common.mass_threshold`."""
+    return (tot.to(tl.float64) * mass_bits.to(tl.float64, bitcast=True)) * slack_bits.to(tl.float64, bitcast=True)
 
 
 @triton.jit

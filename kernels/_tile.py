@@ -17,7 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._core import FLT_TINY, SENT, gate_at, load_scores, load_valid, pack, runtime, token_topk, unpack_col, unpack_key, unpack_payload
+from ._core import (FLT_TINY, SENT, gate_at, load_scores, load_valid, mass_units, pack, runtime, token_topk, unpack_col,
+                    unpack_key, unpack_payload)
 from ._pick import rows_pick
 
 
@@ -48,13 +49,13 @@ def tile_scan(logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
 
     Returns ``(sel, in_topk, v, alive, mx, den, mass, flags, tot, req)``: ``sel [BT, BLOCK_E]``
     ranking scores, ``in_topk`` each row's own top-k, ``v [BT]`` valid rows, ``alive / mx / den``
-    for :func:`~._core.gate_at`; the tile partials ``mass [BLOCK_E] fp64`` (for request groups:
+    for :func:`~._core.gate_at`; the tile partials ``mass [BLOCK_E] int64`` (for request groups:
     each request's mass on its own chosen set, summed), ``flags [BLOCK_E] int32`` and ``tot``
-    (fp64 scalar, the tile's whole request mass; request groups only); ``req [BT, BLOCK_E] int1``
+    (int64 scalar, the tile's whole request mass; request groups only); ``req [BT, BLOCK_E] int1``
     each row's request set (``GROUP > 0``; all True otherwise; ``rk_ptr / rv_ptr`` this program's
-    ``[BT / GP, BLOCK_E]`` int64 / fp32 scratch for the request picks). Masses are summed in float64 and
-    rounded once where the reference rounds (:func:`sglang_xshare.select.common.exact_sum`): the
-    same bits in any summation order.
+    ``[BT / GP, BLOCK_E]`` int64 / int64 scratch for the request picks). Masses are int64 sums of
+    fixed-point units (:func:`~._core.mass_units`), exact: the same integers as the reference
+    (:func:`sglang_xshare.select.common.exact_sum`) in any summation order.
     """
     cmask = cols < E
     gate, sel, alive, mx, den = load_scores(logits_ptr, stride_t, bias_ptr, rows, rmask, cols, E,
@@ -64,26 +65,26 @@ def tile_scan(logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
     tk = in_topk & v[:, None]
     wm = in_warm & v[:, None]
     if MASS_FULL:
-        contrib = tl.where(v[:, None] & (sel > float("-inf")) & cmask[None, :], gate, 0.0)
+        contrib = mass_units(tl.where(v[:, None] & (sel > float("-inf")) & cmask[None, :], gate, 0.0))
     else:
-        contrib = tl.where(tk, gate, 0.0)
+        contrib = mass_units(tl.where(tk, gate, 0.0))
     if GROUP == 0:
-        mass = tl.sum(contrib.to(tl.float64), axis=0)
+        mass = tl.sum(contrib, axis=0)
         flags = tl.max(wm.to(tl.int32), axis=0) + 65536 * tl.max(tk.to(tl.int32), axis=0)
-        tot = tl.sum(mass, axis=0) * 0.0
+        tot = tl.sum(mass, axis=0) * 0
         req = sel == sel
     else:
         BT: tl.constexpr = sel.shape[0]
         BE: tl.constexpr = sel.shape[1]
         RT: tl.constexpr = BT // GP
-        mass_r = tl.sum(tl.reshape(contrib, [RT, GP, BE]).to(tl.float64), axis=1).to(tl.float32)
+        mass_r = tl.sum(tl.reshape(contrib, [RT, GP, BE]), axis=1)
         wcnt = tl.max(tl.reshape(wm.to(tl.int32), [RT, GP, BE]), axis=1)
         ucnt = tl.max(tl.reshape(tk.to(tl.int32), [RT, GP, BE]), axis=1)
         chosen_r = rows_pick(mass_r, wcnt, ucnt, cols, E, rk_ptr, rv_ptr, RMODE, rb_count, rb_frac_bits,
                              rb_eps_bits, rb_mass, rb_mass_c, 32)
-        mass = tl.sum(tl.where(chosen_r, mass_r, 0.0).to(tl.float64), axis=0)
+        mass = tl.sum(tl.where(chosen_r, mass_r, 0), axis=0)
         flags = tl.max(wcnt, axis=0) + 65536 * tl.max(ucnt, axis=0)
-        tot = tl.sum(tl.sum(mass_r.to(tl.float64), axis=1), axis=0)
+        tot = tl.sum(tl.sum(mass_r, axis=1), axis=0)
         req = tl.reshape(tl.broadcast_to(chosen_r[:, None, :], [RT, GP, BE]), [BT, BE])
     return sel, in_topk, v, alive, mx, den, mass, flags, tot, req
 
@@ -144,9 +145,13 @@ def refine_tile(sel, allowed, valid_row, rows, rmask, cols, E, logits_ptr, strid
         out_ids = tl.where(drop, -1, out_ids)
         out_w = tl.where(drop, 0.0, out_w)
         out_ph = tl.where(drop, -1, out_ph)
-    if RENORM:
+    if RENORM:  # :func:`sglang_xshare.select.common.renormalize`: uniform when the kept gates sum to 0
         s = tl.sum(out_w, axis=1)
-        out_w = tl.math.div_rn(out_w, tl.broadcast_to(tl.maximum(s, FLT_TINY)[:, None], out_w.shape))
+        kept = out_ids >= 0
+        n = tl.sum(kept.to(tl.float32), axis=1)
+        uni = tl.math.div_rn(tl.full(out_w.shape, 1.0, tl.float32), tl.broadcast_to(tl.maximum(n, 1.0)[:, None], out_w.shape))
+        div = tl.math.div_rn(out_w, tl.broadcast_to(tl.maximum(s, FLT_TINY)[:, None], out_w.shape))
+        out_w = tl.where((s > 0.0)[:, None], div, tl.where(kept, uni, 0.0))
     if SCALE:
         out_w = out_w * out_scale
     if OUT == 1:

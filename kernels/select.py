@@ -173,11 +173,11 @@ def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, polic
         tab = placement_tables(workspace, ctx.placement, E, x.device)
         if tab.replicated:
             pick = _PICK_EP_REP
-        rank, copy, copies, slot_rank = tab.rank, tab.copy, tab.copies, tab.slot_rank
-        R, block_c, block_r = tab.num_ranks, tab.block_c, tab.block_r
+        rank, copy, slot_expert, slot_rank = tab.rank, tab.copy, tab.slot_expert, tab.slot_rank
+        R, block_p, block_r = tab.num_ranks, tab.block_p, tab.block_r
     else:
-        rank = copy = copies = slot_rank = buf.dummy
-        R, block_c, block_r = 1, 2, 2
+        rank = copy = slot_expert = slot_rank = buf.dummy
+        R, block_p, block_r = 1, 2, 2
         ph = ids
     mode, b_count, b_frac, b_eps, b_mass, b_mass_c = budget_args(ctx.budget)
     rmode, rb_count, rb_frac, rb_eps, rb_mass, rb_mass_c = budget_args(ctx.request_budget)
@@ -190,7 +190,7 @@ def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, polic
             x, x.stride(0), bias, valid, T, E, p.chunks,
             buf.part_mass, buf.part_flags, buf.part_tot, buf.tot_mass, buf.tot_flags, buf.tot_tot,
             buf.sync, buf.sel, buf.req, buf.pk_scr, buf.val_scr, buf.rk_scr, buf.rv_scr,
-            rank, copy, copies, slot_rank, R,
+            rank, copy, slot_expert, slot_rank, R,
             b_count, b_frac, b_eps, b_mass, b_mass_c,
             rb_count, rb_frac, rb_eps, rb_mass, rb_mass_c,
             ids, w, ph, float(ctx.min_score), **epi_l, okv_ptr=buf.okv, fault_ptr=fault_counter(x.device),
@@ -200,7 +200,7 @@ def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, polic
             RENORM=ctx.renormalize, WANT_PHYS=want_phys, SYNC=sync, TWO_STAGE=p.two_stage, CW=p.cw, RB2=p.rb2,
             ONE_CHUNK=p.chunks == 1,
             GROUP=group, GP=p.gp, RB=p.rb, CH=p.ch, BT=p.bt, BLOCK_E=p.block_e,
-            BLOCK_K=max(2, triton.next_power_of_2(k)), BLOCK_C=block_c, BLOCK_R=block_r, VALID=vmode,
+            BLOCK_K=max(2, triton.next_power_of_2(k)), BLOCK_P=block_p, BLOCK_R=block_r, HARD=bool(ctx.hard_cap), VALID=vmode,
             NBP=max(2, _pow2(p.nb)), num_warps=p.num_warps, **(_coop(p, x, workspace) if sync == 1 else {}),
         )
 

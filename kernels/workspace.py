@@ -9,7 +9,8 @@ overwrites the previous call's outputs of the same shape).
 
 Tuning knobs (``workspace`` keys, for benchmarks): ``"num_warps"``, ``"tile_elems"`` (elements
 of one ``[BT, BLOCK_E]`` tile), ``"sync"`` (force 1 = grid barrier or 2 = two launches),
-``"programs"`` (grid cap; 1 = one program for any batch: no grid synchronisation at all),
+``"programs"`` (grid cap; 1 = one program for any batch: no grid synchronisation at all -- with
+``"sync": 1`` that one program still runs the grid-barrier code path, trivially satisfied),
 ``"pair_chunk"`` (keys per step of the pick), ``"two_stage"`` (force the two-stage grid
 reduction on / off), ``"cooperative"`` (launch grid-barrier plans cooperatively, default True on
 CUDA: the driver guarantees co-residency or fails the launch), ``"max_spins"`` (barrier polls
@@ -27,8 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from sglang_xshare.config import Budget, RoutingSpec
-from sglang_xshare.placement import Placement
-from sglang_xshare.select.policies.xshare_ep import copies_table
+from sglang_xshare.placement import Placement, PlacementTables
+from sglang_xshare.placement import placement_tables as _device_tables
+from sglang_xshare.select.common import MASS_SLACK
+from sglang_xshare.select.policies.xshare_ep import tensor_parallel
 
 __all__ = ["Plan", "plan", "Buffers", "buffers", "budget_args", "placement_tables", "routing_constexprs",
            "fault_counter", "MAX_PROGRAMS", "TILE_ELEMS", "TILE_ELEMS_MAX", "TWO_STAGE_ELEMS", "max_programs", "interpreting"]
@@ -123,7 +126,8 @@ def plan(T: int, E: int, *, group: int = 0, spin: bool = True, programs: int = M
         group: tokens per request when requests are contiguous groups (``xshare_spec``), else 0.
         spin: the grid barrier may be used (False under the interpreter).
         programs: grid cap of the grid barrier (:func:`max_programs`); 1 = one program loops
-            over every tile (no grid synchronisation at all).
+            over every tile (no grid synchronisation at all; with ``sync=1`` it still takes the
+            barrier path, a barrier of one program -- what the CPU tests run of it).
         tile_elems: target elements per tile; the tile never exceeds the batch.
         sync: force a synchronisation mode (1 or 2) when the batch needs several tiles.
         pair_chunk: keys compared per step of the pick (:func:`~._pick.pairwise`); default by T
@@ -148,6 +152,10 @@ def plan(T: int, E: int, *, group: int = 0, spin: bool = True, programs: int = M
         return Plan(block_e, per * gp, gp, nb, chunks, mode, rb, ch, num_warps, two, cw,
                     max(1, min(_pow2(nb), REDUCE_ELEMS // cw)))
 
+    if programs == 1 and sync == 1:
+        # one program that still meets at the grid barrier (trivially satisfied: it is the whole
+        # grid): the barrier mode's partials, tickets and reductions, runnable in the interpreter
+        return done(1, 1, tiles)
     if tiles == 1 or programs == 1:
         return done(0, 1, tiles)
     mode = sync or (1 if spin else 2)
@@ -166,46 +174,47 @@ class Buffers:
     """Scratch of one shape. All ``int32`` unless noted; ``BE`` = ``plan.block_e``.
 
     Attributes:
-        part_mass: ``[rows, BE] float64``, part_flags: ``[rows, BE]``, part_tot: ``[rows] float64``
+        part_mass: ``[rows, BE] int64``, part_flags: ``[rows, BE]``, part_tot: ``[rows] int64``
+            (fixed-point masses, :func:`sglang_xshare.select.common.mass_units`)
             (``rows`` = grid, or ``T`` for the general ``xshare_spec`` path); sync: ``[2] int64``
             launch tickets (they only grow); sel: ``[BE]``; req: ``[T, BE] int8`` (``xshare_spec``,
             else ``[1, BE]``); dummy: ``[1]``;
-            pk_scr / val_scr: ``[rows, BE]`` int64 / fp32 pick scratch, one row per program;
-            tot_mass / tot_flags / tot_tot: ``[BE]`` fp64 / int32 and ``[1]`` fp64 two-stage totals;
-            rk_scr / rv_scr: ``[rows * requests per tile, BE]`` int64 / fp32 request-pick scratch.
-        contrib / tflags: ``[T, BE]`` fp32 / int32 (general ``xshare_spec`` path).
+            pk_scr / val_scr: ``[rows, BE]`` int64 / int64 pick scratch, one row per program;
+            tot_mass / tot_flags / tot_tot: ``[BE]`` int64 / int32 and ``[1]`` int64 two-stage totals;
+            rk_scr / rv_scr: ``[rows * requests per tile, BE]`` int64 / int64 request-pick scratch.
+        contrib / tflags: ``[T, BE]`` int64 / int32 (general ``xshare_spec`` path).
         out_ids / out_w / out_phys: ``[T, k]`` outputs when ``reuse_outputs``.
     """
 
     def __init__(self, p: Plan, T: int, k: int, device: torch.device, general_spec: bool,
                  spec_groups: bool = False) -> None:
-        i32, f32 = torch.int32, torch.float32
+        i32, i64 = torch.int32, torch.int64
         be = p.block_e
         rows = max(T, 1) if general_spec else p.nb
         self.plan = p
-        self.part_mass = torch.zeros(rows, be, dtype=torch.float64, device=device)
+        self.part_mass = torch.zeros(rows, be, dtype=i64, device=device)
         self.part_flags = torch.zeros(rows, be, dtype=i32, device=device)
-        self.part_tot = torch.zeros(rows, dtype=torch.float64, device=device)
+        self.part_tot = torch.zeros(rows, dtype=i64, device=device)
         self.sync = torch.zeros(2, dtype=torch.int64, device=device)
         self.okv = torch.ones(max(p.nb, 1), dtype=i32, device=device)
-        self.stats = torch.zeros(2, be, dtype=torch.float64, device=device)
+        self.stats = torch.zeros(2, be, dtype=torch.int64, device=device)
         self.sel = torch.full((be,), -1, dtype=i32, device=device)
         # each token's request set: read only by xshare_spec's two-launch and arbitrary-id paths
         self.req = torch.zeros(max(T, 1) if spec_groups or general_spec else 1, be, dtype=torch.int8, device=device)
         self.dummy = torch.zeros(1, dtype=i32, device=device)
-        self.tot_mass = torch.zeros(be, dtype=torch.float64, device=device)
+        self.tot_mass = torch.zeros(be, dtype=i64, device=device)
         self.tot_flags = torch.zeros(be, dtype=i32, device=device)
-        self.tot_tot = torch.zeros(1, dtype=torch.float64, device=device)
-        self.pk_scr = torch.zeros(rows, be, dtype=torch.int64, device=device)
-        self.val_scr = torch.zeros(rows, be, dtype=f32, device=device)
+        self.tot_tot = torch.zeros(1, dtype=i64, device=device)
+        self.pk_scr = torch.zeros(rows, be, dtype=i64, device=device)
+        self.val_scr = torch.zeros(rows, be, dtype=i64, device=device)
         per = p.bt // p.gp if p.gp > 1 or spec_groups else 1
-        self.rk_scr = torch.zeros(rows * per, be, dtype=torch.int64, device=device)
-        self.rv_scr = torch.zeros(rows * per, be, dtype=f32, device=device)
+        self.rk_scr = torch.zeros(rows * per, be, dtype=i64, device=device)
+        self.rv_scr = torch.zeros(rows * per, be, dtype=i64, device=device)
         if general_spec:
-            self.contrib = torch.zeros(max(T, 1), be, dtype=f32, device=device)
+            self.contrib = torch.zeros(max(T, 1), be, dtype=i64, device=device)
             self.tflags = torch.zeros(max(T, 1), be, dtype=i32, device=device)
         self.out_ids = torch.empty(T, k, dtype=i32, device=device)
-        self.out_w = torch.empty(T, k, dtype=f32, device=device)
+        self.out_w = torch.empty(T, k, dtype=torch.float32, device=device)
         self.out_phys = torch.empty(T, k, dtype=i32, device=device)
         self._metrics: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.device = device
@@ -236,8 +245,9 @@ def buffers(workspace: dict, policy: str, T: int, E: int, k: int, device: torch.
         spin = (device.type == "cuda" or bool(workspace.get("plan_as_gpu"))) and not interpreting() \
             or bool(workspace.get("interpreter_barrier")) or two_launch
         programs = max_programs(device) if knobs[3] is None else min(int(knobs[3]), max_programs(device))
+        forced = knobs[2] if spin or knobs[3] == 1 else None  # a one-program barrier also runs in the interpreter
         p = plan(T, E, group=group, spin=spin, programs=programs, tile_elems=knobs[1],
-                 num_warps=knobs[0], sync=knobs[2] if spin else None, pair_chunk=knobs[4], two_stage=knobs[5],
+                 num_warps=knobs[0], sync=forced, pair_chunk=knobs[4], two_stage=knobs[5],
                  heavy_pick=policy == "xshare_ep")
         buf = Buffers(p, T, k, device, general_spec, spec_groups=group > 0)
         workspace[key] = buf
@@ -249,65 +259,24 @@ def _double_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-def budget_args(budget: Budget | None) -> tuple[int, int, int, int, float, float]:
-    """``(MODE, count, frac_bits, eps_bits, mass_x, 1 - 1e-6)`` kernel arguments of a budget."""
+def budget_args(budget: Budget | None) -> tuple[int, int, int, int, int, int]:
+    """``(MODE, count, frac_bits, eps_bits, mass_bits, slack_bits)`` kernel arguments of a budget:
+    the float64 values travel as their IEEE-754 bit patterns (``mass:X``'s ``X`` and ``1 - 1e-6``,
+    see :func:`sglang_xshare.select.common.mass_threshold`), so nothing is rounded to float32."""
     if budget is None:
         budget = Budget("count", 1.0)
     mode = {"count": 0, "fraction": 1, "mass": 2}[budget.mode]
     count = int(budget.value) if budget.mode == "count" else 0
     frac = budget.value if budget.mode == "fraction" else 1.0
     mass = budget.value if budget.mode == "mass" else 1.0
-    return mode, count, _double_bits(frac), _double_bits(_FRACTION_EPS), float(mass), 1.0 - 1e-6
-
-
-@dataclass
-class PlacementTables:
-    """Device tables of a placement (``int32``).
-
-    Attributes:
-        rank / copy: ``[E]`` rank and physical slot of each logical expert (replica-free);
-        copies / slot_rank: ``[E, block_c]`` physical slots (ascending, -1 padded) and their ranks;
-        num_ranks, replicated, block_c, block_r.
-    """
-
-    placement: Placement
-    rank: torch.Tensor
-    copy: torch.Tensor
-    copies: torch.Tensor
-    slot_rank: torch.Tensor
-    num_ranks: int
-    replicated: bool
-    block_c: int
-    block_r: int
+    return mode, count, _double_bits(frac), _double_bits(_FRACTION_EPS), _double_bits(mass), _double_bits(MASS_SLACK)
 
 
 def placement_tables(workspace: dict, placement: Placement | None, E: int, device: torch.device) -> PlacementTables:
-    """Build (once per placement object and device) the tables :mod:`._pick` reads."""
-    placement = placement or workspace.get(("tp_placement", E)) or Placement.tensor_parallel(E)
-    workspace[("tp_placement", E)] = workspace.get(("tp_placement", E), placement)
-    key = ("placement", id(placement), str(device))
-    tab = workspace.get(key)
-    if tab is not None and tab.placement is placement:
-        return tab
-    table = copies_table(placement)  # [E, C] int64, -1 padded (host, config time)
-    C = table.shape[1]
-    block_c = max(2, _pow2(C))
-    copies = torch.full((E, block_c), -1, dtype=torch.int64)
-    copies[:, :C] = table
-    slot_rank = torch.where(copies >= 0, copies.clamp(min=0) // placement.experts_per_rank, torch.zeros_like(copies))
-    tab = PlacementTables(
-        placement=placement,
-        rank=slot_rank[:, 0].to(device=device, dtype=torch.int32),
-        copy=copies[:, 0].to(device=device, dtype=torch.int32),
-        copies=copies.to(device=device, dtype=torch.int32).contiguous(),
-        slot_rank=slot_rank.to(device=device, dtype=torch.int32).contiguous(),
-        num_ranks=placement.num_ranks,
-        replicated=placement.has_replicas,
-        block_c=block_c,
-        block_r=max(2, _pow2(placement.num_ranks)),
-    )
-    workspace[key] = tab
-    return tab
+    """The device tables :mod:`._pick` reads: the placement's own
+    (:func:`sglang_xshare.placement.placement_tables`, shared with the reference and refreshed in
+    place by :func:`sglang_xshare.placement.refresh_tables_`); pure TP when ``placement`` is None."""
+    return _device_tables(placement or tensor_parallel(E), device)
 
 
 def routing_constexprs(routing: RoutingSpec, has_bias: bool) -> dict:

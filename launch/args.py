@@ -25,7 +25,10 @@ from .commands import (
     render_command,
 )
 
-__all__ = ["LaunchArgs", "build_parser", "parse_args", "node_commands"]
+__all__ = ["LaunchArgs", "build_parser", "parse_args", "node_commands", "planned_contexts", "PLAN_PORT"]
+
+#: Rendezvous port of a plan printed without a cluster (torch.distributed's usual default).
+PLAN_PORT = 29500
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,15 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail-lines", type=int, default=40, help="lines of a failed node's log to print (default 40)")
     p.add_argument("--log-dir", default=None, help="also write node<R>.log files here, on the launcher's machine")
     p.add_argument("--node-log-dir", default=None, help="log directory on each node (default /tmp/sglang-xshare-ray/<run>)")
-    p.add_argument("--dry-run", action="store_true", help="reserve the placement, print each node's exact command, exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each node's exact command and exit: on a reachable cluster after reserving the "
+                        "placement (real node addresses); without one (or with --node-ips) from the flags alone")
+    p.add_argument("--node-ips", default=None, metavar="IP,IP,...",
+                   help="--dry-run: the nodes' addresses (node 0 first: it holds the rendezvous); the plan is then "
+                        "printed without contacting Ray (default: placeholders <node0-ip>, ... when no cluster answers)")
+    p.add_argument("--master-port", type=int, default=None,
+                   help="rendezvous port on node 0 (default: a free port found on node 0; 29500 in a plan printed "
+                        "without a cluster)")
     return p
 
 
 class LaunchArgs(argparse.Namespace):
-    """Parsed launcher flags plus the passed-through ``sglang_flags`` and ``xshare_flags``."""
+    """Parsed launcher flags plus the passed-through ``sglang_flags`` and ``xshare_flags``
+    (``node_ips``: the parsed ``--node-ips`` list or ``None``)."""
 
     sglang_flags: list[str]
     xshare_flags: list[str]
+    node_ips: list[str] | None
 
 
 def parse_args(argv: Sequence[str]) -> LaunchArgs:
@@ -90,6 +103,15 @@ def parse_args(argv: Sequence[str]) -> LaunchArgs:
         if not val > 0:
             raise XShareConfigError(flag, f"must be > 0 seconds, got {val}")
     parse_env_pairs(ns.env)
+    if ns.node_ips is not None:
+        if not ns.dry_run:
+            raise XShareConfigError("--node-ips", "only describes the nodes of a --dry-run plan (a launch places them with Ray)")
+        ips = [x.strip() for x in ns.node_ips.split(",") if x.strip()]
+        if len(ips) != ns.nnodes:
+            raise XShareConfigError("--node-ips", f"expected {ns.nnodes} addresses (--nnodes), got {len(ips)}: {ips}")
+        ns.node_ips = ips
+    if ns.master_port is not None and not (1 <= ns.master_port <= 65535):
+        raise XShareConfigError("--master-port", f"must be in [1, 65535], got {ns.master_port}")
     # Templates fail now, not after the placement: render them once for a stand-in node.
     probe = NodeContext(0, ns.nnodes, "10.0.0.1", 29500, "10.0.0.1", ns.gpus_per_node, "python")
     if ns.command is not None:
@@ -132,3 +154,11 @@ def node_commands(args: LaunchArgs, ctxs: Sequence[NodeContext]) -> tuple[list[l
             argvs.append(build_sglang_argv(ctx, args.sglang_flags, args.xshare_flags, tp_size=args.tp_size, ep_size=args.ep_size))
     envs = [node_env(ctx, user_env) for ctx in ctxs]
     return argvs, envs
+
+
+def planned_contexts(args: LaunchArgs, python: str) -> list[NodeContext]:
+    """The nodes of a ``--dry-run`` plan made without a cluster: ``--node-ips`` or placeholders
+    ``<nodeR-ip>``, port ``--master-port`` or :data:`PLAN_PORT`, ``python`` on every node."""
+    ips = args.node_ips or [f"<node{r}-ip>" for r in range(args.nnodes)]
+    port = args.master_port or PLAN_PORT
+    return [NodeContext(r, args.nnodes, ips[0], port, ips[r], args.gpus_per_node, python) for r in range(args.nnodes)]

@@ -12,6 +12,8 @@ Usage::
 Flags after ``--`` (and flags the launcher does not know) are SGLang flags and ``--xshare-*``
 flags; every node runs ``python -m sglang_xshare.launch_server <SGLang flags> --nnodes N
 --node-rank R --dist-init-addr IP:PORT --tp-size T [--ep-size E] <--xshare-* flags>``.
+``--dry-run`` prints every node's command and exits: with the real addresses when a cluster
+answers at ``--address``, else (or with ``--node-ips``) from the flags alone, without Ray.
 Exit status: 0 when every node of a ``--command`` finished with 0, and after ``--dry-run``;
 1 when a node failed (or the health URL never answered); 2 for bad flags, no reachable
 cluster, or a placement that cannot be satisfied; 130 after Ctrl-C, 143 after SIGTERM.
@@ -28,7 +30,7 @@ from typing import Sequence
 
 from sglang_xshare.config import XShareConfigError
 
-from .args import LaunchArgs, node_commands, parse_args
+from .args import LaunchArgs, node_commands, parse_args, planned_contexts
 from .commands import NodeContext, format_shell, health_url, render_command
 from .logs import say
 
@@ -86,8 +88,24 @@ def _ignore_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def print_plan(args: LaunchArgs, cwd: str, why: str) -> int:
+    """``--dry-run`` without a cluster: each node's command from the flags alone (exit 0)."""
+    ctxs = planned_contexts(args, sys.executable)
+    where = "--node-ips" if args.node_ips else "placeholders (pass --node-ips to fill them in)"
+    say(f"dry run without placing ({why}): node addresses from {where}, rendezvous port {ctxs[0].master_port}, "
+        f"python {sys.executable} on every node")
+    argvs, envs = node_commands(args, ctxs)
+    for ctx, argv, env in zip(ctxs, argvs, envs):
+        print(f"# node {ctx.node_rank} at {ctx.node_ip}")
+        print(format_shell(argv, env, cwd), flush=True)
+    return 0
+
+
 def run(args: LaunchArgs) -> int:
     """Connect, place, start, watch, tear down; returns the exit status."""
+    cwd = args.cwd or os.getcwd()
+    if args.dry_run and args.node_ips:
+        return print_plan(args, cwd, "--node-ips given")
     import ray
 
     from .logs import NodeLogs
@@ -96,14 +114,17 @@ def run(args: LaunchArgs) -> int:
 
     run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     node_log_dir = os.path.abspath(args.node_log_dir or f"/tmp/sglang-xshare-ray/{run_id}")
-    cwd = args.cwd or os.getcwd()
     unreachable = _reachable(args.address)
     if unreachable is not None:
+        if args.dry_run:
+            return print_plan(args, cwd, f"no Ray cluster at --address {args.address!r}: {unreachable}")
         say(f"cannot connect to the Ray cluster at --address {args.address!r}: {unreachable}")
         return EXIT_CONFIG
     try:
         ray.init(address=args.address, log_to_driver=False, logging_level="ERROR", namespace="sglang-xshare-ray")
     except (ConnectionError, RuntimeError, ValueError) as e:
+        if args.dry_run:
+            return print_plan(args, cwd, f"no Ray cluster at --address {args.address!r}: {str(e).splitlines()[0]}")
         say(f"cannot connect to the Ray cluster at --address {args.address!r}: {e}")
         return EXIT_CONFIG
     _install_signal_handlers()  # after ray.init, which sets its own SIGTERM handler (sys.exit)
@@ -113,7 +134,7 @@ def run(args: LaunchArgs) -> int:
     status = EXIT_FAILED
     try:
         say(f"reserving {args.nnodes} x {spec.bundle()} (STRICT_SPREAD) ...")
-        ctxs = group.place(args.placement_timeout)
+        ctxs = group.place(args.placement_timeout, args.master_port)
         for info in group.infos:
             say(f"node {info.rank}: {info.describe()} resources {dict(info.resources)}")
         argvs, envs = node_commands(args, ctxs)

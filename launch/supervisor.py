@@ -96,8 +96,9 @@ class NodeGroup:
         self._torn_down = False
 
     # -- 1. place ----------------------------------------------------------------------
-    def place(self, timeout_s: float) -> list[NodeContext]:
-        """Reserve the bundles, start the actors, and return each node's context.
+    def place(self, timeout_s: float, master_port: int | None = None) -> list[NodeContext]:
+        """Reserve the bundles, start the actors, and return each node's context (rendezvous on
+        node 0 at ``master_port``, default a free port found there).
 
         Raises:
             PlacementUnsatisfiable: the bundles could not be placed within ``timeout_s``.
@@ -126,7 +127,7 @@ class NodeGroup:
             NodeInfo(rank, r["ip"], r["node_id"], r["hostname"], r["python"], r["resources"], r["cuda_visible_devices"])
             for rank, r in enumerate(raw)
         ]
-        port = int(ray.get(self.actors[0].free_port.remote(), timeout=timeout_s))
+        port = master_port or int(ray.get(self.actors[0].free_port.remote(), timeout=timeout_s))
         master = self.infos[0].ip
         return [
             NodeContext(

@@ -9,8 +9,9 @@ pay for importing torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from ._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -29,13 +30,7 @@ _LAZY = {
 
 __all__ = [*_LAZY, "enable"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 def enable(*args: Any, **kwargs: Any) -> Any:

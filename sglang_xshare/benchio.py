@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -11,13 +12,27 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["run_metadata", "write_results", "markdown_table"]
+__all__ = ["run_metadata", "write_results", "markdown_table", "GIT_REV_ENV"]
+
+
+#: The repository this package sits in (the revision is read there, whatever the cwd).
+_ROOT = Path(__file__).resolve().parents[1]
+#: Environment variable naming the revision of a copy without (or with a foreign) ``.git`` --
+#: e.g. a working tree shipped to a GPU machine: the caller exports its ``git rev-parse --short HEAD``.
+GIT_REV_ENV = "XSHARE_GIT_REV"
 
 
 def _git_revision() -> str:
+    """``$XSHARE_GIT_REV`` when set, else this checkout's short ``HEAD`` (``+dirty`` with
+    uncommitted changes to tracked files), else ``"unknown"``."""
+    env = os.environ.get(GIT_REV_ENV, "").strip()
+    if env:
+        return env
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=_ROOT)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10, cwd=_ROOT)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     if rev.returncode != 0:
@@ -38,7 +53,7 @@ def _device() -> str:
 
 
 def run_metadata(argv: Sequence[str] | None = None) -> dict[str, str]:
-    """``command``, ``git``, ``device``, ``date`` (UTC, ISO 8601) of the current run."""
+    """``command``, ``git`` (:data:`GIT_REV_ENV` wins), ``device``, ``date`` (UTC, ISO 8601) of the current run."""
     argv = list(sys.argv if argv is None else argv)
     return {
         "command": " ".join(shlex.quote(a) for a in argv),

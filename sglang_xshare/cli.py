@@ -1,4 +1,9 @@
-"""``sglang-xshare`` command line: ``replay`` (compare policies on a routing trace)."""
+"""``sglang-xshare`` command line: ``replay`` (compare policies on a routing trace).
+
+``replay`` prints its comparison table; it writes ``<name>.json`` / ``<name>.md`` only into an
+explicit ``--out`` folder. Bad values exit with status 2 and an ``error:`` line naming the flag
+as typed here (``--budget``, not the server's ``--xshare-budget``).
+"""
 
 from __future__ import annotations
 
@@ -7,30 +12,66 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import POLICY_NAMES, XShareConfigError
+from .config import POLICY_NAMES, BudgetSchedule, XShareConfigError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "REPLAY_FLAGS"]
+
+#: Core flag names (what :class:`XShareConfigError` carries) -> this front-end's flags.
+REPLAY_FLAGS = {
+    "--xshare-policy": "--policy",
+    "--xshare-budget": "--budget",
+    "--xshare-layer-budgets": "--layer-budgets",
+    "--xshare-request-budget": "--request-budget",
+    "--xshare-warmup-k0": "--k0",
+    "--xshare-cap": "--cap",
+    "--xshare-hard-cap": "--hard-cap",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sglang-xshare", description="Batch-aware expert selection for SGLang MoE decode.")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="sglang-xshare", description="Batch-aware expert selection for SGLang MoE decode.",
+                                formatter_class=fmt)
     sub = p.add_subparsers(dest="cmd")
-    r = sub.add_parser("replay", help="replay a routing trace through the policies and print one comparison table")
-    r.add_argument("--trace", type=Path, default=None, help="trace .npz (default: the trace shipped with the package)")
+    r = sub.add_parser("replay", help="replay a routing trace through the policies and print one comparison table",
+                       formatter_class=fmt,
+                       description="Replay a routing trace through the policies and print one comparison table "
+                                   "(written to files only with --out).")
+    r.add_argument("--trace", type=Path, default=None, help="trace .npz (None: the trace shipped with the package)")
     r.add_argument("--policy", default="xshare", choices=[n for n in POLICY_NAMES if n not in ("topk",)],
-                   help="our policy, compared with topk, cap and oea (default: xshare)")
+                   help="our policy, compared with topk, cap and oea")
     r.add_argument("--also", default="", help="more policies to add to the table, comma separated")
     r.add_argument("--budget", default="0.7", help="batch budget m_l: count (24), fraction (0.7) or mass:0.9")
-    r.add_argument("--layer-budgets", default=None, help="per-layer overrides, LAYER:BUDGET,...")
-    r.add_argument("--request-budget", default=None, help="xshare_spec per-request budget m_r")
+    r.add_argument("--layer-budgets", default=None, help="per-layer overrides, LAYER:BUDGET,... (layers of the trace)")
+    r.add_argument("--request-budget", default=None, help="xshare_spec per-request budget m_r (None: top_k)")
     r.add_argument("--k0", type=int, default=1, help="warm-up floor: every token keeps its top-k0")
-    r.add_argument("--cap", type=int, default=None, help="k' of the cap baseline (default ceil(k/2))")
+    r.add_argument("--cap", type=int, default=None, help="k' of the cap baseline (None: ceil(k/2))")
     r.add_argument("--ep-size", type=int, default=1, help="EP ranks for per-rank loads and xshare_ep")
-    r.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for <name>.json/.md")
-    r.add_argument("--name", default="replay", help="output file stem")
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--hard-cap", action="store_true",
+                   help="xshare_ep: the budget is a hard cap on distinct experts (see --xshare-hard-cap)")
+    r.add_argument("--out", type=Path, default=None,
+                   help="folder to write <name>.json/.md into (None: print only, write nothing)")
+    r.add_argument("--name", default="replay", help="output file stem (with --out)")
+    r.add_argument("--device", default="cpu", help="where to run the selection (cpu, cuda, cuda:1, ...)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _check_device(name: str) -> None:
+    """Raise naming ``--device`` if ``name`` is not a device this machine can use."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise XShareConfigError("--device", f"not a device: {name!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise XShareConfigError("--device", f"{name!r} requested but CUDA is not available here "
+                                            "(no GPU, or a CPU-only torch); use --device cpu")
+    try:
+        torch.zeros(1, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        raise XShareConfigError("--device", f"cannot use {name!r}: {e}") from None
 
 
 def _replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -42,17 +83,23 @@ def _replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
     path = args.trace or default_trace_path()
     if not Path(path).exists():
         raise XShareConfigError("--trace", f"no trace file at {path}")
+    _check_device(args.device)
     trace = Trace.load(path)
     routing = trace.routing
+    layers = [int(x) for x in trace.meta["layer_ids"]]
+    unknown = sorted(set(BudgetSchedule.parse(args.budget, args.layer_budgets).per_layer) - set(layers))
+    if unknown:
+        raise XShareConfigError("--layer-budgets", f"layer(s) {unknown} are not MoE layers of the trace "
+                                                   f"(its layers: {layers})")
     placement = Placement.expert_parallel(routing.num_experts, args.ep_size) if args.ep_size > 1 else None
     extra = [x.strip() for x in args.also.split(",") if x.strip()]
     for x in extra:
         if x not in POLICY_NAMES:
             raise XShareConfigError("--also", f"unknown policy {x!r}; choose from {', '.join(POLICY_NAMES)}")
     runs = standard_runs(routing, args.policy, args.budget, k0=args.k0, cap=args.cap,
-                         request_budget=args.request_budget, layer_budgets=args.layer_budgets, extra=extra)
+                         request_budget=args.request_budget, layer_budgets=args.layer_budgets, extra=extra,
+                         hard_cap=args.hard_cap)
     result = replay(trace, runs, placement, device=args.device, progress=not args.no_progress)
-    meta = run_metadata(["sglang-xshare", *argv])
     info = result.info
     md = (
         f"Trace: `{path}` ({info['model']}; {info['trace_steps']} steps x {info['layers']} layers, "
@@ -60,21 +107,26 @@ def _replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
         f"{result.batches} batches. Means over (step, layer) batches; ratios to topk.\n\n" + result.table()
     )
     print(md)
-    jp, mp = write_results(args.out, args.name, {"info": info, "overall": result.overall, "per_layer": result.per_layer}, md, meta)
-    print(f"\nwrote {jp} and {mp}")
+    if args.out is not None:
+        meta = run_metadata(["sglang-xshare", *argv])
+        payload = {"info": info, "overall": result.overall, "per_layer": result.per_layer}
+        jp, mp = write_results(args.out, args.name, payload, md, meta)
+        print(f"\nwrote {jp} and {mp}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv and argv[0] not in ("replay", "-h", "--help"):
+        argv = ["replay", *argv]  # replay is the default command
     args = parser.parse_args(argv)
     if args.cmd is None:
         args = parser.parse_args(["replay", *argv])
     try:
         return _replay(args, argv)
     except XShareConfigError as e:
-        parser.error(str(e))
+        parser.error(str(e.renamed(REPLAY_FLAGS)))
         return 2
 
 

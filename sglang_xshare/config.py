@@ -39,7 +39,13 @@ class XShareConfigError(ValueError):
 
     def __init__(self, flag: str, message: str) -> None:
         self.flag = flag
+        self.detail = message
         super().__init__(f"{flag}: {message}")
+
+    def renamed(self, names: Mapping[str, str]) -> "XShareConfigError":
+        """The same error naming the flag as a front-end spells it (``names``: core -> front-end,
+        e.g. ``{"--xshare-budget": "--budget"}``); flags not in ``names`` are kept."""
+        return XShareConfigError(names.get(self.flag, self.flag), self.detail)
 
 
 @dataclass(frozen=True)
@@ -224,6 +230,10 @@ class SelectionConfig:
             ``"full"`` (each token's whole distribution over all experts).
         fill_to_peak: ``xshare_ep`` only -- once the busiest rank sets the peak, let the other
             ranks fill up to that peak (free for latency, more mass kept).
+        hard_cap: ``xshare_ep`` only -- the budget is a hard cap on distinct experts: at most
+            ``max(m_l, |warm-up set|)`` (by default the per-rank budget ``ceil(m_l / R)`` on every
+            rank, and ``fill_to_peak``, may activate more than ``m_l``). The other budgeted
+            policies never exceed ``max(m_l, |warm-up set|)``.
     """
 
     policy: str = "xshare"
@@ -234,6 +244,7 @@ class SelectionConfig:
     min_score: float = 0.0
     mass_source: Literal["topk", "full"] = "topk"
     fill_to_peak: bool = True
+    hard_cap: bool = False
 
     def validate(self, routing: RoutingSpec) -> "SelectionConfig":
         """Check this config against the model; return ``self``. Raises :class:`XShareConfigError`."""

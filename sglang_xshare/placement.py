@@ -13,14 +13,14 @@ the ``T / R`` TP ranks inside a group share that group's load.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from .config import XShareConfigError
 
-__all__ = ["Placement"]
+__all__ = ["Placement", "PlacementTables", "placement_tables", "refresh_tables_"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ class Placement:
     num_experts: int
     num_ranks: int
     physical_to_logical: torch.Tensor
+    #: device tables per device (:func:`placement_tables`); not a field of the placement's value
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ---- constructors -------------------------------------------------------------------
     @staticmethod
@@ -120,6 +122,12 @@ class Placement:
         out.scatter_reduce_(0, self.physical_to_logical.to(device), torch.arange(P, device=device), "amin")
         return out
 
+    def refresh_tables_(self) -> None:
+        """Recompute every device table of this placement (:func:`refresh_tables_`) from the
+        current ``physical_to_logical`` -- call after EPLB rewrote that tensor in place."""
+        for tables in self._tables.values():
+            refresh_tables_(tables)
+
     def __eq__(self, other: object) -> bool:  # tensors do not compare as dataclass fields
         return (
             isinstance(other, Placement)
@@ -130,3 +138,93 @@ class Placement:
 
     def __hash__(self) -> int:
         return hash((self.num_experts, self.num_ranks, tuple(self.physical_to_logical.tolist())))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(1, (int(n) - 1).bit_length())
+
+
+@dataclass(eq=False)
+class PlacementTables:
+    """Device tables of a placement, shared by the ``xshare_ep`` reference and its Triton kernel.
+
+    Built once per placement and device by :func:`placement_tables` with device ops only (no
+    host sync, static shapes), and refreshed *in place* by :func:`refresh_tables_` (the tensors
+    keep their storage, so CUDA graphs and compiled graphs that captured them read the new map).
+
+    Attributes:
+        placement: the placement (its ``physical_to_logical`` is what a refresh reads).
+        slot_expert: ``[block_p] int32`` logical expert of each physical slot, ``-1`` past ``P``
+            (a snapshot of ``physical_to_logical``).
+        slot_rank: ``[block_p] int32`` EP rank of each slot (``slot // (P / R)``; 0 past ``P``; fixed).
+        copy: ``[E] int32`` lowest physical slot of each logical expert (its only one without replicas).
+        rank: ``[E] int32`` rank of ``copy``.
+    """
+
+    placement: Placement
+    slot_expert: torch.Tensor
+    slot_rank: torch.Tensor
+    copy: torch.Tensor
+    rank: torch.Tensor
+
+    @property
+    def num_ranks(self) -> int:
+        return self.placement.num_ranks
+
+    @property
+    def replicated(self) -> bool:
+        return self.placement.has_replicas
+
+    @property
+    def block_p(self) -> int:
+        """Physical slots padded to a power of two (>= 2): the kernel's slot vector."""
+        return int(self.slot_expert.numel())
+
+    @property
+    def block_r(self) -> int:
+        """Ranks padded to a power of two (>= 2)."""
+        return _pow2(self.placement.num_ranks)
+
+
+def placement_tables(placement: Placement, device: torch.device | str) -> PlacementTables:
+    """The :class:`PlacementTables` of ``placement`` on ``device``, built on first use (cached on
+    the placement object) with device ops only: no ``.cpu()`` / ``.tolist()`` / ``.item()``."""
+    device = torch.device(device)
+    key = str(device)
+    tables = placement._tables.get(key)
+    if tables is None:
+        P, E = placement.num_physical, placement.num_experts
+        bp = _pow2(P)
+        slot_rank = torch.zeros(bp, dtype=torch.int32, device=device)
+        slot_rank[:P] = (torch.arange(P, device=device) // placement.experts_per_rank).to(torch.int32)
+        tables = PlacementTables(
+            placement=placement,
+            slot_expert=torch.full((bp,), -1, dtype=torch.int32, device=device),
+            slot_rank=slot_rank,
+            copy=torch.zeros(E, dtype=torch.int32, device=device),
+            rank=torch.zeros(E, dtype=torch.int32, device=device),
+        )
+        refresh_tables_(tables)
+        placement._tables[key] = tables
+    return tables
+
+
+def refresh_tables_(tables: PlacementTables) -> PlacementTables:
+    """Recompute ``tables`` in place from ``tables.placement.physical_to_logical`` (its current
+    contents: EPLB rewrites SGLang's map in place on a rebalance).
+
+    Device ops only, static shapes, no allocation of persistent memory: safe inside a CUDA graph
+    capture and cheap enough to run once per decode step. No host sync when the map lives on the
+    tables' device (SGLang's ``physical_to_logical_map`` does). Every logical expert must keep at
+    least one physical copy (EPLB guarantees it). Returns ``tables``.
+    """
+    pl = tables.placement
+    P, E, L = pl.num_physical, pl.num_experts, pl.experts_per_rank
+    dev = tables.slot_expert.device
+    p2l = pl.physical_to_logical.to(device=dev, dtype=torch.int64, non_blocking=True)
+    tables.slot_expert[:P].copy_(p2l)
+    slots = torch.arange(P, device=dev)
+    primary = torch.full((E,), P, dtype=torch.int64, device=dev).scatter_reduce_(0, p2l, slots, "amin")
+    tables.copy.copy_(primary)
+    tables.rank.copy_(primary // L)
+    return tables

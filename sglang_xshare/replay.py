@@ -70,15 +70,17 @@ class ReplayResult:
 
 def standard_runs(routing: RoutingSpec, policy: str, budget: str, k0: int = 1, cap: int | None = None,
                   request_budget: str | None = None, layer_budgets: str | None = None,
-                  extra: Sequence[str] = ()) -> list[PolicyRun]:
+                  extra: Sequence[str] = (), hard_cap: bool = False) -> list[PolicyRun]:
     """``topk`` + ``cap`` + ``oea`` baselines, then ``policy`` (ours) and any ``extra`` policies.
 
-    ``cap`` defaults to ``ceil(k / 2)``; budgeted policies share ``budget`` (and per-layer overrides).
+    ``cap`` defaults to ``ceil(k / 2)``; budgeted policies share ``budget`` (and per-layer
+    overrides); ``hard_cap`` makes ``xshare_ep``'s budget a hard cap on distinct experts.
+    Configuration errors name the core flags (``--xshare-budget``, ...).
     """
     k = routing.top_k
     cap = cap if cap is not None else max(1, -(-k // 2))
     sched = BudgetSchedule.parse(budget, layer_budgets)
-    rb = Budget.parse(request_budget, "--request-budget") if request_budget is not None else None
+    rb = Budget.parse(request_budget, "--xshare-request-budget") if request_budget is not None else None
 
     def make(name: str) -> PolicyRun:
         if name == "topk":
@@ -88,9 +90,12 @@ def standard_runs(routing: RoutingSpec, policy: str, budget: str, k0: int = 1, c
         if name in ("oea", "oea_simple"):
             return PolicyRun(f"{name}(k0={k0})", SelectionConfig(policy=name, k0=k0).validate(routing))
         if name == "xshare_spec":
-            r = rb or Budget.parse(max(k, routing.top_k), "--request-budget")
+            r = rb or Budget.parse(max(k, routing.top_k), "--xshare-request-budget")
             cfg = SelectionConfig(policy=name, k0=k0, budget=sched, request_budget=r)
             return PolicyRun(f"{name}(m_r={r}, m_l={sched.default}, k0={k0})", cfg.validate(routing))
+        if name == "xshare_ep" and hard_cap:
+            cfg = SelectionConfig(policy=name, k0=k0, budget=sched, hard_cap=True)
+            return PolicyRun(f"{name}(m={sched.default}, k0={k0}, hard cap)", cfg.validate(routing))
         cfg = SelectionConfig(policy=name, k0=k0, budget=sched)
         return PolicyRun(f"{name}(m={sched.default}, k0={k0})", cfg.validate(routing))
 

@@ -93,3 +93,25 @@ def test_selector_rejects_wrong_logits_shape():
     s = Selector(RoutingSpec(16, 4), SelectionConfig(policy="topk"))
     with pytest.raises(ValueError, match=r"\[T, 16\]"):
         s(torch.zeros(3, 15))
+
+
+def test_launcher_and_flag_parsing_do_not_import_torch():
+    """The launcher, the ray launcher's flag parsing and the --xshare-* parser stay light: a fresh
+    interpreter that runs them has not imported torch (or SGLang)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import sglang_xshare.launch_server\n"
+        "from sglang_xshare.serving import split_xshare_argv, XShareServerConfig\n"
+        "from sglang_xshare.serving.flags import parse_xshare_argv\n"
+        "sg, xs = split_xshare_argv(['--model-path', 'm', '--xshare-policy', 'xshare_ep', '--xshare-budget', '0.6'])\n"
+        "parse_xshare_argv(xs).selection_config()\n"
+        "from sglang_xshare.launch.args import parse_args\n"
+        "parse_args(['--nnodes', '2', '--', '--model-path', 'm', '--xshare-policy', 'xshare', '--xshare-budget', '8'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sglang', 'triton')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout

@@ -6,7 +6,9 @@ below assert them one by one. Checks per world size:
 * every policy (topk, xshare, xshare_ep, oea) x both NCCL/gloo modes (padded, exact): EP output vs
   :func:`reference_moe` of the same selection;
 * ``-1`` slots and all-``-1`` (padded) tokens; a placement with replicated experts, mapped
-  primary, round-robin, and by ``xshare_ep``'s own physical ids;
+  primary, round-robin, and by ``xshare_ep``'s own physical ids -- with *slot-tagged* weights
+  (every physical slot its own weights) so the output shows which copy, on which rank, served
+  each slot: it must be the copy the policy / replica map chose (computed independently here);
 * rows that cross the network: tokens whose every slot is on their own rank are never sent
   (exact mode's send splits), and the counters match a host-side count;
 * DP attention: the global view gives every rank the same expert set, equal to the single-process
@@ -17,6 +19,7 @@ Plus one single-process check of the Triton grouped GEMM in Triton's CPU interpr
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -29,7 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sglang_xshare.config import BudgetSchedule, RoutingSpec, SelectionConfig
-from sglang_xshare.dispatch import DispatchConfigError, NcclDispatcher, make_dispatcher
+from sglang_xshare.dispatch import DispatchConfigError, NcclDispatcher, make_dispatcher, rank_membership
 from sglang_xshare.dispatch.deepep import low_latency_refusal
 from sglang_xshare.moe import EPMoELayer, SwiGLUExperts, make_expert_weights, reference_moe
 from sglang_xshare.moe.dp_attention import DPAttentionSelector
@@ -71,10 +74,12 @@ def _replicated(R: int) -> Placement:
     return Placement.from_map(E, R, p2l)
 
 
-def _layer(placement: Placement, rank: int, mode: str, replica_mode: str = "primary") -> EPMoELayer:
+def _layer(placement: Placement, rank: int, mode: str, replica_mode: str = "primary", tagged: bool = False) -> EPMoELayer:
+    """This rank's layer; ``tagged``: weights keyed by *physical slot* (copies differ), else by
+    logical expert (copies equal, as in a real model)."""
     L = placement.experts_per_rank
-    local_logical = placement.physical_to_logical[rank * L:(rank + 1) * L]
-    w13, w2 = make_expert_weights(local_logical, H, I, seed=7)
+    local = torch.arange(rank * L, (rank + 1) * L) if tagged else placement.physical_to_logical[rank * L:(rank + 1) * L]
+    w13, w2 = make_expert_weights(local, H, I, seed=11 if tagged else 7)
     disp = NcclDispatcher(rank, placement.num_ranks, placement.num_physical, H, K, mode)
     return EPMoELayer(placement, disp, SwiGLUExperts(w13, w2, impl="torch"), replica_mode=replica_mode)
 
@@ -107,6 +112,30 @@ def _worker(rank: int, R: int, port: int, queue) -> None:
             layer.selector = _selector("xshare_ep", placement)
             direct = layer.forward_selected(x, layer.selector(logits))
             res[f"forward_selector/{pname}"] = bool(torch.equal(layer(x, logits), direct))
+
+        # 1b. which copy served each slot: slot-tagged weights, expected copies computed here
+        P, Lr = repl.num_physical, repl.experts_per_rank
+        w13_slots, w2_slots = make_expert_weights(range(P), H, I, seed=11)
+        p2l = repl.physical_to_logical.tolist()
+        copies = [[p for p in range(P) if p2l[p] == e] for e in range(E)]
+        for policy in POLICIES:
+            sel = _selector(policy, repl)(logits)
+            for rmode in ("primary", "round_robin"):
+                want = [[-1 if e < 0 else (int(sel.physical_ids[t, j]) if policy == "xshare_ep" else
+                                           copies[e][0] if rmode == "primary" else copies[e][t % len(copies[e])])
+                         for j, e in enumerate(sel.topk_ids[t].tolist())] for t in range(T)]
+                want = torch.tensor(want)
+                layer = _layer(repl, rank, "exact", rmode, tagged=True)
+                out = layer.forward_selected(x, sel)
+                res[f"copy/{policy}/{rmode}"] = _rel(out, reference_moe(x, want, sel.topk_weights, w13_slots, w2_slots))
+                sent = layer.dispatcher.last_stats.rows_to_rank
+                res[f"copy_ranks/{policy}/{rmode}"] = bool(torch.equal(sent, rank_membership(want, R, Lr).sum(0)))
+            if policy == "xshare_ep":
+                kept = sel.topk_ids >= 0
+                primary = torch.tensor([c[0] for c in copies])[sel.topk_ids.long().clamp(min=0)]
+                res["copy/xshare_ep/non_primary"] = int((kept & (sel.physical_ids.long() != primary)).sum())
+                res["copy/xshare_ep/on_copy"] = bool(torch.all(
+                    repl.physical_to_logical[sel.physical_ids[kept].long()] == sel.topk_ids[kept].long()))
 
         # 2. explicit -1 slots, padded tokens (all -1) -> zero output, replicated physical ids
         ids = torch.randint(0, repl.num_physical, (T, K), generator=g)
@@ -160,7 +189,7 @@ def _worker(rank: int, R: int, port: int, queue) -> None:
             single = s(full)
             mine = slice(rank * T, (rank + 1) * T)
             res[f"dp/{policy}/equal_single"] = bool(torch.equal(glob.topk_ids, single.topk_ids[mine])
-                                                   and torch.allclose(glob.topk_weights, single.topk_weights[mine]))
+                                                   and torch.equal(glob.topk_weights, single.topk_weights[mine]))
             if policy == "xshare_ep":
                 res[f"dp/{policy}/phys_equal"] = bool(torch.equal(glob.physical_ids, single.physical_ids[mine]))
             used_g = torch.zeros(E, dtype=torch.int64)
@@ -177,9 +206,21 @@ def _worker(rank: int, R: int, port: int, queue) -> None:
             dist.all_reduce(used_l, op=dist.ReduceOp.MAX)
             res[f"dp/{policy}/n_global"] = int(used_g.sum())
             res[f"dp/{policy}/n_local"] = int(used_l.sum())
-        # 5. backend choice: auto without an importable deep_ep (or on gloo) -> NCCL/gloo, and says why
+        # 5. backend choice: auto without an importable deep_ep (or on gloo) -> NCCL/gloo, says why,
+        #    and the layer reports the fallback as a WARNING (printed even without logging set up)
         d = make_dispatcher("auto", num_physical=E, hidden=H, top_k=K, max_tokens_per_rank=T)
-        res["auto/name"], res["auto/reason"] = d.name, d.reason
+        res["auto/name"], res["auto/reason"], res["auto/fallback"] = d.name, d.reason, d.fallback
+        records: list[logging.LogRecord] = []
+        catch = logging.Handler()
+        catch.emit = records.append  # type: ignore[method-assign]
+        ep_logger = logging.getLogger("sglang_xshare.moe.ep_layer")
+        ep_logger.addHandler(catch)
+        ep_logger.setLevel(logging.INFO)
+        w13, w2 = make_expert_weights(range(rank * (E // R), (rank + 1) * (E // R)), H, I, seed=7)
+        EPMoELayer(pure, d, SwiGLUExperts(w13, w2, impl="torch"))
+        EPMoELayer(pure, NcclDispatcher(rank, R, E, H, K, "padded"), SwiGLUExperts(w13, w2, impl="torch"))
+        ep_logger.removeHandler(catch)
+        res["auto/logged"] = [(r.levelname, r.getMessage()) for r in records]
         try:
             make_dispatcher("bogus", num_physical=E, hidden=H, top_k=K, max_tokens_per_rank=T)
             res["bogus"] = "no error"
@@ -225,6 +266,19 @@ def test_ep_output_matches_reference(results):
     assert n == len(POLICIES) * 2 * 3  # pure x modes + replicated x modes x replica modes
 
 
+def test_each_slot_is_served_by_the_chosen_copy(results):
+    """Copies carry different weights here: the output is right only if every slot went to the
+    copy xshare_ep chose (or the replica map's copy for the other policies), on that copy's rank."""
+    R, res = results
+    bad = {(r, key): v for r, d in res.items() for key, v in d.items()
+           if key.startswith("copy/") and key.count("/") == 2 and not key.endswith(("non_primary", "on_copy"))
+           and not v < TOL}
+    assert not bad, f"a slot was served by another copy than chosen at EP={R}: {bad}"
+    assert all(v for d in res.values() for key, v in d.items() if key.startswith("copy_ranks/")), "rows went to the wrong ranks"
+    assert all(d["copy/xshare_ep/on_copy"] for d in res.values())
+    assert sum(d["copy/xshare_ep/non_primary"] for d in res.values()) > 0, "xshare_ep never chose a non-primary copy"
+
+
 def test_forward_runs_the_selector(results):
     R, res = results
     assert all(d["forward_selector/pure"] and d["forward_selector/repl"] for d in res.values())
@@ -265,6 +319,10 @@ def test_backend_choice_is_explained(results):
     for d in res.values():
         assert d["auto/name"] == "nccl-padded"
         assert "DeepEP not used" in d["auto/reason"] and "gloo" in d["auto/reason"]
+        assert d["auto/fallback"] and "DeepEP" in d["auto/fallback"]
+        levels = [lvl for lvl, _ in d["auto/logged"]]
+        assert levels == ["WARNING", "INFO"], d["auto/logged"]  # the fallback warns, a plain NCCL layer does not
+        assert "DeepEP" in d["auto/logged"][0][1] and "falls back" in d["auto/logged"][0][1]
         assert d["bogus"].startswith("--dispatch-backend")
 
 

@@ -30,20 +30,29 @@ ROUTINGS = {
     "kimi": (384, 8, "sigmoid", True, None, None, True),
     "e128k2": (128, 2, "softmax", False, None, None, False),
     "sig64": (64, 4, "sigmoid", True, 4, 2, False),
+    "e8k2": (8, 2, "softmax", True, None, None, False),
+    "e16k4": (16, 4, "softmax", True, None, None, False),
+    "sig16": (16, 4, "sigmoid", True, None, None, False),
 }
 
 
 def _case(policy, routing, T, inputs="randn", dtype="float32", k0=1, budget="0.6", request_budget="0.8",
           n_valid=None, ep=1, replicas=0, rid="groups", min_score=0.0, mass_source="topk", fill=True, seed=0,
-          group=None, knobs=None, output=None, ranks=None):
+          group=None, knobs=None, perms=0, hard=False, refresh=False, expect=None, output=None, ranks=None):
     """One case. ``rid``: "groups" (request_ids = t // 4), "shuffled", "none"; ``group``: pass
     ``request_group`` instead (the fused path); ``knobs``: kernel workspace knobs (launch plan);
+    ``perms``: also check that many random token orders (requests and their tokens for
+    ``group``) give the same outputs, permuted, in kernel and reference; ``hard``: hard cap;
+    ``refresh``: then rewrite the placement's map in place (an EPLB rebalance), refresh its device
+    tables, and check kernel and reference against a placement built from the new map;
+    ``expect``: launch-plan attributes the call must have used (e.g. ``{"sync": 1}``);
     ``output``: an output epilogue ``dict(ids, empty, scale, metrics_ep)`` (``OutputSpec``; the
-    padding count then reaches the kernel as a device tensor, as SGLang passes it)."""
+    padding count then reaches the kernel as a device tensor, as SGLang passes it); ``ranks``: the
+    batch split over two ranks whose statistics are summed (EP-global selection)."""
     return dict(policy=policy, routing=routing, T=T, inputs=inputs, dtype=dtype, k0=k0, budget=budget,
                 request_budget=request_budget, n_valid=n_valid, ep=ep, replicas=replicas, rid=rid,
                 min_score=min_score, mass_source=mass_source, fill=fill, seed=seed, group=group, knobs=knobs or {},
-                output=output, ranks=ranks)
+                perms=perms, hard=hard, refresh=refresh, expect=expect or {}, output=output, ranks=ranks)
 
 
 def _out(ids="logical", empty="minus_one", scale=None, metrics_ep=4):
@@ -124,6 +133,67 @@ CASES = {
     "oea_simple-dsv3-rowtiles": _case("oea_simple", "dsv3", 12, knobs={"tile_elems": 256}, seed=51),
     "ep-dsv3-ep4-rowtiles-mass": _case("xshare_ep", "dsv3", 9, budget="mass:0.8", ep=4, knobs={"tile_elems": 256},
                                        seed=52),
+    # exact masses (issue 13): the float64 counter-example and gates from 1e-30 to 1, in any token order
+    "xshare-midpoint-perms": _case("xshare", "e8k2", 6, inputs="midpoint", budget="3", perms=6, seed=53),
+    "xshare-midpoint-multi-perms": _case("xshare", "e8k2", 6, inputs="midpoint", budget="3", perms=3,
+                                         knobs={"tile_elems": 16}, seed=54),
+    "ep-midpoint-perms": _case("xshare_ep", "e8k2", 6, inputs="midpoint", budget="3", ep=2, perms=4, seed=55),
+    "spec-midpoint-none-perms": _case("xshare_spec", "e8k2", 6, inputs="midpoint", budget="3", request_budget="2",
+                                      rid="none", perms=4, seed=56),
+    "xshare-dust-perms": _case("xshare", "e8k2", 6, inputs="dust", budget="5", perms=4, seed=81),
+    "ep-dust-multi-perms": _case("xshare_ep", "e8k2", 6, inputs="dust", budget="5", ep=2, perms=3,
+                                 knobs={"tile_elems": 16}, seed=82),
+    "specg-dust-g1-mass-perms": _case("xshare_spec", "e8k2", 6, inputs="dust", budget="mass:1", request_budget="2",
+                                      group=1, perms=3, seed=83),
+    "xshare-range-mass-perms": _case("xshare", "e16k4", 24, inputs="range", budget="mass:0.9", perms=3, seed=57),
+    "xshare-range-sig-multi-perms": _case("xshare", "sig16", 40, inputs="range", budget="0.5", perms=2,
+                                          knobs={"tile_elems": 64}, seed=58),
+    "oea-range-perms": _case("oea", "e16k4", 24, inputs="range", perms=2, seed=59),
+    "ep-range-replicas-perms": _case("xshare_ep", "e16k4", 24, inputs="range", budget="mass:0.95", ep=4, replicas=1,
+                                     perms=3, seed=60),
+    "ep-range-multi-perms": _case("xshare_ep", "e16k4", 40, inputs="range", budget="0.6", ep=4, perms=2,
+                                  knobs={"tile_elems": 64}, seed=61),
+    "spec-range-shuffled-perms": _case("xshare_spec", "e16k4", 24, inputs="range", budget="mass:0.9",
+                                       request_budget="mass:0.9", rid="shuffled", perms=3, seed=62),
+    "specg-range-g4-perms": _case("xshare_spec", "e16k4", 24, inputs="range", budget="0.6", request_budget="3",
+                                  group=4, perms=3, seed=63),
+    "specg-range-g4-multi-perms": _case("xshare_spec", "sig16", 32, inputs="range", budget="mass:0.9",
+                                        request_budget="mass:0.8", group=4, perms=2, knobs={"tile_elems": 64},
+                                        seed=64),
+    # sigmoid gates that all underflow: renormalised weights are uniform over the kept slots
+    "topk-sig64-underflow": _case("topk", "sig64", 10, inputs="underflow", seed=71),
+    "xshare-sig16-underflow-minscore": _case("xshare", "sig16", 12, inputs="underflow", min_score=0.1, seed=72),
+    "ep-dsv3-underflow-bias": _case("xshare_ep", "dsv3", 8, inputs="underflow", ep=4, seed=73),
+    # xshare_ep's hard cap (distinct experts <= max(m, |warm|)), one and many programs
+    "ep-olmoe-ep8-hard": _case("xshare_ep", "olmoe", 30, budget="0.5", ep=8, hard=True, seed=65),
+    "ep-olmoe-ep8-hard-multi-nofill": _case("xshare_ep", "olmoe", 70, budget="20", ep=8, hard=True, fill=False,
+                                            seed=66),
+    "ep-olmoe-ep8-replicas-hard": _case("xshare_ep", "olmoe", 30, budget="0.5", ep=8, replicas=2, hard=True, seed=67),
+    "ep-dsv3-ep4-replicas-hard-mass": _case("xshare_ep", "dsv3", 12, budget="mass:0.9", ep=4, replicas=3, hard=True,
+                                            fill=False, seed=68),
+    # the grid-barrier mode (sync=1: partial rows, tickets, one- and two-stage reductions, the pick
+    # on every program) as a barrier of one program, the only one the sequential interpreter can
+    # satisfy; what it cannot run (several programs spinning at once) only the GPU bench covers
+    "barrier-xshare-onechunk": _case("xshare", "olmoe", 6, budget="0.5", knobs={"programs": 1, "sync": 1},
+                                     expect={"sync": 1, "chunks": 1}, seed=74),
+    "barrier-xshare-chunks-mass": _case("xshare", "olmoe", 70, budget="mass:0.9", knobs={"programs": 1, "sync": 1},
+                                        expect={"sync": 1, "two_stage": False}, seed=75),
+    "barrier-xshare-twostage": _case("xshare", "olmoe", 40, budget="0.5",
+                                     knobs={"programs": 1, "sync": 1, "two_stage": True},
+                                     expect={"sync": 1, "two_stage": True}, seed=76),
+    "barrier-ep-replicas-twostage": _case("xshare_ep", "olmoe", 40, budget="0.6", ep=8, replicas=2,
+                                          knobs={"programs": 1, "sync": 1, "two_stage": True},
+                                          expect={"sync": 1, "two_stage": True}, seed=77),
+    "barrier-ep-hard": _case("xshare_ep", "dsv3", 10, budget="0.5", ep=4, hard=True, knobs={"programs": 1, "sync": 1},
+                             expect={"sync": 1}, seed=78),
+    "barrier-specg-g4-twostage": _case("xshare_spec", "olmoe", 24, group=4,
+                                       knobs={"programs": 1, "sync": 1, "two_stage": True, "tile_elems": 512},
+                                       expect={"sync": 1, "two_stage": True}, seed=79),
+    "barrier-oea-simple": _case("oea_simple", "kimi", 9, knobs={"programs": 1, "sync": 1}, expect={"sync": 1},
+                                seed=80),
+    # EPLB rebalance: the map rewritten in place, tables refreshed (kernel and reference follow)
+    "refresh-ep-replicas": _case("xshare_ep", "e16k4", 20, budget="0.6", ep=4, replicas=2, refresh=True, seed=69),
+    "refresh-ep-permuted": _case("xshare_ep", "e16k4", 20, budget="0.6", ep=4, refresh=True, seed=70),
     # output epilogue (serving): padding count on device, -1 / fill, routed scale, EPLB static map,
     # xshare_ep's physical copies, fused metrics on every launch plan
     "out-topk-fill-scale": _case("topk", "olmoe", 12, n_valid=9, seed=53, output=_out(empty="fill", scale=2.5)),
@@ -181,7 +251,7 @@ def build(case):
     if policy == "xshare_spec":
         kw["request_budget"] = Budget.parse(case["request_budget"], "--xshare-request-budget")
     cfg = SelectionConfig(policy=policy, k0=case["k0"], min_score=case["min_score"], mass_source=case["mass_source"],
-                          fill_to_peak=case["fill"], **kw)
+                          fill_to_peak=case["fill"], hard_cap=case["hard"], **kw)
     placement = None
     R = case["ep"]
     if R > 1 and case["replicas"] == 0:
@@ -340,6 +410,65 @@ def run_global_case(case) -> str:
     return f"ranks joined vs one batch: {msg}" if msg else ""
 
 
+def token_permutation(case, T: int, n_valid, g):
+    """A random token order: requests and the tokens inside them for ``group``, else the valid
+    tokens (padding stays last)."""
+    import torch
+
+    if case["group"]:
+        gs = case["group"]
+        assert T % gs == 0, "perms with request groups need whole requests"
+        req = torch.randperm(T // gs, generator=g)
+        within = torch.stack([torch.randperm(gs, generator=g) for _ in range(T // gs)])
+        return (req[:, None] * gs + within).flatten()
+    nv = T if n_valid is None else n_valid
+    return torch.cat([torch.randperm(nv, generator=g), torch.arange(nv, T)])
+
+
+def same_permuted(base, out, p) -> str:
+    """'' when ``out`` (of the permuted inputs) is ``base`` permuted by ``p``, bit for bit."""
+    import torch
+
+    if not torch.equal(out.topk_ids, base.topk_ids[p]):
+        return "ids"
+    if not torch.equal(out.topk_weights, base.topk_weights[p]):
+        return "weights"
+    if base.physical_ids is not None and not torch.equal(out.physical_ids, base.physical_ids[p]):
+        return "physical ids"
+    return ""
+
+
+def run_refresh(case, sel, x, n_valid, bias, fn, before) -> str:
+    """Rewrite ``sel.placement``'s map in place, refresh, and compare with a fresh placement."""
+    import torch
+
+    from sglang_xshare.placement import Placement
+    from sglang_xshare.select import Selector, compute_scores
+
+    pl = sel.placement
+    g = torch.Generator().manual_seed(3000 + case["seed"])
+    E, P = pl.num_experts, pl.num_physical
+    new = torch.cat([torch.randperm(E, generator=g), torch.randint(0, E, (P - E,), generator=g)])
+    new = new[torch.randperm(P, generator=g)]
+    pl.physical_to_logical.copy_(new)  # what EPLB does to SGLang's map
+    pl.refresh_tables_()
+    fresh = Selector(sel.routing, sel.config, Placement.from_map(E, pl.num_ranks, new.clone()), backend="reference",
+                     correction_bias=bias)
+    fresh.workspace.update(case["knobs"])
+    ctx, ctx_f = (s.context(x.shape[0], x.device, 0, n_valid) for s in (sel, fresh))
+    ref = sel.entry.reference(compute_scores(x, sel.routing, bias), ctx)
+    want = fresh.entry.reference(compute_scores(x, sel.routing, bias), ctx_f)
+    out = fn(x, sel.routing, ctx, bias, sel.workspace)  # the same workspace: its tables were refreshed
+    want_k = fn(x, sel.routing, ctx_f, bias, fresh.workspace)
+    for name, got, exp in (("reference", ref, want), ("kernel", out, want_k)):
+        what = same_permuted(exp, got, torch.arange(x.shape[0]))
+        if what:
+            return f"after the refresh the {name}'s {what} differ from a placement built from the new map"
+    if torch.equal(want.physical_ids, before.physical_ids):
+        return "the new map did not change the physical ids (the case tests nothing)"
+    return ""
+
+
 def run_case(case) -> str:
     import torch
 
@@ -362,9 +491,26 @@ def run_case(case) -> str:
     msg = compare(ref, out)
     if msg:
         return msg
+    if case["expect"]:
+        plans = [b.plan for key, b in sel.workspace.items() if isinstance(key, tuple) and key[0] == "buffers"]
+        got = {k: getattr(plans[0], k) for k in case["expect"]} if len(plans) == 1 else plans
+        if got != case["expect"]:
+            return f"launch plan {got}, expected {case['expect']}"
     again = fn(x, sel.routing, ctx, bias, sel.workspace)  # reused workspace, bit-identical
     if not (torch.equal(again.topk_ids, out.topk_ids) and torch.equal(again.topk_weights, out.topk_weights)):
         return "second call differs (nondeterministic or stale workspace)"
+    if case["refresh"]:
+        return run_refresh(case, sel, x, n_valid, bias, fn, out)
+    g = torch.Generator().manual_seed(2000 + case["seed"])
+    for i in range(case["perms"]):
+        p = token_permutation(case, x.shape[0], n_valid, g)
+        ctx_p = sel.context(x.shape[0], x.device, 0, n_valid, None if rid is None else rid[p], case["group"])
+        ref_p = sel.entry.reference(compute_scores(x[p], sel.routing, bias), ctx_p)
+        out_p = fn(x[p], sel.routing, ctx_p, bias, sel.workspace)
+        for name, a, b in (("reference", ref, ref_p), ("kernel", out, out_p)):
+            what = same_permuted(a, b, p)
+            if what:
+                return f"token order {i} changes the {name}'s {what}"
     return ""
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from sglang_xshare import Budget, BudgetSchedule, Placement, RoutingSpec, SelectionConfig, Selector
 from sglang_xshare.select import compute_scores
-from sglang_xshare.select.common import greedy_pick, resolve_budget
+from sglang_xshare.select.common import greedy_pick, mass_units, resolve_budget
 
 from .conftest import clustered_logits
 
@@ -183,7 +183,7 @@ def test_xshare_greedy_is_exact(seed, budget):
 
 
 def test_budget_modes_on_device_tensors():
-    mass = torch.tensor([[0.5, 0.3, 0.1, 0.1, 0.0]])
+    mass = mass_units(torch.tensor([[0.5, 0.3, 0.1, 0.1, 0.0]]))
     warm = torch.tensor([[False, False, True, False, False]])
     union = mass > 0
     assert resolve_budget(Budget.parse(2), mass, warm, union).tolist() == [2]
@@ -201,7 +201,7 @@ def test_budget_modes_on_device_tensors():
 
 
 def test_fraction_budget_rounding_is_stable():
-    mass = torch.ones(1, 10)
+    mass = mass_units(torch.ones(1, 10))
     warm = torch.zeros(1, 10, dtype=torch.bool)
     assert resolve_budget(Budget.parse("0.7"), mass, warm, mass > 0).tolist() == [7]  # not 8 (0.7*10 = 7.000000000000001)
 
@@ -330,16 +330,130 @@ def test_request_group_equals_request_ids():
 
 
 def test_masses_do_not_depend_on_token_order():
-    """Masses are correctly rounded sums: the same bits for any order of the tokens, so equal
-    masses stay equal and ties break the same way in any implementation."""
-    from sglang_xshare.select.common import exact_sum, group_mass
+    """Masses are exact int64 sums of fixed-point units: the same integers for any order of the
+    tokens, so equal masses stay equal and ties break the same way in any implementation."""
+    from sglang_xshare.select.common import MASS_BITS, exact_sum, group_mass
 
     g = torch.Generator().manual_seed(5)
-    contrib = torch.rand(257, 64, generator=g) ** 3  # many magnitudes
+    gate = torch.rand(257, 64, generator=g) ** 3 * (10.0 ** -torch.randint(0, 30, (257, 64), generator=g)).float()
+    contrib = mass_units(gate)
+    assert contrib.dtype == torch.int64
     perm = torch.randperm(257, generator=g)
     assert torch.equal(group_mass(contrib, None, 1), group_mass(contrib[perm], None, 1))
     rid = torch.randint(0, 40, (257,), generator=g)
     assert torch.equal(group_mass(contrib, rid, 257), group_mass(contrib[perm], rid[perm], 257))
     assert torch.equal(exact_sum(contrib, 0), exact_sum(contrib.flip(0), 0))
-    # and it is the float64 sum rounded once
-    assert torch.equal(exact_sum(contrib, 0), contrib.double().sum(0).float())
+    # floor(gate * 2^40): gates below 2^-40 contribute nothing, 1.0 contributes 2^40
+    assert mass_units(torch.tensor([2.0**-41, 2.0**-40, 0.75, 1.0])).tolist() == [0, 1, 3 << 38, 1 << MASS_BITS]
+
+
+def _midpoint_selector(policy: str, budget: str = "3") -> Selector:
+    kw: dict = {"budget": BudgetSchedule.parse(budget)}
+    if policy == "xshare_spec":
+        kw["request_budget"] = Budget.parse("2")
+    placement = Placement.expert_parallel(8, 2) if policy == "xshare_ep" else None
+    kw["hard_cap"] = policy == "xshare_ep"  # the count is a cap: the same sets as xshare here
+    return Selector(RoutingSpec(8, 2), SelectionConfig(policy=policy, k0=1, **kw), placement, backend="reference")
+
+
+@pytest.mark.parametrize("policy", ["xshare", "xshare_ep", "xshare_spec"])
+def test_midpoint_counter_example_is_order_independent(policy):
+    """Issue 13's counter-example: experts 2 and 5 tie but for two gates of ~5e-17 on 5. A
+    float64 sum rounded to float32 picked {2, 6, 7} or {5, 6, 7} depending on the token order;
+    fixed-point masses drop the 5e-17 gates and keep the tie (lower id: expert 2), in every order
+    -- and count gates down to 2^-40 (the "dust" inputs), in every order."""
+    import itertools
+
+    from sglang_xshare.select.inputs import make_logits
+
+    # "midpoint": the ~5e-17 gates are below 2^-40 (tie, 2 wins); "dust": masses of tiny gates
+    # around the resolution (1 > 0 > 3 = 0 units: 3 never picked)
+    for kind, budget, want in (("midpoint", "3", [2, 6, 7]), ("dust", "3", [1, 6, 7]), ("dust", "5", [0, 1, 6, 7])):
+        sel = _midpoint_selector(policy, budget)
+        x = make_logits(kind, 6, 8, 0)
+        base = sel(x)
+        assert sorted(set(base.topk_ids[base.topk_ids >= 0].tolist())) == want, kind
+        for perm in itertools.permutations(range(6)):
+            p = torch.tensor(perm)
+            out = sel(x[p]) if policy != "xshare_spec" else sel(x[p], request_ids=torch.arange(6))
+            assert torch.equal(out.topk_ids, base.topk_ids[p]), (kind, perm)
+            assert torch.equal(out.topk_weights, base.topk_weights[p]), (kind, perm)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("policy", ["xshare", "xshare_ep", "xshare_spec", "oea"])
+def test_dynamic_range_masses_are_order_independent(policy, seed):
+    """Gates from 1e-30 to 1 with exact mass ties and sub-resolution dust: any token order (and
+    any request order / grouping) gives the same selection, bit for bit."""
+    from sglang_xshare.select.inputs import make_logits
+
+    T, E = 24, 16
+    g = torch.Generator().manual_seed(seed)
+    sel = make(policy, E, 4, k0=1, budget=["3", "0.5", "mass:0.9", "mass:0.97"][seed % 4],
+               request_budget=["4", "0.8"][seed % 2], ep=4 if policy == "xshare_ep" else 1,
+               scoring="sigmoid" if seed % 3 == 2 else "softmax")
+    if policy == "xshare_ep" and seed % 2:
+        sel = Selector(sel.routing, sel.config, Placement.from_map(E, 4, list(range(E)) + [0, 5, 9, 14]),
+                       backend="reference")
+    x = make_logits("range", T, E, seed)
+    rid = torch.randint(0, 6, (T,), generator=g)
+    base = sel(x, request_ids=rid if policy == "xshare_spec" else None)
+    for _ in range(4):
+        p = torch.randperm(T, generator=g)
+        out = sel(x[p], request_ids=rid[p] if policy == "xshare_spec" else None)
+        assert torch.equal(out.topk_ids, base.topk_ids[p])
+        assert torch.equal(out.topk_weights, base.topk_weights[p])
+        if base.physical_ids is not None:
+            assert torch.equal(out.physical_ids, base.physical_ids[p])
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_sigmoid_underflow_gives_uniform_weights(policy):
+    """Sigmoid gates that all underflow to 0: renormalised weights are 1/n on the n kept slots
+    (contract), not all zeros; tokens with normal gates are unaffected."""
+    E, k = 16, 4
+    sel = make(policy, E, k, k0=2, scoring="sigmoid", ep=4 if policy == "xshare_ep" else 1)
+    x = clustered_logits(6, E, 4)
+    x[::2] -= 130.0
+    out = check_contract(sel, policy, x, n_valid=6)
+    assert torch.all(torch.sigmoid(x[::2]) == 0)
+    for t in range(0, 6, 2):
+        kept = out.topk_ids[t] >= 0
+        n = int(kept.sum())
+        assert n >= 1 and torch.all(out.topk_weights[t][kept] == 1.0 / n)
+    assert torch.all(out.topk_weights[1::2].sum(1) > 0.99)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("hard", [False, True])
+def test_xshare_ep_with_replicas_end_to_end(seed, hard):
+    """xshare_ep on an EPLB-style placement with replicas against an independent oracle: masses
+    summed with Python loops (fixed-point), the replica greedy written out
+    (tests.test_ilp_oracle.greedy_by_definition), then each token's best <= k experts inside the
+    chosen set, each on the chosen copy."""
+    from .test_ilp_oracle import greedy_by_definition
+
+    E, k, T, R = 16, 4, 10, 4
+    g = torch.Generator().manual_seed(seed)
+    p2l = torch.cat([torch.randperm(E, generator=g), torch.randint(0, E, (R,), generator=g)])
+    placement = Placement.from_map(E, R, p2l)
+    cfg = SelectionConfig(policy="xshare_ep", k0=1, budget=BudgetSchedule.parse("6"), hard_cap=hard)
+    sel = Selector(RoutingSpec(E, k), cfg, placement, backend="reference")
+    logits = clustered_logits(T, E, seed)
+    out = sel(logits)
+    scores = compute_scores(logits, sel.routing)
+    order = _topk_sets(scores, E).tolist()
+    mass = [0] * E
+    warm = [False] * E
+    for t in range(T):
+        for j, e in enumerate(order[t][:k]):
+            mass[e] += int(mass_units(scores.gate[t, e]))
+            warm[e] = warm[e] or j == 0
+    copy = greedy_by_definition(mass, warm, 6, p2l.tolist(), R, True, hard)
+    chosen = {e for e in range(E) if copy[e] >= 0}
+    assert chosen != {e for e in range(E) if warm[e]}, "the case must choose beyond the warm-up set"
+    for t in range(T):
+        want = [e for e in order[t] if e in chosen][:k]
+        kept = out.topk_ids[t] >= 0
+        assert out.topk_ids[t][kept].tolist() == want
+        assert out.physical_ids[t][kept].tolist() == [copy[e] for e in want]

@@ -364,6 +364,56 @@ def test_flag_errors_name_the_flag():
     assert (a.sglang_flags, a.xshare_flags) == (["--model-path", "m", "--port", "1"], ["--xshare-policy", "xshare", "--xshare-budget=0.6"])
 
 
+def _plan(*argv: str) -> subprocess.CompletedProcess:
+    """The launcher's console module as a subprocess, without any cluster."""
+    env = {**BASE_ENV, "RAY_ADDRESS": ""}
+    return subprocess.run([sys.executable, "-m", "sglang_xshare.launch.ray_launcher", *argv], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _plan_nodes(text: str) -> dict[int, tuple[str, list[str]]]:
+    return {int(m.group(1)): (m.group(2), shlex.split(m.group(3)))
+            for m in re.finditer(r"^# node (\d+) at (\S+)\n(.*)$", text, re.M)}
+
+
+@pytest.mark.timeout(120)
+def test_dry_run_without_a_cluster_prints_the_plan():
+    """--dry-run needs no Ray cluster: with --node-ips the plan is complete, without it (and no
+    cluster answering) the addresses are placeholders; both exit 0 and start nothing."""
+    flags = ["--nnodes", "2", "--gpus-per-node", "8", "--tp-size", "16", "--ep-size", "16", "--dry-run"]
+    server = ["--", "--model-path", "m", "--xshare-policy", "xshare_ep", "--xshare-budget", "0.6"]
+    p = _plan(*flags, "--node-ips", "10.1.0.1,10.1.0.2", "--master-port", "5000", *server)
+    assert p.returncode == 0, p.stderr
+    nodes = _plan_nodes(p.stdout)
+    assert sorted(nodes) == [0, 1] and [nodes[r][0] for r in (0, 1)] == ["10.1.0.1", "10.1.0.2"]
+    for r, (_, words) in nodes.items():
+        argv = words[words.index("-m") + 2:]
+        assert words[words.index("-m") + 1] == "sglang_xshare.launch_server"
+        for flag, value in (("--nnodes", "2"), ("--node-rank", str(r)), ("--dist-init-addr", "10.1.0.1:5000"),
+                            ("--tp-size", "16"), ("--ep-size", "16"), ("--xshare-policy", "xshare_ep")):
+            assert argv[argv.index(flag) + 1] == value
+        assert f"SGLANG_XSHARE_NODE_RANK={r}" in words
+    # no --node-ips and nothing listening at --address: placeholders, still exit 0
+    port = _free_port()
+    p = _plan(*flags, "--address", f"127.0.0.1:{port}", *server)
+    assert p.returncode == 0, p.stderr
+    nodes = _plan_nodes(p.stdout)
+    assert [nodes[r][0] for r in (0, 1)] == ["<node0-ip>", "<node1-ip>"]
+    assert "--node-ips" in p.stderr and "<node0-ip>:29500" in p.stdout
+    # a launch without a cluster still fails (exit 2), naming the address
+    p = _plan("--nnodes", "2", "--address", f"127.0.0.1:{port}", "--command", "true")
+    assert p.returncode == 2 and "cannot connect" in p.stderr
+
+
+def test_node_ips_flag_errors():
+    with pytest.raises(XShareConfigError, match=r"^--node-ips: expected 2 addresses"):
+        parse_args(["--nnodes", "2", "--dry-run", "--node-ips", "10.0.0.1", "--command", "true"])
+    with pytest.raises(XShareConfigError, match=r"^--node-ips: only describes"):
+        parse_args(["--nnodes", "1", "--node-ips", "10.0.0.1", "--command", "true"])
+    with pytest.raises(XShareConfigError, match=r"^--master-port"):
+        parse_args(["--nnodes", "1", "--master-port", "0", "--command", "true"])
+
+
 # ---------------------------------------------------------------------------------------
 # On the cluster
 # ---------------------------------------------------------------------------------------

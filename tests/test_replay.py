@@ -101,12 +101,78 @@ def test_replay_cli(tmp_path, capsys):
     assert (tmp_path / "r.md").read_text().startswith("# r")
 
 
-def test_replay_cli_errors(tmp_path):
-    with pytest.raises(SystemExit):
-        main(["replay", "--trace", str(tmp_path / "missing.npz"), "--no-progress"])
+def test_replay_writes_nothing_without_out(tmp_path, monkeypatch, capsys):
+    """The default prints the table and writes nothing (``make demo`` must not touch the tree)."""
     p = small_trace().save(tmp_path / "t.npz")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["replay", "--trace", str(p), "--no-progress"]) == 0
+    assert "| topk |" in capsys.readouterr().out
+    assert list(work.rglob("*")) == [], "replay wrote files without --out"
+
+
+def _error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_replay_cli_errors(tmp_path, capsys):
+    assert "--trace" in _error(["replay", "--trace", str(tmp_path / "missing.npz"), "--no-progress"], capsys)
+    p = str(small_trace().save(tmp_path / "t.npz"))
+    base = ["replay", "--trace", p, "--no-progress"]
+    # the flags the user typed, not the server's --xshare-* names
+    err = _error([*base, "--budget", "99"], capsys)
+    assert "error: --budget:" in err and "--xshare" not in err
+    assert "error: --k0:" in _error([*base, "--k0", "9"], capsys)
+    assert "error: --layer-budgets:" in _error([*base, "--layer-budgets", "1:abc"], capsys)
+    assert "error: --request-budget:" in _error([*base, "--also", "xshare_spec", "--request-budget", "0"], capsys)
+    # a layer the trace does not have (its layers are 0 and 1)
+    err = _error([*base, "--layer-budgets", "9:0.5"], capsys)
+    assert "error: --layer-budgets:" in err and "[9]" in err
+    err = _error([*base, "--device", "nodevice"], capsys)
+    assert "error: --device:" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_replay_cuda_without_gpu(tmp_path, capsys):
+    p = str(small_trace().save(tmp_path / "t.npz"))
+    err = _error(["replay", "--trace", p, "--no-progress", "--device", "cuda"], capsys)
+    assert "error: --device:" in err and "CUDA is not available" in err and "Traceback" not in err
+
+
+def test_replay_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
-        main(["replay", "--trace", str(p), "--budget", "99", "--no-progress", "--out", str(tmp_path)])
+        main(["replay", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 0.7)" in out and "(default: cpu)" in out and "(default: replay)" in out
+
+
+def test_replay_hard_cap_and_replicas():
+    """xshare_ep with EPLB-style replicas does more than keep the warm-up experts (it fills the
+    budget); with the hard cap no batch activates more than max(budget, warm-up set) experts,
+    which the default (per-rank budget, fill to the peak) does exceed."""
+    from sglang_xshare.replay import replay, standard_runs
+
+    tr = small_trace(S=3, T=12, E=16, k=4, pad=0)
+    placement = Placement.from_map(16, 4, list(range(16)) + [0, 5, 9, 13])
+    runs = standard_runs(tr.routing, "xshare_ep", "6", extra=["oea"])
+    runs += standard_runs(tr.routing, "xshare_ep", "6", hard_cap=True)[-1:]
+    res = replay(tr, runs, placement, progress=False).overall
+    soft, oea = res["xshare_ep(m=6, k0=1)"], res["oea(k0=1)"]
+    assert soft["distinct"] > oea["distinct"] and soft["retained_mass"] > oea["retained_mass"]
+    sels = {r.label: Selector(tr.routing, r.config, placement) for r in runs}
+    over = 0
+    for step in tr.steps():
+        for logits in step.logits:
+            n_warm = int((sels["oea(k0=1)"](logits).topk_ids[:, :1].unique() >= 0).sum())
+            hard = sels["xshare_ep(m=6, k0=1, hard cap)"](logits).topk_ids
+            soft_ids = sels["xshare_ep(m=6, k0=1)"](logits).topk_ids
+            assert int((hard.unique() >= 0).sum()) <= max(6, n_warm)
+            over += int((soft_ids.unique() >= 0).sum()) > max(6, n_warm)
+    assert over > 0, "the default should exceed the count on some batch (else the case tests nothing)"
 
 
 def test_default_trace_ships():
@@ -126,3 +192,22 @@ def test_contiguous_group():
     assert contiguous_group(np.array([0, 0, 1, 2])) is None
     assert contiguous_group(np.array([1, 1, 0, 0])) is None
     assert contiguous_group(np.array([], dtype=np.int64)) is None
+
+
+def test_run_metadata_revision(tmp_path, monkeypatch):
+    """Results record the revision: the checkout's (whatever the cwd), or $XSHARE_GIT_REV for a
+    copy without .git (what the GPU machines run)."""
+    from sglang_xshare.benchio import run_metadata
+
+    monkeypatch.chdir(tmp_path)  # not a git tree
+    monkeypatch.delenv("XSHARE_GIT_REV", raising=False)
+    rev = run_metadata(["x"])["git"]
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert rev.startswith(head.stdout.strip())
+    monkeypatch.setenv("XSHARE_GIT_REV", "abc1234")
+    assert run_metadata(["x"])["git"] == "abc1234"

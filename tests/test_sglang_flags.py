@@ -140,3 +140,10 @@ def test_enable_exports_env_for_children(monkeypatch):
     finally:
         disable()
     assert ENV_VAR not in os.environ
+
+
+def test_hard_cap_flag_reaches_the_selection_config():
+    cfg = parse_xshare_argv(["--xshare-policy", "xshare_ep", "--xshare-budget", "24", "--xshare-hard-cap"])
+    assert cfg.hard_cap and cfg.selection_config().hard_cap
+    assert XShareServerConfig.from_json(cfg.to_json()).hard_cap  # reaches the spawned processes
+    assert not parse_xshare_argv(["--xshare-policy", "xshare_ep", "--xshare-budget", "24"]).selection_config().hard_cap

@@ -356,6 +356,49 @@ def test_xshare_ep_chooses_physical_copies_of_sglang_placement(sg, installed, ep
     assert torch.equal(md.physical_to_logical_map[3][out.topk_ids[kept].long()], ref.topk_ids[kept].long())
 
 
+def test_eplb_rebalance_reaches_xshare_ep(sg, installed, eplb_metadata):
+    """SGLang's EPLB rewrites the placement in place (``ExpertLocationMetadata.update``); xshare_ep
+    keeps choosing the physical copies itself and dispatches on the *new* map afterwards."""
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+    from sglang.srt.eplb.expert_location_dispatch import ExpertLocationDispatchInfo
+
+    md = eplb_metadata
+    installed(policy="xshare_ep", budget="10", empty_slots="minus_one")
+
+    def info():
+        return ExpertLocationDispatchInfo(
+            ep_dispatch_algorithm="static", partial_logical_to_rank_dispatch_physical_map=md.logical_to_all_physical_map[3, :, 0],
+            partial_logical_to_all_physical_map=md.logical_to_all_physical_map[3],
+            partial_logical_to_all_physical_map_num_valid=md.logical_to_all_physical_map_num_valid[3],
+            num_physical_experts=md.num_physical_experts)
+
+    tk = _topk(sg)
+    logits = _logits(19)
+    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+        tk.forward_native(torch.randn(T, HIDDEN), logits.clone(), expert_location_dispatch_info=info())
+    old = md.physical_to_logical_map[3].clone()
+    g = torch.Generator().manual_seed(5)
+    P = old.numel()
+    new_map = torch.cat([torch.randperm(E, generator=g), torch.randint(0, E, (P - E,), generator=g)])[torch.randperm(P, generator=g)]
+    L = md.num_layers
+    l2all = torch.full((L, E, P), -1, dtype=torch.int64)
+    for layer in range(L):
+        for e in range(E):
+            phys = torch.nonzero(new_map == e).flatten()
+            l2all[layer, e, : phys.numel()] = phys
+    other = ExpertLocationMetadata._init_raw(ep_size=4, physical_to_logical_map=new_map.repeat(L, 1),
+                                             logical_to_all_physical_map=l2all)
+    md.update(other, update_layer_ids=[3])  # SGLang's own rebalance path (the patched method)
+    assert torch.equal(md.physical_to_logical_map[3], new_map) and not torch.equal(old, new_map)
+    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+        out = tk.forward_native(torch.randn(T, HIDDEN), logits.clone(), expert_location_dispatch_info=info())
+    kept = out.topk_ids >= 0
+    logical = new_map[out.topk_ids[kept].long()]
+    ref = _selector(XShareServerConfig(policy="xshare_ep", budget="10"), Placement.from_map(E, 4, new_map))(logits, layer_id=3)
+    assert torch.equal(out.topk_ids.to(torch.int32), ref.physical_ids)  # the copies a fresh placement would choose
+    assert torch.equal(logical, ref.topk_ids[ref.topk_ids >= 0].long())
+
+
 def test_xshare_ep_against_independent_expectation(sg, installed, eplb_metadata):
     """xshare_ep through the hook, checked without the Selector: dispatched physical slots hold
     the logical experts, every token keeps its own top-1, and the busiest EP rank reads at most

@@ -8,6 +8,7 @@
   (auto / normal / low-latency); ``deep_ep`` must import;
 * ``"auto"`` -- DeepEP when it imports and the group is NCCL on CUDA, else NCCL/gloo padded.
   A DeepEP low-latency refusal (e.g. ``hidden % 128 != 0``) falls back to DeepEP normal mode.
+  Every such fallback is also in :attr:`Dispatcher.fallback`, which the EP layer logs as a warning.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def make_dispatcher(backend: str, *, num_physical: int, hidden: int, top_k: int,
         ok, why = deepep_available()
         if not ok or dist.get_backend(group) != "nccl":
             d = NcclDispatcher(rank, size, num_physical, hidden, top_k, "padded", group)
-            d.reason = f"auto -> {d.reason} (DeepEP not used: {why if not ok else 'process group is not NCCL'})"
+            why_not = why if not ok else f"process group is {dist.get_backend(group)}, not NCCL"
+            d.reason = f"auto -> {d.reason} (DeepEP not used: {why_not})"
+            d.fallback = f"DeepEP -> {d.name}: {why_not}"
             return d
     if backend != "auto":
         return DeepEPDispatcher(rank, size, num_physical, hidden, top_k, max_tokens_per_rank, mode, group, cuda_graph)
@@ -59,7 +62,9 @@ def make_dispatcher(backend: str, *, num_physical: int, hidden: int, top_k: int,
         d = DeepEPDispatcher(rank, size, num_physical, hidden, top_k, max_tokens_per_rank, mode, group, cuda_graph)
     except Exception as exc:  # noqa: BLE001 - e.g. NVSHMEM cannot start: NCCL carries the layer
         d = NcclDispatcher(rank, size, num_physical, hidden, top_k, "padded", group)
-        d.reason = f"auto -> {d.reason} (DeepEP failed to start: {type(exc).__name__}: {str(exc)[:200]})"
+        failed = f"DeepEP failed to start: {type(exc).__name__}: {str(exc)[:200]}"
+        d.reason = f"auto -> {d.reason} ({failed})"
+        d.fallback = f"DeepEP -> {d.name}: {failed}"
         return d
     d.reason = f"auto -> {d.reason}"
     return d

@@ -147,6 +147,8 @@ class Dispatcher(ABC):
         graph_capturable: whether dispatch + combine can be captured in a CUDA graph.
         last_stats: :class:`DispatchStats` of the last dispatch (or None before the first).
         reason: one line: why this backend runs (printed once by the layer).
+        fallback: ``None``, or one line saying which backend / mode was asked for (or preferred)
+            and why another one runs (the layer logs it as a warning).
     """
 
     name: str = "abstract"
@@ -164,6 +166,7 @@ class Dispatcher(ABC):
         self.top_k = top_k
         self.last_stats: DispatchStats | None = None
         self.reason: str = ""
+        self.fallback: str | None = None
 
     @abstractmethod
     def dispatch(self, hidden: torch.Tensor, physical_ids: torch.Tensor,

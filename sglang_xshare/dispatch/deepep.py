@@ -105,6 +105,7 @@ class DeepEPDispatcher(Dispatcher):
         if mode == "low_latency" and refusal:
             why_mode = f"low-latency mode was requested but DeepEP refuses this shape ({refusal}): normal mode runs"
             warnings.warn(f"--deepep-mode low_latency: {why_mode}", stacklevel=2)
+            self.fallback = f"DeepEP low_latency -> normal: {refusal}"
             mode = "normal"
         elif mode == "auto":
             if refusal is None and self.max_tokens <= LL_MAX_TOKENS_AUTO:
@@ -112,6 +113,8 @@ class DeepEPDispatcher(Dispatcher):
             else:
                 why_mode = (f"low-latency mode refused ({refusal})" if refusal
                             else f"prefill-sized batch ({self.max_tokens} tokens/rank > {LL_MAX_TOKENS_AUTO})")
+                if refusal:
+                    self.fallback = f"DeepEP low_latency -> normal: {refusal}"
                 mode = "normal"
         else:
             why_mode = f"requested {mode}"

@@ -5,18 +5,20 @@ load is the union over *all* ranks' tokens: if each rank picks its own budgeted 
 differ and the busiest GPU reads the union. :class:`DPAttentionSelector` gives the batch-aware
 policies (``oea``, ``xshare``, ``xshare_ep``) one global view per layer:
 
-1. each rank scores its tokens and computes its per-expert statistics:
-   aggregated gating mass, warm-up count (tokens whose top-``k0`` holds ``e``), top-k count;
+1. each rank scores its tokens and computes its per-expert statistics, integers:
+   aggregated gating mass (fixed-point units, :func:`~sglang_xshare.select.common.mass_units`),
+   warm-up count (tokens whose top-``k0`` holds ``e``), top-k count;
 2. **one** ``all_reduce(SUM)`` of those statistics (SGLang's LP dispatcher all-reduces
-   per-expert counts the same way) -- every rank then holds bitwise-identical statistics;
+   per-expert counts the same way) -- integer sums are exact, so every rank holds the statistics
+   a single process summing all tokens would;
 3. every rank runs the policy's own pick on them: the same expert set (and copies) everywhere,
    deterministically;
 4. each rank refines its own tokens inside that set.
 
 This is the policy's own ``stats_reduce`` path (:class:`~sglang_xshare.select.contract.BatchContext`):
-the reference sums ``[3, E] float64`` statistics (:func:`~sglang_xshare.select.common.batch_stats`),
-the Triton path runs two launches around the collective. The result equals the single-process
-policy on the concatenation of all ranks' tokens. ``mode="local"`` is the baseline: each rank calls the
+the reference sums ``[3, E] int64`` statistics (:func:`~sglang_xshare.select.common.batch_stats`),
+the Triton path ``[2, BLOCK_E] int64`` in two launches around the collective. The result equals
+the single-process policy on the concatenation of all ranks' tokens, bit for bit. ``mode="local"`` is the baseline: each rank calls the
 :class:`~sglang_xshare.select.Selector` on its own tokens, no collective. Policies without batch
 statistics (``topk``, ``cap``, ``xshare_spec``) always run locally. No host sync; the collective is
 CUDA-graph capturable on NCCL.
@@ -43,8 +45,8 @@ class DPAttentionSelector:
         group: the process group holding all DP-attention ranks of this EP group (default world).
 
     Attributes:
-        last_stats: the all-reduced statistics of the last global call (``[3, E] float64`` on the
-            reference path, ``[2, BLOCK_E] float64`` on the kernel path).
+        last_stats: the all-reduced statistics of the last global call (``[3, E] int64`` on the
+            reference path, ``[2, BLOCK_E] int64`` on the kernel path).
     """
 
     def __init__(self, selector: Selector, mode: str = "global", group: dist.ProcessGroup | None = None) -> None:

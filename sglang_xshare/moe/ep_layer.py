@@ -98,8 +98,12 @@ class EPMoELayer(torch.nn.Module):
         self.selector = selector
         self.layer_id = layer_id
         self.replicas = ReplicaMap(placement, replica_mode, experts.w13.device)
-        logger.info("EP MoE layer %s, rank %d/%d: dispatch %s -- %s", layer_id, dispatcher.rank, dispatcher.num_ranks,
-                    dispatcher.name, dispatcher.reason)
+        if dispatcher.fallback:  # a WARNING: printed even where logging is not configured
+            logger.warning("EP MoE layer %s, rank %d/%d: dispatch falls back (%s) -- %s", layer_id, dispatcher.rank,
+                           dispatcher.num_ranks, dispatcher.fallback, dispatcher.reason)
+        else:
+            logger.info("EP MoE layer %s, rank %d/%d: dispatch %s -- %s", layer_id, dispatcher.rank,
+                        dispatcher.num_ranks, dispatcher.name, dispatcher.reason)
 
     # ------------------------------------------------------------------ stages
     def physical_ids(self, sel: Selection) -> torch.Tensor:

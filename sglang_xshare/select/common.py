@@ -4,10 +4,14 @@ Notation: ``T`` tokens, ``E`` logical experts, ``G`` selection groups (1 for a p
 ``T`` for per-request sets of speculative decoding), ``k`` the model's top-k.
 
 * :func:`token_order` / :func:`membership` -- each token's ranking and its top-j sets.
-* :func:`group_mass` / :func:`group_any` -- aggregate per-token quantities per group;
-  :func:`exact_sum` -- every sum of masses is *correctly rounded*: accumulated in float64 (exact
-  for these sums) and rounded once to float32, so it does not depend on the summation order --
-  the kernels' parallel reductions give the same bits, and equal masses stay exactly equal.
+* :func:`mass_units` / :func:`group_mass` / :func:`group_any` / :func:`exact_sum` -- masses are
+  *fixed-point* integers: a gate ``g`` in ``[0, 1]`` contributes ``floor(g * 2**MASS_BITS)``
+  units (``int64``; gates below ``2**-40`` contribute 0), and every mass is an ``int64`` sum of
+  units -- exact, so the same integer for any token order and any (parallel) reduction order;
+  equal masses stay exactly equal. :func:`mass_key` turns a mass into the ``float32`` the experts
+  are *ordered* by (``float32(float64(mass))``: a fixed function of the exact integer, the same
+  conversion in the kernels); the ``mass:X`` budget compares exact cumulative sums with a
+  float64 threshold (:func:`mass_threshold`).
 * :func:`resolve_budget` -- a :class:`~sglang_xshare.config.Budget` -> ``m [G] int64`` on device.
 * :func:`greedy_pick` -- warm-up set first, then descending mass, up to ``max(m, |warm|)``.
   The objective (sum of the chosen experts' mass) is modular, so this greedy is exact.
@@ -23,6 +27,11 @@ from .contract import BatchContext, Scores, SelectionOutput
 from .scoring import descending_order
 
 __all__ = [
+    "MASS_BITS",
+    "MASS_SCALE",
+    "mass_units",
+    "mass_key",
+    "mass_threshold",
     "token_order",
     "membership",
     "group_mass",
@@ -33,11 +42,21 @@ __all__ = [
     "greedy_pick",
     "priority",
     "refine",
+    "renormalize",
     "TokenSets",
     "token_sets",
 ]
 
 _NEG_INF = float("-inf")
+
+#: Resolution of the fixed-point masses: one unit is ``2**-MASS_BITS`` of gate weight. A mass of
+#: ``T`` tokens' gates in ``[0, 1]`` is at most ``T * 2**40``: exact in ``int64`` while the summed
+#: gates stay below ``2**23`` (e.g. ``T * E <= 2**23`` even for ``mass_source="full"``).
+MASS_BITS = 40
+#: ``2**MASS_BITS`` as a float (exact in float32: scaling a gate by it is exact).
+MASS_SCALE = float(2**MASS_BITS)
+#: ``1 - 1e-6``: the ``mass:X`` budget's slack, ``threshold = (total * X) * MASS_SLACK`` in float64.
+MASS_SLACK = 1.0 - 1e-6
 
 
 def token_order(sel: torch.Tensor) -> torch.Tensor:
@@ -59,7 +78,8 @@ class TokenSets:
         order: ``[T, E] int64`` ranking of each token.
         topk: ``[T, E] bool`` each valid token's own top-k (False for padded tokens).
         warm: ``[T, E] bool`` each valid token's own top-k0 (False for padded tokens).
-        contrib: ``[T, E] float32`` each valid token's contribution to the aggregated mass.
+        contrib: ``[T, E] int64`` each valid token's contribution to the aggregated mass, in
+            fixed-point units (:func:`mass_units`).
     """
 
     __slots__ = ("order", "topk", "warm", "contrib")
@@ -76,51 +96,72 @@ def token_sets(scores: Scores, ctx: BatchContext) -> TokenSets:
     topk = membership(order, ctx.top_k, E) & v
     warm = membership(order, ctx.k0, E) & v
     if ctx.mass_source == "topk":
-        contrib = torch.where(topk, scores.gate, torch.zeros_like(scores.gate))
+        gate = torch.where(topk, scores.gate, torch.zeros_like(scores.gate))
     else:
-        contrib = torch.where(v & torch.isfinite(scores.sel), scores.gate, torch.zeros_like(scores.gate))
-    return TokenSets(order, topk, warm, contrib)
+        gate = torch.where(v & torch.isfinite(scores.sel), scores.gate, torch.zeros_like(scores.gate))
+    return TokenSets(order, topk, warm, mass_units(gate))
+
+
+def mass_units(gate: torch.Tensor) -> torch.Tensor:
+    """``[...] float32`` gates in ``[0, 1]`` -> ``[...] int64`` fixed-point units
+    ``floor(gate * 2**MASS_BITS)`` (the scaling is exact in float32; the cast truncates, = floor)."""
+    return (gate.float() * MASS_SCALE).to(torch.int64)
+
+
+def mass_key(mass: torch.Tensor) -> torch.Tensor:
+    """``[...] int64`` masses -> ``[...] float32`` ordering keys, ``float32(float64(mass))`` (both
+    conversions round to nearest; a float input passes through unchanged)."""
+    return mass.double().float()
+
+
+def mass_threshold(total: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``[G] int64`` total masses -> ``[G] float64`` ``(total * fraction) * (1 - 1e-6)``: the
+    ``mass:X`` budget keeps experts while the exact cumulative mass before them is below it."""
+    return (total.double() * float(fraction)) * MASS_SLACK
 
 
 def exact_sum(x: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False) -> torch.Tensor:
-    """``x.sum(dim)`` of float32 masses, correctly rounded: accumulated in float64, then one
-    rounding to float32 (order-independent; see the module docstring)."""
-    return x.double().sum(dim=dim, keepdim=keepdim).float()
+    """``x.sum(dim)`` of ``int64`` fixed-point masses: exact, so independent of the summation
+    order (see the module docstring)."""
+    return x.sum(dim=dim, keepdim=keepdim, dtype=torch.int64)
 
 
 def group_mass(contrib: torch.Tensor, group_index: torch.Tensor | None, num_groups: int) -> torch.Tensor:
-    """``[G, E] float32``: per-group sum of ``contrib [T, E]`` (``group_index [T] int64`` or None
-    = one group), correctly rounded (:func:`exact_sum`)."""
+    """``[G, E] int64``: per-group sum of ``contrib [T, E] int64`` (``group_index [T] int64`` or
+    None = one group), exact (:func:`exact_sum`)."""
     if group_index is None:
         return exact_sum(contrib, 0, keepdim=True)
-    out = torch.zeros(num_groups, contrib.shape[1], dtype=torch.float64, device=contrib.device)
-    return out.index_add_(0, group_index, contrib.double()).float()
+    out = torch.zeros(num_groups, contrib.shape[1], dtype=torch.int64, device=contrib.device)
+    return out.index_add_(0, group_index, contrib.to(torch.int64))
 
 
 def batch_stats(sets: "TokenSets", ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The batch's ``(mass [1, E] float32, warm [1, E] bool, union [1, E] bool)``: aggregated mass,
+    """The batch's ``(mass [1, E] int64, warm [1, E] bool, union [1, E] bool)``: aggregated mass,
     the union of the top-``k0`` sets and of the top-k sets.
 
     With ``ctx.stats_reduce`` (a batch spread over ranks) the statistics of every rank are summed
-    first -- ``[3, E] float64``: exact mass sums, warm-up and top-k counts -- and the mass is rounded
-    once after the sum, as :func:`exact_sum` does for one rank.
+    first -- ``[3, E] int64``: fixed-point mass sums, warm-up and top-k counts -- exactly, so the
+    result is the single-process one.
     """
     if ctx.stats_reduce is None:
         return group_mass(sets.contrib, None, 1), group_any(sets.warm, None, 1), group_any(sets.topk, None, 1)
-    st = torch.stack([sets.contrib.double().sum(0), sets.warm.double().sum(0), sets.topk.double().sum(0)])
+    st = torch.stack([exact_sum(sets.contrib, 0), sets.warm.sum(0, dtype=torch.int64),
+                      sets.topk.sum(0, dtype=torch.int64)])
     st = ctx.stats_reduce(st)
-    return st[0:1].float(), st[1:2] > 0, st[2:3] > 0
+    return st[0:1], st[1:2] > 0, st[2:3] > 0
 
 
 def group_any(mask: torch.Tensor, group_index: torch.Tensor | None, num_groups: int) -> torch.Tensor:
     """``[G, E] bool``: per-group union of ``mask [T, E] bool``."""
-    return group_mass(mask.to(torch.float32), group_index, num_groups) > 0
+    return group_mass(mask.to(torch.int64), group_index, num_groups) > 0
 
 
 def priority(mass: torch.Tensor, warm: torch.Tensor) -> torch.Tensor:
-    """Ordering key of :func:`greedy_pick`: warm experts first (+inf), then mass; -inf = never."""
-    key = torch.where(mass > 0, mass, torch.full_like(mass, _NEG_INF))
-    return torch.where(warm, torch.full_like(mass, float("inf")), key)
+    """``[G, E] float32`` ordering key of :func:`greedy_pick`: warm experts first (+inf), then
+    :func:`mass_key`; -inf = never (not warm and zero mass)."""
+    key = mass_key(mass)
+    key = torch.where(mass > 0, key, torch.full_like(key, _NEG_INF))
+    return torch.where(warm, torch.full_like(key, float("inf")), key)
 
 
 def resolve_budget(budget: Budget, mass: torch.Tensor, warm: torch.Tensor, union: torch.Tensor,
@@ -129,11 +170,11 @@ def resolve_budget(budget: Budget, mass: torch.Tensor, warm: torch.Tensor, union
 
     Args:
         budget: count, fraction or mass budget.
-        mass: ``[G, E] float32`` aggregated mass (the greedy's ordering).
+        mass: ``[G, E] int64`` aggregated fixed-point mass (the greedy's ordering).
         warm: ``[G, E] bool`` warm-up experts.
         union: ``[G, E] bool`` what plain top-k would activate (``fraction`` mode).
-        total: ``[G] float32`` mass the ``mass`` mode's fraction is of (default: the sum of
-            ``mass``, correctly rounded).
+        total: ``[G] int64`` mass the ``mass`` mode's fraction is of (default: the sum of
+            ``mass``).
 
     Returns:
         ``[G] int64`` the budget ``m`` (before the warm-up floor is applied).
@@ -147,9 +188,9 @@ def resolve_budget(budget: Budget, mass: torch.Tensor, warm: torch.Tensor, union
     key = priority(mass, warm)
     order = descending_order(key)
     pickable = key.gather(1, order) > _NEG_INF
-    cum = torch.where(pickable, mass.gather(1, order), torch.zeros_like(mass)).double().cumsum(dim=-1)  # exact
+    cum = torch.where(pickable, mass.gather(1, order), torch.zeros_like(mass)).cumsum(dim=-1)  # int64: exact
     tot = exact_sum(mass, -1) if total is None else total
-    need = (cum < (budget.value * tot * (1.0 - 1e-6)).double().unsqueeze(-1)).sum(dim=-1) + 1
+    need = (cum.double() < mass_threshold(tot, budget.value).unsqueeze(-1)).sum(dim=-1) + 1
     return torch.minimum(need, pickable.sum(dim=-1)).to(torch.int64)
 
 
@@ -159,7 +200,7 @@ def greedy_pick(mass: torch.Tensor, warm: torch.Tensor, m: torch.Tensor) -> torc
     Experts with zero mass that are not warm are never chosen (no token wants them).
 
     Args:
-        mass: ``[G, E] float32``; warm: ``[G, E] bool``; m: ``[G] int64``.
+        mass: ``[G, E] int64``; warm: ``[G, E] bool``; m: ``[G] int64``.
 
     Returns:
         ``[G, E] bool`` chosen experts.
@@ -170,6 +211,16 @@ def greedy_pick(mass: torch.Tensor, warm: torch.Tensor, m: torch.Tensor) -> torc
     position.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     m_eff = torch.maximum(m, warm.sum(dim=-1))
     return (position < m_eff.unsqueeze(-1)) & (key > _NEG_INF)
+
+
+def renormalize(weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Divide each row of ``weights [T, k] float32`` by its sum; a row whose kept gates sum to 0
+    (sigmoid gates that all underflow) gets ``1 / n`` on each of its ``n`` kept slots (``keep
+    [T, k] bool``) instead of all zeros. Padded / empty rows stay 0."""
+    s = weights.sum(dim=-1, keepdim=True)
+    n = keep.sum(dim=-1, keepdim=True).to(weights.dtype)
+    uniform = torch.where(keep, 1.0 / n.clamp_min(1.0), torch.zeros_like(weights))
+    return torch.where(s > 0, weights / s.clamp_min(torch.finfo(torch.float32).tiny), uniform)
 
 
 def refine(scores: Scores, allowed: torch.Tensor, ctx: BatchContext, limit: int | None = None) -> SelectionOutput:
@@ -198,6 +249,6 @@ def refine(scores: Scores, allowed: torch.Tensor, ctx: BatchContext, limit: int 
         keep &= (slot < ctx.k0) | (weights >= ctx.min_score)
     weights = torch.where(keep, weights, torch.zeros_like(weights))
     if ctx.renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        weights = renormalize(weights, keep)
     ids = torch.where(keep, ids, torch.full_like(ids, -1)).to(torch.int32)
     return SelectionOutput(ids, weights)

@@ -18,7 +18,8 @@ Output (:class:`SelectionOutput`):
 * ``topk_ids [T, k] int32`` -- logical expert ids, best first; a slot that selects nothing is
   ``-1`` (DeepEP skips it); padded tokens are all ``-1``.
 * ``topk_weights [T, k] float32`` -- the gate weight of each kept slot, 0 where the id is ``-1``;
-  divided by the kept sum when the model renormalises.
+  divided by the kept sum when the model renormalises -- and when that sum is 0 (sigmoid gates
+  that all underflow to 0), ``1 / n`` on each of the token's ``n`` kept slots.
 * ``physical_ids [T, k] int32`` or ``None`` -- for ``xshare_ep``: the physical copy (EPLB slot)
   chosen for each kept slot, ``-1`` where the id is ``-1``.
 
@@ -29,9 +30,14 @@ Guarantees (tested for every policy):
 3. identical inputs give identical outputs. **Tie-breaking**: wherever experts are ordered by a
    score (a token's ranking, the batch's aggregated mass), equal scores are ordered by the lower
    expert index first (a stable descending sort); among the physical copies of one expert, the
-   least-loaded rank wins, then the lower physical slot. Aggregated masses are correctly rounded
-   sums (float64 accumulation, one rounding to float32), so they do not depend on the order of
-   the tokens or of a parallel reduction, and equal masses stay equal.
+   least-loaded rank wins, then the lower physical slot. **Masses** are fixed-point sums at
+   ``2**-40`` resolution: each gate ``g`` in ``[0, 1]`` counts ``floor(g * 2**40)`` (gates below
+   ``2**-40`` count 0) and a mass is the ``int64`` sum -- exact (while the summed gates stay
+   below ``2**23``, e.g. ``T * E <= 2**23``) and therefore the same integer for any order of the
+   tokens, of the requests, or of a parallel reduction; equal masses stay equal. Experts are
+   ordered by ``float32(float64(mass))`` (a fixed function of that integer); the ``mass:X``
+   budget compares exact cumulative masses with ``(float64(total) * X) * (1 - 1e-6)``. The
+   reference and the kernels compute the same integers and the same comparisons.
 4. NaN logits count as ``-inf``; ``+inf`` as the largest finite float; a token whose logits are
    all non-finite routes as if its logits were all equal (uniformly, lowest ids first).
 """
@@ -91,6 +97,7 @@ class BatchContext:
             ``stats -> sum of every rank's stats`` (an all-reduce, same shape). The batch policies
             (``oea``, ``xshare``, ``xshare_ep``) then choose from all ranks' tokens -- the same set on
             every rank -- and refine their own tokens. ``None``: the batch is this rank's tokens.
+        hard_cap: ``xshare_ep``: never more than ``max(m_l, |warm|)`` distinct experts.
     """
 
     top_k: int
@@ -108,6 +115,7 @@ class BatchContext:
     fill_to_peak: bool = True
     num_valid: torch.Tensor | None = None
     stats_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    hard_cap: bool = False
 
 
 class SelectionOutput(NamedTuple):

@@ -6,7 +6,8 @@ Problem (placement with ``R`` ranks, physical slots ``p`` of logical experts ``l
   ``min z  s.t.  sum_{p: l(p)=e} y_p = 1 (e warm),  y_p = 0 (e not warm),  sum_{p on r} y_p <= z``;
 * stage 2 -- with capacity ``c = max(b, z*)`` per rank (``fill_to_peak``), the most mass:
   ``max sum_p mass[l(p)] y_p  s.t.  sum_{p: l(p)=e} y_p = 1 (warm), <= 1 (others),
-  sum_{p on r} y_p <= c,  y binary``.
+  sum_{p on r} y_p <= c,  y binary`` -- and with ``max_experts`` (``xshare_ep``'s hard cap)
+  also ``sum_p y_p <= max_experts``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from ..placement import Placement
 
-__all__ = ["EpOptimum", "solve_xshare_ep"]
+__all__ = ["EpOptimum", "solve_xshare_ep", "least_peak"]
 
 
 @dataclass(frozen=True)
@@ -30,41 +31,71 @@ class EpOptimum:
     chosen: frozenset[int]
 
 
-def solve_xshare_ep(mass: np.ndarray, warm: np.ndarray, per_rank: int, placement: Placement) -> EpOptimum:
-    """Solve both stages exactly. ``mass [E] float``, ``warm [E] bool``, ``per_rank`` = ``b``."""
+def _incidence(placement: Placement) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``p2l [P]``, ``owner [E, P]`` (slot p holds expert e) and ``on_rank [R, P]`` (slot p is on rank r)."""
+    p2l = placement.physical_to_logical.numpy()
+    P = p2l.size
+    owner = np.zeros((placement.num_experts, P))
+    owner[p2l, np.arange(P)] = 1.0
+    on_rank = np.zeros((placement.num_ranks, P))
+    on_rank[np.arange(P) // placement.experts_per_rank, np.arange(P)] = 1.0
+    return p2l, owner, on_rank
+
+
+def _min_peak(owner: np.ndarray, on_rank: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+              extra: list[tuple[np.ndarray, float, float]] = ()) -> int:
+    """``min z`` over binary slot choices ``y``: ``lo <= owner y <= hi`` (copies per expert),
+    ``on_rank y <= z``, and each ``(row, low, high)`` of ``extra`` as ``low <= row . y <= high``."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    p2l = placement.physical_to_logical.numpy()
-    P, E, R = p2l.size, placement.num_experts, placement.num_ranks
-    rank = np.arange(P) // placement.experts_per_rank
-    owner = np.zeros((E, P))
-    owner[p2l, np.arange(P)] = 1.0
-    on_rank = np.zeros((R, P))
-    on_rank[rank, np.arange(P)] = 1.0
-    warm = np.asarray(warm, dtype=bool)
-    wanted = warm | (np.asarray(mass) > 0)
+    P = owner.shape[1]
+    c = np.zeros(P + 1)
+    c[-1] = 1.0
+    cons = [LinearConstraint(np.hstack([owner, np.zeros((owner.shape[0], 1))]), lo, hi),
+            LinearConstraint(np.hstack([on_rank, -np.ones((on_rank.shape[0], 1))]), -np.inf, 0.0)]
+    cons += [LinearConstraint(np.append(row, 0.0)[None, :], low, high) for row, low, high in extra]
+    r = milp(c, constraints=cons, integrality=np.ones(P + 1), bounds=Bounds(0, np.append(np.ones(P), P)))
+    if not r.success:
+        raise RuntimeError(f"least-peak ILP failed: {r.message}")
+    return int(round(r.x[-1]))
 
-    # stage 1: variables [y_0..y_{P-1}, z]
+
+def solve_xshare_ep(mass: np.ndarray, warm: np.ndarray, per_rank: int, placement: Placement,
+                    max_experts: int | None = None) -> EpOptimum:
+    """Solve both stages exactly. ``mass [E] float``, ``warm [E] bool``, ``per_rank`` = ``b``,
+    ``max_experts``: at most this many chosen experts (``>= |warm|``) or ``None``."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    p2l, owner, on_rank = _incidence(placement)
+    P = p2l.size
+    warm = np.asarray(warm, dtype=bool)
     lo = np.where(warm, 1.0, 0.0)
-    hi = np.where(warm, 1.0, 0.0)
-    A1 = np.hstack([owner, np.zeros((E, 1))])
-    A2 = np.hstack([on_rank, -np.ones((R, 1))])
-    c1 = np.zeros(P + 1)
-    c1[-1] = 1.0
-    r1 = milp(c1, constraints=[LinearConstraint(A1, lo, hi), LinearConstraint(A2, -np.inf, 0.0)],
-              integrality=np.ones(P + 1), bounds=Bounds(0, np.append(np.ones(P), P)))
-    if not r1.success:
-        raise RuntimeError(f"stage-1 ILP failed: {r1.message}")
-    z = int(round(r1.x[-1]))
+    z = _min_peak(owner, on_rank, lo, lo)  # stage 1: the warm experts alone
     cap = max(per_rank, z)
 
     # stage 2: maximise mass under capacity
     c2 = -np.asarray(mass, dtype=float)[p2l]
-    ub_e = np.where(wanted, 1.0, 0.0)
-    r2 = milp(c2, constraints=[LinearConstraint(owner, lo, ub_e), LinearConstraint(on_rank, -np.inf, float(cap))],
-              integrality=np.ones(P), bounds=Bounds(0, 1))
+    ub_e = np.where(warm | (np.asarray(mass) > 0), 1.0, 0.0)
+    cons = [LinearConstraint(owner, lo, ub_e), LinearConstraint(on_rank, -np.inf, float(cap))]
+    if max_experts is not None:
+        cons.append(LinearConstraint(np.ones((1, P)), -np.inf, float(max_experts)))
+    r2 = milp(c2, constraints=cons, integrality=np.ones(P), bounds=Bounds(0, 1))
     if not r2.success:
         raise RuntimeError(f"stage-2 ILP failed: {r2.message}")
     y = np.round(r2.x).astype(bool)
     chosen = frozenset(int(e) for e in np.unique(p2l[y]))
     return EpOptimum(warm_peak=z, capacity=cap, mass=float(-r2.fun), chosen=chosen)
+
+
+def least_peak(mass: np.ndarray, warm: np.ndarray, placement: Placement, max_experts: int,
+               min_mass: float) -> int:
+    """The least busiest-rank load of any feasible choice with every warm expert, at most
+    ``max_experts`` experts (each on one of its copies) and at least ``min_mass`` mass -- a
+    greedy answer with a larger peak is *dominated* (no more experts, no less mass, lower peak)."""
+    p2l, owner, on_rank = _incidence(placement)
+    warm = np.asarray(warm, dtype=bool)
+    wanted = warm | (np.asarray(mass) > 0)
+    # a hair below min_mass: the greedy's own set must stay feasible despite float rounding
+    extra = [(np.ones(p2l.size), -np.inf, float(max_experts)),
+             (np.asarray(mass, dtype=float)[p2l], min_mass * (1 - 1e-9), np.inf)]
+    return _min_peak(owner, on_rank, np.where(warm, 1.0, 0.0), np.where(wanted, 1.0, 0.0), extra)

@@ -75,6 +75,14 @@ class Selector:
             raise XShareConfigError("backend", f"no kernel can be loaded for policy {config.policy!r} (is Triton installed?)")
         self.workspace: dict = {}
 
+    def refresh_placement_(self) -> None:
+        """Re-read the placement's ``physical_to_logical`` into its device tables, in place
+        (:func:`sglang_xshare.placement.refresh_tables_`): call after EPLB rewrote the map (or once
+        per decode step). Device ops only, no host sync, CUDA-graph capturable; a no-op without a
+        placement."""
+        if self.placement is not None:
+            self.placement.refresh_tables_()
+
     def context(self, num_tokens: int, device: torch.device, layer_id: int | None = None,
                 num_token_non_padded: int | torch.Tensor | None = None,
                 request_ids: torch.Tensor | None = None, request_group: int | None = None,
@@ -112,6 +120,7 @@ class Selector:
             fill_to_peak=cfg.fill_to_peak,
             num_valid=num_valid,
             stats_reduce=stats_reduce,
+            hard_cap=cfg.hard_cap,
         )
 
     def uses_kernel(self, router_logits: torch.Tensor) -> bool:

@@ -6,12 +6,24 @@
 * :mod:`.api` -- :func:`enable` for ``sglang.Engine`` users;
 * :mod:`.metrics`, :mod:`.recorder` -- live metrics and ``--xshare-record-trace``.
 
-Importing this package does not import SGLang.
+Importing this package imports neither SGLang nor torch: the names below are resolved on first
+use, so the launcher and flag parsing (:mod:`.flags`) stay light.
 """
 
-from .api import disable, enable
-from .flags import ENV_VAR, XShareServerConfig, parse_server_argv, split_xshare_argv
-from .slots import fill_empty_slots
+from __future__ import annotations
 
-__all__ = ["ENV_VAR", "XShareServerConfig", "parse_server_argv", "split_xshare_argv", "enable", "disable",
-           "fill_empty_slots"]
+from .._lazy import lazy_attributes
+
+_LAZY = {
+    "ENV_VAR": "flags",
+    "XShareServerConfig": "flags",
+    "parse_server_argv": "flags",
+    "split_xshare_argv": "flags",
+    "enable": "api",
+    "disable": "api",
+    "fill_empty_slots": "slots",
+}
+
+__all__ = list(_LAZY)
+
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())

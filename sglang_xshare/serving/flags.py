@@ -66,6 +66,8 @@ class XShareServerConfig:
         min_score: refinement floor on gate weights beyond ``k0`` (0 keeps all).
         mass_source: ``"topk"`` or ``"full"`` (what the aggregated mass sums).
         fill_to_peak: ``xshare_ep``: let every rank fill up to the busiest rank's load.
+        hard_cap: ``xshare_ep``: the budget is a hard cap, at most ``max(m_l, |warm-up set|)``
+            distinct experts per layer and batch.
         apply_to_draft: also apply the policy to the draft model's MoE layers.
         apply_to_prefill: also apply it to prefill / extend / mixed batches (default: decode and
             target-verify batches only).
@@ -95,6 +97,7 @@ class XShareServerConfig:
     min_score: float = 0.0
     mass_source: str = "topk"
     fill_to_peak: bool = True
+    hard_cap: bool = False
     apply_to_draft: bool = False
     apply_to_prefill: bool = False
     empty_slots: str = "auto"
@@ -140,6 +143,7 @@ class XShareServerConfig:
             min_score=self.min_score,
             mass_source=self.mass_source,  # type: ignore[arg-type]
             fill_to_peak=self.fill_to_peak,
+            hard_cap=self.hard_cap,
         )
         return cfg.validate(routing) if routing is not None else cfg
 
@@ -256,6 +260,9 @@ def add_xshare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="What the aggregated mass sums: 'topk' (each token's top-k gate weights) or 'full'.")
     g.add_argument("--xshare-no-fill-to-peak", dest="xshare_fill_to_peak", action="store_false",
                    help="xshare_ep: do not let the other ranks fill up to the busiest rank's load.")
+    g.add_argument("--xshare-hard-cap", action="store_true",
+                   help="xshare_ep: make the budget a hard cap on distinct experts (at most max(m_l, warm-up set)); "
+                        "by default the per-rank budget ceil(m_l / EP) and filling to the peak may activate more.")
     g.add_argument("--xshare-apply-to-draft", action="store_true",
                    help="Also apply the policy to the draft model's MoE layers (speculative decoding).")
     g.add_argument("--xshare-apply-to-prefill", action="store_true",
@@ -295,6 +302,7 @@ def _config_from_namespace(ns: argparse.Namespace) -> XShareServerConfig:
         min_score=ns.xshare_min_score,
         mass_source=ns.xshare_mass_source,
         fill_to_peak=ns.xshare_fill_to_peak,
+        hard_cap=ns.xshare_hard_cap,
         apply_to_draft=ns.xshare_apply_to_draft,
         apply_to_prefill=ns.xshare_apply_to_prefill,
         empty_slots=ns.xshare_empty_slots,

@@ -25,9 +25,11 @@ captured CUDA-graph batch size):
   post-processing seam (the policy's top-k then runs beside SGLang's).
 
 ``xshare_ep`` chooses physical copies itself: with EPLB dispatch ``static`` / ``dynamic`` its
-physical ids are dispatched directly; with ``lp`` (SGLang's per-batch LP replica solver, whose EP
-all-reduce every rank must join) or while EPLB rebalances (``--enable-eplb``) it picks the
-logical experts and SGLang's live mapping their copies.
+physical ids are dispatched directly, also while EPLB rebalances (``--enable-eplb``): the patched
+``ExpertLocationMetadata.update`` refreshes the policy's device placement tables in place after
+each rebalance (:meth:`~sglang_xshare.select.Selector.refresh_placement_`; captured CUDA graphs
+keep reading the same buffers). With ``lp`` (SGLang's per-batch LP replica solver, whose EP
+all-reduce every rank must join) it picks the logical experts and the LP solver their copies.
 
 Also patched: ``TopK.__init__`` (marks draft-model layers; allocates the metrics table while the
 model is built, outside graph capture), ``TopK.bind_runner_backend`` (logs layers whose output
@@ -66,6 +68,7 @@ logger = logging.getLogger("sglang_xshare.serving")
 
 TOPK_MODULE = "sglang.srt.layers.moe.topk"
 FORWARD_CONTEXT_MODULE = "sglang.srt.model_executor.forward_context"
+EPLB_MODULE = "sglang.srt.eplb.expert_location"
 _DECODE_KINDS = ("decode", "verify")
 #: Environment variable forcing the ``general`` or ``legacy`` path where ``fast`` would run (benchmarks).
 FORCE_PATH_ENV = "SGLANG_XSHARE_FORCE_PATH"
@@ -253,7 +256,7 @@ def _path(st: _State, lp: LayerPolicy, topk_mod: Any, T: int, tc: Any, info: Any
         return "general"
     if info is None:
         return "fast"
-    if lp.selector.config.policy == "xshare_ep" and algo in ("static", "dynamic") and not lp.eplb_rebalances:
+    if lp.selector.config.policy == "xshare_ep" and algo in ("static", "dynamic"):
         return "fast"
     if algo == "static" and getattr(info, "partial_logical_to_rank_dispatch_physical_map", None) is not None \
             and topk_mod.get_global_experts_capturer() is None:  # the capturer wants logical ids
@@ -336,12 +339,11 @@ def _general(st: _State, lp: LayerPolicy, post: Callable, topk_ids: torch.Tensor
     routing = lp.routing
     k = routing.top_k
     T = router_logits.shape[0]
-    use_physical = (lp.selector.config.policy == "xshare_ep" and info is not None and not lp.eplb_rebalances
+    use_physical = (lp.selector.config.policy == "xshare_ep" and info is not None
                     and getattr(info, "ep_dispatch_algorithm", None) in ("static", "dynamic"))
     if lp.selector.config.policy == "xshare_ep" and info is not None and not use_physical:
-        st.log_once("ep_lp", "xshare: xshare_ep with --ep-dispatch-algorithm %s%s: xshare_ep picks the experts, "
-                    "SGLang's dispatcher picks their copies", getattr(info, "ep_dispatch_algorithm", None),
-                    " and EPLB rebalancing" if lp.eplb_rebalances else "")
+        st.log_once("ep_lp", "xshare: xshare_ep with --ep-dispatch-algorithm %s: xshare_ep picks the experts, "
+                    "SGLang's LP dispatcher picks their copies", getattr(info, "ep_dispatch_algorithm", None))
     spec = lp.output_spec("physical" if use_physical else "logical", empty="minus_one")
     sel = lp.selector(router_logits, layer_id=lp.layer_id, num_token_non_padded=ntnp,
                       request_group=_request_group(), output=spec, stats_reduce=lp.stats_reduce)
@@ -430,6 +432,22 @@ def _make_bind_wrapper(orig: Callable) -> Callable:
     return bind_runner_backend
 
 
+def _make_eplb_update_wrapper(orig: Callable) -> Callable:
+    def update(self, other, update_layer_ids, *args, **kwargs):
+        result = orig(self, other, update_layer_ids, *args, **kwargs)
+        st = _STATE
+        if st is not None:  # EPLB rewrote the maps in place: refresh the policies' device tables
+            ids = set(int(i) for i in update_layer_ids)
+            for lp in list(st.layers.values()):
+                if lp.selector is not None and not lp.is_draft and lp.layer_id in ids:
+                    lp.selector.refresh_placement_()
+            st.log_once("eplb_refresh", "xshare: EPLB rebalanced; xshare_ep's placement tables follow the new map")
+        return result
+
+    update.__wrapped__ = orig  # type: ignore[attr-defined]
+    return update
+
+
 def _make_forward_context_wrapper(orig: Callable) -> Callable:
     def forward_context(ctx, *, forward_batch=None):
         if forward_batch is None or _STATE is None:
@@ -459,6 +477,7 @@ def _patches() -> list[Patch]:
         Patch(TOPK_MODULE, "TopK.bind_runner_backend", _make_bind_wrapper),
         Patch(TOPK_MODULE, "select_experts", _make_select_experts_wrapper),
         Patch(FORWARD_CONTEXT_MODULE, "forward_context", _make_forward_context_wrapper),
+        Patch(EPLB_MODULE, "ExpertLocationMetadata.update", _make_eplb_update_wrapper),
     ]
 
 

@@ -91,22 +91,6 @@ def _backend_names(tc: Any, is_draft: bool) -> tuple[str, str | None]:
     return a2a, runner
 
 
-def _eplb_rebalances() -> bool:
-    """Whether SGLang's EPLB may rebalance (``--enable-eplb``) in this process.
-
-    The Triton ``xshare_ep`` path caches placement tables derived from the map it saw first
-    (and CUDA graphs capture those buffers), so after a rebalance its physical copies could be
-    stale. While EPLB rebalances, ``xshare_ep`` therefore picks the *logical* experts and
-    SGLang's own live logical -> physical mapping picks their copies (always correct).
-    """
-    try:
-        from sglang.srt.runtime_context import get_exec
-
-        return bool(get_exec().moe.enable_eplb)
-    except Exception:
-        return False
-
-
 def _sglang_placement(num_experts: int, layer_id: int, device: torch.device, is_draft: bool) -> tuple[Placement, bool]:
     """The layer's placement and whether it is SGLang's EPLB map (physical ids != logical ids).
 
@@ -159,7 +143,6 @@ class LayerPolicy:
         placement: expert placement of the layer (device-resident; SGLang's EPLB map when present).
         empty_mode: ``"minus_one"``, ``"fill"`` or ``"distinct"`` (see :mod:`.slots`).
         min_tokens: smallest batch (tokens) the policy is applied to; smaller ones take SGLang's path.
-        eplb_rebalances: SGLang's EPLB may rebalance this server (read once).
         metrics_row: ``[8] int64`` row of the live metrics table (fused into the kernel) or ``None``.
         stats_reduce: ``--xshare-ep-global``: the all-reduce (sum over the MoE EP group) of the batch
             statistics, or ``None``; every call of the layer then joins it exactly once.
@@ -179,7 +162,6 @@ class LayerPolicy:
     placement: Placement | None
     empty_mode: str
     min_tokens: int = 1
-    eplb_rebalances: bool = False
     metrics_row: torch.Tensor | None = None
     stats_reduce: Any = None
     idle_stats: torch.Tensor | None = None
@@ -275,7 +257,7 @@ def build_layer(cfg: Any, tc: Any, layer_id: int, router_logits: torch.Tensor, m
     if metrics is not None and selector is not None and not is_draft:
         row = metrics.row(layer_id, router_logits.device)
     lp = LayerPolicy(layer_id, is_draft, E, routing, selector, None if selector is not None else reason, scale,
-                     placement, empty_mode, _min_tokens(cfg), _eplb_rebalances(), row, topk_config=tc)
+                     placement, empty_mode, _min_tokens(cfg), row, topk_config=tc)
     if cfg.ep_global and selector is not None and not is_draft:
         _setup_ep_global(lp, tc, router_logits.device)
     if selector is not None:
