@@ -22,6 +22,11 @@ from typing import Any
 
 __all__ = ["PRESETS", "write_model", "write_tokenizer"]
 
+#: What every preset shares: bf16 weights, untied LM head, SiLU experts, token 0 as EOS.
+_COMMON: dict[str, Any] = {"rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False,
+                           "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": None,
+                           "eos_token_id": 0}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-30b-a3b": {
         "architectures": ["Qwen3MoeForCausalLM"],
@@ -41,13 +46,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vocab_size": 151936,
         "max_position_embeddings": 40960,
         "rope_theta": 1000000.0,
-        "rms_norm_eps": 1e-6,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "bos_token_id": None,
-        "eos_token_id": 0,
+        **_COMMON,
     },
     "deepseek-v3-mini": {
         "architectures": ["DeepseekV3ForCausalLM"],
@@ -77,13 +76,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vocab_size": 129280,
         "max_position_embeddings": 16384,
         "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-6,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "bos_token_id": None,
-        "eos_token_id": 0,
+        **_COMMON,
     },
 }
 
