@@ -224,6 +224,11 @@ class SelectionConfig:
             ``"full"`` (each token's whole distribution over all experts).
         fill_to_peak: ``xshare_ep`` only -- once the busiest rank sets the peak, let the other
             ranks fill up to that peak (free for latency, more mass kept).
+        warmup_p: nucleus warm-up (``oea`` and the xshare policies; 0 = off): every valid token
+            keeps its best experts until they hold this fraction of its own top-k gate weight (at
+            least ``k0``, at most ``k``), then the batch budget fills by mass. Reference path only
+            (the Triton kernels do not implement it; :class:`~sglang_xshare.select.Selector` then
+            runs the reference).
     """
 
     policy: str = "xshare"
@@ -234,6 +239,7 @@ class SelectionConfig:
     min_score: float = 0.0
     mass_source: Literal["topk", "full"] = "topk"
     fill_to_peak: bool = True
+    warmup_p: float = 0.0
 
     def validate(self, routing: RoutingSpec) -> "SelectionConfig":
         """Check this config against the model; return ``self``. Raises :class:`XShareConfigError`."""
@@ -257,4 +263,8 @@ class SelectionConfig:
             raise XShareConfigError("--xshare-min-score", f"must be in [0, 1), got {self.min_score}")
         if self.mass_source not in ("topk", "full"):
             raise XShareConfigError("--xshare-mass-source", f"must be 'topk' or 'full', got {self.mass_source!r}")
+        if not (0.0 <= self.warmup_p <= 1.0) or math.isnan(self.warmup_p):
+            raise XShareConfigError("--xshare-warmup-p", f"must be in [0, 1], got {self.warmup_p}")
+        if self.warmup_p > 0 and self.policy in ("topk", "cap"):
+            raise XShareConfigError("--xshare-warmup-p", f"policy {self.policy} has no warm-up")
         return self

@@ -83,6 +83,8 @@ class BatchContext:
         min_score: refinement floor on the gate weight of slots beyond ``k0``.
         mass_source: ``"topk"`` or ``"full"`` (see :class:`~sglang_xshare.config.SelectionConfig`).
         fill_to_peak: ``xshare_ep``: let every rank fill up to the busiest rank's load.
+        warmup_p: nucleus warm-up (0 = off): each valid token keeps its best experts until they
+            hold this fraction of its top-k gate weight (at least ``k0``, at most ``k``).
     """
 
     top_k: int
@@ -98,6 +100,7 @@ class BatchContext:
     min_score: float = 0.0
     mass_source: str = "topk"
     fill_to_peak: bool = True
+    warmup_p: float = 0.0
 
 
 class SelectionOutput(NamedTuple):

@@ -18,7 +18,7 @@ from .contract import BatchContext, SelectionOutput
 from .registry import get_policy
 from .scoring import compute_scores
 
-__all__ = ["Selector", "valid_mask"]
+__all__ = ["Selector", "valid_mask", "reference_only_knobs"]
 
 Backend = Literal["auto", "reference", "kernel"]
 
@@ -32,6 +32,12 @@ def valid_mask(num_tokens: int, num_token_non_padded: int | torch.Tensor | None,
     if isinstance(num_token_non_padded, torch.Tensor):
         return idx < num_token_non_padded.to(device).reshape(())
     return idx < int(num_token_non_padded)
+
+
+def reference_only_knobs(config: SelectionConfig) -> list[str]:
+    """Knobs set in ``config`` that only the reference implements (the kernels would ignore them):
+    with any, ``backend="auto"`` runs the reference (vectorised, no host sync, graph-capturable)."""
+    return ["--xshare-warmup-p"] if config.warmup_p > 0 else []
 
 
 class Selector:
@@ -65,7 +71,10 @@ class Selector:
         if backend not in ("auto", "reference", "kernel"):
             raise XShareConfigError("backend", f"must be auto, reference or kernel, got {backend!r}")
         self.backend = backend
-        self._kernel = self.entry.kernel() if backend != "reference" else None
+        unsupported = reference_only_knobs(self.config)
+        if backend == "kernel" and unsupported:
+            raise XShareConfigError("backend", f"the kernels do not implement {', '.join(unsupported)}; use the reference")
+        self._kernel = self.entry.kernel() if backend != "reference" and not unsupported else None
         if backend == "kernel" and self._kernel is None:
             raise XShareConfigError("backend", f"no kernel can be loaded for policy {config.policy!r} (is Triton installed?)")
         self.workspace: dict = {}
@@ -94,6 +103,7 @@ class Selector:
             min_score=cfg.min_score,
             mass_source=cfg.mass_source,
             fill_to_peak=cfg.fill_to_peak,
+            warmup_p=cfg.warmup_p,
         )
 
     def __call__(self, router_logits: torch.Tensor, layer_id: int | None = None,
