@@ -116,6 +116,8 @@ def grid(name: str) -> list[str]:
         pts += [f"xshare k0={k0} budget=mass:{m}" for k0 in (1, 2) for m in (0.9, 0.95, 0.98)]
         pts += [f"xshare k0=1 budget={b} p={p}" for p in (0.6, 0.7, 0.8, 0.9) for b in ("1", "0.75", "0.9")]
         return pts
+    if name == "layers":  # one layer at a time cut to 0.5 of its top-k experts (sensitivity for --layer-plan)
+        return ["topk"] + [f"xshare k0=1 budget=1.0 layers={layer}:0.5" for layer in range(6)]
     if name == "spec":
         pts = ["topk g=4"] + [f"xshare k0=1 budget={f} g=4" for f in (0.6, 0.8)]
         pts += [f"xshare_spec k0={k0} budget={f} mr={mr} g=4" for k0 in (1,) for f in (0.6, 0.8)
@@ -163,13 +165,22 @@ def sweep(args: argparse.Namespace) -> dict:
     if args.device == "cpu":
         model.config._experts_implementation = "eager"  # fastest on CPU, exact skip of sentinel slots
     routing = routing_spec_of(model.config)
-    if args.eval_text:
-        from sglang_xshare.hf.text import load_text_eval_set
+    if args.eval_windows:
+        from sglang_xshare.hf.text import load_windows
+
+        ev, text = load_windows(args.eval_windows)
+        text = dict(text, windows_file=str(args.eval_windows))
+    elif args.eval_text:
+        from sglang_xshare.hf.text import load_text_eval_set, save_windows
 
         ev = load_text_eval_set(args.eval_text, seq_len=args.seq_len, split=args.split, max_tokens=args.max_tokens,
-                                seed=args.seed)
+                                seed=args.seed, max_windows=args.max_windows)
         text = {"sources": args.eval_text, "split": args.split, "windows_per_dataset": int(ev.tokens.shape[1]),
                 "max_tokens": args.max_tokens, "seed": args.seed}
+        if args.save_windows:
+            print(f"wrote {save_windows(ev, args.save_windows, text)}")
+            if args.save_only:
+                raise SystemExit(0)
     else:
         ev = load_eval_set()
         text = {"sources": ["shipped eval set (held-out)"], "split": "heldout", "windows_per_dataset": int(ev.tokens.shape[1])}
@@ -342,6 +353,60 @@ def pick_default(rows: list[dict], bound_rel: float = 0.005, margin: float = 1.0
     return {"bound_rel": bound_rel, "margin": margin, "chosen": feas[0], "runners_up": feas[1:6]}
 
 
+def layer_plan(rows: list[dict], targets: list[float], num_layers: int = 6, lo: float = 0.3) -> list[str]:
+    """Per-layer budgets by marginal CE per expert (learned from a sensitivity sweep in which one layer at a
+    time is cut, ``xshare k0=1 budget=1.0 layers=L:F``): layers that lose less CE per expert cut get
+    tighter budgets, the mean fraction equal to each target. Returns point specs."""
+    slope = {}
+    for r in rows:
+        p = parse_point(r["spec"])
+        if p.policy != "xshare" or p.cfg.budget is None or len(p.cfg.budget.per_layer) != 1:
+            continue
+        (layer, b), = p.cfg.budget.per_layer.items()
+        cut = num_layers * (1 - r["ratio"])  # only this layer's experts change
+        slope.setdefault(layer, []).append(max(r["delta"], 1e-4) / max(cut, 1e-6))
+    if len(slope) != num_layers:
+        raise SystemExit(f"sensitivity rows cover layers {sorted(slope)}, need all {num_layers}")
+    s = {l: sum(v) / len(v) for l, v in slope.items()}
+    inv = {l: 1 / s[l] for l in s}
+    specs = []
+    for F in targets:
+        total = (1 - F) * num_layers
+        frac = {l: max(lo, 1 - total * inv[l] / sum(inv.values())) for l in s}
+        specs.append(f"xshare k0=1 budget={F:g} layers=" + "/".join(f"{l}:{frac[l]:.3f}" for l in sorted(frac)))
+    return specs
+
+
+def write_default(args: argparse.Namespace, meta: dict) -> None:
+    """``--pick-default TRAIN.json [--validate-on HELDOUT.json]`` -> ``NAME.{json,md}``."""
+    train = json.loads(args.pick_default.read_text())
+    res = pick_default(summarize(train), args.bound, args.margin)
+    spec = res["chosen"]["spec"]
+    res["train_file"] = str(args.pick_default)
+    res["train_meta"] = train["meta"]
+    lines = [f"Chosen on **{args.pick_default}** (split `{train['text']['split']}`; command `{train['meta']['command']}`, "
+             f"git `{train['meta']['git']}`, {train['meta']['device']}, {train['meta']['date']}): among the xshare "
+             f"configurations swept there, the largest mean expert cut over B whose CE delta + {args.margin:g} x CI "
+             f"stays <= {100 * args.bound:g} % of top-k's CE at every B.\n\n**`{spec}`**\n"]
+    rows = [["train", B, v["ratio"], 1 - v["ratio"], v["delta"], v["ci95"], 100 * v["delta_rel"]]
+            for B, v in res["chosen"]["per_B"].items()]
+    if args.validate_on is not None:
+        held = json.loads(args.validate_on.read_text())
+        hr = [r for r in summarize(held) if r["spec"] == spec]
+        res["heldout_file"] = str(args.validate_on)
+        res["heldout"] = {r["B"]: {"ratio": r["ratio"], "delta": r["delta"], "ci95": r["ci95"],
+                                   "delta_rel": r["delta_rel"], "batches": r["batches"]} for r in hr}
+        res["heldout_within_bound"] = all(v["delta_rel"] <= args.bound for v in res["heldout"].values())
+        rows += [["held-out", r["B"], r["ratio"], 1 - r["ratio"], r["delta"], r["ci95"], 100 * r["delta_rel"]] for r in hr]
+        lines.append(f"Validated on **{args.validate_on}** (split `{held['text']['split']}`, git `{held['meta']['git']}`, "
+                     f"{held['meta']['device']}): within the bound at every B: **{res['heldout_within_bound']}**.\n")
+    table = markdown_table(["split", "B", "expert ratio", "expert cut", "dCE", "95% CI", "dCE %"], rows)
+    runners = markdown_table(["runner-up (train)", "mean cut"], [[c["spec"], c["mean_cut"]] for c in res["runners_up"]])
+    jp, mp = write_results(args.out, args.name, res, "\n".join(lines) + "\n" + table + "\n\n" + runners + "\n", meta)
+    print(table)
+    print(f"wrote {jp}, {mp}")
+
+
 # ---- plots ---------------------------------------------------------------------------------------
 
 STYLE = {"topk": ("k", "*"), "cap": ("tab:gray", "s"), "oea": ("tab:orange", "^"), "xshare": ("tab:blue", "o"),
@@ -404,11 +469,7 @@ def report(payload: dict, args: argparse.Namespace, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     text = payload["text"]
     title = f"{', '.join(Path(s.split('=')[0]).name for s in text['sources'])} ({text['split']})"
-    pngs = []
-    for B in sorted({r["B"] for r in rows}):
-        png = out / f"{name}_B{B}.png"
-        plot_b(rows, B, png, title, default)
-        pngs.append(png)
+    pngs = [out / f"{name}_B{B}.png" for B in sorted({r["B"] for r in rows})]
     nb = {B: max(len(r["batch_ids"]) for r in rows if r["B"] == B) for B in sorted({r["B"] for r in rows})}
     table = markdown_table(
         ["B", "point", "batches", "experts/layer", "top-k experts", "ratio", "dCE", "95% CI", "dCE %", "kept mass"],
@@ -440,7 +501,13 @@ def report(payload: dict, args: argparse.Namespace, meta: dict) -> None:
     payload["comparison"] = cmp_rows
     jp, mp = write_results(out, name, payload, md, meta)
     print(cmp_table)
-    print(f"wrote {jp}, {mp}, {', '.join(str(p) for p in pngs)}")
+    print(f"wrote {jp}, {mp}")
+    try:
+        for png in pngs:
+            plot_b(rows, int(png.stem.split("_B")[-1]), png, title, default)
+            print(f"wrote {png}")
+    except ImportError as e:  # e.g. no matplotlib on a GPU host: redraw later with --replot
+        print(f"no plots ({e}); run --replot {jp}")
 
 
 def main() -> None:
@@ -449,8 +516,13 @@ def main() -> None:
     ap.add_argument("--eval-text", nargs="+", default=None, metavar="[NAME=]PATH",
                     help="plain-text sources, one dataset each ('default': the three training corpora)")
     ap.add_argument("--split", default="heldout", choices=["heldout", "train", "all"])
+    ap.add_argument("--save-windows", type=Path, default=None, help="also write the tokenised windows (.npz)")
+    ap.add_argument("--save-only", action="store_true", help="with --save-windows: only write them")
+    ap.add_argument("--eval-windows", type=Path, default=None,
+                    help="windows written by --save-windows (a machine without the corpora, e.g. a GPU host)")
     ap.add_argument("--max-tokens", type=int, default=1_000_000, help="tokens read per dataset (random documents)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-windows", type=int, default=None, help="windows kept per dataset (default: all)")
     ap.add_argument("--batch-sizes", type=_ints, default=[1, 4, 16, 64])
     ap.add_argument("--num-batches", type=_batches_per_b, default=_batches_per_b("1:32,4:32,16:32,64:32"),
                     help="batches per batch size, B:N,...")
@@ -469,14 +541,22 @@ def main() -> None:
     ap.add_argument("--select-on", type=Path, default=None, help="choose the compared configurations on this JSON")
     ap.add_argument("--default-spec", default=None, help="mark this point in the plots")
     ap.add_argument("--pick-default", type=Path, default=None, help="choose the auto preset from a (training) JSON")
+    ap.add_argument("--validate-on", type=Path, default=None, help="with --pick-default: report the pick on this JSON")
+    ap.add_argument("--bound", type=float, default=0.005, help="with --pick-default: CE delta bound, relative")
+    ap.add_argument("--margin", type=float, default=1.0, help="with --pick-default: CI half-widths added to the delta")
+    ap.add_argument("--layer-plan", type=Path, default=None,
+                    help="print per-layer budget points from a one-layer-at-a-time sensitivity JSON (--targets)")
+    ap.add_argument("--targets", type=lambda s: [float(x) for x in s.split(",")], default=[0.7, 0.8])
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (shipped eval set, B=4,16, 2 batches)")
     args = ap.parse_args()
     if args.eval_text == ["default"]:
         args.eval_text = DEFAULT_TEXT
     meta = run_metadata()
+    if args.layer_plan is not None:
+        print(";".join(layer_plan(summarize(json.loads(args.layer_plan.read_text())), args.targets)))
+        return
     if args.pick_default is not None:
-        res = pick_default(summarize(json.loads(args.pick_default.read_text())))
-        print(json.dumps(res, indent=1))
+        write_default(args, meta)
         return
     if args.replot is not None:
         payload = json.loads(args.replot.read_text())

@@ -13,8 +13,8 @@ import torch
 pytest.importorskip("tokenizers")
 
 from sglang_xshare.hf import make_batches  # noqa: E402
-from sglang_xshare.hf.text import (is_heldout, iter_documents, load_text_eval_set, shuffled_windows,  # noqa: E402
-                                   tokenize_documents)
+from sglang_xshare.hf.text import (is_heldout, iter_documents, load_text_eval_set, load_windows,  # noqa: E402
+                                   save_windows, shuffled_windows, tokenize_documents)
 
 WORDS = "the quick brown fox jumps over a lazy dog while experts route tokens in batches".split()
 
@@ -107,3 +107,10 @@ def test_load_text_eval_set_and_batches(corpus):
     else:
         with pytest.raises(ValueError, match="no heldout documents"):
             load_text_eval_set([str(corpus / "a")], seq_len=16, split="heldout", max_tokens=None, min_gap=2)
+
+
+def test_windows_round_trip(corpus, tmp_path):
+    ev = load_text_eval_set([str(corpus / "a")], seq_len=16, split="all", max_tokens=None, min_gap=4, max_windows=30)
+    back, info = load_windows(save_windows(ev, tmp_path / "w.npz", {"split": "all"}))
+    assert torch.equal(back.tokens, ev.tokens) and torch.equal(back.window_index, ev.window_index)
+    assert back.datasets == ev.datasets and back.min_gap == 4 and info == {"split": "all"}

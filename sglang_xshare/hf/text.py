@@ -34,7 +34,8 @@ import torch
 
 from .model import EvalSet, default_model_dir
 
-__all__ = ["is_heldout", "iter_documents", "tokenize_documents", "shuffled_windows", "load_text_eval_set", "Split"]
+__all__ = ["is_heldout", "iter_documents", "tokenize_documents", "shuffled_windows", "load_text_eval_set", "Split",
+           "save_windows", "load_windows"]
 
 Split = Literal["heldout", "train", "all"]
 EOS = "<|endoftext|>"
@@ -166,3 +167,27 @@ def load_text_eval_set(sources: list[str], seq_len: int = 64, split: Split = "he
         raise ValueError(f"a dataset has fewer than {keep} windows: {[r.shape[0] for r in rows]}")
     tokens = torch.from_numpy(np.stack([r[:keep] for r in rows]))
     return EvalSet(tokens, tuple(names), torch.from_numpy(np.stack([i[:keep] for i in index])), min_gap)
+
+
+def save_windows(ev: EvalSet, path: str | Path, info: dict | None = None) -> Path:
+    """Write an eval set's windows to one ``.npz`` (``uint16`` tokens), e.g. to carry tokenised text to a
+    machine without the corpora; :func:`load_windows` reads it back."""
+    import json
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(p, tokens=ev.tokens.numpy().astype(np.uint16),
+                        window_index=(ev.window_index if ev.window_index is not None else torch.zeros(0)).numpy(),
+                        meta=np.frombuffer(json.dumps({"datasets": list(ev.datasets), "min_gap": ev.min_gap,
+                                                       "info": info or {}}).encode(), dtype=np.uint8))
+    return p
+
+
+def load_windows(path: str | Path) -> tuple[EvalSet, dict]:
+    """``(EvalSet, info)`` from :func:`save_windows`."""
+    import json
+
+    z = np.load(Path(path))
+    meta = json.loads(bytes(z["meta"]).decode())
+    wi = torch.from_numpy(z["window_index"].astype(np.int64)) if z["window_index"].size else None
+    return EvalSet(torch.from_numpy(z["tokens"].astype(np.int64)), tuple(meta["datasets"]), wi, meta["min_gap"]), meta["info"]
