@@ -220,6 +220,7 @@ def sweep(args: argparse.Namespace) -> dict:
 def merge(payloads: list[dict]) -> dict:
     """Join shard results (same config but the shard)."""
     out = json.loads(json.dumps(payloads[0]))
+    out["merged_from"] = [{"meta": p.get("meta"), "config": p["config"], "elapsed_s": p["elapsed_s"]} for p in payloads]
     for p in payloads[1:]:
         for B, per in p["raw"].items():
             for spec, batches in per.items():
