@@ -211,7 +211,8 @@ def sweep(args: argparse.Namespace) -> dict:
                 bar.update(1)
     return {"config": {"batch_sizes": args.batch_sizes, "num_batches": args.num_batches, "seq_len": args.seq_len,
                        "grid": args.grid, "points": [p.spec for p in points], "spec_batch_sizes": args.spec_batch_sizes,
-                       "shard": list(args.shard), "device": args.device, "output_error": args.output_error},
+                       "shard": list(args.shard), "device": args.device, "output_error": args.output_error,
+                       "threads": args.threads},
             "text": text, "model": {"num_experts": routing.num_experts, "top_k": routing.top_k,
                                     "path": str(args.model or "sglang_xshare/data/model")},
             "elapsed_s": time.perf_counter() - t0, "raw": raw}
@@ -462,7 +463,8 @@ def report(payload: dict, args: argparse.Namespace, meta: dict) -> None:
     select_rows = None
     if args.select_on is not None:
         select_rows = summarize(json.loads(args.select_on.read_text()))
-    cmp_rows = compare(rows, select_rows)
+    cmp_rows = compare(rows)
+    cmp_train = compare(rows, select_rows) if select_rows is not None else None
     default = None
     if args.default_spec:
         default = args.default_spec
@@ -476,12 +478,15 @@ def report(payload: dict, args: argparse.Namespace, meta: dict) -> None:
         ["B", "point", "batches", "experts/layer", "top-k experts", "ratio", "dCE", "95% CI", "dCE %", "kept mass"],
         [[r["B"], r["spec"], r["batches"], r["distinct"], r["distinct_topk"], r["ratio"], r["delta"], r["ci95"],
           100 * r["delta_rel"], r["retained_mass"]] for r in rows])
-    cmp_table = markdown_table(
-        ["B", "ratio <=", "best xshare", "its ratio", "its dCE", "best OEA/cap", "its ratio", "its dCE",
-         "xshare - baseline (paired)", "95% CI", "verdict"],
-        [[c["B"], c["r"], c.get("ours") or "-", c.get("ours_ratio", "-"), c.get("ours_delta", "-"), c.get("base") or "-",
-          c.get("base_ratio", "-"), c.get("base_delta", "-"), c.get("diff", "-"), c.get("diff_ci", "-"), c["verdict"]]
-         for c in cmp_rows])
+    def cmp_md(cr: list[dict]) -> str:
+        return markdown_table(
+            ["B", "ratio <=", "best xshare", "its ratio", "its dCE", "best OEA/cap", "its ratio", "its dCE",
+             "xshare - baseline (paired)", "95% CI", "verdict"],
+            [[c["B"], c["r"], c.get("ours") or "-", c.get("ours_ratio", "-"), c.get("ours_delta", "-"),
+              c.get("base") or "-", c.get("base_ratio", "-"), c.get("base_delta", "-"), c.get("diff", "-"),
+              c.get("diff_ci", "-"), c["verdict"]] for c in cr])
+
+    cmp_table = cmp_md(cmp_rows)
     md = (
         f"Model: `{payload['model']['path']}` ({payload['model']['num_experts']} experts, top-{payload['model']['top_k']}). "
         f"Text: {', '.join('`' + s + '`' for s in text['sources'])}, split **{text['split']}**, "
@@ -493,13 +498,17 @@ def report(payload: dict, args: argparse.Namespace, meta: dict) -> None:
         + "".join(f"![B={p.stem.split('_B')[-1]}]({p.name}) " for p in pngs) + "\n\n"
         "## Frontier comparison\n\n"
         "At each B and ratio r: the best xshare configuration activating at most r (+0.005) of top-k's experts vs "
-        "the best OEA (any k0) or cap (any k') configuration doing the same; difference paired per batch. "
-        + ("Configurations chosen on `" + str(args.select_on) + "`, scored here.\n\n" if args.select_on
-           else "Configurations chosen and scored on this data.\n\n")
-        + cmp_table + "\n\n## Every point\n\n" + table + "\n")
+        "the best OEA (any k0) or cap (any k') configuration doing the same; difference paired per batch "
+        "(t interval). Configurations chosen and scored on this data (every point of the sweep; with many more "
+        "xshare points than baseline points, picking the best on the data that scores it favours xshare a little).\n\n"
+        + cmp_table + "\n\n"
+        + ("### The same, configurations chosen on `" + str(args.select_on) + "`\n\nOnly points swept there "
+           "too; scored here (no selection bias).\n\n" + cmp_md(cmp_train) + "\n\n" if cmp_train is not None else "")
+        + "## Every point\n\n" + table + "\n")
     payload = dict(payload)
     payload["rows"] = [{k: v for k, v in r.items()} for r in rows]
     payload["comparison"] = cmp_rows
+    payload["comparison_selected_on"] = {"file": str(args.select_on), "rows": cmp_train} if cmp_train is not None else None
     jp, mp = write_results(out, name, payload, md, meta)
     print(cmp_table)
     print(f"wrote {jp}, {mp}")
@@ -552,6 +561,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.eval_text == ["default"]:
         args.eval_text = DEFAULT_TEXT
+    torch.set_num_threads(args.threads)  # before run_metadata, which records the thread count
     meta = run_metadata()
     if args.layer_plan is not None:
         print(";".join(layer_plan(summarize(json.loads(args.layer_plan.read_text())), args.targets)))
@@ -562,13 +572,13 @@ def main() -> None:
     if args.replot is not None:
         payload = json.loads(args.replot.read_text())
         meta = payload.pop("meta")
-        for k in ("rows", "comparison"):
+        for k in ("rows", "comparison", "comparison_selected_on"):
             payload.pop(k, None)
         report(payload, args, meta)
         return
     if args.merge is not None:
         payload = merge([json.loads(p.read_text()) for p in args.merge])
-        for k in ("rows", "comparison", "meta"):
+        for k in ("rows", "comparison", "comparison_selected_on", "meta"):
             payload.pop(k, None)
         report(payload, args, meta)
         return
