@@ -352,7 +352,15 @@ def pick_default(rows: list[dict], bound_rel: float = 0.005, margin: float = 1.0
     feas = sorted((c for c in cands if c["feasible"]), key=lambda c: -c["mean_cut"])
     if not feas:
         raise SystemExit("no xshare configuration meets the bound at every B")
-    return {"bound_rel": bound_rel, "margin": margin, "chosen": feas[0], "runners_up": feas[1:6]}
+    per_b = {}  # what one setting per batch size would allow (same rule, each B on its own)
+    for B in bs:
+        ok = [r for r in rows if r["B"] == B and r["policy"] in OURS and r["g"] == 1
+              and r["delta"] + margin * (r["ci95"] if r["ci95"] == r["ci95"] else 0) <= bound_rel * r["ce_ref"]]
+        if ok:
+            b = max(ok, key=lambda r: 1 - r["ratio"])
+            per_b[B] = {"spec": b["spec"], "ratio": b["ratio"], "delta": b["delta"], "ci95": b["ci95"],
+                        "delta_rel": b["delta_rel"]}
+    return {"bound_rel": bound_rel, "margin": margin, "chosen": feas[0], "runners_up": feas[1:6], "per_B_best": per_b}
 
 
 def layer_plan(rows: list[dict], targets: list[float], num_layers: int = 6, lo: float = 0.3) -> list[str]:
@@ -403,6 +411,16 @@ def write_default(args: argparse.Namespace, meta: dict) -> None:
         lines.append(f"Validated on **{args.validate_on}** (split `{held['text']['split']}`, git `{held['meta']['git']}`, "
                      f"{held['meta']['device']}): within the bound at every B: **{res['heldout_within_bound']}**.\n")
     table = markdown_table(["split", "B", "expert ratio", "expert cut", "dCE", "95% CI", "dCE %"], rows)
+    held_rows = {}
+    if args.validate_on is not None:
+        held_rows = {(r["B"], r["spec"]): r for r in summarize(held)}
+    pb = [[B, v["spec"], v["ratio"], 100 * v["delta_rel"],
+           held_rows[(B, v["spec"])]["ratio"] if (B, v["spec"]) in held_rows else "-",
+           100 * held_rows[(B, v["spec"])]["delta_rel"] if (B, v["spec"]) in held_rows else "-"]
+          for B, v in res["per_B_best"].items()]
+    table += ("\n\nOne setting per batch size instead (same rule, each B on its own; `auto` is one setting for "
+              "every B):\n\n" + markdown_table(["B", "best on train", "train ratio", "train dCE %", "held-out ratio",
+                                                  "held-out dCE %"], pb))
     runners = markdown_table(["runner-up (train)", "mean cut"], [[c["spec"], c["mean_cut"]] for c in res["runners_up"]])
     jp, mp = write_results(args.out, args.name, res, "\n".join(lines) + "\n" + table + "\n\n" + runners + "\n", meta)
     print(table)

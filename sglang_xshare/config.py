@@ -156,7 +156,7 @@ class Preset:
 #: ``auto``: picked on the training split only (``bench/quality.py --pick-default``), validated on
 #: held-out text; figures in ``bench/results/quality_default.md``.
 PRESETS: dict[str, Preset] = {
-    "auto": Preset("auto", budget="1", k0=1, warmup_p=0.8, bound_rel=0.005,
+    "auto": Preset("auto", budget="0.8", k0=1, warmup_p=0.6, bound_rel=0.005,
                    source="bench/results/quality_default.json"),
 }
 
