@@ -514,7 +514,9 @@ def report(payload: dict, args: argparse.Namespace, meta: dict) -> None:
         f"plain top-k's for the same tokens. Sweep time {payload['elapsed_s']:.0f} s "
         f"(device {payload['config']['device']}).\n\n"
         + "".join(f"![B={p.stem.split('_B')[-1]}]({p.name}) " for p in pngs) + "\n\n"
-        "## Frontier comparison\n\n"
+        + "".join(f"Merged from: `{m['meta']['command']}` (git `{m['meta']['git']}`, {m['meta']['device']}, "
+                  f"{m['meta']['date']}, {m['elapsed_s']:.0f} s)\n\n" for m in payload.get("merged_from") or [] if m.get("meta"))
+        + "## Frontier comparison\n\n"
         "At each B and ratio r: the best xshare configuration activating at most r (+0.005) of top-k's experts vs "
         "the best OEA (any k0) or cap (any k') configuration doing the same; difference paired per batch "
         "(t interval). Configurations chosen and scored on this data (every point of the sweep; with many more "
