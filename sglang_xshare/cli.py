@@ -41,9 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--policy", default="xshare", choices=[n for n in POLICY_NAMES if n not in ("topk",)],
                    help="our policy, compared with topk, cap and oea")
     r.add_argument("--also", default="", help="more policies to add to the table, comma separated")
-    r.add_argument("--budget", default="0.7", help="batch budget m_l: count (24), fraction (0.7) or mass:0.9")
-    r.add_argument("--layer-budgets", default=None, help="per-layer overrides, LAYER:BUDGET,... (layers of the trace)")
-    r.add_argument("--request-budget", default=None, help="xshare_spec per-request budget m_r (None: top_k)")
+    r.add_argument("--budget", default="0.7",
+                   help="batch budget m_l: count (24), fraction (0.7), mass:0.9 or a preset (auto: budget, k0, p)")
+    r.add_argument("--warmup-p", type=float, default=0.0, help="nucleus warm-up p of the budgeted policies (0 = off)")
+    r.add_argument("--layer-budgets", default=None, help="per-layer overrides, LAYER:BUDGET,...")
+    r.add_argument("--request-budget", default=None, help="xshare_spec per-request budget m_r")
     r.add_argument("--k0", type=int, default=1, help="warm-up floor: every token keeps its top-k0")
     r.add_argument("--cap", type=int, default=None, help="k' of the cap baseline (None: ceil(k/2))")
     r.add_argument("--ep-size", type=int, default=1, help="EP ranks for per-rank loads and xshare_ep")
@@ -98,7 +100,7 @@ def _replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise XShareConfigError("--also", f"unknown policy {x!r}; choose from {', '.join(POLICY_NAMES)}")
     runs = standard_runs(routing, args.policy, args.budget, k0=args.k0, cap=args.cap,
                          request_budget=args.request_budget, layer_budgets=args.layer_budgets, extra=extra,
-                         hard_cap=args.hard_cap)
+                         hard_cap=args.hard_cap, warmup_p=args.warmup_p)
     result = replay(trace, runs, placement, device=args.device, progress=not args.no_progress)
     info = result.info
     md = (

@@ -26,6 +26,9 @@ __all__ = [
     "RoutingSpec",
     "SelectionConfig",
     "POLICY_NAMES",
+    "Preset",
+    "PRESETS",
+    "resolve_preset",
 ]
 
 #: Every policy the registry knows, in the order tables print them.
@@ -132,6 +135,59 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Preset:
+    """A named operating point of the xshare policies, chosen from measurements.
+
+    ``--xshare-budget NAME`` (``BudgetSchedule.parse(NAME)``) selects it: it sets the batch budget,
+    the warm-up floor ``k0`` and the nucleus warm-up ``warmup_p`` together.
+
+    Attributes:
+        name: what ``--xshare-budget`` takes.
+        budget: the batch budget (``Budget.parse`` text).
+        k0: warm-up floor.
+        warmup_p: nucleus warm-up (0 = off).
+        bound_rel: the CE bound it was chosen for (CE delta / top-k CE at every batch size);
+            ``tests/test_quality_default.py`` checks it on a fixed held-out slice.
+        source: the results file it was chosen from.
+    """
+
+    name: str
+    budget: str
+    k0: int
+    warmup_p: float
+    bound_rel: float
+    source: str
+
+
+#: ``auto``: picked on the training split only (``bench/quality.py --pick-default``), validated on
+#: held-out text; figures in ``bench/results/quality_default.md``.
+PRESETS: dict[str, Preset] = {
+    "auto": Preset("auto", budget="0.8", k0=3, warmup_p=0.0, bound_rel=0.005,
+                   source="bench/results/quality_default.json"),
+}
+
+
+def resolve_preset(budget: str | int | float | Budget | None, k0: int | None, warmup_p: float | None,
+                   layer_budgets: object = None, flag: str = "--xshare-budget") -> tuple[object, int, float]:
+    """``(budget, k0, warmup_p)`` with a preset name (``auto``) expanded; other budgets pass through.
+
+    ``k0`` / ``warmup_p``: ``None`` = not given (1 / 0 without a preset). A preset owns its k0 and
+    nucleus: giving another value, or per-layer overrides, with it raises naming the flag.
+    """
+    name = budget.strip().lower() if isinstance(budget, str) else None
+    if name not in PRESETS:
+        return budget, 1 if k0 is None else k0, 0.0 if warmup_p is None else warmup_p
+    pre = PRESETS[name]
+    if k0 is not None and k0 != pre.k0:
+        raise XShareConfigError("--xshare-warmup-k0", f"{flag} {name} sets k0={pre.k0}; do not give another")
+    if warmup_p is not None and warmup_p != pre.warmup_p:
+        raise XShareConfigError("--xshare-warmup-p", f"{flag} {name} sets warmup_p={pre.warmup_p}; do not give another")
+    if layer_budgets:
+        raise XShareConfigError("--xshare-layer-budgets", f"{flag} {name} is one preset for every layer")
+    return pre.budget, pre.k0, pre.warmup_p
+
+
+@dataclass(frozen=True)
 class BudgetSchedule:
     """A default :class:`Budget` plus per-layer overrides (``{layer_id: Budget}``)."""
 
@@ -147,7 +203,13 @@ class BudgetSchedule:
     @staticmethod
     def parse(default: str | Budget, overrides: str | Mapping[int, str] | None = None,
               flag: str = "--xshare-budget", override_flag: str = "--xshare-layer-budgets") -> "BudgetSchedule":
-        """``overrides`` is ``"0:32,5:mass:0.95"`` (layer:budget, comma separated) or a mapping."""
+        """``overrides`` is ``"0:32,5:mass:0.95"`` (layer:budget, comma separated) or a mapping.
+
+        A preset name (``auto``, :data:`PRESETS`) gives the preset's budget; its ``k0`` and
+        ``warmup_p`` are applied by :func:`resolve_preset` (the flags, the replay CLI do).
+        """
+        if isinstance(default, str) and default.strip().lower() in PRESETS:
+            default, _, _ = resolve_preset(default, None, None, overrides, flag)
         per: dict[int, Budget] = {}
         if isinstance(overrides, str) and overrides.strip():
             for item in overrides.split(","):
@@ -234,6 +296,11 @@ class SelectionConfig:
             ``max(m_l, |warm-up set|)`` (by default the per-rank budget ``ceil(m_l / R)`` on every
             rank, and ``fill_to_peak``, may activate more than ``m_l``). The other budgeted
             policies never exceed ``max(m_l, |warm-up set|)``.
+        warmup_p: nucleus warm-up (``oea`` and the xshare policies; 0 = off): every valid token
+            keeps its best experts until they hold this fraction of its own top-k gate weight (at
+            least ``k0``, at most ``k``), then the batch budget fills by mass. Reference path only
+            (the Triton kernels do not implement it; :class:`~sglang_xshare.select.Selector` then
+            runs the reference).
     """
 
     policy: str = "xshare"
@@ -245,6 +312,7 @@ class SelectionConfig:
     mass_source: Literal["topk", "full"] = "topk"
     fill_to_peak: bool = True
     hard_cap: bool = False
+    warmup_p: float = 0.0
 
     def validate(self, routing: RoutingSpec) -> "SelectionConfig":
         """Check this config against the model; return ``self``. Raises :class:`XShareConfigError`."""
@@ -268,4 +336,8 @@ class SelectionConfig:
             raise XShareConfigError("--xshare-min-score", f"must be in [0, 1), got {self.min_score}")
         if self.mass_source not in ("topk", "full"):
             raise XShareConfigError("--xshare-mass-source", f"must be 'topk' or 'full', got {self.mass_source!r}")
+        if not (0.0 <= self.warmup_p <= 1.0) or math.isnan(self.warmup_p):
+            raise XShareConfigError("--xshare-warmup-p", f"must be in [0, 1], got {self.warmup_p}")
+        if self.warmup_p > 0 and self.policy in ("topk", "cap"):
+            raise XShareConfigError("--xshare-warmup-p", f"policy {self.policy} has no warm-up")
         return self

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .benchio import markdown_table
-from .config import Budget, BudgetSchedule, RoutingSpec, SelectionConfig
+from .config import Budget, BudgetSchedule, RoutingSpec, SelectionConfig, resolve_preset
 from .metrics import METRIC_NAMES, selection_metrics
 from .placement import Placement
 from .select import Selector, compute_scores
@@ -70,16 +70,20 @@ class ReplayResult:
 
 def standard_runs(routing: RoutingSpec, policy: str, budget: str, k0: int = 1, cap: int | None = None,
                   request_budget: str | None = None, layer_budgets: str | None = None,
-                  extra: Sequence[str] = (), hard_cap: bool = False) -> list[PolicyRun]:
+                  extra: Sequence[str] = (), hard_cap: bool = False, warmup_p: float = 0.0) -> list[PolicyRun]:
     """``topk`` + ``cap`` + ``oea`` baselines, then ``policy`` (ours) and any ``extra`` policies.
 
     ``cap`` defaults to ``ceil(k / 2)``; budgeted policies share ``budget`` (and per-layer
-    overrides); ``hard_cap`` makes ``xshare_ep``'s budget a hard cap on distinct experts.
-    Configuration errors name the core flags (``--xshare-budget``, ...).
+    overrides); ``hard_cap`` makes ``xshare_ep``'s budget a hard cap on distinct experts. A preset
+    budget (``auto``) sets the budgeted policies' ``k0`` and ``warmup_p`` too (``k0=1`` and
+    ``warmup_p=0`` mean "not given"); the baselines keep ``k0``. Configuration errors name the core
+    flags (``--xshare-budget``, ...).
     """
     k = routing.top_k
     cap = cap if cap is not None else max(1, -(-k // 2))
-    sched = BudgetSchedule.parse(budget, layer_budgets)
+    budget_r, k0_r, p_r = resolve_preset(budget, None if k0 == 1 else k0, None if warmup_p == 0 else warmup_p,
+                                         layer_budgets)
+    sched = BudgetSchedule.parse(budget_r, layer_budgets)  # type: ignore[arg-type]
     rb = Budget.parse(request_budget, "--xshare-request-budget") if request_budget is not None else None
 
     def make(name: str) -> PolicyRun:
@@ -89,15 +93,16 @@ def standard_runs(routing: RoutingSpec, policy: str, budget: str, k0: int = 1, c
             return PolicyRun(f"cap(k'={cap})", SelectionConfig(policy="cap", cap=cap).validate(routing))
         if name in ("oea", "oea_simple"):
             return PolicyRun(f"{name}(k0={k0})", SelectionConfig(policy=name, k0=k0).validate(routing))
+        nucleus = f", p={p_r:g}" if p_r else ""
         if name == "xshare_spec":
             r = rb or Budget.parse(max(k, routing.top_k), "--xshare-request-budget")
-            cfg = SelectionConfig(policy=name, k0=k0, budget=sched, request_budget=r)
-            return PolicyRun(f"{name}(m_r={r}, m_l={sched.default}, k0={k0})", cfg.validate(routing))
+            cfg = SelectionConfig(policy=name, k0=k0_r, budget=sched, request_budget=r, warmup_p=p_r)
+            return PolicyRun(f"{name}(m_r={r}, m_l={sched.default}, k0={k0_r}{nucleus})", cfg.validate(routing))
         if name == "xshare_ep" and hard_cap:
-            cfg = SelectionConfig(policy=name, k0=k0, budget=sched, hard_cap=True)
-            return PolicyRun(f"{name}(m={sched.default}, k0={k0}, hard cap)", cfg.validate(routing))
-        cfg = SelectionConfig(policy=name, k0=k0, budget=sched)
-        return PolicyRun(f"{name}(m={sched.default}, k0={k0})", cfg.validate(routing))
+            cfg = SelectionConfig(policy=name, k0=k0_r, budget=sched, hard_cap=True, warmup_p=p_r)
+            return PolicyRun(f"{name}(m={sched.default}, k0={k0_r}{nucleus}, hard cap)", cfg.validate(routing))
+        cfg = SelectionConfig(policy=name, k0=k0_r, budget=sched, warmup_p=p_r)
+        return PolicyRun(f"{name}(m={sched.default}, k0={k0_r}{nucleus})", cfg.validate(routing))
 
     names = ["topk", "cap", "oea", policy, *extra]
     seen: list[str] = []

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import re
 import zlib
@@ -47,6 +46,8 @@ from typing import Iterator
 
 import numpy as np
 
+from sglang_xshare.hf.text import is_heldout
+
 EOS = "<|endoftext|>"
 PYDOC_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
 KERNEL_ROOT = Path("/usr/share/doc/linux-doc-6.1/Documentation")
@@ -54,10 +55,8 @@ GCIDE_DICT = Path("/usr/share/dictd/gcide.dict.dz")
 DATASETS = ("pydoc", "kernel", "gcide")
 
 
-def _is_heldout(doc_name: str, frac: float) -> bool:
-    """Stable document-level split: ``True`` for about ``frac`` of all names."""
-    h = int.from_bytes(hashlib.sha1(doc_name.encode()).digest()[:8], "little")
-    return (h % 10_000) < int(frac * 10_000)
+# Stable document-level split (sha1 of the name): one rule, shared with the quality harness.
+_is_heldout = is_heldout
 
 
 def iter_pydoc() -> Iterator[tuple[str, str]]:

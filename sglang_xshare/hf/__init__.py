@@ -6,9 +6,10 @@ from .evaluate import PointResult, evaluate_point, make_batches, sequence_ce
 from .hook import LayerStats, RoutingHook, StepLayout
 from .model import EvalSet, default_model_dir, load_eval_set, load_model, moe_blocks, routing_spec_of
 from .recorder import record_trace
+from .text import is_heldout, load_text_eval_set
 
 __all__ = [
     "EvalSet", "LayerStats", "PointResult", "RoutingHook", "StepLayout",
-    "default_model_dir", "evaluate_point", "load_eval_set", "load_model", "make_batches",
+    "default_model_dir", "evaluate_point", "is_heldout", "load_text_eval_set", "load_eval_set", "load_model", "make_batches",
     "moe_blocks", "record_trace", "routing_spec_of", "sequence_ce",
 ]

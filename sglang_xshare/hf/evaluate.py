@@ -14,7 +14,7 @@ This is an offline harness: it syncs with the host freely (it is not the serving
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
 import torch
@@ -51,6 +51,10 @@ def make_batches(ev: EvalSet, batch_size: int, num_batches: int, composition: Co
         order = [(b % n_ds, (b // n_ds) * batch_size + j) for b in range(num_batches) for j in range(batch_size)]
     else:
         raise ValueError(f"composition must be 'mixed' or 'homogeneous', got {composition!r}")
+    run = -(-batch_size // n_ds) if composition == "mixed" else batch_size  # windows of one dataset per batch
+    if ev.min_gap is not None and run > ev.min_gap:
+        raise ValueError(f"a batch takes {run} windows of one dataset, more than the eval set's min_gap {ev.min_gap}: "
+                         "it could hold neighbouring windows of one document")
     if max(s for _, s in order) >= n_seq:
         raise ValueError(f"{num_batches} batches of {batch_size} need more than {n_seq} sequences per dataset")
     out = []
@@ -63,6 +67,7 @@ def make_batches(ev: EvalSet, batch_size: int, num_batches: int, composition: Co
 @torch.inference_mode()
 def sequence_ce(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Per-sequence mean next-token CE (nats): ``tokens [B, S + 1]`` -> ``[B] float64``."""
+    tokens = tokens.to(next(model.parameters()).device)
     logits = model(input_ids=tokens[:, :-1]).logits.float()
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
     return ce.view(tokens.shape[0], -1).double().mean(-1)
@@ -92,7 +97,9 @@ class PointResult:
         ce / ce_ref: mean CE of the policy / of top-k over the batches (nats per token).
         delta / delta_rel: ``ce - ce_ref`` and ``delta / ce_ref``.
         ci95: half-width of the 95% CI of the mean per-batch delta (t interval).
-        batch_deltas: per-batch CE deltas.
+        batch_deltas: per-batch CE deltas (the unit of the CI: the sequences of one batch share
+            their routing decisions, so they are not independent).
+        seq_deltas: per-sequence CE deltas, batch by batch (``B`` per batch).
         distinct / distinct_topk: mean distinct experts per layer and decode step (policy / top-k).
         retained_mass: kept gate mass / top-k gate mass (mean over layers, token-weighted).
         moe_rel_err: MoE-output relative error vs top-k routing (mean over layers).
@@ -111,12 +118,15 @@ class PointResult:
     moe_rel_err: float
     per_layer: list[dict[str, float]]
     tokens: int
+    seq_deltas: list[float] = field(default_factory=list)
+    batch_distinct: list[float] = field(default_factory=list)
 
 
 def evaluate_point(model: torch.nn.Module, selector: Selector | None,
                    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                    ref_ce: list[torch.Tensor] | None = None, layout: StepLayout = StepLayout(),
-                   measure_output_error: bool = True, progress: object | None = None) -> PointResult:
+                   measure_output_error: bool = True, progress: object | None = None,
+                   vectorize: bool = True) -> PointResult:
     """Run every batch under ``selector`` and compare with top-k.
 
     Args:
@@ -127,19 +137,24 @@ def evaluate_point(model: torch.nn.Module, selector: Selector | None,
         layout: decode-step grouping (``tokens_per_request > 1``: speculative verification).
         measure_output_error: measure the MoE-output relative error.
         progress: optional tqdm bar, advanced once per batch.
+        vectorize: one vmapped selector call per layer and forward (see :class:`~.hook.RoutingHook`).
     """
     batches = list(batches)
     if ref_ce is None:
         ref_ce = [sequence_ce(model, t) for t, _ in batches]
     if len(ref_ce) != len(batches):
         raise ValueError("ref_ce must have one entry per batch")
-    deltas, ces, refs, tokens = [], [], [], 0
-    with RoutingHook(model, selector, layout, measure_output_error=measure_output_error) as hook:
+    deltas, ces, refs, tokens, seq_deltas, batch_distinct = [], [], [], 0, [], []
+    with RoutingHook(model, selector, layout, measure_output_error=measure_output_error, vectorize=vectorize) as hook:
         for (tok, _), ref in zip(batches, ref_ce):
+            before = sum(s.distinct for s in hook.stats), sum(s.steps for s in hook.stats)
             ce = sequence_ce(model, tok)
             ces.append(float(ce.mean()))
             refs.append(float(ref.mean()))
             deltas.append(ces[-1] - refs[-1])
+            seq_deltas.extend((ce - ref.to(ce.device)).tolist())
+            after = sum(s.distinct for s in hook.stats), sum(s.steps for s in hook.stats)
+            batch_distinct.append((after[0] - before[0]) / max(after[1] - before[1], 1))
             tokens += tok.shape[0] * (tok.shape[1] - 1)
             if progress is not None:
                 progress.update(1)  # type: ignore[attr-defined]
@@ -158,5 +173,5 @@ def evaluate_point(model: torch.nn.Module, selector: Selector | None,
         distinct_topk=sum(p["distinct_topk"] for p in per_layer) / L,
         retained_mass=sum(s.kept_mass for s in raw) / max(sum(s.topk_mass for s in raw), 1e-30),
         moe_rel_err=sum(p["moe_rel_err"] for p in per_layer) / L,
-        per_layer=per_layer, tokens=tokens,
+        per_layer=per_layer, tokens=tokens, seq_deltas=seq_deltas, batch_distinct=batch_distinct,
     )

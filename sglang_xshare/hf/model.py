@@ -77,10 +77,16 @@ class EvalSet:
     Attributes:
         tokens: ``[n_datasets, n_seq, seq_len + 1] int64``.
         datasets: names, one per row of ``tokens``.
+        window_index: ``[n_datasets, n_seq] int64`` position of each window in its dataset's token
+            stream (:func:`~.text.load_text_eval_set`), or ``None``.
+        min_gap: stream neighbours are at least this many places apart in ``tokens`` (``None``:
+            no guarantee); :func:`~.evaluate.make_batches` refuses batches that could hold both.
     """
 
     tokens: torch.Tensor
     datasets: tuple[str, ...]
+    window_index: torch.Tensor | None = None
+    min_gap: int | None = None
 
     @property
     def seq_len(self) -> int:

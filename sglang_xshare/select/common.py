@@ -45,6 +45,7 @@ __all__ = [
     "renormalize",
     "TokenSets",
     "token_sets",
+    "nucleus",
 ]
 
 _NEG_INF = float("-inf")
@@ -68,7 +69,8 @@ def membership(order: torch.Tensor, j: int, num_experts: int) -> torch.Tensor:
     """``[T, E] bool``: True for each token's first ``j`` experts of ``order``."""
     T = order.shape[0]
     out = torch.zeros(T, num_experts, dtype=torch.bool, device=order.device)
-    return out.scatter_(1, order[:, :j], True)
+    idx = order[:, :j]
+    return out.scatter(1, idx, torch.ones_like(idx, dtype=torch.bool))  # out of place: torch.func.vmap-able
 
 
 class TokenSets:
@@ -77,7 +79,9 @@ class TokenSets:
     Attributes:
         order: ``[T, E] int64`` ranking of each token.
         topk: ``[T, E] bool`` each valid token's own top-k (False for padded tokens).
-        warm: ``[T, E] bool`` each valid token's own top-k0 (False for padded tokens).
+        warm: ``[T, E] bool`` each valid token's warm-up set: its own top-k0, or with
+            ``ctx.warmup_p > 0`` its nucleus (:func:`nucleus`, a superset of its top-k0); False for
+            padded tokens.
         contrib: ``[T, E] int64`` each valid token's contribution to the aggregated mass, in
             fixed-point units (:func:`mass_units`).
     """
@@ -94,7 +98,7 @@ def token_sets(scores: Scores, ctx: BatchContext) -> TokenSets:
     order = token_order(scores.sel)
     v = ctx.valid.unsqueeze(1)
     topk = membership(order, ctx.top_k, E) & v
-    warm = membership(order, ctx.k0, E) & v
+    warm = (membership(order, ctx.k0, E) if ctx.warmup_p <= 0 else nucleus(scores, order, ctx)) & v
     if ctx.mass_source == "topk":
         gate = torch.where(topk, scores.gate, torch.zeros_like(scores.gate))
     else:
@@ -120,6 +124,25 @@ def mass_threshold(total: torch.Tensor, fraction: float) -> torch.Tensor:
     return (total.double() * float(fraction)) * MASS_SLACK
 
 
+def nucleus(scores: Scores, order: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+    """``[T, E] bool``: each token's *nucleus warm-up* -- its best experts, in its own order, until
+    their gate weights reach ``ctx.warmup_p`` of the weight of its whole top-k (at least ``k0``,
+    at most ``k`` experts). A token whose top-k is peaked keeps few, a flat one keeps many.
+
+    Vectorised: ``n_t = #{j < k : sum_{i<j} w_i < p * sum_{i<k} w_i}`` from an exclusive cumulative
+    sum over the token's top-k gate weights (float64, exact for these k terms), then the top-``n_t``.
+    """
+    k = ctx.top_k
+    idx = order[:, :k]
+    w = scores.gate.gather(1, idx).double()                      # [T, k], best first
+    before = torch.cumsum(w, dim=-1) - w                          # exclusive prefix sums
+    target = ctx.warmup_p * w.sum(dim=-1, keepdim=True) * (1.0 - 1e-9)
+    n = (before < target).sum(dim=-1, keepdim=True).clamp(min=ctx.k0)  # [T, 1]
+    slot = torch.arange(k, device=idx.device).unsqueeze(0)
+    out = torch.zeros(order.shape[0], order.shape[1], dtype=torch.bool, device=order.device)
+    return out.scatter(1, idx, slot < n)
+
+
 def exact_sum(x: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False) -> torch.Tensor:
     """``x.sum(dim)`` of ``int64`` fixed-point masses: exact, so independent of the summation
     order (see the module docstring)."""
@@ -132,7 +155,7 @@ def group_mass(contrib: torch.Tensor, group_index: torch.Tensor | None, num_grou
     if group_index is None:
         return exact_sum(contrib, 0, keepdim=True)
     out = torch.zeros(num_groups, contrib.shape[1], dtype=torch.int64, device=contrib.device)
-    return out.index_add_(0, group_index, contrib.to(torch.int64))
+    return out.index_add(0, group_index, contrib.to(torch.int64))  # out of place: vmap-able
 
 
 def batch_stats(sets: "TokenSets", ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -207,8 +230,8 @@ def greedy_pick(mass: torch.Tensor, warm: torch.Tensor, m: torch.Tensor) -> torc
     """
     key = priority(mass, warm)
     order = descending_order(key)
-    position = torch.empty_like(order)
-    position.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    position = torch.empty_like(order).scatter(1, order, ranks)  # out of place: vmap-able
     m_eff = torch.maximum(m, warm.sum(dim=-1))
     return (position < m_eff.unsqueeze(-1)) & (key > _NEG_INF)
 

@@ -98,6 +98,8 @@ class BatchContext:
             (``oea``, ``xshare``, ``xshare_ep``) then choose from all ranks' tokens -- the same set on
             every rank -- and refine their own tokens. ``None``: the batch is this rank's tokens.
         hard_cap: ``xshare_ep``: never more than ``max(m_l, |warm|)`` distinct experts.
+        warmup_p: nucleus warm-up (0 = off): each valid token keeps its best experts until they
+            hold this fraction of its top-k gate weight (at least ``k0``, at most ``k``).
     """
 
     top_k: int
@@ -116,6 +118,7 @@ class BatchContext:
     num_valid: torch.Tensor | None = None
     stats_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     hard_cap: bool = False
+    warmup_p: float = 0.0
 
 
 class SelectionOutput(NamedTuple):

@@ -20,7 +20,7 @@ from .output import OutputSpec, apply_output, metrics_counts
 from .registry import get_policy
 from .scoring import compute_scores
 
-__all__ = ["Selector", "valid_mask", "GLOBAL_POLICIES"]
+__all__ = ["Selector", "valid_mask", "reference_only_knobs", "GLOBAL_POLICIES"]
 
 #: Policies whose expert set is a batch decision over statistics that can be summed across ranks.
 GLOBAL_POLICIES = ("oea", "oea_simple", "xshare", "xshare_ep")
@@ -37,6 +37,12 @@ def valid_mask(num_tokens: int, num_token_non_padded: int | torch.Tensor | None,
     if isinstance(num_token_non_padded, torch.Tensor):
         return idx < num_token_non_padded.to(device).reshape(())
     return idx < int(num_token_non_padded)
+
+
+def reference_only_knobs(config: SelectionConfig) -> list[str]:
+    """Knobs set in ``config`` that only the reference implements (the kernels would ignore them):
+    with any, ``backend="auto"`` runs the reference (vectorised, no host sync, graph-capturable)."""
+    return ["--xshare-warmup-p"] if config.warmup_p > 0 else []
 
 
 class Selector:
@@ -70,7 +76,10 @@ class Selector:
         if backend not in ("auto", "reference", "kernel"):
             raise XShareConfigError("backend", f"must be auto, reference or kernel, got {backend!r}")
         self.backend = backend
-        self._kernel = self.entry.kernel() if backend != "reference" else None
+        unsupported = reference_only_knobs(self.config)
+        if backend == "kernel" and unsupported:
+            raise XShareConfigError("backend", f"the kernels do not implement {', '.join(unsupported)}; use the reference")
+        self._kernel = self.entry.kernel() if backend != "reference" and not unsupported else None
         if backend == "kernel" and self._kernel is None:
             raise XShareConfigError("backend", f"no kernel can be loaded for policy {config.policy!r} (is Triton installed?)")
         self.workspace: dict = {}
@@ -121,6 +130,7 @@ class Selector:
             num_valid=num_valid,
             stats_reduce=stats_reduce,
             hard_cap=cfg.hard_cap,
+            warmup_p=cfg.warmup_p,
         )
 
     def uses_kernel(self, router_logits: torch.Tensor) -> bool:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import POLICY_NAMES, Budget, BudgetSchedule, RoutingSpec, SelectionConfig, XShareConfigError
+from ..config import PRESETS, POLICY_NAMES, Budget, BudgetSchedule, RoutingSpec, SelectionConfig, XShareConfigError, resolve_preset
 
 __all__ = [
     "ENV_VAR",
@@ -58,8 +58,11 @@ class XShareServerConfig:
 
     Attributes:
         policy: ``"off"`` or a core policy name (:data:`~sglang_xshare.config.POLICY_NAMES`).
-        budget: batch budget ``m_l`` as typed (``"24"``, ``"0.6"``, ``"mass:0.9"``) or ``None``.
-        warmup_k0: warm-up floor ``k0`` (each token keeps its own top-``k0``).
+        budget: batch budget ``m_l`` as typed (``"24"``, ``"0.6"``, ``"mass:0.9"``), a preset name
+            (``"auto"``: budget, ``k0`` and ``warmup_p`` together, see
+            :data:`~sglang_xshare.config.PRESETS`) or ``None``.
+        warmup_k0: warm-up floor ``k0`` (each token keeps its own top-``k0``); with a preset, the
+            default 1 means "the preset's".
         request_budget: per-request budget ``m_r`` (``xshare_spec``) or ``None``.
         cap: per-token cap ``k'`` of ``cap`` or ``None``.
         layer_budgets: per-layer overrides ``"LAYER:BUDGET,..."`` or ``None``.
@@ -68,6 +71,7 @@ class XShareServerConfig:
         fill_to_peak: ``xshare_ep``: let every rank fill up to the busiest rank's load.
         hard_cap: ``xshare_ep``: the budget is a hard cap, at most ``max(m_l, |warm-up set|)``
             distinct experts per layer and batch.
+        warmup_p: nucleus warm-up (0 = off; with a preset, 0 means "the preset's").
         apply_to_draft: also apply the policy to the draft model's MoE layers.
         apply_to_prefill: also apply it to prefill / extend / mixed batches (default: decode and
             target-verify batches only).
@@ -98,6 +102,7 @@ class XShareServerConfig:
     mass_source: str = "topk"
     fill_to_peak: bool = True
     hard_cap: bool = False
+    warmup_p: float = 0.0
     apply_to_draft: bool = False
     apply_to_prefill: bool = False
     empty_slots: str = "auto"
@@ -125,7 +130,14 @@ class XShareServerConfig:
             if self.layer_budgets:
                 raise XShareConfigError("--xshare-layer-budgets", "per-layer budgets need a default --xshare-budget")
             return None
-        return BudgetSchedule.parse(self.budget, self.layer_budgets)
+        budget, _, _ = self._resolved()
+        return BudgetSchedule.parse(budget, self.layer_budgets)
+
+    def _resolved(self) -> tuple[str | None, int, float]:
+        """``(budget, k0, warmup_p)`` with a preset (``--xshare-budget auto``) expanded."""
+        b, k0, p = resolve_preset(self.budget, None if self.warmup_k0 == 1 else self.warmup_k0,
+                                  None if self.warmup_p == 0.0 else self.warmup_p, self.layer_budgets)
+        return b, k0, p  # type: ignore[return-value]
 
     def selection_config(self, routing: RoutingSpec | None = None) -> SelectionConfig:
         """The core :class:`SelectionConfig`; validated against ``routing`` when given.
@@ -134,9 +146,11 @@ class XShareServerConfig:
         """
         if self.policy == "off":
             raise XShareConfigError("--xshare-policy", "policy 'off' has no selection config")
+        _, k0, warmup_p = self._resolved()
         cfg = SelectionConfig(
             policy=self.policy,
-            k0=self.warmup_k0,
+            k0=k0,
+            warmup_p=warmup_p,
             budget=self.budget_schedule(),
             request_budget=None if self.request_budget is None else Budget.parse(self.request_budget, "--xshare-request-budget"),
             cap=self.cap,
@@ -158,6 +172,12 @@ class XShareServerConfig:
             raise XShareConfigError("--xshare-cap", f"k' must be >= 1, got {self.cap}")
         if not (0.0 <= self.min_score < 1.0) or math.isnan(self.min_score):
             raise XShareConfigError("--xshare-min-score", f"must be in [0, 1), got {self.min_score}")
+        if not (0.0 <= self.warmup_p <= 1.0) or math.isnan(self.warmup_p):
+            raise XShareConfigError("--xshare-warmup-p", f"must be in [0, 1], got {self.warmup_p}")
+        if self.warmup_p > 0.0:
+            raise XShareConfigError("--xshare-warmup-p", "the nucleus warm-up is not served yet: the Triton kernels do "
+                                    "not implement it, and the PyTorch reference in every MoE layer would cost more than "
+                                    "it saves. Evaluate it offline (bench/quality.py, sglang-xshare replay --warmup-p)")
         if self.mass_source not in ("topk", "full"):
             raise XShareConfigError("--xshare-mass-source", f"must be 'topk' or 'full', got {self.mass_source!r}")
         if self.empty_slots not in ("auto", "minus_one", "fill", "distinct"):
@@ -246,9 +266,14 @@ def add_xshare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "'off' leaves SGLang's routing bit-identical.")
     g.add_argument("--xshare-budget", type=str, default=None,
                    help="Batch budget m_l of xshare/xshare_ep/xshare_spec: an expert count (24), a fraction "
-                        "of the experts plain top-k would activate (0.6 or frac:0.6) or a gating-mass target (mass:0.9).")
+                        "of the experts plain top-k would activate (0.6 or frac:0.6), a gating-mass target (mass:0.9) "
+                        f"or a measured preset ({', '.join(PRESETS)}: budget, warm-up k0 and nucleus p together).")
     g.add_argument("--xshare-warmup-k0", type=int, default=d.warmup_k0,
                    help="Warm-up floor k0: every token keeps its own top-k0 experts (1 <= k0 <= top_k).")
+    g.add_argument("--xshare-warmup-p", type=float, default=d.warmup_p,
+                   help="Nucleus warm-up: every token keeps its best experts until they hold this fraction of its "
+                        "own top-k gate weight (at least k0), then the batch budget fills by mass; 0 = off. "
+                        "Not served yet (the Triton kernels lack it): offline evaluation only.")
     g.add_argument("--xshare-request-budget", type=str, default=None,
                    help="Per-request budget m_r of xshare_spec (draft tokens of one request share it).")
     g.add_argument("--xshare-cap", type=int, default=None, help="Per-token cap k' of policy cap.")
@@ -303,6 +328,7 @@ def _config_from_namespace(ns: argparse.Namespace) -> XShareServerConfig:
         mass_source=ns.xshare_mass_source,
         fill_to_peak=ns.xshare_fill_to_peak,
         hard_cap=ns.xshare_hard_cap,
+        warmup_p=ns.xshare_warmup_p,
         apply_to_draft=ns.xshare_apply_to_draft,
         apply_to_prefill=ns.xshare_apply_to_prefill,
         empty_slots=ns.xshare_empty_slots,
