@@ -49,7 +49,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sglang_xshare.benchio import markdown_table, run_metadata, write_results  # noqa: E402
 from sglang_xshare.config import BudgetSchedule, RoutingSpec, SelectionConfig  # noqa: E402
 from sglang_xshare.dispatch import BACKENDS, make_dispatcher  # noqa: E402
-from sglang_xshare.dispatch.base import ExpertsFormat  # noqa: E402
 from sglang_xshare.metrics import selection_metrics  # noqa: E402
 from sglang_xshare.moe import EPMoELayer, SwiGLUExperts, make_expert_weights  # noqa: E402
 from sglang_xshare.moe.dp_attention import DPAttentionSelector  # noqa: E402

@@ -24,7 +24,6 @@ Model: ``--model PATH`` (real weights) or ``--preset qwen3-30b-a3b|deepseek-v3-m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -57,11 +56,10 @@ def free_port() -> int:
 def server_command(cfg: ServeConfig, model: str, port: int, args: argparse.Namespace, extra: list[str]) -> list[str]:
     """The command line of one configuration's server."""
     sizes = [b for b in args.graph_bs if b <= args.max_bs]
-    sg = ["--model-path", model, "--host", "127.0.0.1", "--port", str(port), "--tp-size", str(args.tp),
+    par = ["--tp-size", str(args.tp)] + (["--ep-size", str(args.ep)] if args.ep > 1 else [])  # Ray's launcher sets them
+    sg = ["--model-path", model, "--host", "127.0.0.1", "--port", str(port),
           "--cuda-graph-max-bs-decode", str(args.max_bs), "--cuda-graph-bs-decode", *map(str, sizes),
           "--mem-fraction-static", str(args.mem_fraction)]
-    if args.ep > 1:
-        sg += ["--ep-size", str(args.ep)]
     if args.dummy:
         sg += ["--load-format", "dummy"]
     sg += BASE_FLAGS + extra
@@ -70,16 +68,12 @@ def server_command(cfg: ServeConfig, model: str, port: int, args: argparse.Names
         xs += ["--xshare-metrics", "--xshare-metrics-interval", "50"]
     py = sys.executable
     if cfg.plain:
-        return [py, "-m", "sglang.launch_server", *sg]
+        return [py, "-m", "sglang.launch_server", *par, *sg]
     if args.ray:
         ray = [py, "-m", "sglang_xshare.launch.ray_launcher", "--address", "auto", "--nnodes", "1",
-               "--gpus-per-node", str(args.tp), "--tp-size", str(args.tp), "--health-timeout", "900"]
-        if args.ep > 1:
-            ray += ["--ep-size", str(args.ep)]
-        sg_no_tp = [a for i, a in enumerate(sg) if a not in ("--tp-size", "--ep-size") and
-                    (i == 0 or sg[i - 1] not in ("--tp-size", "--ep-size"))]
-        return [*ray, "--", *sg_no_tp, *xs]
-    return [py, "-m", "sglang_xshare.launch_server", *sg, *xs]
+               "--gpus-per-node", str(args.tp), *par, "--health-timeout", "900"]
+        return [*ray, "--", *sg, *xs]
+    return [py, "-m", "sglang_xshare.launch_server", *par, *sg, *xs]
 
 
 def flush_metrics(base_url: str, settle: float) -> None:

@@ -61,7 +61,6 @@ def group_kernel(contrib_ptr, tflags_ptr, rid_ptr, T, E,
     """
     r = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
-    cmask = cols < E
     ar = tl.arange(0, SCAN)
     acc_m = tl.zeros([BLOCK_E], dtype=tl.int64)
     acc_f = tl.zeros([BLOCK_E], dtype=tl.int32)

@@ -227,7 +227,7 @@ def _worker(rank: int, R: int, port: int, queue) -> None:
         except DispatchConfigError as exc:
             res["bogus"] = str(exc)
         res["ok"] = True
-    except Exception as exc:  # report, never hang the parent
+    except Exception:  # report, never hang the parent
         import traceback
 
         res["error"] = traceback.format_exc()

@@ -12,8 +12,6 @@ SGLang dispatches. (On a GPU, ``bench/hook_overhead.py`` counts the kernels in a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -103,18 +101,9 @@ def _child(names: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def counted():
-    env = dict(os.environ, TRITON_INTERPRET="1", SGLANG_XSHARE_SELECT_BACKEND="kernel",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *CASES], env=env, cwd=str(ROOT),
-                          capture_output=True, text=True, timeout=600)
-    res = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[7:])
-            res[r["name"]] = r
-    if not res:
-        pytest.fail(f"no results (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return res
+    from tests._subprocess_cases import run_cases
+
+    return run_cases(__file__, list(CASES), {"TRITON_INTERPRET": "1", "SGLANG_XSHARE_SELECT_BACKEND": "kernel"})
 
 
 @pytest.mark.parametrize("name", list(CASES))

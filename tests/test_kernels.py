@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -531,17 +530,9 @@ def main(names) -> None:
 @pytest.fixture(scope="module")
 def interpreter_results():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *CASES], env=env, cwd=str(ROOT),
-                          capture_output=True, text=True, timeout=600)
-    res = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[7:])
-            res[r["name"]] = r["msg"]
-    if not res:
-        pytest.fail(f"interpreter run produced no results (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return res
+    from tests._subprocess_cases import run_cases
+
+    return {name: r["msg"] for name, r in run_cases(__file__, list(CASES), {"TRITON_INTERPRET": "1"}).items()}
 
 
 @pytest.mark.parametrize("name", list(CASES))

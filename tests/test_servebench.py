@@ -3,9 +3,7 @@ client arguments, metric scraping, and the server life cycle (nothing left behin
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import textwrap
 import time
@@ -91,17 +89,17 @@ def test_live_metrics_exported_and_read_back():
     from sglang_xshare.servebench.client import counter_delta, xshare_counters
     from sglang_xshare.serving.metrics import LiveMetrics
 
-    m = LiveMetrics(interval=1, rank=0)
+    m = LiveMetrics(interval=1, rank=7)  # its own series: other tests in this process export rank 0
     m.row(2, torch.device("cpu")).add_(torch.tensor([3, 40, 30, 45, 9, 14, 240, 2]))
     m.row(5, torch.device("cpu")).add_(torch.tensor([3, 40, 20, 40, 7, 12, 230, 1]))
     before = xshare_counters(generate_latest(REGISTRY).decode())
     m.on_step_end("policy")
     m.on_step_end("policy")  # the second poll reads the copy the first one started
     after = xshare_counters(generate_latest(REGISTRY).decode())
-    d = counter_delta(before, after)["0"]
+    d = counter_delta(before, after)["7"]
     assert d["calls"] == 6 and d["distinct"] == 50 and d["topk_distinct"] == 85 and d["peak"] == 16
     assert d["valid_tokens"] == 80 and d["decode_steps"] >= 1 and d["path_steps:policy"] >= 1
-    assert set(METRIC_FIELDS) <= set(after["0"])
+    assert set(METRIC_FIELDS) <= set(after["7"])
 
 
 # ---- server life cycle -------------------------------------------------------------------------

@@ -51,7 +51,7 @@ import contextlib
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -59,7 +59,7 @@ import torch
 from .flags import ENV_VAR, XShareServerConfig
 from .layer import DRAFT_ATTR, LayerPolicy, build_layer
 from .patching import Patch, post_import_hooks
-from .slots import copy_source_physical, fill_empty_slots, fill_empty_slots_distinct
+from .slots import copy_source_physical, fill_empty_slots, fill_empty_slots_distinct, restore_empty_slots
 
 __all__ = ["install", "uninstall", "installed_config", "sglang_plugin", "LayerPolicy", "BatchInfo",
            "current_batch", "DRAFT_ATTR"]
@@ -369,7 +369,7 @@ def _general(st: _State, lp: LayerPolicy, post: Callable, topk_ids: torch.Tensor
     new_ids, new_w, rec = post(filled, filled_w, tc, call_logits, layer_id, ntnp, call_info, False)
     routed = new_ids[:, :k]
     if lp.empty_mode == "minus_one":
-        routed.copy_(routed.masked_fill(empty, -1))
+        routed.copy_(restore_empty_slots(routed, empty))
     elif lp.empty_mode == "fill":
         routed.copy_(copy_source_physical(routed, source))
     return new_ids, new_w, rec

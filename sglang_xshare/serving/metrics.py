@@ -57,7 +57,6 @@ class LiveMetrics:
         self._bufs: list[tuple[torch.Tensor, torch.Tensor]] = []  # two pinned (table, faults) copies, alternating
         self._flip = 0
         self._last_read = time.monotonic()
-        self._gauges: dict[str, Any] | None = None
         self._warned: set[str] = set()
 
     # ---- device side ---------------------------------------------------------------------
@@ -150,38 +149,49 @@ class LiveMetrics:
                     mean["short_tokens"])
 
     def _export(self, out: dict[int, dict[str, int]]) -> None:
-        try:
-            from prometheus_client import Gauge
-        except ImportError:
+        gauges = _process_gauges()
+        if not gauges:
             return
-        if self._gauges is None:
-            self._gauges = {}
-            try:
-                for name in METRIC_FIELDS:
-                    self._gauges[name] = Gauge(f"sglang_xshare_{name}", f"xshare: cumulative per-layer {name}",
-                                               labelnames=["layer", "rank"], multiprocess_mode="all")
-                self._gauges["_steps"] = Gauge("sglang_xshare_decode_steps", "xshare: decode steps seen",
-                                               labelnames=["rank"], multiprocess_mode="all")
-                self._gauges["_paths"] = Gauge("sglang_xshare_path_steps", "xshare: decode steps per routing path",
-                                               labelnames=["path", "rank"], multiprocess_mode="all")
-                self._gauges["_faults"] = Gauge("sglang_xshare_barrier_faults", "xshare: grid-barrier waits that "
-                                                "did not fill", labelnames=["rank"], multiprocess_mode="all")
-            except ValueError:  # already registered in this process
-                self._gauges = {}
-                return
         r = str(self.rank)
         for layer, vals in out.items():
             for name in METRIC_FIELDS:
-                self._gauges[name].labels(layer=str(layer), rank=r).set(vals[name])
-        self._gauges["_steps"].labels(rank=r).set(self.steps)
+                gauges[name].labels(layer=str(layer), rank=r).set(vals[name])
+        gauges["_steps"].labels(rank=r).set(self.steps)
         for path, n in self.path_steps.items():
-            self._gauges["_paths"].labels(path=path, rank=r).set(n)
-        self._gauges["_faults"].labels(rank=r).set(self.faults)
+            gauges["_paths"].labels(path=path, rank=r).set(n)
+        gauges["_faults"].labels(rank=r).set(self.faults)
 
     def _warn_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning(msg, *args)
+
+
+_GAUGES: dict[str, Any] | None = None
+
+
+def _process_gauges() -> dict[str, Any]:
+    """The Prometheus gauges, registered once per process (a re-installed hook's new
+    :class:`LiveMetrics` reuses them); empty without ``prometheus_client``."""
+    global _GAUGES
+    if _GAUGES is None:
+        try:
+            from prometheus_client import Gauge
+        except ImportError:
+            _GAUGES = {}
+            return _GAUGES
+        g: dict[str, Any] = {}
+        for name in METRIC_FIELDS:
+            g[name] = Gauge(f"sglang_xshare_{name}", f"xshare: cumulative per-layer {name}",
+                            labelnames=["layer", "rank"], multiprocess_mode="all")
+        g["_steps"] = Gauge("sglang_xshare_decode_steps", "xshare: decode steps seen", labelnames=["rank"],
+                            multiprocess_mode="all")
+        g["_paths"] = Gauge("sglang_xshare_path_steps", "xshare: decode steps per routing path",
+                            labelnames=["path", "rank"], multiprocess_mode="all")
+        g["_faults"] = Gauge("sglang_xshare_barrier_faults", "xshare: grid-barrier waits that did not fill",
+                             labelnames=["rank"], multiprocess_mode="all")
+        _GAUGES = g
+    return _GAUGES
 
 
 def parse_prometheus(text: str, prefix: str = "sglang_xshare_") -> list[tuple[str, dict[str, str], float]]:
