@@ -8,6 +8,14 @@ generates, drives a decode-heavy workload with ``sglang.bench_serving`` at each 
 reads xshare's live metrics and SGLang's counters from ``/metrics`` around each run, stops the
 server (nothing left behind) and moves on. Same workload, same seeds for every configuration.
 
+Servers of one machine differ from start to start (the first run saw up to 16 % TPOT between
+servers running identical kernels), so ``--starts N`` starts every configuration N times,
+interleaved (``off, A, B, off, A, B``): each round has its own ``off``, the ratio of a
+configuration to ``off`` is taken within each round (paired) and its spread over rounds is
+reported beside the between-start spread of ``off`` itself (an A/A check). ``--state FILE`` keeps
+the finished servers' records so a run cut by a time limit (``--time-budget``) continues where it
+stopped when called again with the same arguments.
+
 Writes ``bench/results/<name>.{json,md,png}``: per configuration and concurrency the median
 output throughput (and its spread over the runs), TPOT and ITL median / p99, the ratio to ``off``,
 and per MoE layer call the distinct experts and the busiest rank's experts -- the policy's and
@@ -18,15 +26,17 @@ Model: ``--model PATH`` (real weights) or ``--preset qwen3-30b-a3b|deepseek-v3-m
 
     python bench/serve.py --preset qwen3-30b-a3b --layers 24 --tp 2 --ep 2 \\
         --configs off,xshare@0.7,xshare_ep@0.7,oea+k0=4,cap+cap=6 --concurrency 1,8,16,32,64,128 \\
-        --name serve_qwen3_tp2 -- --moe-runner-backend triton
+        --starts 2 --name serve_qwen3_tp2 -- --moe-runner-backend triton
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -106,13 +116,26 @@ def per_call(delta: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: list[str], out_dir: Path) -> dict:
+def gpu_state() -> list[str]:
+    """SM / memory clock, temperature and power of every GPU (``nvidia-smi``), one line per GPU; [] without it."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=index,clocks.sm,clocks.mem,temperature.gpu,power.draw,utilization.gpu",
+                            "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [ln.strip() for ln in r.stdout.splitlines() if ln.strip()] if r.returncode == 0 else []
+
+
+def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: list[str], out_dir: Path,
+               start: int = 0) -> dict:
+    """Start ``cfg``'s server (its ``start``-th start), run every concurrency level, stop it; the record."""
     port = free_port()
     cmd = server_command(cfg, model, port, args, extra)
     safe = cfg.label.replace("@", "_").replace("+", "_").replace("=", "")
-    log = out_dir / f"{args.name}_{safe}.log"
+    log = out_dir / f"{args.name}_{safe}_s{start}.log"
     env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-    rec: dict = {"config": cfg.label, "command": " ".join(cmd), "levels": [], "log": str(log)}
+    rec: dict = {"config": cfg.label, "start": start, "command": " ".join(cmd), "levels": [], "log": str(log),
+                 "gpu_before": gpu_state()}
     server = Server(cmd, port, log, env=env)
     t0 = time.time()
     try:
@@ -132,14 +155,14 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
                                           num_prompts=max(args.min_prompts, args.waves * c),
                                           input_len=args.input_len, output_len=args.output_len,
                                           seed=args.seed + 1000 * rep + c,
-                                          output_file=str(out_dir / f"{args.name}_{safe}_c{c}.jsonl"))
+                                          output_file=str(out_dir / f"{args.name}_{safe}_s{start}_c{c}.jsonl"))
                 res = run_bench_serving(argv)
                 flush_metrics(server.base_url, args.settle)
                 after = xshare_counters(scrape(server.base_url))
                 d = counter_delta(before, after)
                 res["xshare"] = per_call(d.get("0", next(iter(d.values()), {})))
                 runs.append(res)
-                print(f"[{cfg.label}] c={c} rep={rep}: {res['output_throughput']:.0f} tok/s, median TPOT "
+                print(f"[{cfg.label} #{start}] c={c} rep={rep}: {res['output_throughput']:.0f} tok/s, median TPOT "
                       f"{res['median_tpot_ms']:.2f} ms, experts {res['xshare'].get('distinct', float('nan')):.1f} "
                       f"(top-k {res['xshare'].get('topk_distinct', float('nan')):.1f})", flush=True)
             rec["levels"].append({"concurrency": c, "runs": runs})
@@ -150,7 +173,8 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
         rec["error"] = f"{type(e).__name__}: {e}\n{server.tail()}"[-4000:]
         print(f"[{cfg.label}] FAILED: {rec['error']}", flush=True)
     finally:
-        rec["killed_at_stop"] = server.stop()
+        rec["gpu_after"] = gpu_state()
+        rec["killed_at_stop"] = server.stop(grace=args.stop_grace)
         rec["wall_s"] = round(time.time() - t0, 1)
     return rec
 
@@ -160,43 +184,66 @@ def _med(vals):
     return statistics.median(vals) if vals else None
 
 
+def _paired(per_start: dict[int, float], base: dict[int, float]) -> list[float]:
+    """Ratios to ``off`` within each round (start index) where both ran."""
+    return [per_start[k] / base[k] for k in sorted(per_start) if base.get(k)]
+
+
 def summarize(records: list[dict]) -> tuple[list[dict], str]:
-    """Rows per (configuration, concurrency) with medians over runs and ratios to ``off``."""
-    rows = []
-    base = {}
+    """Rows per (configuration, concurrency): medians over every run of every start, the median of
+    each start, and the ratio to ``off`` -- pooled (median / median) and paired within rounds."""
+    groups: dict[tuple[str, int], dict[int, list[dict]]] = {}
     for rec in records:
         for lvl in rec.get("levels", []):
-            runs = lvl["runs"]
-            tp = [r["output_throughput"] for r in runs if r.get("output_throughput")]
-            x = [r.get("xshare", {}) for r in runs]
-            row = {
-                "config": rec["config"], "concurrency": lvl["concurrency"], "runs": len(runs),
-                "tok_s": _med(tp), "tok_s_min": min(tp) if tp else None, "tok_s_max": max(tp) if tp else None,
-                "tpot_med_ms": _med([r.get("median_tpot_ms") for r in runs]),
-                "tpot_p99_ms": _med([r.get("p99_tpot_ms") for r in runs]),
-                "itl_med_ms": _med([r.get("median_itl_ms") for r in runs]),
-                "itl_p99_ms": _med([r.get("p99_itl_ms") for r in runs]),
-                "accept_length": _med([r.get("accept_length") for r in runs]),
-                "experts": _med([v.get("distinct") for v in x]), "topk_experts": _med([v.get("topk_distinct") for v in x]),
-                "peak": _med([v.get("peak") for v in x]), "topk_peak": _med([v.get("topk_peak") for v in x]),
-                "tokens_per_call": _med([v.get("valid_tokens") for v in x]),
-                "policy_steps": sum(v.get("policy_steps", 0) for v in x), "sglang_steps": sum(v.get("sglang_steps", 0) for v in x),
-                "barrier_faults": sum(v.get("barrier_faults", 0) for v in x),
-            }
-            rows.append(row)
-            if rec["config"] == "off":
-                base[lvl["concurrency"]] = row["tok_s"]
+            groups.setdefault((rec["config"], lvl["concurrency"]), {})[rec.get("start", 0)] = lvl["runs"]
+    rows = []
+    for (cfg, c), by_start in groups.items():
+        runs = [r for s in sorted(by_start) for r in by_start[s]]
+        tp = [r["output_throughput"] for r in runs if r.get("output_throughput")]
+        x = [r.get("xshare", {}) for r in runs]
+        per_start = {s: _med([r.get("output_throughput") for r in rs]) for s, rs in sorted(by_start.items())}
+        rows.append({
+            "config": cfg, "concurrency": c, "runs": len(runs), "starts": len(by_start),
+            "tok_s": _med(tp), "tok_s_min": min(tp) if tp else None, "tok_s_max": max(tp) if tp else None,
+            "tok_s_per_start": {str(k): v for k, v in per_start.items() if v is not None},
+            "tpot_med_ms": _med([r.get("median_tpot_ms") for r in runs]),
+            "tpot_p99_ms": _med([r.get("p99_tpot_ms") for r in runs]),
+            "itl_med_ms": _med([r.get("median_itl_ms") for r in runs]),
+            "itl_p99_ms": _med([r.get("p99_itl_ms") for r in runs]),
+            "accept_length": _med([r.get("accept_length") for r in runs]),
+            "experts": _med([v.get("distinct") for v in x]), "topk_experts": _med([v.get("topk_distinct") for v in x]),
+            "peak": _med([v.get("peak") for v in x]), "topk_peak": _med([v.get("topk_peak") for v in x]),
+            "tokens_per_call": _med([v.get("valid_tokens") for v in x]),
+            "policy_steps": sum(v.get("policy_steps", 0) for v in x), "sglang_steps": sum(v.get("sglang_steps", 0) for v in x),
+            "barrier_faults": sum(v.get("barrier_faults", 0) for v in x),
+        })
+    base = {r["concurrency"]: r for r in rows if r["config"] == "off"}
     for row in rows:
         b = base.get(row["concurrency"])
-        row["ratio_vs_off"] = (row["tok_s"] / b) if (b and row["tok_s"]) else None
-    head = ["config", "conc.", "tok/s (median)", "spread", "vs off", "TPOT med / p99 ms", "ITL med / p99 ms",
-            "experts / layer", "top-k experts", "busiest rank", "top-k busiest"]
+        row["ratio_vs_off"] = (row["tok_s"] / b["tok_s"]) if (b and b["tok_s"] and row["tok_s"]) else None
+        pairs = _paired({int(k): v for k, v in row["tok_s_per_start"].items()},
+                        {int(k): v for k, v in b["tok_s_per_start"].items()}) if b else []
+        row["paired_ratios"] = pairs
+        row["paired_ratio"] = _med(pairs)
+        if row["config"] == "off":
+            v = list(row["tok_s_per_start"].values())
+            row["aa_spread"] = (max(v) / min(v)) if len(v) > 1 and min(v) > 0 else None
+    head = ["config", "conc.", "tok/s (median)", "per start", "vs off", "paired vs off (rounds)", "TPOT med / p99 ms",
+            "ITL med / p99 ms", "experts / layer", "top-k experts", "busiest rank", "top-k busiest"]
 
     def f(v, d=1):
         return "-" if v is None else f"{v:.{d}f}"
 
-    table = [[r["config"], r["concurrency"], f(r["tok_s"], 0), f"{f(r['tok_s_min'], 0)}-{f(r['tok_s_max'], 0)}",
-              f(r["ratio_vs_off"], 3), f"{f(r['tpot_med_ms'], 2)} / {f(r['tpot_p99_ms'], 2)}",
+    def paired_cell(r):
+        if r["config"] == "off":
+            return "-" if r.get("aa_spread") is None else f"A/A max/min {r['aa_spread']:.3f}"
+        p = r["paired_ratios"]
+        if not p:
+            return "-"
+        return f(r["paired_ratio"], 3) + (f" [{min(p):.3f}-{max(p):.3f}]" if len(p) > 1 else "")
+
+    table = [[r["config"], r["concurrency"], f(r["tok_s"], 0), " / ".join(f(v, 0) for v in r["tok_s_per_start"].values()),
+              f(r["ratio_vs_off"], 3), paired_cell(r), f"{f(r['tpot_med_ms'], 2)} / {f(r['tpot_p99_ms'], 2)}",
               f"{f(r['itl_med_ms'], 2)} / {f(r['itl_p99_ms'], 2)}", f(r["experts"]), f(r["topk_experts"]),
               f(r["peak"]), f(r["topk_peak"])] for r in rows]
     return rows, markdown_table(head, table)
@@ -215,18 +262,49 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             continue
         a.plot([r["concurrency"] for r in rs], [r["tok_s"] for r in rs], marker="o", label=cfg)
         rr = [r for r in rs if r["ratio_vs_off"]]
-        b.plot([r["concurrency"] for r in rr], [r["ratio_vs_off"] for r in rr], marker="o", label=cfg)
+        lo = [r["ratio_vs_off"] - min(r["paired_ratios"] or [r["ratio_vs_off"]]) for r in rr]
+        hi = [max(r["paired_ratios"] or [r["ratio_vs_off"]]) - r["ratio_vs_off"] for r in rr]
+        b.errorbar([r["concurrency"] for r in rr], [r["ratio_vs_off"] for r in rr], yerr=[lo, hi], marker="o",
+                   capsize=3, label=cfg)
     for ax in (a, b):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency")
         ax.grid(alpha=0.3)
     a.set_ylabel("output tokens / s (median)")
-    b.set_ylabel("throughput / off")
+    b.set_ylabel("throughput / off (bars: paired ratios over rounds)")
     b.axhline(1.0, color="k", lw=0.8)
     a.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def run_rounds(configs: list[ServeConfig], model: str, args: argparse.Namespace, extra: list[str], work: Path,
+               t_start: float) -> tuple[list[dict], list[tuple[str, int, str]]]:
+    """Every configuration ``args.starts`` times, round by round; returns the records (those of
+    ``args.state`` first) and the ``(label, start, reason)`` of the servers not started."""
+    state = Path(args.state) if args.state else None
+    records: list[dict] = json.loads(state.read_text()) if state and state.exists() else []
+    done = {(r["config"], r.get("start", 0)) for r in records if "error" not in r}
+    records = [r for r in records if (r["config"], r.get("start", 0)) in done]  # a failed server runs again
+    skipped: list[tuple[str, int, str]] = []
+    for start in range(args.starts):
+        for cfg in configs:
+            if (cfg.label, start) in done:
+                print(f"[{cfg.label} #{start}] done in {state}, skipped", flush=True)
+                continue
+            if args.time_budget is not None:
+                walls = [r["wall_s"] for r in records if "wall_s" in r] or [0.0]
+                left = args.time_budget - (time.monotonic() - t_start)
+                if left < max(walls) * 1.1 or left <= 0:
+                    skipped.append((cfg.label, start, f"time budget: {left:.0f} s left, a server took up to "
+                                                      f"{max(walls):.0f} s"))
+                    continue
+            records.append(run_config(cfg, model, args, extra, work, start))
+            if state:
+                state.parent.mkdir(parents=True, exist_ok=True)
+                state.write_text(json.dumps(records, indent=1))
+    return records, skipped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,12 +333,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="decode batch sizes captured as CUDA graphs (--cuda-graph-bs-decode)")
     ap.add_argument("--mem-fraction", type=float, default=0.8)
     ap.add_argument("--ray", action="store_true", help="start the servers through sglang-xshare-ray (a Ray head is started)")
+    ap.add_argument("--starts", type=int, default=1,
+                    help="server starts per configuration, interleaved in rounds (off, A, B, off, A, B, ...)")
+    ap.add_argument("--state", default=None,
+                    help="JSON file of finished servers: read at start (those are skipped), written after each server")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds for this call: a server is not started when the slowest so far would not fit")
+    ap.add_argument("--stop-grace", type=float, default=8.0, help="seconds between SIGTERM and SIGKILL at stop")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--settle", type=float, default=1.1, help="seconds between the two metric-flushing requests")
     ap.add_argument("--name", default="serve")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--work", default="/tmp/xshare-serve", help="model folders and server logs")
     args = ap.parse_args(argv)
+    t_start = time.monotonic()
+    if args.starts < 1:
+        ap.error("--starts must be >= 1")
     configs = parse_configs(args.configs)
     out_dir, work = Path(args.out), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -274,39 +362,38 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         meta["sglang"] = "not installed"
     if args.ray:
-        import subprocess
-
         subprocess.run(["ray", "stop", "--force"], capture_output=True)
         subprocess.run(["ray", "start", "--head", "--num-gpus", str(args.tp), "--disable-usage-stats"], check=True,
                        env=dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0"))
-    records = []
-    try:
-        for cfg in configs:
-            records.append(run_config(cfg, model, args, extra, work))
-    finally:
-        if args.ray:
-            import subprocess
-
-            subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    records, skipped = run_rounds(configs, model, args, extra, work, t_start)
+    if args.ray:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)
     rows, table = summarize(records)
     shape = args.preset or Path(args.model).name
     title = (f"{shape}{'' if args.layers is None else f' ({args.layers} layers)'}, TP {args.tp} / EP {args.ep}, "
              f"{' '.join(extra)}; in {args.input_len} / out {args.output_len} tokens")
     notes = [f"Workload: `sglang.bench_serving` random-ids prompts, {args.input_len} input / {args.output_len} output "
-             f"tokens (ignore_eos), {args.waves} x concurrency requests per run, {args.reps} runs per point; "
-             f"tok/s = output throughput (median, spread = min-max over runs). Experts = per MoE layer call, from "
+             f"tokens (ignore_eos), {args.waves} x concurrency requests per run, {args.reps} runs per point and "
+             f"server start, {args.starts} start(s) per configuration in interleaved rounds; tok/s = output "
+             f"throughput, median over every run; per start = the median of each start; vs off = pooled medians; "
+             f"paired = the ratio to the same round's `off`, median [min-max] over rounds; A/A = max/min of `off`'s "
+             f"per-start medians (the spread between servers running identical kernels). Experts = per MoE layer call, from "
              f"xshare's live metrics (the policy's distinct experts and busiest EP rank, and plain top-k's on the same "
              f"batches). Server: {title}."]
     for rec in records:
-        notes.append(f"- `{rec['config']}`: start-up {rec.get('startup_s', '-')} s, killed at stop "
-                     f"{rec.get('killed_at_stop')}{', ERROR: ' + rec['error'].splitlines()[0] if rec.get('error') else ''}")
+        notes.append(f"- `{rec['config']}` #{rec.get('start', 0)}: start-up {rec.get('startup_s', '-')} s, killed at stop "
+                     f"{rec.get('killed_at_stop')}{', ERROR: ' + rec['error'].splitlines()[0] if rec.get('error') else ''}"
+                     + (f"; GPU before: {'; '.join(rec['gpu_before'])}" if rec.get("gpu_before") else ""))
+    for label, start, why in skipped:
+        notes.append(f"- `{label}` #{start}: not run ({why})")
     md = "\n".join(notes) + "\n\n" + table + f"\n\n![{args.name}]({args.name}.png)\n"
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_results(out_dir, args.name, {"title": title, "rows": rows, "records": records}, md, meta)
+    write_results(out_dir, args.name, {"title": title, "rows": rows, "records": records,
+                                       "not_run": [list(x) for x in skipped]}, md, meta)
     if any(r["tok_s"] for r in rows):
         plot(rows, out_dir / f"{args.name}.png", title)
     print(table)
-    return 0 if all("error" not in r for r in records) else 1
+    return 0 if all("error" not in r for r in records) and not skipped else 1
 
 
 if __name__ == "__main__":

@@ -57,17 +57,54 @@ def t975(n: int) -> float:
     return t_quantile_975(n)
 
 
-def start(cfg, args, port: int, log: Path, extra: list[str]) -> Server:
+def start(cfg, args, port: int, log: Path, extra: list[str], gpus: str | None = None) -> Server:
+    """The server of one configuration (on ``gpus``, a ``CUDA_VISIBLE_DEVICES`` list, when given)."""
     sg = ["--model-path", str(MODEL), "--host", "127.0.0.1", "--port", str(port), "--tp-size", str(args.tp),
           "--chunked-prefill-size", str(args.batch * 129), "--max-prefill-tokens", str(args.batch * 129),
-          "--mem-fraction-static", "0.5", *BASE, *extra]
+          "--mem-fraction-static", "0.5", "--cuda-graph-max-bs-decode", str(args.prompts), *BASE, *extra]
     if args.ep > 1:
         sg += ["--ep-size", str(args.ep)]
     py = sys.executable
     cmd = [py, "-m", "sglang.launch_server", *sg] if cfg.plain else \
         [py, "-m", "sglang_xshare.launch_server", *sg, *cfg.flags] + (["--xshare-apply-to-prefill"] if cfg.selects else [])
     env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus
     return Server(cmd, port, log, env=env)
+
+
+def run_server(i: int, cfg, args, extra: list[str], prompts: list[list[int]], windows: np.ndarray, work: Path) -> dict:
+    """One configuration's server: greedy ids, EOS behaviour, teacher-forced CE per window."""
+    gpus = None
+    if args.parallel > 1:
+        slot = i % args.parallel
+        gpus = ",".join(str(slot * args.tp + j) for j in range(args.tp))
+    srv = start(cfg, args, args.port + i, work / f"{args.name}_{i}.log", extra, gpus)
+    r: dict = {"config": cfg.label, "gpus": gpus}
+    try:
+        srv.start()
+        r["startup_s"] = round(srv.wait_ready(900), 1)
+        url = srv.base_url + "/generate"
+        greedy = {"temperature": 0.0, "max_new_tokens": args.new_tokens, "ignore_eos": True}
+        outs = post(url, {"input_ids": prompts, "sampling_params": greedy})
+        r["ids"] = [o["output_ids"] for o in outs]
+        free = post(url, {"input_ids": prompts, "sampling_params": {**greedy, "ignore_eos": False}})
+        r["first_token_eos"] = sum(1 for o in free if len(o["output_ids"]) <= 1)
+        r["mean_len_no_ignore_eos"] = statistics.mean(len(o["output_ids"]) for o in free)
+        t0 = time.time()
+        lp = post(url, {"input_ids": [w.tolist() for w in windows],
+                        "sampling_params": {"temperature": 0.0, "max_new_tokens": 1},
+                        "return_logprob": True, "logprob_start_len": 0})
+        r["logprob_s"] = round(time.time() - t0, 1)
+        r["ce"] = [-statistics.mean(x[0] for x in o["meta_info"]["input_token_logprobs"][1:]) for o in lp]
+    except Exception as e:  # keep going: the report says what failed
+        r["error"] = f"{type(e).__name__}: {e}\n{srv.tail()}"[-3000:]
+        print(f"[{cfg.label}] FAILED {r['error']}", flush=True)
+    finally:
+        r["killed_at_stop"] = srv.stop(grace=8)
+    print(f"[{cfg.label}] done: eos-first {r.get('first_token_eos')}, ce {statistics.mean(r['ce']) if 'ce' in r else '-'}",
+          flush=True)
+    return r
 
 
 def main() -> int:
@@ -86,6 +123,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--work", default="/tmp/xshare-correctness")
     ap.add_argument("--no-harness", action="store_true")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="servers at once, each on its own --tp GPUs (CUDA_VISIBLE_DEVICES); needs parallel x tp GPUs")
     args, extra = ap.parse_known_args()
     extra = [a for a in extra if a != "--"]
     configs = parse_configs(args.configs)
@@ -95,35 +134,15 @@ def main() -> int:
     prompts = [w[: args.prompt_len].tolist() for w in windows[: args.prompts]]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    res: dict[str, dict] = {}
-    for i, cfg in enumerate(configs):
-        port = args.port + i
-        srv = start(cfg, args, port, work / f"{args.name}_{i}.log", extra)
-        r: dict = {"config": cfg.label}
-        try:
-            srv.start()
-            r["startup_s"] = round(srv.wait_ready(900), 1)
-            url = srv.base_url + "/generate"
-            greedy = {"temperature": 0.0, "max_new_tokens": args.new_tokens, "ignore_eos": True}
-            outs = post(url, {"input_ids": prompts, "sampling_params": greedy})
-            r["ids"] = [o["output_ids"] for o in outs]
-            free = post(url, {"input_ids": prompts, "sampling_params": {**greedy, "ignore_eos": False}})
-            r["first_token_eos"] = sum(1 for o in free if len(o["output_ids"]) <= 1)
-            r["mean_len_no_ignore_eos"] = statistics.mean(len(o["output_ids"]) for o in free)
-            t0 = time.time()
-            lp = post(url, {"input_ids": [w.tolist() for w in windows],
-                            "sampling_params": {"temperature": 0.0, "max_new_tokens": 1},
-                            "return_logprob": True, "logprob_start_len": 0})
-            r["logprob_s"] = round(time.time() - t0, 1)
-            r["ce"] = [-statistics.mean(x[0] for x in o["meta_info"]["input_token_logprobs"][1:]) for o in lp]
-        except Exception as e:  # keep going: the report says what failed
-            r["error"] = f"{type(e).__name__}: {e}\n{srv.tail()}"[-3000:]
-            print(f"[{cfg.label}] FAILED {r['error']}", flush=True)
-        finally:
-            r["killed_at_stop"] = srv.stop()
-        res[cfg.label] = r
-        print(f"[{cfg.label}] done: eos-first {r.get('first_token_eos')}, ce {statistics.mean(r['ce']) if 'ce' in r else '-'}",
-              flush=True)
+    if args.parallel > 1:  # servers side by side, each on its own GPUs
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(args.parallel) as pool:
+            done = list(pool.map(lambda ic: run_server(ic[0], ic[1], args, extra, prompts, windows, work),
+                                 enumerate(configs)))
+    else:
+        done = [run_server(i, cfg, args, extra, prompts, windows, work) for i, cfg in enumerate(configs)]
+    res: dict[str, dict] = {r["config"]: r for r in done}
 
     # 1. equality
     eq_names = [c for c in args.equal.split(",") if c in res and "ids" in res[c]]
@@ -138,7 +157,13 @@ def main() -> int:
     q_rows, quality = [], {}
     base = res.get("off", {}).get("ce")
     nb = args.windows // args.batch
-    harness = {} if args.no_harness else harness_deltas(configs, windows, args)
+    harness, harness_error = {}, None
+    if not args.no_harness:
+        try:
+            harness = harness_deltas(configs, windows, args)
+        except Exception as e:  # the server results still get written
+            harness_error = f"{type(e).__name__}: {e}"
+            print(f"harness FAILED: {harness_error}", flush=True)
     for cfg in configs:
         ce = res[cfg.label].get("ce")
         if not cfg.selects or ce is None or base is None:
@@ -165,9 +190,10 @@ def main() -> int:
           f"95% CI over {nb} batches. Harness = the same batches in transformers with the same grouping "
           f"(`StepLayout(tokens_per_request=128)`).\n\n"
           + markdown_table(["config", "CE off (server)", "dCE server", "dCE harness", "harness experts / top-k"], q_rows)
+          + ("" if harness_error is None else f"\n\nHarness failed: `{harness_error}`")
           + "\n")
     payload = {"results": {k: {kk: vv for kk, vv in v.items() if kk != "ids"} for k, v in res.items()},
-               "equality": eq_rows, "quality": quality}
+               "equality": eq_rows, "quality": quality, "harness_error": harness_error}
     write_results(args.out, args.name, payload, md, run_metadata())
     print(md)
     return 0

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -77,6 +78,65 @@ def test_bench_serving_arguments_parse_with_sglangs_parser(tmp_path):
     assert (ns.backend, ns.dataset_name, ns.max_concurrency, ns.num_prompts) == ("sglang", "random-ids", 16, 32)
     assert (ns.random_input_len, ns.random_output_len, ns.random_range_ratio) == (32, 256, 1.0)
     assert ns.disable_ignore_eos is False  # every request decodes its full length
+
+
+# ---- repeated, interleaved server starts (bench/serve.py) -------------------------------------
+
+def _serve_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_tok_s(label: str, start: int, c: int) -> float:
+    # a server-to-server shift (start 1 is 2x start 0) that the paired ratio must cancel
+    base = {"off": 100.0, "xshare@0.7": 120.0, "oea+k0=4": 90.0}[label] * (1 + start) * c
+    return base + (3.0 if label == "off" and start == 1 else 0.0)
+
+
+def test_rounds_interleave_resume_and_pair_ratios_within_a_round(tmp_path, monkeypatch):
+    serve = _serve_module()
+    calls = []
+
+    def fake_run_config(cfg, model, args, extra, work, start=0):
+        calls.append((cfg.label, start))
+        levels = [{"concurrency": c, "runs": [{"output_throughput": _fake_tok_s(cfg.label, start, c) + d,
+                                               "median_tpot_ms": 1.0} for d in (-1.0, 1.0)]} for c in (1, 16)]
+        return {"config": cfg.label, "start": start, "levels": levels, "wall_s": 100.0}
+
+    monkeypatch.setattr(serve, "run_config", fake_run_config)
+    configs = parse_configs("off,xshare@0.7,oea+k0=4")
+    state = tmp_path / "state.json"
+    args = SimpleNamespace(starts=2, state=str(state), time_budget=None)
+    # a first call that has room for 4 servers of 100 s (the first has no estimate yet)
+    clock = iter([0.0, 0.0, 100.0, 200.0, 300.0, 400.0, 500.0])
+    monkeypatch.setattr(serve.time, "monotonic", lambda: next(clock))
+    args.time_budget = 440.0
+    recs, skipped = serve.run_rounds(configs, "m", args, [], tmp_path, serve.time.monotonic())
+    assert calls == [("off", 0), ("xshare@0.7", 0), ("oea+k0=4", 0), ("off", 1)]  # interleaved rounds
+    assert [(lab, s) for lab, s, _ in skipped] == [("xshare@0.7", 1), ("oea+k0=4", 1)]
+    # the second call continues from the state file: only the two missing servers start
+    calls.clear()
+    args.time_budget = None
+    recs, skipped = serve.run_rounds(configs, "m", args, [], tmp_path, 0.0)
+    assert calls == [("xshare@0.7", 1), ("oea+k0=4", 1)] and skipped == []
+    assert sorted((r["config"], r["start"]) for r in recs) == sorted(
+        (c.label, s) for c in configs for s in (0, 1))
+
+    rows, table = serve.summarize(recs)
+    by = {(r["config"], r["concurrency"]): r for r in rows}
+    x = by[("xshare@0.7", 16)]
+    # paired: each round's own off (1600 and 3203) -> 1920/1600 and 3840/3203
+    assert x["paired_ratios"] == pytest.approx([1920 / 1600, 3840 / 3203])
+    assert x["paired_ratio"] == pytest.approx((1920 / 1600 + 3840 / 3203) / 2)
+    # pooled: median over all four runs of each
+    assert x["ratio_vs_off"] == pytest.approx(((1919 + 1921 + 3839 + 3841) / 4) / ((1599 + 1601 + 3202 + 3204) / 4))
+    assert by[("off", 1)]["aa_spread"] == pytest.approx(203 / 100)  # the A/A between-start spread
+    assert x["tok_s_per_start"] == {"0": 1920.0, "1": 3840.0} and x["starts"] == 2 and x["runs"] == 4
+    assert "A/A max/min 2.030" in table and "1.200" in table
 
 
 # ---- metrics: exported by the hook's LiveMetrics, read back by the bench -------------------
