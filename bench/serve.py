@@ -261,28 +261,62 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         if not rs:
             continue
         a.plot([r["concurrency"] for r in rs], [r["tok_s"] for r in rs], marker="o", label=cfg)
-        rr = [r for r in rs if r["ratio_vs_off"]]
-        lo = [r["ratio_vs_off"] - min(r["paired_ratios"] or [r["ratio_vs_off"]]) for r in rr]
-        hi = [max(r["paired_ratios"] or [r["ratio_vs_off"]]) - r["ratio_vs_off"] for r in rr]
-        b.errorbar([r["concurrency"] for r in rr], [r["ratio_vs_off"] for r in rr], yerr=[lo, hi], marker="o",
-                   capsize=3, label=cfg)
+        rr = [r for r in rs if r["paired_ratio"] or r["ratio_vs_off"]]
+        y = [r["paired_ratio"] or r["ratio_vs_off"] for r in rr]  # the paired median where rounds exist
+        lo = [v - min(r["paired_ratios"] or [v]) for v, r in zip(y, rr)]
+        hi = [max(r["paired_ratios"] or [v]) - v for v, r in zip(y, rr)]
+        b.errorbar([r["concurrency"] for r in rr], y, yerr=[lo, hi], marker="o", capsize=3, label=cfg)
     for ax in (a, b):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency")
         ax.grid(alpha=0.3)
     a.set_ylabel("output tokens / s (median)")
-    b.set_ylabel("throughput / off (bars: paired ratios over rounds)")
+    b.set_ylabel("throughput / off (paired; bars: rounds)")
     b.axhline(1.0, color="k", lw=0.8)
     a.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(records: list[dict], skipped: list[tuple[str, int, str]], args: argparse.Namespace, extra: list[str],
+           meta: dict) -> str:
+    """Write ``<out>/<name>.{json,md,png}`` from the records so far; returns the Markdown table."""
+    out_dir = Path(args.out)
+    rows, table = summarize(records)
+    shape = args.preset or Path(args.model).name
+    title = (f"{shape}{'' if args.layers is None else f' ({args.layers} layers)'}, TP {args.tp} / EP {args.ep}, "
+             f"{' '.join(extra)}; in {args.input_len} / out {args.output_len} tokens")
+    notes = [f"Workload: `sglang.bench_serving` random-ids prompts, {args.input_len} input / {args.output_len} output "
+             f"tokens (ignore_eos), {args.waves} x concurrency requests per run, {args.reps} runs per point and "
+             f"server start, {args.starts} start(s) per configuration in interleaved rounds; tok/s = output "
+             f"throughput, median over every run; per start = the median of each start; vs off = pooled medians; "
+             f"paired = the ratio to the same round's `off`, median [min-max] over rounds; A/A = max/min of `off`'s "
+             f"per-start medians (the spread between servers running identical kernels). Experts = per MoE layer call, from "
+             f"xshare's live metrics (the policy's distinct experts and busiest EP rank, and plain top-k's on the same "
+             f"batches). Server: {title}."]
+    for rec in records:
+        notes.append(f"- `{rec['config']}` #{rec.get('start', 0)}: start-up {rec.get('startup_s', '-')} s, killed at stop "
+                     f"{rec.get('killed_at_stop')}{', ERROR: ' + rec['error'].splitlines()[0] if rec.get('error') else ''}"
+                     + (f"; GPU before: {'; '.join(rec['gpu_before'])}" if rec.get("gpu_before") else ""))
+    for label, start, why in skipped:
+        notes.append(f"- `{label}` #{start}: not run ({why})")
+    md = "\n".join(notes) + "\n\n" + table + f"\n\n![{args.name}]({args.name}.png)\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_results(out_dir, args.name, {"title": title, "rows": rows, "records": records,
+                                       "not_run": [list(x) for x in skipped]}, md, meta)
+    if any(r["tok_s"] for r in rows):
+        plot(rows, out_dir / f"{args.name}.png", title)
+    return table
 
 
 def run_rounds(configs: list[ServeConfig], model: str, args: argparse.Namespace, extra: list[str], work: Path,
-               t_start: float) -> tuple[list[dict], list[tuple[str, int, str]]]:
+               t_start: float, on_record=None) -> tuple[list[dict], list[tuple[str, int, str]]]:
     """Every configuration ``args.starts`` times, round by round; returns the records (those of
-    ``args.state`` first) and the ``(label, start, reason)`` of the servers not started."""
+    ``args.state`` first) and the ``(label, start, reason)`` of the servers not started.
+    ``on_record(records)`` runs after each server (the results so far are written then, so a run
+    killed at its time limit still leaves them)."""
     state = Path(args.state) if args.state else None
     records: list[dict] = json.loads(state.read_text()) if state and state.exists() else []
     done = {(r["config"], r.get("start", 0)) for r in records if "error" not in r}
@@ -304,6 +338,8 @@ def run_rounds(configs: list[ServeConfig], model: str, args: argparse.Namespace,
             if state:
                 state.parent.mkdir(parents=True, exist_ok=True)
                 state.write_text(json.dumps(records, indent=1))
+            if on_record is not None:
+                on_record(records)
     return records, skipped
 
 
@@ -350,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.starts < 1:
         ap.error("--starts must be >= 1")
     configs = parse_configs(args.configs)
-    out_dir, work = Path(args.out), Path(args.work)
+    work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     args.dummy = args.preset is not None
     model = str(write_model(work / f"{args.preset}-{args.layers}", args.preset, args.layers)) if args.dummy else args.model
@@ -365,33 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["ray", "stop", "--force"], capture_output=True)
         subprocess.run(["ray", "start", "--head", "--num-gpus", str(args.tp), "--disable-usage-stats"], check=True,
                        env=dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0"))
-    records, skipped = run_rounds(configs, model, args, extra, work, t_start)
+    records, skipped = run_rounds(configs, model, args, extra, work, t_start,
+                                  on_record=lambda recs: report(recs, [], args, extra, meta))
     if args.ray:
         subprocess.run(["ray", "stop", "--force"], capture_output=True)
-    rows, table = summarize(records)
-    shape = args.preset or Path(args.model).name
-    title = (f"{shape}{'' if args.layers is None else f' ({args.layers} layers)'}, TP {args.tp} / EP {args.ep}, "
-             f"{' '.join(extra)}; in {args.input_len} / out {args.output_len} tokens")
-    notes = [f"Workload: `sglang.bench_serving` random-ids prompts, {args.input_len} input / {args.output_len} output "
-             f"tokens (ignore_eos), {args.waves} x concurrency requests per run, {args.reps} runs per point and "
-             f"server start, {args.starts} start(s) per configuration in interleaved rounds; tok/s = output "
-             f"throughput, median over every run; per start = the median of each start; vs off = pooled medians; "
-             f"paired = the ratio to the same round's `off`, median [min-max] over rounds; A/A = max/min of `off`'s "
-             f"per-start medians (the spread between servers running identical kernels). Experts = per MoE layer call, from "
-             f"xshare's live metrics (the policy's distinct experts and busiest EP rank, and plain top-k's on the same "
-             f"batches). Server: {title}."]
-    for rec in records:
-        notes.append(f"- `{rec['config']}` #{rec.get('start', 0)}: start-up {rec.get('startup_s', '-')} s, killed at stop "
-                     f"{rec.get('killed_at_stop')}{', ERROR: ' + rec['error'].splitlines()[0] if rec.get('error') else ''}"
-                     + (f"; GPU before: {'; '.join(rec['gpu_before'])}" if rec.get("gpu_before") else ""))
-    for label, start, why in skipped:
-        notes.append(f"- `{label}` #{start}: not run ({why})")
-    md = "\n".join(notes) + "\n\n" + table + f"\n\n![{args.name}]({args.name}.png)\n"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_results(out_dir, args.name, {"title": title, "rows": rows, "records": records,
-                                       "not_run": [list(x) for x in skipped]}, md, meta)
-    if any(r["tok_s"] for r in rows):
-        plot(rows, out_dir / f"{args.name}.png", title)
+    table = report(records, skipped, args, extra, meta)
     print(table)
     return 0 if all("error" not in r for r in records) and not skipped else 1
 
