@@ -166,17 +166,19 @@ def run_point(args, layer: EPMoELayer, selector, logits_all: list[torch.Tensor],
     rank, R = dist.get_rank(), dist.get_world_size()
     T = hidden[0].shape[0]
     mine = slice(rank * T, (rank + 1) * T)
-    # -- select (eager timing; includes the all-reduce of the +global view)
-    sels = []
+    # -- select (eager timing after warm-up -- the first call of a shape compiles its kernel;
+    #    includes the all-reduce of the +global view)
+    xs = [lg[mine].contiguous() for lg in logits_all]
+    sels = [selector(x, layer_id=b) for b, x in enumerate(xs)]
     t_sel = []
-    for b, lg in enumerate(logits_all):
-        x = lg[mine].contiguous()
+    for it in range(args.warmup + args.iters):
+        b = it % len(xs)
         a = timer.mark()
-        s = selector(x, layer_id=b)
+        selector(xs[b], layer_id=b)
         z = timer.mark()
-        timer.sync()
-        t_sel.append(timer.elapsed(a, z))
-        sels.append(s)
+        if it >= args.warmup:
+            timer.sync()
+            t_sel.append(timer.elapsed(a, z))
     # -- metrics of the global batch, averaged over batches
     met: dict[str, float] = {}
     rank_exp = torch.zeros(R, dtype=torch.float64)

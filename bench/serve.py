@@ -147,6 +147,7 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
                                   input_len=args.input_len, output_len=16, seed=999,
                                   output_file=str(out_dir / f"{args.name}_warmup.jsonl"))
         run_bench_serving(warm)
+        flush_metrics(server.base_url, args.settle)  # the warm-up's counts reach /metrics before the first level
         for c in args.concurrency:
             runs = []
             for rep in range(args.reps):
@@ -202,10 +203,12 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
         tp = [r["output_throughput"] for r in runs if r.get("output_throughput")]
         x = [r.get("xshare", {}) for r in runs]
         per_start = {s: _med([r.get("output_throughput") for r in rs]) for s, rs in sorted(by_start.items())}
+        tpot_start = {s: _med([r.get("median_tpot_ms") for r in rs]) for s, rs in sorted(by_start.items())}
         rows.append({
             "config": cfg, "concurrency": c, "runs": len(runs), "starts": len(by_start),
             "tok_s": _med(tp), "tok_s_min": min(tp) if tp else None, "tok_s_max": max(tp) if tp else None,
             "tok_s_per_start": {str(k): v for k, v in per_start.items() if v is not None},
+            "tpot_per_start": {str(k): v for k, v in tpot_start.items() if v is not None},
             "tpot_med_ms": _med([r.get("median_tpot_ms") for r in runs]),
             "tpot_p99_ms": _med([r.get("p99_tpot_ms") for r in runs]),
             "itl_med_ms": _med([r.get("median_itl_ms") for r in runs]),
@@ -217,6 +220,8 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
             "policy_steps": sum(v.get("policy_steps", 0) for v in x), "sglang_steps": sum(v.get("sglang_steps", 0) for v in x),
             "barrier_faults": sum(v.get("barrier_faults", 0) for v in x),
         })
+    order = {c: i for i, c in enumerate(dict.fromkeys(rec["config"] for rec in records))}
+    rows.sort(key=lambda r: (order[r["config"]], r["concurrency"]))
     base = {r["concurrency"]: r for r in rows if r["config"] == "off"}
     for row in rows:
         b = base.get(row["concurrency"])
@@ -225,11 +230,18 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
                         {int(k): v for k, v in b["tok_s_per_start"].items()}) if b else []
         row["paired_ratios"] = pairs
         row["paired_ratio"] = _med(pairs)
+        # TPOT speed-up (off's TPOT / this TPOT: > 1 is faster), pooled and paired within rounds
+        row["tpot_speedup"] = (b["tpot_med_ms"] / row["tpot_med_ms"]) if (b and b["tpot_med_ms"] and row["tpot_med_ms"]) else None
+        tp_pairs = _paired({int(k): 1.0 / v for k, v in row["tpot_per_start"].items() if v},
+                           {int(k): 1.0 / v for k, v in b["tpot_per_start"].items() if v}) if b else []
+        row["tpot_paired_speedups"] = tp_pairs
+        row["tpot_paired_speedup"] = _med(tp_pairs)
         if row["config"] == "off":
             v = list(row["tok_s_per_start"].values())
             row["aa_spread"] = (max(v) / min(v)) if len(v) > 1 and min(v) > 0 else None
     head = ["config", "conc.", "tok/s (median)", "per start", "vs off", "paired vs off (rounds)", "TPOT med / p99 ms",
-            "ITL med / p99 ms", "experts / layer", "top-k experts", "busiest rank", "top-k busiest"]
+            "TPOT speed-up vs off (paired)", "ITL med / p99 ms", "experts / layer", "top-k experts", "busiest rank",
+            "top-k busiest"]
 
     def f(v, d=1):
         return "-" if v is None else f"{v:.{d}f}"
@@ -242,9 +254,15 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
             return "-"
         return f(r["paired_ratio"], 3) + (f" [{min(p):.3f}-{max(p):.3f}]" if len(p) > 1 else "")
 
+    def tpot_cell(r):
+        if r["config"] == "off" or r["tpot_speedup"] is None:
+            return "-"
+        p = r["tpot_paired_speedups"]
+        return f(r["tpot_speedup"], 3) + (f" ({f(r['tpot_paired_speedup'], 3)} [{min(p):.3f}-{max(p):.3f}])" if len(p) > 1 else "")
+
     table = [[r["config"], r["concurrency"], f(r["tok_s"], 0), " / ".join(f(v, 0) for v in r["tok_s_per_start"].values()),
               f(r["ratio_vs_off"], 3), paired_cell(r), f"{f(r['tpot_med_ms'], 2)} / {f(r['tpot_p99_ms'], 2)}",
-              f"{f(r['itl_med_ms'], 2)} / {f(r['itl_p99_ms'], 2)}", f(r["experts"]), f(r["topk_experts"]),
+              tpot_cell(r), f"{f(r['itl_med_ms'], 2)} / {f(r['itl_p99_ms'], 2)}", f(r["experts"]), f(r["topk_experts"]),
               f(r["peak"]), f(r["topk_peak"])] for r in rows]
     return rows, markdown_table(head, table)
 
@@ -293,7 +311,8 @@ def report(records: list[dict], skipped: list[tuple[str, int, str]], args: argpa
              f"server start, {args.starts} start(s) per configuration in interleaved rounds; tok/s = output "
              f"throughput, median over every run; per start = the median of each start; vs off = pooled medians; "
              f"paired = the ratio to the same round's `off`, median [min-max] over rounds; A/A = max/min of `off`'s "
-             f"per-start medians (the spread between servers running identical kernels). Experts = per MoE layer call, from "
+             f"per-start medians (the spread between servers running identical kernels); TPOT speed-up = off's median "
+             f"TPOT / the configuration's (> 1 is faster), pooled (paired median [min-max] over rounds). Experts = per MoE layer call, from "
              f"xshare's live metrics (the policy's distinct experts and busiest EP rank, and plain top-k's on the same "
              f"batches). Server: {title}."]
     for rec in records:
@@ -308,6 +327,36 @@ def report(records: list[dict], skipped: list[tuple[str, int, str]], args: argpa
                                        "not_run": [list(x) for x in skipped]}, md, meta)
     if any(r["tok_s"] for r in rows):
         plot(rows, out_dir / f"{args.name}.png", title)
+    return table
+
+
+def merge_results(files: list[Path], out_dir: Path, name: str) -> str:
+    """Join result files of earlier runs (e.g. two sessions): every file's starts become rounds of
+    their own, so each ratio to ``off`` stays paired with the ``off`` of its own run. Writes
+    ``<out_dir>/<name>.{json,md,png}``; returns the Markdown table."""
+    records: list[dict] = []
+    notes = ["Merged from these runs; the starts of each run are rounds of their own (paired ratios compare a "
+             "configuration with the `off` of its own round):"]
+    offset = 0
+    title = None
+    for f in files:
+        d = json.loads(f.read_text())
+        title = title or d.get("title")
+        m = d.get("meta", {})
+        recs = d.get("records", [])
+        starts = sorted({r.get("start", 0) for r in recs}) or [0]
+        notes.append(f"- `{f.name}`: rounds {offset}..{offset + max(starts)}; `{m.get('command', '?')}` "
+                     f"(git `{m.get('git', '?')}`, {m.get('device', '?')}, {m.get('date', '?')})")
+        for r in recs:
+            records.append(dict(r, start=offset + r.get("start", 0), source=f.name))
+        offset += max(starts) + 1
+    rows, table = summarize(records)
+    md = "\n".join(notes) + "\n\n" + table + f"\n\n![{name}]({name}.png)\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_results(out_dir, name, {"title": title, "rows": rows, "records": records,
+                                  "merged_from": [str(f) for f in files]}, md, run_metadata())
+    if any(r["tok_s"] for r in rows):
+        plot(rows, out_dir / f"{name}.png", f"{title} (merged runs)")
     return table
 
 
@@ -353,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model folder with real weights (e.g. sglang_xshare/data/model)")
     src.add_argument("--preset", choices=sorted(PRESETS), help="MoE shape with random weights (--load-format dummy)")
+    src.add_argument("--merge", nargs="+", metavar="JSON",
+                     help="no server: join earlier result files, each file's starts as rounds of their own "
+                          "(ratios paired within a file's round), and write --name")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers of --preset (default: the model's)")
     ap.add_argument("--configs", default="off,xshare@0.7,xshare_ep@0.7,oea+k0=4,cap+cap=6")
     ap.add_argument("--concurrency", default="1,8,16,32,64,128", type=lambda s: [int(x) for x in s.split(",")])
@@ -382,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--work", default="/tmp/xshare-serve", help="model folders and server logs")
     args = ap.parse_args(argv)
+    if args.merge:
+        print(merge_results([Path(f) for f in args.merge], Path(args.out), args.name))
+        return 0
     t_start = time.monotonic()
     if args.starts < 1:
         ap.error("--starts must be >= 1")

@@ -104,7 +104,8 @@ def test_rounds_interleave_resume_and_pair_ratios_within_a_round(tmp_path, monke
     def fake_run_config(cfg, model, args, extra, work, start=0):
         calls.append((cfg.label, start))
         levels = [{"concurrency": c, "runs": [{"output_throughput": _fake_tok_s(cfg.label, start, c) + d,
-                                               "median_tpot_ms": 1.0} for d in (-1.0, 1.0)]} for c in (1, 16)]
+                                               "median_tpot_ms": 1000.0 / _fake_tok_s(cfg.label, start, c)}
+                                              for d in (-1.0, 1.0)]} for c in (1, 16)]
         return {"config": cfg.label, "start": start, "levels": levels, "wall_s": 100.0}
 
     monkeypatch.setattr(serve, "run_config", fake_run_config)
@@ -137,6 +138,34 @@ def test_rounds_interleave_resume_and_pair_ratios_within_a_round(tmp_path, monke
     assert by[("off", 1)]["aa_spread"] == pytest.approx(203 / 100)  # the A/A between-start spread
     assert x["tok_s_per_start"] == {"0": 1920.0, "1": 3840.0} and x["starts"] == 2 and x["runs"] == 4
     assert "A/A max/min 2.030" in table and "1.200" in table
+    # TPOT speed-up (off's TPOT / this one), paired within each round like the throughput
+    assert x["tpot_paired_speedups"] == pytest.approx([1920 / 1600, 3840 / 3203])
+    assert x["tpot_speedup"] == pytest.approx(((1000 / 1600 + 1000 / 3203) / 2) / ((1000 / 1920 + 1000 / 3840) / 2))
+
+
+def test_merged_runs_keep_each_ratio_paired_with_its_own_off(tmp_path):
+    """Two earlier result files (e.g. two sessions): each file's starts become rounds of their own."""
+    import json
+
+    serve = _serve_module()
+
+    def rec(label, start, tok):
+        return {"config": label, "start": start, "levels": [{"concurrency": 16, "runs": [
+            {"output_throughput": tok, "median_tpot_ms": 1000.0 / tok}]}]}
+
+    a = {"title": "t", "meta": {"git": "aaa"}, "records": [rec("off", 0, 100.0), rec("xshare@0.7", 0, 110.0)]}
+    b = {"title": "t", "meta": {"git": "bbb"}, "records": [rec("off", 0, 300.0), rec("xshare@0.7", 0, 360.0),
+                                                         rec("off", 1, 200.0), rec("xshare@0.7", 1, 250.0)]}
+    fa, fb = tmp_path / "a.json", tmp_path / "b.json"
+    fa.write_text(json.dumps(a))
+    fb.write_text(json.dumps(b))
+    serve.merge_results([fa, fb], tmp_path / "out", "m")
+    d = json.loads((tmp_path / "out" / "m.json").read_text())
+    x = next(r for r in d["rows"] if r["config"] == "xshare@0.7")
+    assert x["paired_ratios"] == pytest.approx([1.10, 1.20, 1.25])  # never 360 / 100 across files
+    assert x["tok_s_per_start"] == {"0": 110.0, "1": 360.0, "2": 250.0}
+    md = (tmp_path / "out" / "m.md").read_text()
+    assert "`a.json`: rounds 0..0" in md and "`b.json`: rounds 1..2" in md and "git `bbb`" in md
 
 
 # ---- metrics: exported by the hook's LiveMetrics, read back by the bench -------------------

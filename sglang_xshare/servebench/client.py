@@ -53,11 +53,28 @@ def _parsed(argv: Sequence[str]) -> Any:
     return captured["args"]
 
 
+#: Tokenizers loaded by :func:`run_bench_serving`, by name: ``bench_serving`` loads its tokenizer on
+#: every run (seconds each for a 150k vocabulary), so a bench of many levels loads it once.
+_TOKENIZERS: dict[str, Any] = {}
+
+
 def run_bench_serving(argv: Sequence[str]) -> dict[str, Any]:
     """Run one ``sglang.bench_serving`` level in-process; returns its result (:data:`RESULT_KEYS`)."""
     import sglang.benchmark.serving as bs
 
-    result = bs.run_benchmark(_parsed(argv)) or {}
+    real = bs.get_tokenizer
+
+    def cached(name, *a, **kw):
+        key = repr((name, a, sorted(kw.items())))
+        if key not in _TOKENIZERS:
+            _TOKENIZERS[key] = real(name, *a, **kw)
+        return _TOKENIZERS[key]
+
+    bs.get_tokenizer = cached
+    try:
+        result = bs.run_benchmark(_parsed(argv)) or {}
+    finally:
+        bs.get_tokenizer = real
     return {k: result.get(k) for k in RESULT_KEYS}
 
 
