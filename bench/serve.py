@@ -268,29 +268,39 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Throughput per concurrency, and two ratios to ``off`` (paired medians, bars = min-max over
+    rounds): output throughput, and TPOT speed-up (off's TPOT / the configuration's)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.5))
+
+    def ratio_line(ax, rs, point, pairs, pooled, label):
+        rr = [r for r in rs if r[point] or r[pooled]]
+        y = [r[point] or r[pooled] for r in rr]  # the paired median where rounds exist
+        lo = [v - min(r[pairs] or [v]) for v, r in zip(y, rr)]
+        hi = [max(r[pairs] or [v]) - v for v, r in zip(y, rr)]
+        ax.errorbar([r["concurrency"] for r in rr], y, yerr=[lo, hi], marker="o", capsize=3, label=label)
+
     for cfg in dict.fromkeys(r["config"] for r in rows):
         rs = [r for r in rows if r["config"] == cfg and r["tok_s"]]
         if not rs:
             continue
         a.plot([r["concurrency"] for r in rs], [r["tok_s"] for r in rs], marker="o", label=cfg)
-        rr = [r for r in rs if r["paired_ratio"] or r["ratio_vs_off"]]
-        y = [r["paired_ratio"] or r["ratio_vs_off"] for r in rr]  # the paired median where rounds exist
-        lo = [v - min(r["paired_ratios"] or [v]) for v, r in zip(y, rr)]
-        hi = [max(r["paired_ratios"] or [v]) - v for v, r in zip(y, rr)]
-        b.errorbar([r["concurrency"] for r in rr], y, yerr=[lo, hi], marker="o", capsize=3, label=cfg)
-    for ax in (a, b):
+        ratio_line(b, rs, "paired_ratio", "paired_ratios", "ratio_vs_off", cfg)
+        if cfg != "off":
+            ratio_line(c, rs, "tpot_paired_speedup", "tpot_paired_speedups", "tpot_speedup", cfg)
+    for ax in (a, b, c):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency")
         ax.grid(alpha=0.3)
     a.set_ylabel("output tokens / s (median)")
     b.set_ylabel("throughput / off (paired; bars: rounds)")
-    b.axhline(1.0, color="k", lw=0.8)
+    c.set_ylabel("TPOT speed-up vs off (paired; bars: rounds)")
+    for ax in (b, c):
+        ax.axhline(1.0, color="k", lw=0.8)
     a.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
