@@ -277,21 +277,22 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.5))
 
-    def ratio_line(ax, rs, point, pairs, pooled, label):
+    def ratio_line(ax, rs, point, pairs, pooled, label, color):
         rr = [r for r in rs if r[point] or r[pooled]]
         y = [r[point] or r[pooled] for r in rr]  # the paired median where rounds exist
         lo = [v - min(r[pairs] or [v]) for v, r in zip(y, rr)]
         hi = [max(r[pairs] or [v]) - v for v, r in zip(y, rr)]
-        ax.errorbar([r["concurrency"] for r in rr], y, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        ax.errorbar([r["concurrency"] for r in rr], y, yerr=[lo, hi], marker="o", capsize=3, label=label, color=color)
 
-    for cfg in dict.fromkeys(r["config"] for r in rows):
+    for i, cfg in enumerate(dict.fromkeys(r["config"] for r in rows)):
         rs = [r for r in rows if r["config"] == cfg and r["tok_s"]]
         if not rs:
             continue
-        a.plot([r["concurrency"] for r in rs], [r["tok_s"] for r in rs], marker="o", label=cfg)
-        ratio_line(b, rs, "paired_ratio", "paired_ratios", "ratio_vs_off", cfg)
+        color = f"C{i % 10}"  # one colour per configuration in every panel
+        a.plot([r["concurrency"] for r in rs], [r["tok_s"] for r in rs], marker="o", label=cfg, color=color)
+        ratio_line(b, rs, "paired_ratio", "paired_ratios", "ratio_vs_off", cfg, color)
         if cfg != "off":
-            ratio_line(c, rs, "tpot_paired_speedup", "tpot_paired_speedups", "tpot_speedup", cfg)
+            ratio_line(c, rs, "tpot_paired_speedup", "tpot_paired_speedups", "tpot_speedup", cfg, color)
     for ax in (a, b, c):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency")
