@@ -16,6 +16,13 @@ reported beside the between-start spread of ``off`` itself (an A/A check). ``--s
 the finished servers' records so a run cut by a time limit (``--time-budget``) continues where it
 stopped when called again with the same arguments.
 
+``--ab`` measures inside one server: each policy server also computes SGLang's routing in every
+MoE layer (``--xshare-ab-switch``, :mod:`sglang_xshare.serving.abswitch`) and every rep runs both
+arms, the policy's and SGLang's, in ABBA order; the policy's TPOT speed-up over its own server's
+SGLang arm is the expert cut's effect alone (both arms run the same kernels), free of the
+server-to-server spread. What the policy's kernel costs beside SGLang's top-k is
+``bench/hook_overhead.py``'s figure.
+
 Writes ``bench/results/<name>.{json,md,png}``: per configuration and concurrency the median
 output throughput (and its spread over the runs), TPOT and ITL median / p99, the ratio to ``off``,
 and per MoE layer call the distinct experts and the busiest rank's experts -- the policy's and
@@ -63,8 +70,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(cfg: ServeConfig, model: str, port: int, args: argparse.Namespace, extra: list[str]) -> list[str]:
-    """The command line of one configuration's server."""
+def server_command(cfg: ServeConfig, model: str, port: int, args: argparse.Namespace, extra: list[str],
+                   switch: str | None = None) -> list[str]:
+    """The command line of one configuration's server (``switch``: the file of its in-server A/B
+    switch, ``--xshare-ab-switch``)."""
     sizes = [b for b in args.graph_bs if b <= args.max_bs]
     par = ["--tp-size", str(args.tp)] + (["--ep-size", str(args.ep)] if args.ep > 1 else [])  # Ray's launcher sets them
     sg = ["--model-path", model, "--host", "127.0.0.1", "--port", str(port),
@@ -76,6 +85,8 @@ def server_command(cfg: ServeConfig, model: str, port: int, args: argparse.Names
     xs = list(cfg.flags)
     if cfg.selects:
         xs += ["--xshare-metrics", "--xshare-metrics-interval", "50"]
+    if switch is not None:
+        xs += ["--xshare-ab-switch", switch]
     py = sys.executable
     if cfg.plain:
         return [py, "-m", "sglang.launch_server", *par, *sg]
@@ -130,8 +141,11 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
                start: int = 0) -> dict:
     """Start ``cfg``'s server (its ``start``-th start), run every concurrency level, stop it; the record."""
     port = free_port()
-    cmd = server_command(cfg, model, port, args, extra)
     safe = cfg.label.replace("@", "_").replace("+", "_").replace("=", "")
+    switch = out_dir / f"{args.name}_{safe}_s{start}.arm" if (args.ab and cfg.selects) else None
+    if switch is not None:
+        switch.write_text("0")
+    cmd = server_command(cfg, model, port, args, extra, None if switch is None else str(switch))
     log = out_dir / f"{args.name}_{safe}_s{start}.log"
     env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
     rec: dict = {"config": cfg.label, "start": start, "command": " ".join(cmd), "levels": [], "log": str(log),
@@ -149,24 +163,35 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
         run_bench_serving(warm)
         flush_metrics(server.base_url, args.settle)  # the warm-up's counts reach /metrics before the first level
         for c in args.concurrency:
-            runs = []
+            runs, ab_runs = [], []
             for rep in range(args.reps):
-                before = xshare_counters(scrape(server.base_url))
-                argv = bench_serving_argv(server.base_url, tok, concurrency=c,
-                                          num_prompts=max(args.min_prompts, args.waves * c),
-                                          input_len=args.input_len, output_len=args.output_len,
-                                          seed=args.seed + 1000 * rep + c,
-                                          output_file=str(out_dir / f"{args.name}_{safe}_s{start}_c{c}.jsonl"))
-                res = run_bench_serving(argv)
-                flush_metrics(server.base_url, args.settle)
-                after = xshare_counters(scrape(server.base_url))
-                d = counter_delta(before, after)
-                res["xshare"] = per_call(d.get("0", next(iter(d.values()), {})))
-                runs.append(res)
-                print(f"[{cfg.label} #{start}] c={c} rep={rep}: {res['output_throughput']:.0f} tok/s, median TPOT "
-                      f"{res['median_tpot_ms']:.2f} ms, experts {res['xshare'].get('distinct', float('nan')):.1f} "
-                      f"(top-k {res['xshare'].get('topk_distinct', float('nan')):.1f})", flush=True)
-            rec["levels"].append({"concurrency": c, "runs": runs})
+                # with the A/B switch: both arms per rep, in ABBA order (drift cancels over two reps)
+                arms = ["policy"] if switch is None else (["sglang", "policy"] if rep % 2 == 0 else ["policy", "sglang"])
+                for arm in arms:
+                    if switch is not None:
+                        switch.write_text("1" if arm == "policy" else "0")
+                        flush_metrics(server.base_url, args.settle)  # step ends: the server reads the arm
+                    before = xshare_counters(scrape(server.base_url))
+                    argv = bench_serving_argv(server.base_url, tok, concurrency=c,
+                                              num_prompts=max(args.min_prompts, args.waves * c),
+                                              input_len=args.input_len, output_len=args.output_len,
+                                              seed=args.seed + 1000 * rep + c,
+                                              output_file=str(out_dir / f"{args.name}_{safe}_s{start}_c{c}.jsonl"))
+                    res = run_bench_serving(argv)
+                    flush_metrics(server.base_url, args.settle)
+                    after = xshare_counters(scrape(server.base_url))
+                    d = counter_delta(before, after)
+                    res["xshare"] = per_call(d.get("0", next(iter(d.values()), {})))
+                    res["arm"] = arm
+                    (runs if arm == "policy" else ab_runs).append(res)
+                    print(f"[{cfg.label} #{start}{'' if switch is None else ' ' + arm}] c={c} rep={rep}: "
+                          f"{res['output_throughput']:.0f} tok/s, median TPOT {res['median_tpot_ms']:.2f} ms, experts "
+                          f"{res['xshare'].get('distinct', float('nan')):.1f} "
+                          f"(top-k {res['xshare'].get('topk_distinct', float('nan')):.1f})", flush=True)
+            lvl = {"concurrency": c, "runs": runs}
+            if switch is not None:
+                lvl["ab_sglang_runs"] = ab_runs
+            rec["levels"].append(lvl)
     except ServerDied as e:
         rec["error"] = str(e)[-4000:]
         print(f"[{cfg.label}] FAILED: {e}", flush=True)
@@ -194,12 +219,21 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
     """Rows per (configuration, concurrency): medians over every run of every start, the median of
     each start, and the ratio to ``off`` -- pooled (median / median) and paired within rounds."""
     groups: dict[tuple[str, int], dict[int, list[dict]]] = {}
+    ab: dict[tuple[str, int], list[tuple[dict, dict]]] = {}
     for rec in records:
         for lvl in rec.get("levels", []):
-            groups.setdefault((rec["config"], lvl["concurrency"]), {})[rec.get("start", 0)] = lvl["runs"]
+            key = (rec["config"], lvl["concurrency"])
+            groups.setdefault(key, {})[rec.get("start", 0)] = lvl["runs"]
+            if lvl.get("ab_sglang_runs"):  # in-server A/B: rep i's policy run with rep i's SGLang run
+                ab.setdefault(key, []).extend(zip(lvl["runs"], lvl["ab_sglang_runs"]))
     rows = []
     for (cfg, c), by_start in groups.items():
         runs = [r for s in sorted(by_start) for r in by_start[s]]
+        pairs = ab.get((cfg, c), [])
+        ab_tpot = [sg["median_tpot_ms"] / po["median_tpot_ms"] for po, sg in pairs
+                   if po.get("median_tpot_ms") and sg.get("median_tpot_ms")]
+        ab_tok = [po["output_throughput"] / sg["output_throughput"] for po, sg in pairs
+                  if po.get("output_throughput") and sg.get("output_throughput")]
         tp = [r["output_throughput"] for r in runs if r.get("output_throughput")]
         x = [r.get("xshare", {}) for r in runs]
         per_start = {s: _med([r.get("output_throughput") for r in rs]) for s, rs in sorted(by_start.items())}
@@ -219,6 +253,9 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
             "tokens_per_call": _med([v.get("valid_tokens") for v in x]),
             "policy_steps": sum(v.get("policy_steps", 0) for v in x), "sglang_steps": sum(v.get("sglang_steps", 0) for v in x),
             "barrier_faults": sum(v.get("barrier_faults", 0) for v in x),
+            "ab_tpot_speedups": ab_tpot, "ab_tpot_speedup": _med(ab_tpot),
+            "ab_tok_ratios": ab_tok, "ab_tok_ratio": _med(ab_tok),
+            "ab_sglang_tpot_ms": _med([sg.get("median_tpot_ms") for _, sg in pairs]),
         })
     order = {c: i for i, c in enumerate(dict.fromkeys(rec["config"] for rec in records))}
     rows.sort(key=lambda r: (order[r["config"]], r["concurrency"]))
@@ -240,8 +277,8 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
             v = list(row["tok_s_per_start"].values())
             row["aa_spread"] = (max(v) / min(v)) if len(v) > 1 and min(v) > 0 else None
     head = ["config", "conc.", "tok/s (median)", "per start", "vs off", "paired vs off (rounds)", "TPOT med / p99 ms",
-            "TPOT speed-up vs off (paired)", "ITL med / p99 ms", "experts / layer", "top-k experts", "busiest rank",
-            "top-k busiest"]
+            "TPOT speed-up vs off (paired)", "in-server A/B: TPOT speed-up, tok/s ratio", "ITL med / p99 ms",
+            "experts / layer", "top-k experts", "busiest rank", "top-k busiest"]
 
     def f(v, d=1):
         return "-" if v is None else f"{v:.{d}f}"
@@ -260,9 +297,16 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
         p = r["tpot_paired_speedups"]
         return f(r["tpot_speedup"], 3) + (f" ({f(r['tpot_paired_speedup'], 3)} [{min(p):.3f}-{max(p):.3f}])" if len(p) > 1 else "")
 
+    def ab_cell(r):
+        p = r["ab_tpot_speedups"]
+        if not p:
+            return "-"
+        return (f"{f(r['ab_tpot_speedup'], 3)} [{min(p):.3f}-{max(p):.3f}], {f(r['ab_tok_ratio'], 3)} "
+                f"({len(p)} pairs)")
+
     table = [[r["config"], r["concurrency"], f(r["tok_s"], 0), " / ".join(f(v, 0) for v in r["tok_s_per_start"].values()),
               f(r["ratio_vs_off"], 3), paired_cell(r), f"{f(r['tpot_med_ms'], 2)} / {f(r['tpot_p99_ms'], 2)}",
-              tpot_cell(r), f"{f(r['itl_med_ms'], 2)} / {f(r['itl_p99_ms'], 2)}", f(r["experts"]), f(r["topk_experts"]),
+              tpot_cell(r), ab_cell(r), f"{f(r['itl_med_ms'], 2)} / {f(r['itl_p99_ms'], 2)}", f(r["experts"]), f(r["topk_experts"]),
               f(r["peak"]), f(r["topk_peak"])] for r in rows]
     return rows, markdown_table(head, table)
 
@@ -323,7 +367,9 @@ def report(records: list[dict], skipped: list[tuple[str, int, str]], args: argpa
              f"throughput, median over every run; per start = the median of each start; vs off = pooled medians; "
              f"paired = the ratio to the same round's `off`, median [min-max] over rounds; A/A = max/min of `off`'s "
              f"per-start medians (the spread between servers running identical kernels); TPOT speed-up = off's median "
-             f"TPOT / the configuration's (> 1 is faster), pooled (paired median [min-max] over rounds). Experts = per MoE layer call, from "
+             f"TPOT / the configuration's (> 1 is faster), pooled (paired median [min-max] over rounds); in-server A/B "
+             f"(`--ab`) = the policy arm against the same server's SGLang arm, rep by rep (median [min-max] of "
+             f"the TPOT speed-ups, median tok/s ratio). Experts = per MoE layer call, from "
              f"xshare's live metrics (the policy's distinct experts and busiest EP rank, and plain top-k's on the same "
              f"batches). Server: {title}."]
     for rec in records:
@@ -439,6 +485,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds for this call: a server is not started when the slowest so far would not fit")
     ap.add_argument("--stop-grace", type=float, default=8.0, help="seconds between SIGTERM and SIGKILL at stop")
+    ap.add_argument("--ab", action="store_true",
+                    help="in-server A/B: every policy server also runs SGLang's routing (--xshare-ab-switch) and each "
+                         "rep runs both arms (ABBA order); reports the policy's TPOT speed-up over its own server's "
+                         "SGLang arm, free of the spread between servers")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--settle", type=float, default=1.1, help="seconds between the two metric-flushing requests")
     ap.add_argument("--name", default="serve")

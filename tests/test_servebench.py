@@ -143,6 +143,32 @@ def test_rounds_interleave_resume_and_pair_ratios_within_a_round(tmp_path, monke
     assert x["tpot_speedup"] == pytest.approx(((1000 / 1600 + 1000 / 3203) / 2) / ((1000 / 1920 + 1000 / 3840) / 2))
 
 
+def test_ab_mode_pairs_each_policy_run_with_its_own_servers_sglang_arm(tmp_path):
+    """``--ab``: the policy server gets the switch flag (a real server flag), and the summary pairs
+    rep i's policy run with rep i's SGLang run of the same server."""
+    from sglang_xshare.serving.flags import parse_xshare_argv
+
+    serve = _serve_module()
+    args = SimpleNamespace(graph_bs=[1, 2], max_bs=2, tp=2, ep=2, mem_fraction=0.8, dummy=True, ray=False)
+    cfg = parse_config("xshare@0.7")
+    cmd = serve.server_command(cfg, "m", 1, args, [], str(tmp_path / "arm"))
+    xs = cmd[cmd.index("--xshare-policy"):]
+    assert parse_xshare_argv(xs).ab_switch == str(tmp_path / "arm")
+    assert "--xshare-ab-switch" not in serve.server_command(cfg, "m", 1, args, [])
+
+    def run(tpot, tok):
+        return {"median_tpot_ms": tpot, "output_throughput": tok}
+
+    lvl = {"concurrency": 16, "runs": [run(4.0, 200.0), run(5.0, 160.0)],
+           "ab_sglang_runs": [run(4.4, 180.0), run(6.0, 150.0)]}
+    rows, table = serve.summarize([{"config": "xshare@0.7", "start": 0, "levels": [lvl]}])
+    r = rows[0]
+    assert r["ab_tpot_speedups"] == pytest.approx([1.1, 1.2]) and r["ab_tpot_speedup"] == pytest.approx(1.15)
+    assert r["ab_tok_ratios"] == pytest.approx([200 / 180, 160 / 150])
+    assert r["ab_sglang_tpot_ms"] == pytest.approx(5.2)
+    assert "1.150 [1.100-1.200]" in table and "(2 pairs)" in table
+
+
 def test_merged_runs_keep_each_ratio_paired_with_its_own_off(tmp_path):
     """Two earlier result files (e.g. two sessions): each file's starts become rounds of their own."""
     import json

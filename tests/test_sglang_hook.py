@@ -456,6 +456,60 @@ def test_single_token_batches_step_aside(sg, installed):
     assert (forced.topk_ids == -1).any()
 
 
+def test_ab_switch_gives_the_experts_the_arm_the_file_names(sg, installed, tmp_path):
+    """``--xshare-ab-switch``: both routings are computed, the file (read at step ends) picks the one
+    the experts get; the device flag is flipped in place (captured graphs keep reading it)."""
+    import os
+
+    from sglang_xshare.serving.flags import XShareConfigError, parse_xshare_argv
+
+    x, logits = torch.randn(T, HIDDEN), _logits(21)
+    plain = _topk(sg).forward_native(x, logits.clone())
+    sw = tmp_path / "arm"
+    sw.write_text("0")
+    cfg = installed(policy="xshare", budget="8", empty_slots="minus_one", ab_switch=str(sw), metrics=True,
+                    metrics_interval=1000)
+    ref = _selector(cfg)(logits, layer_id=3)
+    assert not torch.equal(ref.topk_ids, plain.topk_ids.to(torch.int32))  # the two arms differ here
+    tk = _topk(sg)
+    mtime = [sw.stat().st_mtime_ns]
+
+    def step():
+        with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+            return tk.forward_native(x, logits.clone())
+
+    def write(text):
+        sw.write_text(text)
+        mtime[0] += 1_000_000
+        os.utime(sw, ns=(mtime[0], mtime[0]))  # a new modification time even on coarse clocks
+
+    def is_sglang(out):
+        return torch.equal(out.topk_ids, plain.topk_ids) and torch.equal(out.topk_weights, plain.topk_weights)
+
+    def is_policy(out):
+        return torch.equal(out.topk_ids.to(torch.int32), ref.topk_ids) and torch.equal(out.topk_weights, ref.topk_weights)
+
+    assert is_sglang(step())
+    flag = hook._STATE.switch.flag(logits.device)
+    write("1")
+    assert is_sglang(step())  # read at that step's end ...
+    assert is_policy(step()) and bool(flag) and hook._STATE.switch.flag(logits.device) is flag  # ... in place
+    write("policy")
+    assert is_policy(step())  # same arm: nothing flips
+    write("0")
+    step()
+    assert is_sglang(step()) and not bool(flag) and hook._STATE.switch.flips == 2
+    assert hook._STATE.metrics.path_steps == {"ab_sglang": 3, "policy": 3}  # steps 1, 2, 6 / 3, 4, 5
+    sw.unlink()
+    assert is_sglang(step())  # no file: SGLang's routing
+    with pytest.raises(XShareConfigError, match="--xshare-ab-switch"):
+        XShareServerConfig(policy="off", ab_switch=str(sw)).validate()
+    with pytest.raises(XShareConfigError, match="--xshare-ab-switch"):
+        XShareServerConfig(policy="xshare", budget="8", ab_switch=str(tmp_path / "no" / "arm")).validate()
+    assert parse_xshare_argv(["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-ab-switch",
+                              str(sw)]).ab_switch == str(sw)
+
+
 def test_fused_shared_expert_columns_untouched(sg, installed):
     from sglang.srt.configs.shared_experts import SharedExpertsConfig
     from sglang.srt.runtime_context import get_model

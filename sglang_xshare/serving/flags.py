@@ -90,6 +90,9 @@ class XShareServerConfig:
         metrics_interval: decode steps between two metric flushes.
         record_trace: path of a trace file (``.npz``) to write router logits to, or ``None``.
         record_trace_steps: decode steps to record before the trace is written.
+        ab_switch: in-server A/B measurement (:mod:`.abswitch`): a file whose content picks, at run
+            time, whether the experts get the policy's routing (``1``) or SGLang's (``0``); both are
+            computed in every layer the policy applies to. ``None``: off.
     """
 
     policy: str = "off"
@@ -112,6 +115,7 @@ class XShareServerConfig:
     metrics_interval: int = 200
     record_trace: str | None = None
     record_trace_steps: int = 256
+    ab_switch: str | None = None
 
     # ---- derived ------------------------------------------------------------------------
     @property
@@ -197,6 +201,13 @@ class XShareServerConfig:
                 raise XShareConfigError("--xshare-record-trace", f"directory {str(parent)!r} does not exist")
             if not os.access(parent, os.W_OK):
                 raise XShareConfigError("--xshare-record-trace", f"directory {str(parent)!r} is not writable")
+        if self.ab_switch is not None:
+            if self.policy in ("off", "topk"):
+                raise XShareConfigError("--xshare-ab-switch", f"compares a policy with SGLang's routing; policy "
+                                        f"{self.policy} routes like SGLang")
+            parent = Path(self.ab_switch).expanduser().resolve().parent
+            if not parent.is_dir():
+                raise XShareConfigError("--xshare-ab-switch", f"directory {str(parent)!r} does not exist")
         # Flags that mean nothing for the chosen policy are an error, not silently ignored.
         budgeted = self.policy in ("xshare", "xshare_ep", "xshare_spec")
         if self.policy == "off":
@@ -313,6 +324,12 @@ def add_xshare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Record router logits of decode batches to PATH (sglang_xshare.trace .npz format).")
     g.add_argument("--xshare-record-trace-steps", type=int, default=d.record_trace_steps,
                    help="Decode steps to record before the trace file is written.")
+    g.add_argument("--xshare-ab-switch", type=str, default=None, metavar="PATH",
+                   help="Measurement mode: every MoE layer the policy applies to computes both SGLang's routing "
+                        "and the policy's, and the file PATH picks at run time which one the experts get ('1' = "
+                        "the policy, anything else or no file = SGLang's; read at decode-step ends). Both arms "
+                        "run the same kernels, so alternating them inside one server measures the expert cut "
+                        "alone (bench/serve.py --ab).")
     return parser
 
 
@@ -338,6 +355,7 @@ def _config_from_namespace(ns: argparse.Namespace) -> XShareServerConfig:
         metrics_interval=ns.xshare_metrics_interval,
         record_trace=ns.xshare_record_trace,
         record_trace_steps=ns.xshare_record_trace_steps,
+        ab_switch=ns.xshare_ab_switch,
     )
 
 

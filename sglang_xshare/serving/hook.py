@@ -162,6 +162,11 @@ class _State:
         self.force_path = os.environ.get(FORCE_PATH_ENV) or None
         self.metrics = None
         self.recorder = None
+        self.switch = None
+        if cfg.ab_switch is not None:
+            from .abswitch import ABSwitch
+
+            self.switch = ABSwitch(cfg.ab_switch)
         if cfg.metrics:
             from .metrics import LiveMetrics, _rank
 
@@ -204,7 +209,11 @@ class _State:
             n = info.num_real_tokens
             if self.min_tokens is not None and n is not None:
                 path = "policy" if n >= self.min_tokens else "sglang"
+                if path == "policy" and self.switch is not None and not self.switch.on:
+                    path = "ab_sglang"  # the A/B switch gave this step SGLang's routing
             self.metrics.on_step_end(path)
+        if self.switch is not None:
+            self.switch.poll()  # the next step (and graph replay) reads the new arm
         if self.recorder is not None:
             self.recorder.on_step_end(info)
 
@@ -311,17 +320,30 @@ def _make_select_experts_wrapper(orig: Callable) -> Callable:
                             expert_location_dispatch_info=expert_location_dispatch_info, **extra)
             finally:
                 st.dynamic_bias_call = st.in_select = False
+        base = None
+        if st.switch is not None and not lp.is_draft:  # A/B measurement: SGLang's routing too, same kernels in both arms
+            st.in_select = True  # SGLang's post-processing seam passes SGLang's routing through
+            try:
+                base = orig(hidden_states, router_logits, topk_config, layer_id=layer_id,
+                            num_token_non_padded=num_token_non_padded,
+                            expert_location_dispatch_info=expert_location_dispatch_info, **extra)
+            finally:
+                st.in_select = False
         if path == "fast":
             out = lp.selector(router_logits, layer_id=lp.layer_id, num_token_non_padded=num_token_non_padded,
                               request_group=_request_group(), output=_fast_spec(lp, expert_location_dispatch_info),
                               stats_reduce=lp.stats_reduce)
             ids, weights = out.topk_ids, out.topk_weights
+            if base is not None:
+                ids, weights = st.switch.choose(ids, weights, base.topk_ids, base.topk_weights)
             topk_mod.capture_routed_experts_if_allowed(topk_config, layer_id, ids)
             topk_mod.get_global_expert_distribution_recorder().on_select_experts(topk_ids=ids)
             return topk_mod.StandardTopKOutput(weights, ids, router_logits)
         post = getattr(topk_mod._post_process_topk_ids, "__wrapped__", topk_mod._post_process_topk_ids)
         ids, weights, rec = _general(st, lp, post, None, None, topk_config, router_logits, layer_id,
                                      num_token_non_padded, expert_location_dispatch_info)
+        if base is not None:
+            ids, weights = st.switch.choose(ids, weights, base.topk_ids, base.topk_weights)
         if rec is not None:
             topk_mod.get_global_expert_distribution_recorder().on_select_experts(topk_ids=rec)
         return topk_mod.StandardTopKOutput(weights, ids, router_logits)
