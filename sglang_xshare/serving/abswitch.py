@@ -11,8 +11,11 @@ kernel costs beside SGLang's top-k is measured separately, ``bench/hook_overhead
 The flag follows the file ``PATH``: ``1`` / ``on`` / ``policy`` -> the policy's routing, anything
 else or no file -> SGLang's. It is read at decode-step ends (outside CUDA graphs) whenever the
 file's modification time changes, and written to the device flag with ``fill_`` on the current
-stream, so the next step's graph replay reads it. A measurement mode: it costs SGLang's top-k
-plus two ``where`` kernels per MoE layer in both arms.
+stream, so the next step's graph replay reads it. Each process (TP / EP rank) polls on its own,
+so for one step around a flip the ranks may route by different arms: switch between measured runs
+(``bench/serve.py --ab`` flips, then sends two short requests, then measures). A measurement mode:
+it costs SGLang's top-k plus two ``where`` kernels per MoE layer in both arms, and SGLang's expert
+distribution recorder sees both routings.
 """
 
 from __future__ import annotations
