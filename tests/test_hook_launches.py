@@ -34,6 +34,7 @@ CASES = {
     "oea": dict(policy="oea", warmup_k0=2),
     "cap": dict(policy="cap", cap=2),
     "xshare+metrics": dict(policy="xshare", budget="0.5", metrics=True),
+    "xshare+ab": dict(policy="xshare", budget="0.5"),  # with --xshare-ab-switch (a file set to the policy)
 }
 
 
@@ -84,16 +85,24 @@ def _child(names: list[str]) -> None:
                 tk.forward_native(x, lg, num_token_non_padded=nv)
         return mode.ops, launches[0]
 
+    import tempfile
+
     for name in names:
         try:
             hook.uninstall()
             plain_one, plain_launch = routed(topk.TopK(top_k=4, layer_id=3), 1, 1)
-            hook.install(XShareServerConfig(empty_slots="minus_one", **CASES[name]))
+            plain8, _ = routed(topk.TopK(top_k=4, layer_id=3), 8, 6)
+            kw = dict(CASES[name])
+            if name.endswith("+ab"):
+                arm = Path(tempfile.mkdtemp()) / "arm"
+                arm.write_text("1")
+                kw["ab_switch"] = str(arm)
+            hook.install(XShareServerConfig(empty_slots="minus_one", **kw))
             tk = topk.TopK(top_k=4, layer_id=3)
             ops, n = routed(tk, 8, 6)
             one, n_one = routed(tk, 1, 1)
             print("RESULT " + json.dumps(dict(name=name, ops=ops, launches=n, one=one, one_launches=n_one,
-                                              plain_one=plain_one, plain_launch=plain_launch,
+                                              plain_one=plain_one, plain_launch=plain_launch, plain8=plain8,
                                               paths=next(iter(hook._STATE.layers.values())).paths)), flush=True)
         except Exception as e:  # report, do not stop the others
             print("RESULT " + json.dumps(dict(name=name, error=repr(e))), flush=True)
@@ -106,7 +115,7 @@ def counted():
     return run_cases(__file__, list(CASES), {"TRITON_INTERPRET": "1", "SGLANG_XSHARE_SELECT_BACKEND": "kernel"})
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [n for n in CASES if not n.endswith("+ab")])
 def test_fast_path_is_one_launch_and_no_torch_compute(counted, name):
     r = counted[name]
     assert "error" not in r, r.get("error")
@@ -114,6 +123,21 @@ def test_fast_path_is_one_launch_and_no_torch_compute(counted, name):
     assert r["launches"] == 1, r["ops"]
     compute = [op for op in r["ops"] if op not in NO_KERNEL]
     assert compute == [], compute
+
+
+def test_ab_switch_fast_path_is_sglangs_ops_plus_the_kernel_plus_two_wheres(counted):
+    """``--xshare-ab-switch`` (a measurement mode): both arms pay SGLang's own routing ops, the one
+    selection launch and two ``where``; nothing else."""
+    r = counted["xshare+ab"]
+    assert "error" not in r, r.get("error")
+    assert r["paths"] == {"8": "fast", "1": "sglang"} and r["launches"] == 1
+    compute = [op for op in r["ops"] if op not in NO_KERNEL]
+    sglang = [op for op in r["plain8"] if op not in NO_KERNEL]
+    assert compute[:len(sglang)] == sglang, compute
+    rest = compute[len(sglang):]
+    # SGLang's native path returns int64 ids (its CUDA path int32, like ours): at most a dtype cast each
+    assert [op for op in rest if op != "aten._to_copy.default"] == ["aten.where.self"] * 2, rest
+    assert rest.count("aten._to_copy.default") <= 2, rest
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if n != "cap"])
