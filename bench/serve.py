@@ -101,12 +101,11 @@ def flush_metrics(base_url: str, settle: float) -> None:
     """xshare's live metrics are read at decode-step ends, asynchronously (the copy started at one
     read is taken at the next, >= 1 s later): two tiny one-request generations ``settle`` seconds
     apart make the counts of the run just finished reach ``/metrics``."""
-    import json as _json
     import urllib.request
 
     for _ in range(2):
         time.sleep(settle)
-        body = _json.dumps({"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}})
+        body = json.dumps({"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}})
         req = urllib.request.Request(base_url + "/generate", data=body.encode(), headers={"Content-Type": "application/json"})
         try:
             urllib.request.urlopen(req, timeout=60).read()
@@ -229,10 +228,10 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
     rows = []
     for (cfg, c), by_start in groups.items():
         runs = [r for s in sorted(by_start) for r in by_start[s]]
-        pairs = ab.get((cfg, c), [])
-        ab_tpot = [sg["median_tpot_ms"] / po["median_tpot_ms"] for po, sg in pairs
+        ab_pairs = ab.get((cfg, c), [])
+        ab_tpot = [sg["median_tpot_ms"] / po["median_tpot_ms"] for po, sg in ab_pairs
                    if po.get("median_tpot_ms") and sg.get("median_tpot_ms")]
-        ab_tok = [po["output_throughput"] / sg["output_throughput"] for po, sg in pairs
+        ab_tok = [po["output_throughput"] / sg["output_throughput"] for po, sg in ab_pairs
                   if po.get("output_throughput") and sg.get("output_throughput")]
         tp = [r["output_throughput"] for r in runs if r.get("output_throughput")]
         x = [r.get("xshare", {}) for r in runs]
@@ -255,7 +254,7 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
             "barrier_faults": sum(v.get("barrier_faults", 0) for v in x),
             "ab_tpot_speedups": ab_tpot, "ab_tpot_speedup": _med(ab_tpot),
             "ab_tok_ratios": ab_tok, "ab_tok_ratio": _med(ab_tok),
-            "ab_sglang_tpot_ms": _med([sg.get("median_tpot_ms") for _, sg in pairs]),
+            "ab_sglang_tpot_ms": _med([sg.get("median_tpot_ms") for _, sg in ab_pairs]),
         })
     order = {c: i for i, c in enumerate(dict.fromkeys(rec["config"] for rec in records))}
     rows.sort(key=lambda r: (order[r["config"]], r["concurrency"]))
@@ -353,6 +352,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _write(out_dir: Path, name: str, rows: list[dict], table: str, notes: list[str], title: str, meta: dict,
+           **payload) -> None:
+    """``<out_dir>/<name>.{json,md}`` (notes, table, plot link) and the plot when anything was measured."""
+    md = "\n".join(notes) + "\n\n" + table + f"\n\n![{name}]({name}.png)\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_results(out_dir, name, {"title": title, "rows": rows, **payload}, md, meta)
+    if any(r["tok_s"] for r in rows):
+        plot(rows, out_dir / f"{name}.png", title)
+
+
 def report(records: list[dict], skipped: list[tuple[str, int, str]], args: argparse.Namespace, extra: list[str],
            meta: dict) -> str:
     """Write ``<out>/<name>.{json,md,png}`` from the records so far; returns the Markdown table."""
@@ -378,12 +387,7 @@ def report(records: list[dict], skipped: list[tuple[str, int, str]], args: argpa
                      + (f"; GPU before: {'; '.join(rec['gpu_before'])}" if rec.get("gpu_before") else ""))
     for label, start, why in skipped:
         notes.append(f"- `{label}` #{start}: not run ({why})")
-    md = "\n".join(notes) + "\n\n" + table + f"\n\n![{args.name}]({args.name}.png)\n"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_results(out_dir, args.name, {"title": title, "rows": rows, "records": records,
-                                       "not_run": [list(x) for x in skipped]}, md, meta)
-    if any(r["tok_s"] for r in rows):
-        plot(rows, out_dir / f"{args.name}.png", title)
+    _write(out_dir, args.name, rows, table, notes, title, meta, records=records, not_run=[list(x) for x in skipped])
     return table
 
 
@@ -408,12 +412,8 @@ def merge_results(files: list[Path], out_dir: Path, name: str) -> str:
             records.append(dict(r, start=offset + r.get("start", 0), source=f.name))
         offset += max(starts) + 1
     rows, table = summarize(records)
-    md = "\n".join(notes) + "\n\n" + table + f"\n\n![{name}]({name}.png)\n"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_results(out_dir, name, {"title": title, "rows": rows, "records": records,
-                                  "merged_from": [str(f) for f in files]}, md, run_metadata())
-    if any(r["tok_s"] for r in rows):
-        plot(rows, out_dir / f"{name}.png", f"{title} (merged runs)")
+    _write(out_dir, name, rows, table, notes, f"{title} (merged runs)", run_metadata(), records=records,
+           merged_from=[str(f) for f in files])
     return table
 
 
