@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from sglang_xshare.benchio import markdown_table, run_metadata, write_results  # noqa: E402
 from sglang_xshare.servebench.client import (bench_serving_argv, counter_delta, run_bench_serving,  # noqa: E402
-                                             scrape, xshare_counters)
+                                             scrape, sglang_counters, spec_accept_length, xshare_counters)
 from sglang_xshare.servebench.configs import ServeConfig, parse_configs  # noqa: E402
 from sglang_xshare.servebench.models import PRESETS, write_model  # noqa: E402
 from sglang_xshare.servebench.server import Server, ServerDied  # noqa: E402
@@ -97,20 +97,25 @@ def server_command(cfg: ServeConfig, model: str, port: int, args: argparse.Names
     return [py, "-m", "sglang_xshare.launch_server", *par, *sg, *xs]
 
 
+def poke(base_url: str) -> None:
+    """One tiny generation (a few decode steps: every rank passes its step ends)."""
+    import urllib.request
+
+    body = json.dumps({"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}})
+    req = urllib.request.Request(base_url + "/generate", data=body.encode(), headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(req, timeout=60).read()
+    except OSError:
+        pass
+
+
 def flush_metrics(base_url: str, settle: float) -> None:
     """xshare's live metrics are read at decode-step ends, asynchronously (the copy started at one
     read is taken at the next, >= 1 s later): two tiny one-request generations ``settle`` seconds
     apart make the counts of the run just finished reach ``/metrics``."""
-    import urllib.request
-
     for _ in range(2):
         time.sleep(settle)
-        body = json.dumps({"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}})
-        req = urllib.request.Request(base_url + "/generate", data=body.encode(), headers={"Content-Type": "application/json"})
-        try:
-            urllib.request.urlopen(req, timeout=60).read()
-        except OSError:
-            pass
+        poke(base_url)
     time.sleep(0.5)
 
 
@@ -169,8 +174,9 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
                 for arm in arms:
                     if switch is not None:
                         switch.write_text("1" if arm == "policy" else "0")
-                        flush_metrics(server.base_url, args.settle)  # step ends: the server reads the arm
-                    before = xshare_counters(scrape(server.base_url))
+                        poke(server.base_url)  # the switch file is read at every step end
+                    text = scrape(server.base_url)
+                    before, sg_before = xshare_counters(text), sglang_counters(text)
                     argv = bench_serving_argv(server.base_url, tok, concurrency=c,
                                               num_prompts=max(args.min_prompts, args.waves * c),
                                               input_len=args.input_len, output_len=args.output_len,
@@ -178,8 +184,11 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
                                               output_file=str(out_dir / f"{args.name}_{safe}_s{start}_c{c}.jsonl"))
                     res = run_bench_serving(argv)
                     flush_metrics(server.base_url, args.settle)
-                    after = xshare_counters(scrape(server.base_url))
+                    text = scrape(server.base_url)
+                    after = xshare_counters(text)
                     d = counter_delta(before, after)
+                    # this run's accept length (speculative servers), from SGLang's counters
+                    res["spec_accept_length"] = spec_accept_length(sg_before, sglang_counters(text))
                     res["xshare"] = per_call(d.get("0", next(iter(d.values()), {})))
                     res["arm"] = arm
                     (runs if arm == "policy" else ab_runs).append(res)
@@ -246,7 +255,8 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
             "tpot_p99_ms": _med([r.get("p99_tpot_ms") for r in runs]),
             "itl_med_ms": _med([r.get("median_itl_ms") for r in runs]),
             "itl_p99_ms": _med([r.get("p99_itl_ms") for r in runs]),
-            "accept_length": _med([r.get("accept_length") for r in runs]),
+            "accept_length": _med([r.get("spec_accept_length") for r in runs]),
+            "ab_sglang_accept_length": _med([sg.get("spec_accept_length") for _, sg in ab_pairs]),
             "experts": _med([v.get("distinct") for v in x]), "topk_experts": _med([v.get("topk_distinct") for v in x]),
             "peak": _med([v.get("peak") for v in x]), "topk_peak": _med([v.get("topk_peak") for v in x]),
             "tokens_per_call": _med([v.get("valid_tokens") for v in x]),
@@ -303,10 +313,21 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
         return (f"{f(r['ab_tpot_speedup'], 3)} [{min(p):.3f}-{max(p):.3f}], {f(r['ab_tok_ratio'], 3)} "
                 f"({len(p)} pairs)")
 
+    spec = any(r.get("accept_length") is not None for r in rows)
+    if spec:  # speculative servers: each run's accept length (the SGLang arm's beside it under --ab)
+        head.insert(9, "accept length (A/B: SGLang arm)")
+
+    def accept_cell(r):
+        a, b = r.get("accept_length"), r.get("ab_sglang_accept_length")
+        return f(a, 2) + ("" if b is None else f" ({f(b, 2)})")
+
     table = [[r["config"], r["concurrency"], f(r["tok_s"], 0), " / ".join(f(v, 0) for v in r["tok_s_per_start"].values()),
               f(r["ratio_vs_off"], 3), paired_cell(r), f"{f(r['tpot_med_ms'], 2)} / {f(r['tpot_p99_ms'], 2)}",
               tpot_cell(r), ab_cell(r), f"{f(r['itl_med_ms'], 2)} / {f(r['itl_p99_ms'], 2)}", f(r["experts"]), f(r["topk_experts"]),
               f(r["peak"]), f(r["topk_peak"])] for r in rows]
+    if spec:
+        for r, line in zip(rows, table):
+            line.insert(9, accept_cell(r))
     return rows, markdown_table(head, table)
 
 
@@ -334,15 +355,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         color = f"C{i % 10}"  # one colour per configuration in every panel
         a.plot([r["concurrency"] for r in rs], [r["tok_s"] for r in rs], marker="o", label=cfg, color=color)
         ratio_line(b, rs, "paired_ratio", "paired_ratios", "ratio_vs_off", cfg, color)
-        if cfg != "off":
+        if cfg != "off" and any(r["tpot_speedup"] for r in rs):
             ratio_line(c, rs, "tpot_paired_speedup", "tpot_paired_speedups", "tpot_speedup", cfg, color)
+        elif any(r["ab_tpot_speedup"] for r in rs):  # --ab: against its own server's SGLang arm (bars: pairs)
+            ratio_line(c, rs, "ab_tpot_speedup", "ab_tpot_speedups", "ab_tpot_speedup", cfg + " (in-server A/B)", color)
     for ax in (a, b, c):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency")
         ax.grid(alpha=0.3)
     a.set_ylabel("output tokens / s (median)")
     b.set_ylabel("throughput / off (paired; bars: rounds)")
-    c.set_ylabel("TPOT speed-up vs off (paired; bars: rounds)")
+    c.set_ylabel("TPOT speed-up vs off / vs SGLang arm (A/B)")
     for ax in (b, c):
         ax.axhline(1.0, color="k", lw=0.8)
     a.legend(fontsize=8)

@@ -61,7 +61,7 @@ def start(cfg, args, port: int, log: Path, extra: list[str], gpus: str | None = 
     """The server of one configuration (on ``gpus``, a ``CUDA_VISIBLE_DEVICES`` list, when given)."""
     sg = ["--model-path", str(MODEL), "--host", "127.0.0.1", "--port", str(port), "--tp-size", str(args.tp),
           "--chunked-prefill-size", str(args.batch * 129), "--max-prefill-tokens", str(args.batch * 129),
-          "--mem-fraction-static", "0.5", "--cuda-graph-max-bs-decode", str(args.prompts), *BASE, *extra]
+          "--mem-fraction-static", str(args.mem_fraction), "--cuda-graph-max-bs-decode", str(args.prompts), *BASE, *extra]
     if args.ep > 1:
         sg += ["--ep-size", str(args.ep)]
     py = sys.executable
@@ -73,13 +73,22 @@ def start(cfg, args, port: int, log: Path, extra: list[str], gpus: str | None = 
     return Server(cmd, port, log, env=env)
 
 
+def gpu_slot(i: int, parallel: int, tp: int, gpus: int) -> str | None:
+    """``CUDA_VISIBLE_DEVICES`` of the ``i``-th server when ``parallel`` run at once on ``gpus`` GPUs:
+    the servers take the ``gpus // tp`` groups of ``tp`` GPUs in turn, so with more servers than groups
+    several share a group (each then needs a smaller ``--mem-fraction``); ``None`` for one at a time."""
+    if parallel <= 1:
+        return None
+    groups = max(1, gpus // tp)
+    slot = i % groups
+    return ",".join(str(slot * tp + j) for j in range(tp))
+
+
 def run_server(i: int, cfg, args, extra: list[str], prompts: list[list[int]], windows: np.ndarray, work: Path) -> dict:
     """One configuration's server: greedy ids, EOS behaviour, teacher-forced CE per window."""
-    gpus = None
-    if args.parallel > 1:
-        slot = i % args.parallel
-        gpus = ",".join(str(slot * args.tp + j) for j in range(args.tp))
-    srv = start(cfg, args, args.port + i, work / f"{args.name}_{i}.log", extra, gpus)
+    gpus = gpu_slot(i, args.parallel, args.tp, args.gpus)
+    # SGLang derives several ports (dist init, ZMQ) from --port: keep the servers' ranges apart
+    srv = start(cfg, args, args.port + 50 * i, work / f"{args.name}_{i}.log", extra, gpus)
     r: dict = {"config": cfg.label, "gpus": gpus}
     try:
         srv.start()
@@ -124,8 +133,15 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/xshare-correctness")
     ap.add_argument("--no-harness", action="store_true")
     ap.add_argument("--parallel", type=int, default=1,
-                    help="servers at once, each on its own --tp GPUs (CUDA_VISIBLE_DEVICES); needs parallel x tp GPUs")
+                    help="servers at once (CUDA_VISIBLE_DEVICES): each on its own --tp GPUs while groups last, "
+                         "then sharing them (lower --mem-fraction then)")
+    ap.add_argument("--gpus", type=int, default=None, help="GPUs for --parallel (default: all visible)")
+    ap.add_argument("--mem-fraction", type=float, default=0.5, help="--mem-fraction-static of every server")
     args, extra = ap.parse_known_args()
+    if args.gpus is None:
+        import torch
+
+        args.gpus = torch.cuda.device_count() or args.parallel * args.tp
     extra = [a for a in extra if a != "--"]
     configs = parse_configs(args.configs)
     ev = np.load(MODEL / "eval_tokens.npy").astype(np.int64)  # [3, 256, 129]

@@ -91,6 +91,20 @@ def _serve_module():
     return mod
 
 
+def test_correctness_servers_side_by_side_take_gpu_groups_in_turn():
+    """``serve_correctness.py --parallel``: servers on their own GPU groups while there are enough,
+    then sharing them (TP 2 servers on a 2-GPU host all get both GPUs)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serve_correctness", ROOT / "bench" / "serve_correctness.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert [mod.gpu_slot(i, 2, 1, 2) for i in range(4)] == ["0", "1", "0", "1"]
+    assert [mod.gpu_slot(i, 3, 2, 2) for i in range(3)] == ["0,1"] * 3
+    assert [mod.gpu_slot(i, 4, 2, 8) for i in range(5)] == ["0,1", "2,3", "4,5", "6,7", "0,1"]
+    assert mod.gpu_slot(3, 1, 2, 8) is None
+
+
 def _fake_tok_s(label: str, start: int, c: int) -> float:
     # a server-to-server shift (start 1 is 2x start 0) that the paired ratio must cancel
     base = {"off": 100.0, "xshare@0.7": 120.0, "oea+k0=4": 90.0}[label] * (1 + start) * c
@@ -192,6 +206,47 @@ def test_merged_runs_keep_each_ratio_paired_with_its_own_off(tmp_path):
     assert x["tok_s_per_start"] == {"0": 110.0, "1": 360.0, "2": 250.0}
     md = (tmp_path / "out" / "m.md").read_text()
     assert "`a.json`: rounds 0..0" in md and "`b.json`: rounds 1..2" in md and "git `bbb`" in md
+
+
+def test_spec_accept_length_per_run_from_sglangs_own_counters():
+    """A run's accept length comes from SGLang's request counters (its real ``TokenizerMetricsCollector``
+    exporting to the Prometheus registry): tokens / verify forwards of the requests finished between
+    two scrapes, summed over label sets, and ``None`` without speculation; the summary shows it per
+    arm."""
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import REGISTRY, generate_latest
+    from sglang.srt.observability.metrics_collector import TokenizerMetricsCollector
+    from sglang.srt.runtime_context import SpawnRanks, publish, reset_context
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_xshare.servebench.client import sglang_counters, spec_accept_length
+
+    reset_context()
+    publish(ServerArgs(model_path="dummy", device="cpu"), role="test", ranks=SpawnRanks(world_rank=0, dp_rank=None))
+    try:
+        labels = {"model_name": "xshare-accept-test"}
+        m = TokenizerMetricsCollector(labels=labels)
+        scrape = lambda: sglang_counters(generate_latest(REGISTRY).decode())  # noqa: E731
+        m.observe_one_finished_request(labels, 5, 7, 0, 0.1, False, spec_verify_ct=3)  # before the run
+        b = scrape()
+        m.observe_one_finished_request(labels, 10, 40, 0, 1.0, False, spec_verify_ct=10)
+        m.observe_one_finished_request(labels, 10, 30, 0, 1.0, False, spec_verify_ct=20, is_streaming=True)
+        a = scrape()
+        assert spec_accept_length(b, a) == pytest.approx(70 / 30)
+        m.observe_one_finished_request(labels, 10, 30, 0, 1.0, False)  # no speculation: no verify count
+        assert spec_accept_length(a, scrape()) is None
+    finally:
+        reset_context()
+
+    serve = _serve_module()
+    run = lambda tpot, acc: {"median_tpot_ms": tpot, "output_throughput": 100.0, "spec_accept_length": acc}  # noqa: E731
+    lvl = {"concurrency": 8, "runs": [run(4.0, 2.5), run(4.0, 2.7)], "ab_sglang_runs": [run(4.4, 3.0), run(4.4, 3.2)]}
+    rows, table = serve.summarize([{"config": "xshare_spec@0.7", "start": 0, "levels": [lvl]}])
+    assert rows[0]["accept_length"] == pytest.approx(2.6) and rows[0]["ab_sglang_accept_length"] == pytest.approx(3.1)
+    assert "accept length" in table and "2.60 (3.10)" in table
+    _, plain_table = serve.summarize([{"config": "xshare@0.7", "start": 0, "levels": [
+        {"concurrency": 8, "runs": [{"median_tpot_ms": 4.0, "output_throughput": 1.0}]}]}])
+    assert "accept length" not in plain_table
 
 
 # ---- metrics: exported by the hook's LiveMetrics, read back by the bench -------------------

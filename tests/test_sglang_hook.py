@@ -11,6 +11,7 @@ import multiprocessing as mp
 import textwrap
 
 import pytest
+from types import SimpleNamespace
 import torch
 
 pytest.importorskip("sglang")
@@ -454,6 +455,59 @@ def test_single_token_batches_step_aside(sg, installed):
     with hook.batch_scope(hook.BatchInfo("decode", batch_size=1)):
         forced = _topk(sg).forward_native(x, logits.clone())
     assert (forced.topk_ids == -1).any()
+
+
+class _OtherRankOfEPGroup:
+    """The collective of SGLang's MoE EP group seen from rank 0 of two (a real group needs two
+    processes and a GPU; the all-reduce through SGLang's GroupCoordinator runs in the GPU servers):
+    ``all_reduce`` sums this rank's tensor with the peer's, and records what each call sent."""
+
+    world_size = 2
+
+    def __init__(self):
+        self.sent: list[torch.Tensor] = []
+        self.peer: torch.Tensor | None = None
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        self.sent.append(t.clone())
+        return t if self.peer is None else t + self.peer
+
+
+@pytest.mark.parametrize("policy", ["xshare", "oea", "xshare_ep"])
+def test_ep_global_selects_from_every_ranks_tokens(sg, installed, monkeypatch, policy):
+    """``--xshare-ep-global`` when SGLang scatters the MoE input over the EP ranks (DP attention,
+    DeepEP): this rank's routing is the single-process selection over *both* ranks' tokens (rows of
+    this rank), every call joins the collective -- also one that does not select (a prefill batch),
+    with zeros of exactly the shape and dtype a selecting call sends, else the two ranks' collectives
+    would not match -- and one-token batches select too (the path must not depend on the local size)."""
+    import sglang.srt.layers.moe.utils as moe_utils
+    import sglang.srt.runtime_context as rc
+
+    grp = _OtherRankOfEPGroup()
+    monkeypatch.setattr(moe_utils, "is_moe_input_scattered_across_dp_ranks", lambda: True)
+    monkeypatch.setattr(rc, "get_parallel", lambda: SimpleNamespace(moe_ep_group=grp))
+    kw = dict(budget="0.5") if policy != "oea" else dict(warmup_k0=1)
+    cfg = installed(policy=policy, empty_slots="minus_one", ep_global=True, **kw)
+    tk = _topk(sg)
+    mine, theirs = _logits(41, n=T // 2), _logits(42, n=T // 2)
+    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T // 2)):
+        tk.forward_native(torch.randn(T // 2, HIDDEN), theirs.clone())  # the peer's statistics
+        grp.peer = grp.sent[-1]
+        out = tk.forward_native(torch.randn(T // 2, HIDDEN), mine.clone())
+    ref = _selector(cfg)(torch.cat([mine, theirs]), layer_id=3)
+    assert torch.equal(out.topk_ids.to(torch.int32), ref.topk_ids[: T // 2])
+    torch.testing.assert_close(out.topk_weights, ref.topk_weights[: T // 2], rtol=0, atol=0)
+    local = _selector(cfg)(mine.clone(), layer_id=3)
+    assert not torch.equal(local.topk_ids, ref.topk_ids[: T // 2])  # the peer's tokens changed the choice
+    grp.peer = None
+    with hook.batch_scope(hook.BatchInfo("prefill", batch_size=T)):
+        tk.forward_native(torch.randn(T, HIDDEN), _logits(43).clone())  # SGLang's routing, still the collective
+    with hook.batch_scope(hook.BatchInfo("decode", batch_size=1)):
+        one = tk.forward_native(torch.randn(1, HIDDEN), _logits(44, n=1).clone())
+    assert len(grp.sent) == 4
+    assert {(t.dtype, tuple(t.shape)) for t in grp.sent} == {(grp.sent[0].dtype, tuple(grp.sent[0].shape))}
+    assert torch.count_nonzero(grp.sent[2]) == 0  # the idle call adds nothing
+    assert next(iter(hook._STATE.layers.values())).paths[1] == "fast" and (one.topk_ids >= 0).any()
 
 
 def test_ab_switch_gives_the_experts_the_arm_the_file_names(sg, installed, tmp_path):

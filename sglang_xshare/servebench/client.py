@@ -16,7 +16,13 @@ from typing import Any, Sequence
 from ..serving.metrics import parse_prometheus
 from .server import http_get
 
-__all__ = ["bench_serving_argv", "run_bench_serving", "scrape", "xshare_counters", "counter_delta", "RESULT_KEYS"]
+__all__ = ["bench_serving_argv", "run_bench_serving", "scrape", "xshare_counters", "sglang_counters", "counter_delta",
+           "spec_accept_length", "RESULT_KEYS"]
+
+#: SGLang's own counters (``/metrics`` with ``--enable-metrics``) a run keeps, summed over label sets:
+#: tokens generated, and speculative verify forwards per request (both counted when a request finishes).
+SGLANG_COUNTERS = {"sglang:generation_tokens_total": "generation_tokens",
+                   "sglang:spec_verify_calls_total": "spec_verify_calls"}
 
 #: What a level keeps of ``bench_serving``'s result.
 RESULT_KEYS = ("completed", "duration", "total_output_tokens", "output_throughput", "request_throughput",
@@ -106,6 +112,28 @@ def xshare_counters(text: str) -> dict[str, dict[str, float]]:
                 by_layer[layer] = max(v, by_layer.get(layer, 0.0))
             per[k[2:]] = float(sum(by_layer.values()))
     return out
+
+
+def sglang_counters(text: str) -> dict[str, float]:
+    """SGLang's request counters of a scrape (:data:`SGLANG_COUNTERS`), each summed over its label
+    sets (``is_streaming`` etc.); a counter the server does not export is absent."""
+    out: dict[str, float] = {}
+    for name, _labels, value in parse_prometheus(text, prefix="sglang:"):
+        field = SGLANG_COUNTERS.get(name)
+        if field is not None:
+            out[field] = out.get(field, 0.0) + value
+    return out
+
+
+def spec_accept_length(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Speculative accept length of the requests finished between two :func:`sglang_counters`
+    scrapes: generated tokens / verify forwards (SGLang's own definition, bonus token included);
+    ``None`` without speculative decoding. Unlike ``bench_serving``'s ``accept_length`` (the
+    server's average since start) this belongs to one run."""
+    verify = after.get("spec_verify_calls", 0.0) - before.get("spec_verify_calls", 0.0)
+    if verify <= 0:
+        return None
+    return (after.get("generation_tokens", 0.0) - before.get("generation_tokens", 0.0)) / verify
 
 
 def counter_delta(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
