@@ -84,14 +84,23 @@ def gpu_slot(i: int, parallel: int, tp: int, gpus: int) -> str | None:
     return ",".join(str(slot * tp + j) for j in range(tp))
 
 
-def run_server(i: int, cfg, args, extra: list[str], prompts: list[list[int]], windows: np.ndarray, work: Path) -> dict:
-    """One configuration's server: greedy ids, EOS behaviour, teacher-forced CE per window."""
+def run_server(i: int, cfg, args, extra: list[str], prompts: list[list[int]], windows: np.ndarray, work: Path,
+               stagger: dict | None = None) -> dict:
+    """One configuration's server: greedy ids, EOS behaviour, teacher-forced CE per window.
+    ``stagger``: ``{i: threading.Event}`` of servers sharing GPUs -- server ``i`` starts once the
+    previous one on its GPUs has allocated its memory pool."""
     gpus = gpu_slot(i, args.parallel, args.tp, args.gpus)
     # SGLang derives several ports (dist init, ZMQ) from --port: keep the servers' ranges apart
     srv = start(cfg, args, args.port + 50 * i, work / f"{args.name}_{i}.log", extra, gpus)
     r: dict = {"config": cfg.label, "gpus": gpus}
+    prev = stagger.get(i - args.gpus // args.tp) if stagger else None
     try:
+        if prev is not None:  # the server before it on these GPUs has taken its memory (SGLang sizes its
+            prev.wait(900)    # KV pool from the free memory it measures at start)
         srv.start()
+        if stagger:
+            srv.wait_log("Memory pool end", count=args.tp, timeout=900)
+            stagger[i].set()
         r["startup_s"] = round(srv.wait_ready(900), 1)
         url = srv.base_url + "/generate"
         greedy = {"temperature": 0.0, "max_new_tokens": args.new_tokens, "ignore_eos": True}
@@ -110,6 +119,8 @@ def run_server(i: int, cfg, args, extra: list[str], prompts: list[list[int]], wi
         r["error"] = f"{type(e).__name__}: {e}\n{srv.tail()}"[-3000:]
         print(f"[{cfg.label}] FAILED {r['error']}", flush=True)
     finally:
+        if stagger:
+            stagger[i].set()
         r["killed_at_stop"] = srv.stop(grace=8)
     print(f"[{cfg.label}] done: eos-first {r.get('first_token_eos')}, ce {statistics.mean(r['ce']) if 'ce' in r else '-'}",
           flush=True)
@@ -153,8 +164,12 @@ def main() -> int:
     if args.parallel > 1:  # servers side by side, each on its own GPUs
         from concurrent.futures import ThreadPoolExecutor
 
+        import threading
+
+        shared = args.parallel > max(1, args.gpus // args.tp)
+        stagger = {i: threading.Event() for i in range(len(configs))} if shared else None
         with ThreadPoolExecutor(args.parallel) as pool:
-            done = list(pool.map(lambda ic: run_server(ic[0], ic[1], args, extra, prompts, windows, work),
+            done = list(pool.map(lambda ic: run_server(ic[0], ic[1], args, extra, prompts, windows, work, stagger),
                                  enumerate(configs)))
     else:
         done = [run_server(i, cfg, args, extra, prompts, windows, work) for i, cfg in enumerate(configs)]

@@ -326,6 +326,25 @@ def test_server_that_dies_is_reported_with_its_log(tmp_path):
     assert marked_processes(srv.mark) == []
 
 
+def test_wait_log_sees_a_marker_per_rank_or_reports_the_death(tmp_path):
+    """``Server.wait_log`` (servers sharing GPUs start one after another's ``Memory pool end``): it
+    waits for the marker the given number of times, and returns False when the process dies first."""
+    script = tmp_path / "logger.py"
+    script.write_text("import os, sys, time\nfor r in range(2):\n    time.sleep(0.4); print(f'[TP{r}] Memory pool end. x', flush=True)\n"
+                      "time.sleep(0.3)\nif os.environ.get('FAKE_DIE'): sys.exit(3)\ntime.sleep(600)\n")
+    srv = Server([sys.executable, str(script)], _port(), tmp_path / "a.log")
+    srv.start()
+    t0 = time.monotonic()
+    assert srv.wait_log("Memory pool end", count=2, timeout=30) and time.monotonic() - t0 > 0.7
+    assert not srv.wait_log("Memory pool end", count=3, timeout=1.0)  # not there: the timeout
+    srv.stop(grace=2)
+    dead = Server([sys.executable, str(script)], _port(), tmp_path / "b.log", env={"FAKE_DIE": "1"})
+    dead.start()
+    t0 = time.monotonic()
+    assert not dead.wait_log("Memory pool end", count=3, timeout=60) and time.monotonic() - t0 < 30
+    dead.stop(grace=2)
+
+
 @pytest.mark.sglang
 def test_real_launcher_failure_is_reported_and_cleaned_up(tmp_path):
     """The real ``sglang_xshare.launch_server`` on this CPU machine cannot serve (no CUDA kernels):
