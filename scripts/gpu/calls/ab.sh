@@ -1,10 +1,11 @@
 # Issue 12, 2 x H200: the in-server A/B on Qwen3-30B-A3B's MoE shape (24 layers, dummy weights), TP 2 / EP 2.
 # Repeat the same call: --state continues where the previous call stopped.
+pkill -9 -f 'sglang|raylet|gcs_server' 2>/dev/null; sleep 1  # nothing left from an earlier call
 source scripts/gpu/env.sh || exit 1
 export PYTHONUNBUFFERED=1
-python3 bench/serve.py --preset qwen3-30b-a3b --layers 24 --tp 2 --ep 2 --ab \
-  --configs xshare@0.7,xshare_ep@0.7,oea+k0=4,cap+cap=6 --concurrency 1,8,16,32,64,128 --reps 2 \
-  --output-len 128 --max-bs 128 --graph-bs 1,2,4,8,16,32,64,128 --state /root/ab_state.json --time-budget ${BUDGET:-540} \
+timeout 540 python3 bench/serve.py --preset qwen3-30b-a3b --layers 24 --tp 2 --ep 2 --ab \
+  --configs ${CONFIGS:-xshare@0.7,xshare_ep@0.7,oea+k0=4,cap+cap=6} --concurrency 1,8,16,32,64,128 --reps 2 \
+  --output-len 128 --max-bs 128 --graph-bs 1,2,4,8,16,32,64,128 --state /root/ab_state.json --time-budget ${BUDGET:-500} \
   --name serve_qwen3_tp2ep2_ab --out $OUT --work /root/w -- --moe-runner-backend triton > $OUT/ab.log 2>&1
 echo "ab rc=$?"; grep -v "^\[20" $OUT/ab.log | tail -30
 tar czf $OUT/logs_ab.tgz -C /root/w --wildcards '*.log' 2>/dev/null; cp /root/ab_state.json $OUT/ 2>/dev/null

@@ -1,4 +1,5 @@
 # Issue 12, 2 x H200: the serving bench through sglang-xshare-ray (Ray head here, the TP 2 / EP 2 server as a Ray job).
+pkill -9 -f 'sglang|raylet|gcs_server' 2>/dev/null; sleep 1  # nothing left from an earlier call
 source scripts/gpu/env.sh || exit 1
 export PYTHONUNBUFFERED=1
 timeout 400 python3 bench/serve.py --model sglang_xshare/data/model --tp 2 --ep 2 --ray --configs off,xshare@0.7 \
