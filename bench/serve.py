@@ -142,8 +142,10 @@ def gpu_state() -> list[str]:
 
 
 def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: list[str], out_dir: Path,
-               start: int = 0) -> dict:
-    """Start ``cfg``'s server (its ``start``-th start), run every concurrency level, stop it; the record."""
+               start: int = 0, progress=None) -> dict:
+    """Start ``cfg``'s server (its ``start``-th start), run every concurrency level, stop it; the record.
+    ``progress(partial)`` gets the record so far after every level, marked incomplete (``error``), so
+    what was measured survives a run killed in the middle of a server."""
     port = free_port()
     safe = cfg.label.replace("@", "_").replace("+", "_").replace("=", "")
     switch = out_dir / f"{args.name}_{safe}_s{start}.arm" if (args.ab and cfg.selects) else None
@@ -200,6 +202,9 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
             if switch is not None:
                 lvl["ab_sglang_runs"] = ab_runs
             rec["levels"].append(lvl)
+            if progress is not None:
+                progress(dict(rec, error=f"incomplete: the run stopped after concurrency {c}",
+                              wall_s=round(time.time() - t0, 1)))
     except ServerDied as e:
         rec["error"] = str(e)[-4000:]
         print(f"[{cfg.label}] FAILED: {e}", flush=True)
@@ -265,6 +270,7 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
             "ab_tpot_speedups": ab_tpot, "ab_tpot_speedup": _med(ab_tpot),
             "ab_tok_ratios": ab_tok, "ab_tok_ratio": _med(ab_tok),
             "ab_sglang_tpot_ms": _med([sg.get("median_tpot_ms") for _, sg in ab_pairs]),
+            "ab_sglang_tok_s": _med([sg.get("output_throughput") for _, sg in ab_pairs]),
         })
     order = {c: i for i, c in enumerate(dict.fromkeys(rec["config"] for rec in records))}
     rows.sort(key=lambda r: (order[r["config"]], r["concurrency"]))
@@ -348,13 +354,21 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         hi = [max(r[pairs] or [v]) - v for v, r in zip(y, rr)]
         ax.errorbar([r["concurrency"] for r in rr], y, yerr=[lo, hi], marker="o", capsize=3, label=label, color=color)
 
+    ab_only = not any(r["config"] == "off" for r in rows) and any(r.get("ab_tpot_speedups") for r in rows)
     for i, cfg in enumerate(dict.fromkeys(r["config"] for r in rows)):
         rs = [r for r in rows if r["config"] == cfg and r["tok_s"]]
         if not rs:
             continue
         color = f"C{i % 10}"  # one colour per configuration in every panel
         a.plot([r["concurrency"] for r in rs], [r["tok_s"] for r in rs], marker="o", label=cfg, color=color)
-        ratio_line(b, rs, "paired_ratio", "paired_ratios", "ratio_vs_off", cfg, color)
+        sg = [r for r in rs if r.get("ab_sglang_tok_s")]
+        if sg:  # --ab: the same server's SGLang arm, dashed
+            a.plot([r["concurrency"] for r in sg], [r["ab_sglang_tok_s"] for r in sg], marker="x", ls="--",
+                   color=color, alpha=0.7, label=cfg + ": SGLang arm")
+        if ab_only:
+            ratio_line(b, rs, "ab_tok_ratio", "ab_tok_ratios", "ab_tok_ratio", cfg + " (in-server A/B)", color)
+        else:
+            ratio_line(b, rs, "paired_ratio", "paired_ratios", "ratio_vs_off", cfg, color)
         if cfg != "off" and any(r["tpot_speedup"] for r in rs):
             ratio_line(c, rs, "tpot_paired_speedup", "tpot_paired_speedups", "tpot_speedup", cfg, color)
         elif any(r["ab_tpot_speedup"] for r in rs):  # --ab: against its own server's SGLang arm (bars: pairs)
@@ -364,7 +378,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel("concurrency")
         ax.grid(alpha=0.3)
     a.set_ylabel("output tokens / s (median)")
-    b.set_ylabel("throughput / off (paired; bars: rounds)")
+    b.set_ylabel("tok/s / SGLang arm (A/B; bars: pairs)" if ab_only else "throughput / off (paired; bars: rounds)")
     c.set_ylabel("TPOT speed-up vs off / vs SGLang arm (A/B)")
     for ax in (b, c):
         ax.axhline(1.0, color="k", lw=0.8)
@@ -440,12 +454,24 @@ def merge_results(files: list[Path], out_dir: Path, name: str) -> str:
     return table
 
 
+def replot(path: Path) -> str:
+    """Summarise ``path``'s records again (rows in the JSON replaced) and redraw ``<same name>.png``;
+    the Markdown and the run's metadata stay as written. Returns the table."""
+    d = json.loads(path.read_text())
+    rows, table = summarize(d["records"])
+    d["rows"] = rows
+    path.write_text(json.dumps(d, indent=1))
+    plot(rows, path.with_suffix(".png"), d.get("title", path.stem))
+    return table
+
+
 def run_rounds(configs: list[ServeConfig], model: str, args: argparse.Namespace, extra: list[str], work: Path,
                t_start: float, on_record=None) -> tuple[list[dict], list[tuple[str, int, str]]]:
     """Every configuration ``args.starts`` times, round by round; returns the records (those of
     ``args.state`` first) and the ``(label, start, reason)`` of the servers not started.
-    ``on_record(records)`` runs after each server (the results so far are written then, so a run
-    killed at its time limit still leaves them)."""
+    ``on_record(records)`` runs after each server and after each concurrency level (the results so
+    far are written then, an unfinished server's record marked incomplete, so a run killed at its
+    time limit still leaves them; that server runs again when the run is resumed)."""
     state = Path(args.state) if args.state else None
     records: list[dict] = json.loads(state.read_text()) if state and state.exists() else []
     done = {(r["config"], r.get("start", 0)) for r in records if "error" not in r}
@@ -463,13 +489,18 @@ def run_rounds(configs: list[ServeConfig], model: str, args: argparse.Namespace,
                     skipped.append((cfg.label, start, f"time budget: {left:.0f} s left, a server took up to "
                                                       f"{max(walls):.0f} s"))
                     continue
-            records.append(run_config(cfg, model, args, extra, work, start))
-            if state:
-                state.parent.mkdir(parents=True, exist_ok=True)
-                state.write_text(json.dumps(records, indent=1))
-            if on_record is not None:
-                on_record(records)
+            records.append(run_config(cfg, model, args, extra, work, start,
+                                      progress=lambda partial: _save(records + [partial], state, on_record)))
+            _save(records, state, on_record)
     return records, skipped
+
+
+def _save(records: list[dict], state: Path | None, on_record) -> None:
+    if state:
+        state.parent.mkdir(parents=True, exist_ok=True)
+        state.write_text(json.dumps(records, indent=1))
+    if on_record is not None:
+        on_record(records)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -485,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--merge", nargs="+", metavar="JSON",
                      help="no server: join earlier result files, each file's starts as rounds of their own "
                           "(ratios paired within a file's round), and write --name")
+    src.add_argument("--replot", metavar="JSON",
+                     help="no server: summarise a result file's records again and redraw its PNG (rows updated)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers of --preset (default: the model's)")
     ap.add_argument("--configs", default="off,xshare@0.7,xshare_ep@0.7,oea+k0=4,cap+cap=6")
     ap.add_argument("--concurrency", default="1,8,16,32,64,128", type=lambda s: [int(x) for x in s.split(",")])
@@ -520,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.merge:
         print(merge_results([Path(f) for f in args.merge], Path(args.out), args.name))
+        return 0
+    if args.replot:
+        print(replot(Path(args.replot)))
         return 0
     t_start = time.monotonic()
     if args.starts < 1:

@@ -26,6 +26,7 @@ import json
 import math
 import statistics
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -62,6 +63,8 @@ def start(cfg, args, port: int, log: Path, extra: list[str], gpus: str | None = 
     sg = ["--model-path", str(MODEL), "--host", "127.0.0.1", "--port", str(port), "--tp-size", str(args.tp),
           "--chunked-prefill-size", str(args.batch * 129), "--max-prefill-tokens", str(args.batch * 129),
           "--mem-fraction-static", str(args.mem_fraction), "--cuda-graph-max-bs-decode", str(args.prompts), *BASE, *extra]
+    if args.kv_tokens:  # servers sharing GPUs: a fixed, small KV pool each (SGLang sizes it from free memory)
+        sg += ["--max-total-tokens", str(args.kv_tokens)]
     if args.ep > 1:
         sg += ["--ep-size", str(args.ep)]
     py = sys.executable
@@ -76,7 +79,7 @@ def start(cfg, args, port: int, log: Path, extra: list[str], gpus: str | None = 
 def gpu_slot(i: int, parallel: int, tp: int, gpus: int) -> str | None:
     """``CUDA_VISIBLE_DEVICES`` of the ``i``-th server when ``parallel`` run at once on ``gpus`` GPUs:
     the servers take the ``gpus // tp`` groups of ``tp`` GPUs in turn, so with more servers than groups
-    several share a group (each then needs a smaller ``--mem-fraction``); ``None`` for one at a time."""
+    several share a group (each then gets a capped KV pool, ``--kv-tokens``); ``None`` for one at a time."""
     if parallel <= 1:
         return None
     groups = max(1, gpus // tp)
@@ -84,23 +87,14 @@ def gpu_slot(i: int, parallel: int, tp: int, gpus: int) -> str | None:
     return ",".join(str(slot * tp + j) for j in range(tp))
 
 
-def run_server(i: int, cfg, args, extra: list[str], prompts: list[list[int]], windows: np.ndarray, work: Path,
-               stagger: dict | None = None) -> dict:
-    """One configuration's server: greedy ids, EOS behaviour, teacher-forced CE per window.
-    ``stagger``: ``{i: threading.Event}`` of servers sharing GPUs -- server ``i`` starts once the
-    previous one on its GPUs has allocated its memory pool."""
+def run_server(i: int, cfg, args, extra: list[str], prompts: list[list[int]], windows: np.ndarray, work: Path) -> dict:
+    """One configuration's server: greedy ids, EOS behaviour, teacher-forced CE per window."""
     gpus = gpu_slot(i, args.parallel, args.tp, args.gpus)
     # SGLang derives several ports (dist init, ZMQ) from --port: keep the servers' ranges apart
     srv = start(cfg, args, args.port + 50 * i, work / f"{args.name}_{i}.log", extra, gpus)
     r: dict = {"config": cfg.label, "gpus": gpus}
-    prev = stagger.get(i - args.gpus // args.tp) if stagger else None
     try:
-        if prev is not None:  # the server before it on these GPUs has taken its memory (SGLang sizes its
-            prev.wait(900)    # KV pool from the free memory it measures at start)
         srv.start()
-        if stagger:
-            srv.wait_log("Memory pool end", count=args.tp, timeout=900)
-            stagger[i].set()
         r["startup_s"] = round(srv.wait_ready(900), 1)
         url = srv.base_url + "/generate"
         greedy = {"temperature": 0.0, "max_new_tokens": args.new_tokens, "ignore_eos": True}
@@ -119,8 +113,6 @@ def run_server(i: int, cfg, args, extra: list[str], prompts: list[list[int]], wi
         r["error"] = f"{type(e).__name__}: {e}\n{srv.tail()}"[-3000:]
         print(f"[{cfg.label}] FAILED {r['error']}", flush=True)
     finally:
-        if stagger:
-            stagger[i].set()
         r["killed_at_stop"] = srv.stop(grace=8)
     print(f"[{cfg.label}] done: eos-first {r.get('first_token_eos')}, ce {statistics.mean(r['ce']) if 'ce' in r else '-'}",
           flush=True)
@@ -145,14 +137,23 @@ def main() -> int:
     ap.add_argument("--no-harness", action="store_true")
     ap.add_argument("--parallel", type=int, default=1,
                     help="servers at once (CUDA_VISIBLE_DEVICES): each on its own --tp GPUs while groups last, "
-                         "then sharing them (lower --mem-fraction then)")
+                         "then sharing them (each with a KV pool of --kv-tokens)")
     ap.add_argument("--gpus", type=int, default=None, help="GPUs for --parallel (default: all visible)")
-    ap.add_argument("--mem-fraction", type=float, default=0.5, help="--mem-fraction-static of every server")
+    ap.add_argument("--mem-fraction", type=float, default=None,
+                    help="--mem-fraction-static of every server (default 0.5; 0.85 when servers share GPUs: SGLang "
+                         "keeps 1 - this of the free memory it saw at start as slack, which the other servers take)")
+    ap.add_argument("--kv-tokens", type=int, default=None,
+                    help="--max-total-tokens of every server (default: SGLang's sizing; 24576 when servers share GPUs)")
     args, extra = ap.parse_known_args()
     if args.gpus is None:
         import torch
 
         args.gpus = torch.cuda.device_count() or args.parallel * args.tp
+    shared = args.parallel > max(1, args.gpus // args.tp)
+    if args.mem_fraction is None:
+        args.mem_fraction = 0.85 if shared else 0.5
+    if args.kv_tokens is None and shared:
+        args.kv_tokens = 24576
     extra = [a for a in extra if a != "--"]
     configs = parse_configs(args.configs)
     ev = np.load(MODEL / "eval_tokens.npy").astype(np.int64)  # [3, 256, 129]
@@ -161,20 +162,42 @@ def main() -> int:
     prompts = [w[: args.prompt_len].tolist() for w in windows[: args.prompts]]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    if args.parallel > 1:  # servers side by side, each on its own GPUs
+    pending = [c.label for c in configs]
+    done: list[dict] = []
+    lock = threading.Lock()
+
+    def finished(r: dict) -> dict:  # results so far are written after every server (a kill keeps them)
+        with lock:
+            done.append(r)
+            pending.remove(r["config"])
+            report({d["config"]: d for d in done}, configs, args, extra, {}, None, pending)
+        return r
+
+    if args.parallel > 1:  # servers side by side (own GPUs, or sharing them with capped KV pools)
         from concurrent.futures import ThreadPoolExecutor
 
-        import threading
-
-        shared = args.parallel > max(1, args.gpus // args.tp)
-        stagger = {i: threading.Event() for i in range(len(configs))} if shared else None
         with ThreadPoolExecutor(args.parallel) as pool:
-            done = list(pool.map(lambda ic: run_server(ic[0], ic[1], args, extra, prompts, windows, work, stagger),
-                                 enumerate(configs)))
+            list(pool.map(lambda ic: finished(run_server(ic[0], ic[1], args, extra, prompts, windows, work)),
+                          enumerate(configs)))
     else:
-        done = [run_server(i, cfg, args, extra, prompts, windows, work) for i, cfg in enumerate(configs)]
-    res: dict[str, dict] = {r["config"]: r for r in done}
+        for i, cfg in enumerate(configs):
+            finished(run_server(i, cfg, args, extra, prompts, windows, work))
+    res: dict[str, dict] = {c.label: next(r for r in done if r["config"] == c.label) for c in configs}
+    harness, harness_error = {}, None
+    if not args.no_harness:
+        try:
+            harness = harness_deltas(configs, windows, args)
+        except Exception as e:  # the server results still get written
+            harness_error = f"{type(e).__name__}: {e}"
+            print(f"harness FAILED: {harness_error}", flush=True)
+    print(report(res, configs, args, extra, harness, harness_error, []))
+    return 0
 
+
+def report(res: dict[str, dict], configs, args, extra: list[str], harness: dict, harness_error: str | None,
+           pending: list[str]) -> str:
+    """Write ``<out>/<name>.{json,md}`` from the servers finished so far (``pending``: those still
+    running, named in the file); returns the Markdown."""
     # 1. equality
     eq_names = [c for c in args.equal.split(",") if c in res and "ids" in res[c]]
     eq_rows = []
@@ -188,15 +211,8 @@ def main() -> int:
     q_rows, quality = [], {}
     base = res.get("off", {}).get("ce")
     nb = args.windows // args.batch
-    harness, harness_error = {}, None
-    if not args.no_harness:
-        try:
-            harness = harness_deltas(configs, windows, args)
-        except Exception as e:  # the server results still get written
-            harness_error = f"{type(e).__name__}: {e}"
-            print(f"harness FAILED: {harness_error}", flush=True)
     for cfg in configs:
-        ce = res[cfg.label].get("ce")
+        ce = res.get(cfg.label, {}).get("ce")
         if not cfg.selects or ce is None or base is None:
             continue
         d = [a - b for a, b in zip(ce, base)]
@@ -209,9 +225,13 @@ def main() -> int:
                        "-" if h is None else f"{h['delta']:+.4f} ± {h['ci95']:.4f}",
                        "-" if h is None else f"{h['distinct']:.1f} / {h['distinct_topk']:.1f}"])
     eos_rows = [[n, r.get("first_token_eos"), r.get("mean_len_no_ignore_eos")] for n, r in res.items()]
+    errors = [f"- `{n}` failed: `{r['error'].splitlines()[0]}`" for n, r in res.items() if r.get("error")]
     md = (f"Shipped model (`sglang_xshare/data/model`), TP {args.tp} / EP {args.ep}, SGLang server per configuration "
-          f"({' '.join(BASE + extra)}).\n\n"
-          f"## Greedy generation, token for token\n\n{args.prompts} held-out prompts of {args.prompt_len} tokens, "
+          f"({' '.join(BASE + extra)}; --mem-fraction-static {args.mem_fraction}"
+          f"{'' if not args.kv_tokens else f', --max-total-tokens {args.kv_tokens}'}; {args.parallel} at a time).\n\n"
+          + (f"**Partial: still running when written: {', '.join(pending)}.**\n\n" if pending else "")
+          + ("\n".join(errors) + "\n\n" if errors else "")
+          + f"## Greedy generation, token for token\n\n{args.prompts} held-out prompts of {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens, one batched request.\n\n"
           + markdown_table(["comparison", "identical outputs", "first differing prompt"], eq_rows)
           + "\n\n## EOS\n\nThe same prompts without ignore_eos: answers that end at the first token.\n\n"
@@ -219,15 +239,14 @@ def main() -> int:
           + f"\n\n## Quality from SGLang's input logprobs\n\n{args.windows} held-out windows of 129 tokens, prefill "
           f"batches of {args.batch} windows, policy applied to prefill. dCE = CE(policy) - CE(off), nats/token, "
           f"95% CI over {nb} batches. Harness = the same batches in transformers with the same grouping "
-          f"(`StepLayout(tokens_per_request=128)`).\n\n"
+          f"(`StepLayout(tokens_per_request=128)`){'; not run (--no-harness)' if args.no_harness else ''}.\n\n"
           + markdown_table(["config", "CE off (server)", "dCE server", "dCE harness", "harness experts / top-k"], q_rows)
           + ("" if harness_error is None else f"\n\nHarness failed: `{harness_error}`")
           + "\n")
     payload = {"results": {k: {kk: vv for kk, vv in v.items() if kk != "ids"} for k, v in res.items()},
-               "equality": eq_rows, "quality": quality, "harness_error": harness_error}
+               "equality": eq_rows, "quality": quality, "harness_error": harness_error, "pending": pending}
     write_results(args.out, args.name, payload, md, run_metadata())
-    print(md)
-    return 0
+    return md
 
 
 def harness_deltas(configs, windows: np.ndarray, args) -> dict:

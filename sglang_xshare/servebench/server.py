@@ -111,22 +111,6 @@ class Server:
             time.sleep(poll)
         raise ServerDied(f"server not ready after {timeout:.0f} s:\n{self.tail()}")
 
-    def wait_log(self, text: str, count: int = 1, timeout: float = 600.0, poll: float = 0.5) -> bool:
-        """Block until the server's log holds ``text`` ``count`` times (e.g. SGLang's ``Memory pool
-        end``, once per rank: its memory is taken); ``False`` if the process exits or ``timeout`` passes."""
-        assert self.proc is not None, "start() first"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if self.log.read_text(errors="replace").count(text) >= count:
-                    return True
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                return False
-            time.sleep(poll)
-        return False
-
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

@@ -8,4 +8,4 @@ timeout 540 python3 bench/serve.py --preset qwen3-30b-a3b --layers 24 --tp 2 --e
   --output-len 128 --max-bs 128 --graph-bs 1,2,4,8,16,32,64,128 --state /root/ab_state.json --time-budget ${BUDGET:-500} \
   --name serve_qwen3_tp2ep2_ab --out $OUT --work /root/w -- --moe-runner-backend triton > $OUT/ab.log 2>&1
 echo "ab rc=$?"; grep -v "^\[20" $OUT/ab.log | tail -30
-tar czf $OUT/logs_ab.tgz -C /root/w --wildcards '*.log' 2>/dev/null; cp /root/ab_state.json $OUT/ 2>/dev/null
+(cd /root/w && tar czf $OUT/logs_ab.tgz *.log); cp /root/ab_state.json $OUT/ 2>/dev/null

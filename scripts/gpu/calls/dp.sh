@@ -6,9 +6,9 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-index --no-compile --target $XS_SITE .whl-dg/*.whl || exit 1
 python3 -c "import deep_gemm, deep_ep; print('deep_gemm', deep_gemm.__file__)" || exit 1
 timeout 540 python3 bench/serve.py --preset qwen3-30b-a3b --layers 24 --tp 2 --ep 2 --ab \
-  --configs xshare_ep@0.7,xshare_ep@0.7+global --concurrency 8,32,64 --reps 2 \
+  --configs ${CONFIGS:-xshare_ep@0.7+global,xshare_ep@0.7} --concurrency 8,32,64 --reps 2 \
   --output-len 128 --max-bs 64 --graph-bs 1,2,4,8,16,32,64 --state /root/dp_state.json --time-budget ${BUDGET:-520} \
   --startup-timeout 300 --name serve_qwen3_dp2_deepep --out $OUT --work /root/wd -- --attn-dp-size 2 --moe-a2a-backend deepep \
   --deepep-mode auto --moe-runner-backend deep_gemm > $OUT/dp.log 2>&1
 echo "dp rc=$?"; grep -v "^\[20" $OUT/dp.log | tail -30
-tar czf $OUT/logs_dp.tgz -C /root/wd --wildcards '*.log' 2>/dev/null
+(cd /root/wd && tar czf $OUT/logs_dp.tgz *.log)

@@ -6,4 +6,5 @@ timeout 400 python3 bench/serve.py --model sglang_xshare/data/model --tp 2 --ep 
   --concurrency 1,16 --reps 2 --output-len 128 --max-bs 16 --graph-bs 1,2,4,8,16 --mem-fraction 0.5 \
   --name serve_ray_tp2ep2 --out $OUT --work /root/wr > $OUT/ray.log 2>&1
 echo "ray rc=$?"; grep -v "^\[20" $OUT/ray.log | tail -30
-ps aux | grep -c "[r]aylet\|[s]glang" ; tar czf $OUT/logs_ray.tgz -C /root/wr --wildcards '*.log' 2>/dev/null
+(cd /root/wr && tar czf $OUT/logs_ray.tgz *.log)
+echo "processes left after the bench: $(pgrep -f "raylet|gcs_server|sglang" | wc -l)"
