@@ -87,6 +87,9 @@ def server_command(cfg: ServeConfig, model: str, port: int, args: argparse.Names
         xs += ["--xshare-metrics", "--xshare-metrics-interval", "50"]
     if switch is not None:
         xs += ["--xshare-ab-switch", switch]
+        # both arms of a rep send the same prompts: without the prefix cache the second arm's
+        # prefill is no cheaper than the first's
+        sg += ["--disable-radix-cache"]
     py = sys.executable
     if cfg.plain:
         return [py, "-m", "sglang.launch_server", *par, *sg]

@@ -233,7 +233,9 @@ def test_ab_mode_pairs_each_policy_run_with_its_own_servers_sglang_arm(tmp_path)
     cmd = serve.server_command(cfg, "m", 1, args, [], str(tmp_path / "arm"))
     xs = cmd[cmd.index("--xshare-policy"):]
     assert parse_xshare_argv(xs).ab_switch == str(tmp_path / "arm")
+    assert "--disable-radix-cache" in cmd[:cmd.index("--xshare-policy")]  # an SGLang flag, before xshare's
     assert "--xshare-ab-switch" not in serve.server_command(cfg, "m", 1, args, [])
+    assert "--disable-radix-cache" not in serve.server_command(cfg, "m", 1, args, [])
 
     def run(tpot, tok):
         return {"median_tpot_ms": tpot, "output_throughput": tok}
