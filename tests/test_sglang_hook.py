@@ -551,9 +551,16 @@ def test_ab_switch_gives_the_experts_the_arm_the_file_names(sg, installed, tmp_p
     write("policy")
     assert is_policy(step())  # same arm: nothing flips
     write("0")
+    with hook.batch_scope(hook.BatchInfo("idle", batch_size=0)):  # a DP rank without requests reads it too
+        pass
+    assert not bool(flag)
+    write("1")
+    assert is_sglang(step())
+    assert is_policy(step())
+    write("0")
     step()
-    assert is_sglang(step()) and not bool(flag) and hook._STATE.switch.flips == 2
-    assert hook._STATE.metrics.path_steps == {"ab_sglang": 3, "policy": 3}  # steps 1, 2, 6 / 3, 4, 5
+    assert is_sglang(step()) and not bool(flag) and hook._STATE.switch.flips == 4
+    assert hook._STATE.metrics.path_steps == {"ab_sglang": 4, "policy": 4}  # steps 1, 2, 5, 8 / 3, 4, 6, 7
     sw.unlink()
     assert is_sglang(step())  # no file: SGLang's routing
     with pytest.raises(XShareConfigError, match="--xshare-ab-switch"):

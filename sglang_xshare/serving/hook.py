@@ -202,7 +202,13 @@ class _State:
         return info.kind == "prefill" and self.cfg.apply_to_prefill
 
     def on_step_end(self, info: BatchInfo) -> None:
-        if info.kind not in _DECODE_KINDS or _capturing():
+        if _capturing():
+            return
+        if info.kind == "idle":  # a DP rank without requests: it reads the A/B switch all the same, so
+            if self.switch is not None:  # that all ranks change arm together
+                self.switch.poll()
+            return
+        if info.kind not in _DECODE_KINDS:
             return
         if self.metrics is not None:
             path = None
