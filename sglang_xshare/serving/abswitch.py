@@ -9,11 +9,12 @@ so alternating the arms within one server measures the expert cut alone. (What t
 kernel costs beside SGLang's top-k is measured separately, ``bench/hook_overhead.py``.)
 
 The flag follows the file ``PATH``: ``1`` / ``on`` / ``policy`` -> the policy's routing, anything
-else or no file -> SGLang's. It is read at decode-step ends (outside CUDA graphs) whenever the
-file's modification time changes, and written to the device flag with ``fill_`` on the current
-stream, so the next step's graph replay reads it. Each process (TP / EP rank) polls on its own,
-so for one step around a flip the ranks may route by different arms: switch between measured runs
-(``bench/serve.py --ab`` flips, then sends two short requests, then measures). A measurement mode:
+else or no file -> SGLang's. It is read at the end of decode / verify steps and of a DP rank's idle
+steps (outside CUDA graphs) whenever the file's modification time changes, and written to the device
+flag with ``fill_`` on the current stream, so the next step's graph replay reads it. Each process
+(TP / EP rank) polls on its own, so for one step around a flip the ranks may route by different
+arms: switch between measured runs (``bench/serve.py --ab`` flips, then sends one short request,
+then measures). A measurement mode:
 it costs SGLang's top-k plus two ``where`` kernels per MoE layer in both arms, and SGLang's expert
 distribution recorder sees both routings.
 """

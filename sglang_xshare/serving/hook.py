@@ -202,26 +202,22 @@ class _State:
         return info.kind == "prefill" and self.cfg.apply_to_prefill
 
     def on_step_end(self, info: BatchInfo) -> None:
-        if _capturing():
+        # idle steps (a DP rank without requests) only read the A/B switch, so that all ranks change arm together
+        if _capturing() or info.kind not in (*_DECODE_KINDS, "idle"):
             return
-        if info.kind == "idle":  # a DP rank without requests: it reads the A/B switch all the same, so
-            if self.switch is not None:  # that all ranks change arm together
-                self.switch.poll()
-            return
-        if info.kind not in _DECODE_KINDS:
-            return
-        if self.metrics is not None:
-            path = None
-            n = info.num_real_tokens
-            if self.min_tokens is not None and n is not None:
-                path = "policy" if n >= self.min_tokens else "sglang"
-                if path == "policy" and self.switch is not None and not self.switch.on:
-                    path = "ab_sglang"  # the A/B switch gave this step SGLang's routing
-            self.metrics.on_step_end(path)
+        if info.kind != "idle":
+            if self.metrics is not None:
+                path = None
+                n = info.num_real_tokens
+                if self.min_tokens is not None and n is not None:
+                    path = "policy" if n >= self.min_tokens else "sglang"
+                    if path == "policy" and self.switch is not None and not self.switch.on:
+                        path = "ab_sglang"  # the A/B switch gave this step SGLang's routing
+                self.metrics.on_step_end(path)
+            if self.recorder is not None:
+                self.recorder.on_step_end(info)
         if self.switch is not None:
             self.switch.poll()  # the next step (and graph replay) reads the new arm
-        if self.recorder is not None:
-            self.recorder.on_step_end(info)
 
 
 _STATE: _State | None = None
