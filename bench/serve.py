@@ -21,7 +21,8 @@ MoE layer (``--xshare-ab-switch``, :mod:`sglang_xshare.serving.abswitch`) and ev
 arms, the policy's and SGLang's, in ABBA order; the policy's TPOT speed-up over its own server's
 SGLang arm is the expert cut's effect alone (both arms run the same kernels), free of the
 server-to-server spread. What the policy's kernel costs beside SGLang's top-k is
-``bench/hook_overhead.py``'s figure.
+``bench/hook_overhead.py``'s figure. With speculative decoding by NGRAM add ``--flush-cache``: its
+corpus learns from every output, so the second arm of a pair (same prompts) would accept more.
 
 Writes ``bench/results/<name>.{json,md,png}``: per configuration and concurrency the median
 output throughput (and its spread over the runs), TPOT and ITL median / p99, the ratio to ``off``,
@@ -112,6 +113,20 @@ def poke(base_url: str) -> None:
         pass
 
 
+def flush_cache(base_url: str, tries: int = 40, wait: float = 0.25) -> bool:
+    """SGLang's ``/flush_cache``: empties the prefix cache and the speculative worker's cache (NGRAM's
+    corpus of earlier outputs), so that a run starts from the state the previous one started from.
+    SGLang refuses while requests are running or waiting (400): retried. Returns whether it flushed."""
+    from sglang_xshare.servebench.server import http_get
+
+    for _ in range(tries):
+        code, _body = http_get(base_url + "/flush_cache", timeout=30.0)
+        if code == 200:
+            return True
+        time.sleep(wait)
+    return False
+
+
 def flush_metrics(base_url: str, settle: float) -> None:
     """xshare's live metrics are read at decode-step ends, asynchronously (the copy started at one
     read is taken at the next, >= 1 s later): two tiny one-request generations ``settle`` seconds
@@ -180,6 +195,7 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
                     if switch is not None:
                         switch.write_text("1" if arm == "policy" else "0")
                         poke(server.base_url)  # the switch file is read at every step end
+                    flushed = flush_cache(server.base_url) if args.flush_cache else None
                     text = scrape(server.base_url)
                     before, sg_before = xshare_counters(text), sglang_counters(text)
                     argv = bench_serving_argv(server.base_url, tok, concurrency=c,
@@ -196,6 +212,8 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
                     res["spec_accept_length"] = spec_accept_length(sg_before, sglang_counters(text))
                     res["xshare"] = per_call(d.get("0", next(iter(d.values()), {})))
                     res["arm"] = arm
+                    if flushed is not None:
+                        res["cache_flushed"] = flushed
                     (runs if arm == "policy" else ab_runs).append(res)
                     print(f"[{cfg.label} #{start}{'' if switch is None else ' ' + arm}] c={c} rep={rep}: "
                           f"{res['output_throughput']:.0f} tok/s, median TPOT {res['median_tpot_ms']:.2f} ms, experts "
@@ -408,8 +426,9 @@ def report(records: list[dict], skipped: list[tuple[str, int, str]], args: argpa
     out_dir = Path(args.out)
     rows, table = summarize(records)
     shape = args.preset or Path(args.model).name
-    title = (f"{shape}{'' if args.layers is None else f' ({args.layers} layers)'}, TP {args.tp} / EP {args.ep}, "
-             f"{' '.join(extra)}; in {args.input_len} / out {args.output_len} tokens")
+    title = (f"{shape}{'' if args.layers is None else f' ({args.layers} layers)'}, TP {args.tp} / EP {args.ep}"
+             f"{' through sglang-xshare-ray' if getattr(args, 'ray', False) else ''}"
+             f"{', ' + ' '.join(extra) if extra else ''}; in {args.input_len} / out {args.output_len} tokens")
     notes = [f"Workload: `sglang.bench_serving` random-ids prompts, {args.input_len} input / {args.output_len} output "
              f"tokens (ignore_eos), {args.waves} x concurrency requests per run, {args.reps} runs per point and "
              f"server start, {args.starts} start(s) per configuration in interleaved rounds; tok/s = output "
@@ -548,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="in-server A/B: every policy server also runs SGLang's routing (--xshare-ab-switch) and each "
                          "rep runs both arms (ABBA order); reports the policy's TPOT speed-up over its own server's "
                          "SGLang arm, free of the spread between servers")
+    ap.add_argument("--flush-cache", action="store_true",
+                    help="SGLang's /flush_cache before every measured run: each run starts with an empty prefix "
+                         "cache and an empty NGRAM corpus (NGRAM learns from the previous run's outputs, so without "
+                         "it the second arm of an A/B pair accepts more drafts)")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--settle", type=float, default=1.1, help="seconds between the two metric-flushing requests")
     ap.add_argument("--name", default="serve")

@@ -65,6 +65,38 @@ def test_preset_folder_is_a_loadable_model_config(tmp_path, preset):
     assert tok(tok.decode(ids), add_special_tokens=False).input_ids == ids  # every id round-trips through text
 
 
+@pytest.mark.sglang
+@pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "deepseek-v3-mini"])
+def test_preset_routes_tokens_apart_under_sglangs_dummy_weights(preset):
+    """``--load-format dummy`` fills every parameter uniformly in +-1e-3 (SGLang's own
+    ``initialize_dummy_weights``, RMSNorm weights too): the router logits are ~1e-5. A preset
+    whose routing a +-1e-3 correction bias then decides alone (DeepSeek-V3's ``noaux_tc``) sends
+    every token to the same ~9 experts and measures nothing; 16 tokens must spread over many."""
+    pytest.importorskip("sglang")
+    from sglang.srt.model_loader.weight_utils import initialize_dummy_weights
+
+    from sglang_xshare import RoutingSpec, SelectionConfig, Selector
+    from sglang_xshare.servebench.models import PRESETS
+
+    c = PRESETS[preset]
+    E, H, k = c.get("num_experts", c.get("n_routed_experts")), c["hidden_size"], c["num_experts_per_tok"]
+    biased = c.get("topk_method") == "noaux_tc"  # what SGLang's DeepSeek gate keys its bias on
+    m = torch.nn.Module()
+    m.norm, m.gate = torch.nn.Parameter(torch.empty(H)), torch.nn.Parameter(torch.empty(E, H))
+    if biased:
+        m.bias = torch.nn.Parameter(torch.empty(E))
+    initialize_dummy_weights(m)
+    h = torch.randn(16, H, generator=torch.Generator().manual_seed(0))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * m.norm.detach()  # the MoE input: RMSNorm
+    logits = h @ m.gate.detach().T
+    grouped = dict(num_expert_group=c["n_group"], topk_group=c["topk_group"]) if "n_group" in c else {}
+    routing = RoutingSpec(E, k, scoring=c.get("scoring_func", "softmax"), has_correction_bias=biased, **grouped)
+    sel = Selector(routing, SelectionConfig(policy="topk"), backend="reference",
+                   correction_bias=m.bias.detach() if biased else None)
+    distinct = sel(logits).topk_ids.unique().numel()
+    assert distinct >= 6 * k, f"{preset}: 16 tokens use only {distinct} distinct experts under dummy weights"
+
+
 # ---- SGLang's client --------------------------------------------------------------------------
 
 @pytest.mark.sglang
@@ -248,6 +280,88 @@ def test_ab_mode_pairs_each_policy_run_with_its_own_servers_sglang_arm(tmp_path)
     assert r["ab_tok_ratios"] == pytest.approx([200 / 180, 160 / 150])
     assert r["ab_sglang_tpot_ms"] == pytest.approx(5.2)
     assert "1.150 [1.100-1.200]" in table and "(2 pairs)" in table
+
+
+def test_ab_runs_flip_the_switch_then_flush_sglangs_cache_before_each_measured_run(tmp_path, monkeypatch):
+    """``--ab --flush-cache`` (NGRAM: its corpus learns from each run's outputs, so without a flush the
+    second arm of a pair, same prompts, accepts more): before every measured run the switch file
+    names the arm, one request makes every rank read it, then SGLang's ``/flush_cache`` empties the
+    caches; both arms of a rep send the same prompts, in ABBA order. Without the flag: no flush."""
+    serve = _serve_module()
+    events: list = []
+    arm_file: list = []
+
+    class FakeServer:  # the process side of a server (bench/serve.py's Server), nothing else
+        def __init__(self, cmd, port, log, env=None):
+            arm_file.append(cmd[cmd.index("--xshare-ab-switch") + 1])
+            self.base_url = f"http://127.0.0.1:{port}"
+
+        def start(self):
+            pass
+
+        def wait_ready(self, timeout):
+            return 1.0
+
+        def stop(self, grace):
+            return []
+
+        def tail(self):
+            return ""
+
+    def bench(argv):
+        seed = argv[argv.index("--seed") + 1]
+        events.append(("run", seed, Path(arm_file[0]).read_text()))
+        return {"output_throughput": 100.0, "median_tpot_ms": 5.0}
+
+    monkeypatch.setattr(serve, "Server", FakeServer)
+    monkeypatch.setattr(serve, "run_bench_serving", bench)
+    monkeypatch.setattr(serve, "poke", lambda url: events.append(("poke",)))
+    monkeypatch.setattr(serve, "flush_cache", lambda url: events.append(("flush",)) or True)
+    monkeypatch.setattr(serve, "flush_metrics", lambda url, settle: None)
+    monkeypatch.setattr(serve, "scrape", lambda url: "")
+    monkeypatch.setattr(serve, "gpu_state", lambda: [])
+    args = SimpleNamespace(ab=True, flush_cache=True, reps=2, concurrency=[4], graph_bs=[1, 2, 4], max_bs=4, tp=1,
+                           ep=1, mem_fraction=0.8, dummy=True, ray=False, startup_timeout=10.0, input_len=8,
+                           output_len=16, settle=0.0, min_prompts=1, waves=2, seed=1, name="t", stop_grace=1.0)
+    rec = serve.run_config(parse_config("xshare@0.7"), "m", args, [], tmp_path)
+    measured = events[next(i for i, e in enumerate(events) if e == ("run", "999", "0")) + 1:]  # after the warm-up
+    assert measured == [("poke",), ("flush",), ("run", "5", "0"), ("poke",), ("flush",), ("run", "5", "1"),
+                        ("poke",), ("flush",), ("run", "1005", "1"), ("poke",), ("flush",), ("run", "1005", "0")]
+    lvl = rec["levels"][0]
+    assert [r["arm"] for r in lvl["runs"] + lvl["ab_sglang_runs"]] == ["policy"] * 2 + ["sglang"] * 2
+    assert all(r["cache_flushed"] for r in lvl["runs"] + lvl["ab_sglang_runs"]) and "error" not in rec
+    events.clear()
+    args.flush_cache = False
+    serve.run_config(parse_config("xshare@0.7"), "m", args, [], tmp_path)
+    assert ("flush",) not in events
+
+
+def test_flush_cache_retries_while_sglang_refuses_with_requests_running():
+    """``/flush_cache`` answers 400 while requests run or wait (SGLang's http_server): retried until 200."""
+    import http.server
+    import threading
+
+    serve = _serve_module()
+    answers = [400, 400, 200]
+    seen = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            self.send_response(answers.pop(0) if answers else 400)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        assert serve.flush_cache(url, tries=5, wait=0.01) and seen == ["/flush_cache"] * 3
+        assert not serve.flush_cache(url, tries=2, wait=0.01) and len(seen) == 5
+    finally:
+        srv.shutdown()
 
 
 def test_merged_runs_keep_each_ratio_paired_with_its_own_off(tmp_path):

@@ -510,6 +510,128 @@ def test_ep_global_selects_from_every_ranks_tokens(sg, installed, monkeypatch, p
     assert next(iter(hook._STATE.layers.values())).paths[1] == "fast" and (one.topk_ids >= 0).any()
 
 
+def test_ep_global_rank_without_tokens_joins_the_all_reduce(sg, installed, monkeypatch):
+    """``--xshare-ep-global`` under DP attention / DeepEP: a rank whose MoE input is empty does not
+    route (SGLang's model calls ``TopK.empty_topk_output``); it must still join the layer's
+    all-reduce once, with zeros shaped as the other rank's, else the rank with tokens waits forever
+    (a DP-attention + DeepEP server hung so at its first prefill). Also when the layer has not routed
+    on this rank yet: built here, with the expert count of SGLang's expert-location metadata.
+    Draft layers and servers without the flag send nothing."""
+    import sglang.srt.eplb.expert_location as el
+    import sglang.srt.layers.moe.utils as moe_utils
+    import sglang.srt.runtime_context as rc
+
+    grp = _OtherRankOfEPGroup()
+    monkeypatch.setattr(moe_utils, "is_moe_input_scattered_across_dp_ranks", lambda: True)
+    par = SimpleNamespace(moe_ep_group=grp, moe_ep_size=2, tp_group=SimpleNamespace(world_size=1))
+    monkeypatch.setattr(rc, "get_parallel", lambda: par)
+    monkeypatch.setattr(sg, "get_parallel", lambda: par)  # empty_topk_output's allocation context
+    # the metadata gives the expert count; no EPLB map for this layer (num_layers 0): plain EP placement
+    monkeypatch.setattr(el, "get_global_expert_location_metadata",
+                        lambda: SimpleNamespace(num_logical_experts=E, num_layers=0))
+    installed(policy="xshare", budget="0.5", empty_slots="minus_one", ep_global=True)
+    fresh = _topk(sg, layer_id=5)  # no routing call on this rank yet
+    out = fresh.empty_topk_output(torch.device("cpu"))
+    assert out.topk_ids.shape == (0, K) and len(grp.sent) == 1 and torch.count_nonzero(grp.sent[0]) == 0
+    tk = _topk(sg)
+    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+        tk.forward_native(torch.randn(T, HIDDEN), _logits(45).clone())  # a selecting call: what the peer sends
+    with hook.batch_scope(hook.BatchInfo("idle", batch_size=0)):
+        tk.empty_topk_output(torch.device("cpu"))
+        tk.empty_topk_output(torch.device("cpu"), layer_id=3)
+    assert len(grp.sent) == 4 and len(hook._STATE.layers) == 2
+    assert {(t.dtype, tuple(t.shape)) for t in grp.sent} == {(grp.sent[1].dtype, tuple(grp.sent[1].shape))}
+    assert torch.count_nonzero(grp.sent[2]) == 0 and torch.count_nonzero(grp.sent[3]) == 0
+    _topk(sg, layer_id=7, is_draft=True).empty_topk_output(torch.device("cpu"))
+    assert len(grp.sent) == 4  # a draft layer has no global statistics
+    installed(policy="xshare", budget="0.5", empty_slots="minus_one")
+    _topk(sg).empty_topk_output(torch.device("cpu"))
+    assert len(grp.sent) == 4
+
+
+def _ep_global_rank(rank: int, port: int, queue) -> None:
+    """One of two spawned EP ranks (gloo; SGLang's GroupCoordinator needs CUDA for a group of two,
+    so the MoE EP group is ``torch.distributed``'s world behind SGLang's ``all_reduce`` signature).
+    Each step is a forward of SGLang's real ``TopK`` as a DP-attention + DeepEP server runs it."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                timeout=timedelta(seconds=20))
+        from sglang.srt.layers.moe import topk as sg_topk
+        import sglang.srt.layers.moe.utils as moe_utils
+        import sglang.srt.runtime_context as rc
+        from sglang.srt.server_args import ServerArgs
+
+        rc.publish(ServerArgs(model_path="dummy", device="cpu"), role="test",
+                   ranks=rc.SpawnRanks(world_rank=0, dp_rank=None))
+
+        class Group:  # SGLang's GroupCoordinator.all_reduce: returns the sum over the group
+            world_size = 2
+
+            def all_reduce(self, t):
+                dist.all_reduce(t)
+                return t
+
+        par = SimpleNamespace(moe_ep_group=Group(), moe_ep_size=2, tp_group=SimpleNamespace(world_size=1))
+        moe_utils.is_moe_input_scattered_across_dp_ranks = lambda: True
+        rc.get_parallel = sg_topk.get_parallel = lambda: par
+        hook.install(XShareServerConfig(policy="xshare", budget="0.5", empty_slots="minus_one", ep_global=True))
+        layers = [sg_topk.TopK(top_k=K, renormalize=True, layer_id=i) for i in (3, 4)]
+        mine = _logits(51 + rank, n=T // 2)
+        outs = []
+
+        def decode():
+            with hook.batch_scope(hook.BatchInfo("decode", batch_size=T // 2)):
+                outs.append([tk.forward_native(torch.randn(T // 2, HIDDEN), mine.clone()).topk_ids for tk in layers[:1]])
+
+        decode()
+        # rank 0 prefills while rank 1 has no request: SGLang's model calls empty_topk_output there;
+        # layer 4 has never routed on rank 1
+        with hook.batch_scope(hook.BatchInfo("prefill" if rank == 0 else "idle", batch_size=T if rank == 0 else 0)):
+            for tk in layers:
+                if rank == 0:
+                    tk.forward_native(torch.randn(T, HIDDEN), _logits(60).clone())
+                else:
+                    tk.empty_topk_output(torch.device("cpu"))
+        decode()
+        queue.put((rank, [o[0] for o in outs]))
+    except Exception as e:  # report, do not hang the parent
+        queue.put((rank, repr(e)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_ep_global_two_ranks_one_without_tokens_do_not_hang():
+    """``--xshare-ep-global`` with two real processes and a real collective: rank 1 has no tokens
+    while rank 0 prefills (DP attention); both then decode again and choose one expert set from both
+    ranks' tokens. Without rank 1 joining the all-reduce in ``empty_topk_output``, rank 0 waits
+    until the collective times out (a DP-attention + DeepEP server hung so at its first request)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_ep_global_rank, args=(r, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(q.get(timeout=240) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert not isinstance(got[0], str) and not isinstance(got[1], str), got
+    cfg = XShareServerConfig(policy="xshare", budget="0.5", empty_slots="minus_one")
+    ref = _selector(cfg)(torch.cat([_logits(51, n=T // 2), _logits(52, n=T // 2)]), layer_id=3).topk_ids
+    assert not torch.equal(_selector(cfg)(_logits(51, n=T // 2), layer_id=3).topk_ids, ref[: T // 2])  # not local
+    for step in (0, 1):  # before and after the prefill / idle step: the same global selection
+        assert torch.equal(got[0][step].to(torch.int32), ref[: T // 2])
+        assert torch.equal(got[1][step].to(torch.int32), ref[T // 2:])
+
+
 def test_ab_switch_gives_the_experts_the_arm_the_file_names(sg, installed, tmp_path):
     """``--xshare-ab-switch``: both routings are computed, the file (read at step ends) picks the one
     the experts get; the device flag is flipped in place (captured graphs keep reading it)."""

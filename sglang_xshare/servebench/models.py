@@ -10,8 +10,19 @@ the random model emits decodes. Presets:
                     cuts it).
 ``deepseek-v3-mini`` a DeepSeek-V3 layout scaled to hidden 2048 (``% 512 == 0`` for DeepEP's
                     low-latency kernels): MLA attention, 256 routed experts in 8 groups (top-4
-                    groups), top-8 sigmoid routing with the correction bias, routed scaling 2.5,
-                    expert intermediate 512, one shared expert, first layer dense, vocab 129280.
+                    groups), top-8 sigmoid routing, routed scaling 2.5, expert intermediate 512,
+                    one shared expert, first layer dense, vocab 129280. *Without* V3's
+                    correction bias (``topk_method`` ``group_limited_greedy``, not ``noaux_tc``):
+                    SGLang's dummy weights are uniform in +-1e-3, RMSNorm weights included, so
+                    the router's sigmoid scores differ by ~1e-6 between experts and a +-1e-3 bias
+                    decides the routing alone: every token picks the same ~9 experts (8.5 distinct
+                    of 256 per layer for 16 tokens, measured in a server:
+                    ``bench/results/serve_dsv3mini_tp2ep2_ab.md``). Without it the ranking follows
+                    the logits, as with real weights.
+
+With dummy weights the scores are near uniform among a token's chosen experts (the logits are
+~1e-5), so the policies' mass statistics reduce to counting tokens per expert: these presets
+measure the speed of a given expert cut, not the quality of the choice.
 """
 
 from __future__ import annotations
@@ -59,7 +70,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_experts_per_tok": 8,
         "n_group": 8,
         "topk_group": 4,
-        "topk_method": "noaux_tc",
+        "topk_method": "group_limited_greedy",  # no correction bias: see the module docstring
         "scoring_func": "sigmoid",
         "norm_topk_prob": True,
         "routed_scaling_factor": 2.5,

@@ -33,7 +33,9 @@ all-reduce every rank must join) it picks the logical experts and the LP solver 
 
 Also patched: ``TopK.__init__`` (marks draft-model layers; allocates the metrics table while the
 model is built, outside graph capture), ``TopK.bind_runner_backend`` (logs layers whose output
-format bypasses ``select_experts``: TRITON_KERNEL, BYPASSED) and ``forward_context`` (which batch
+format bypasses ``select_experts``: TRITON_KERNEL, BYPASSED), ``TopK.empty_topk_output`` (a rank
+without MoE tokens joins ``--xshare-ep-global``'s all-reduce there, as SGLang's LP solver does) and
+``forward_context`` (which batch
 is running: decode / target-verify / prefill, the number of draft tokens, the step boundary
 for metrics and the trace recorder).
 
@@ -192,6 +194,40 @@ class _State:
             if lp.selector is not None and not lp.is_draft:
                 self.min_tokens = lp.min_tokens
         return lp
+
+    def join_ep_global(self, tc: Any, layer_id: int | None, device: torch.device) -> None:
+        """``--xshare-ep-global`` on a rank whose MoE input is empty this forward (DP attention or
+        DeepEP with no tokens here: SGLang's model calls ``TopK.empty_topk_output`` instead of the
+        router): join the layer's all-reduce with zeros, as a call that does not select does, so
+        that every rank of the EP group runs the same collectives (a rank left out hangs the others,
+        seen in a DP-attention + DeepEP server at its first prefill). A layer not built yet on this
+        rank is built here; its expert count comes from another layer or SGLang's expert-location
+        metadata."""
+        key = id(tc)
+        lp = self.layers.get(key)
+        if lp is None:
+            E = self._num_experts_hint()
+            if E is None:
+                self.log_once("ep_global_unknown_e", "xshare: --xshare-ep-global: layer %s has no tokens on this rank "
+                              "before its first routing call and the expert count is unknown; this rank skips its "
+                              "all-reduce (the other ranks may wait)", layer_id, level=logging.WARNING)
+                return
+            lp = self.layer(tc, layer_id, torch.empty(0, E, device=device))
+        if lp.stats_reduce is not None:
+            lp.stats_reduce(lp.idle_stats.zero_())
+
+    def _num_experts_hint(self) -> int | None:
+        """Logical experts of the model: a built target layer's, else SGLang's expert-location metadata's."""
+        for lp in self.layers.values():
+            if not lp.is_draft:
+                return lp.num_experts
+        try:
+            from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
+
+            md = get_global_expert_location_metadata()
+        except Exception:
+            md = None
+        return None if md is None else int(md.num_logical_experts)
 
     def applies_to_batch(self) -> bool:
         info = current_batch()
@@ -421,6 +457,17 @@ def _make_post_process_wrapper(orig: Callable) -> Callable:
 
 # ---- the other patches --------------------------------------------------------------------
 
+def _make_empty_topk_wrapper(orig: Callable) -> Callable:
+    def empty_topk_output(self, device, *args, **kwargs):
+        st = _STATE
+        if st is not None and st.cfg.active and st.cfg.ep_global and not self.is_draft:
+            st.join_ep_global(self.topk_config, self.layer_id, device)
+        return orig(self, device, *args, **kwargs)
+
+    empty_topk_output.__wrapped__ = orig  # type: ignore[attr-defined]
+    return empty_topk_output
+
+
 def _make_topk_init_wrapper(orig: Callable) -> Callable:
     def __init__(self, *args, **kwargs):
         orig(self, *args, **kwargs)
@@ -499,6 +546,7 @@ def _patches() -> list[Patch]:
         Patch(TOPK_MODULE, "_post_process_topk_ids", _make_post_process_wrapper),
         Patch(TOPK_MODULE, "TopK.__init__", _make_topk_init_wrapper),
         Patch(TOPK_MODULE, "TopK.bind_runner_backend", _make_bind_wrapper),
+        Patch(TOPK_MODULE, "TopK.empty_topk_output", _make_empty_topk_wrapper),
         Patch(TOPK_MODULE, "select_experts", _make_select_experts_wrapper),
         Patch(FORWARD_CONTEXT_MODULE, "forward_context", _make_forward_context_wrapper),
         Patch(EPLB_MODULE, "ExpertLocationMetadata.update", _make_eplb_update_wrapper),

@@ -145,7 +145,8 @@ class LayerPolicy:
         min_tokens: smallest batch (tokens) the policy is applied to; smaller ones take SGLang's path.
         metrics_row: ``[8] int64`` row of the live metrics table (fused into the kernel) or ``None``.
         stats_reduce: ``--xshare-ep-global``: the all-reduce (sum over the MoE EP group) of the batch
-            statistics, or ``None``; every call of the layer then joins it exactly once.
+            statistics, or ``None``; every call of the layer then joins it exactly once (a rank
+            with no MoE tokens joins in ``TopK.empty_topk_output``, :meth:`hook._State.join_ep_global`).
         idle_stats: zeros of the statistics' shape, all-reduced by calls that do not select (so that
             every rank joins the collective on every call, whatever its batch).
         topk_config: SGLang's ``TopKConfig`` (kept alive: the cache is keyed by its id).

@@ -4,8 +4,8 @@ pkill -9 -f 'sglang|raylet|gcs_server' 2>/dev/null; sleep 1  # nothing left from
 source scripts/gpu/env.sh || exit 1
 export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=0
 timeout 540 python3 bench/serve.py --model sglang_xshare/data/model --tp 1 --ab \
-  --configs xshare_spec@0.7+rb=frac:0.9,xshare@0.7 --concurrency 1,8,16,32 --reps 2 --output-len 128 \
-  --max-bs 32 --graph-bs 1,2,4,8,16,32 --state /root/spec_state.json --time-budget ${BUDGET:-500} \
+  --configs xshare_spec@0.7+rb=frac:0.9,xshare@0.7 --concurrency ${LEVELS:-1,8,32} --reps 2 --output-len 128 \
+  --max-bs 32 --graph-bs 1,2,4,8,16,32 --flush-cache --state /root/spec_state.json --time-budget ${BUDGET:-500} \
   --name serve_ngram_tp1 --out $OUT --work /root/ws -- --speculative-algorithm NGRAM \
   --speculative-num-draft-tokens 4 --speculative-ngram-max-bfs-breadth 1 --max-running-requests 32 > $OUT/spec.log 2>&1
 echo "spec rc=$?"; grep "^\[xshare" $OUT/spec.log | tail -40
