@@ -21,7 +21,9 @@ MoE layer (``--xshare-ab-switch``, :mod:`sglang_xshare.serving.abswitch`) and ev
 arms, the policy's and SGLang's, in ABBA order; the policy's TPOT speed-up over its own server's
 SGLang arm is the expert cut's effect alone (both arms run the same kernels), free of the
 server-to-server spread. What the policy's kernel costs beside SGLang's top-k is
-``bench/hook_overhead.py``'s figure. With speculative decoding by NGRAM add ``--flush-cache``: its
+``bench/hook_overhead.py``'s figure. ``--ab-one-server`` puts every configuration into one such
+server as arms of its switch (``--xshare-ab-arm``): one start-up, every policy and SGLang's routing
+alternated on the same server. With speculative decoding by NGRAM add ``--flush-cache``: its
 corpus learns from every output, so the second arm of a pair (same prompts) would accept more.
 
 Writes ``bench/results/<name>.{json,md,png}``: per configuration and concurrency the median
@@ -42,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -55,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 from sglang_xshare.benchio import markdown_table, run_metadata, write_results  # noqa: E402
 from sglang_xshare.servebench.client import (bench_serving_argv, counter_delta, run_bench_serving,  # noqa: E402
                                              scrape, sglang_counters, spec_accept_length, xshare_counters)
-from sglang_xshare.servebench.configs import ServeConfig, parse_configs  # noqa: E402
+from sglang_xshare.servebench.configs import ServeConfig, one_server, parse_configs  # noqa: E402
 from sglang_xshare.servebench.models import PRESETS, write_model  # noqa: E402
 from sglang_xshare.servebench.server import Server, ServerDied  # noqa: E402
 
@@ -165,7 +168,7 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
     ``progress(partial)`` gets the record so far after every level, marked incomplete (``error``), so
     what was measured survives a run killed in the middle of a server."""
     port = free_port()
-    safe = cfg.label.replace("@", "_").replace("+", "_").replace("=", "")
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.label.replace("@", "_").replace("+", "_").replace("=", ""))
     switch = out_dir / f"{args.name}_{safe}_s{start}.arm" if (args.ab and cfg.selects) else None
     if switch is not None:
         switch.write_text("0")
@@ -174,6 +177,8 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
     env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
     rec: dict = {"config": cfg.label, "start": start, "command": " ".join(cmd), "levels": [], "log": str(log),
                  "gpu_before": gpu_state()}
+    if cfg.arms:
+        rec["arms"] = list(cfg.arms)
     server = Server(cmd, port, log, env=env)
     t0 = time.time()
     try:
@@ -188,12 +193,16 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
         flush_metrics(server.base_url, args.settle)  # the warm-up's counts reach /metrics before the first level
         for c in args.concurrency:
             runs, ab_runs = [], []
+            arm_runs: dict[str, list[dict]] = {label: [] for label in cfg.arms}
             for rep in range(args.reps):
-                # with the A/B switch: both arms per rep, in ABBA order (drift cancels over two reps)
-                arms = ["policy"] if switch is None else (["sglang", "policy"] if rep % 2 == 0 else ["policy", "sglang"])
-                for arm in arms:
+                # with the A/B switch: every arm per rep (0 = SGLang's routing, 1 = the policy, 2.. = the
+                # other policies of one server), in order and reversed in turn (ABBA: drift cancels over two reps)
+                order = list(range(1 + max(1, len(cfg.arms))))
+                arms = [1] if switch is None else (order if rep % 2 == 0 else order[::-1])
+                for idx in arms:
+                    arm = "sglang" if idx == 0 else (cfg.arms[idx - 1] if cfg.arms else "policy")
                     if switch is not None:
-                        switch.write_text("1" if arm == "policy" else "0")
+                        switch.write_text(str(idx))
                         poke(server.base_url)  # the switch file is read at every step end
                     flushed = flush_cache(server.base_url) if args.flush_cache else None
                     text = scrape(server.base_url)
@@ -210,18 +219,24 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
                     d = counter_delta(before, after)
                     # this run's accept length (speculative servers), from SGLang's counters
                     res["spec_accept_length"] = spec_accept_length(sg_before, sglang_counters(text))
-                    res["xshare"] = per_call(d.get("0", next(iter(d.values()), {})))
+                    # the arm's own counts: every arm selects on every batch; arm N >= 2 counts as rank "0/armN"
+                    res["xshare"] = per_call(d.get("0" if idx <= 1 else f"0/arm{idx}", next(iter(d.values()), {}) if idx <= 1 else {}))
                     res["arm"] = arm
                     if flushed is not None:
                         res["cache_flushed"] = flushed
-                    (runs if arm == "policy" else ab_runs).append(res)
+                    if idx == 0:
+                        ab_runs.append(res)
+                    else:
+                        (arm_runs[arm] if cfg.arms else runs).append(res)
                     print(f"[{cfg.label} #{start}{'' if switch is None else ' ' + arm}] c={c} rep={rep}: "
                           f"{res['output_throughput']:.0f} tok/s, median TPOT {res['median_tpot_ms']:.2f} ms, experts "
                           f"{res['xshare'].get('distinct', float('nan')):.1f} "
                           f"(top-k {res['xshare'].get('topk_distinct', float('nan')):.1f})", flush=True)
-            lvl = {"concurrency": c, "runs": runs}
+            lvl = {"concurrency": c, "runs": arm_runs[cfg.arms[0]] if cfg.arms else runs}
             if switch is not None:
                 lvl["ab_sglang_runs"] = ab_runs
+            if cfg.arms:
+                lvl["arm_runs"] = arm_runs
             rec["levels"].append(lvl)
             if progress is not None:
                 progress(dict(rec, error=f"incomplete: the run stopped after concurrency {c}",
@@ -249,9 +264,26 @@ def _paired(per_start: dict[int, float], base: dict[int, float]) -> list[float]:
     return [per_start[k] / base[k] for k in sorted(per_start) if base.get(k)]
 
 
+def per_arm(records: list[dict]) -> list[dict]:
+    """A one-server record of several policies (``--ab-one-server``) as one record per policy: its
+    own runs, paired with the server's SGLang-arm runs (the same for every policy of the server)."""
+    out = []
+    for rec in records:
+        if not rec.get("arms"):
+            out.append(rec)
+            continue
+        for label in rec["arms"]:
+            levels = [{"concurrency": lvl["concurrency"], "runs": lvl["arm_runs"][label],
+                       "ab_sglang_runs": lvl.get("ab_sglang_runs", [])} for lvl in rec.get("levels", [])]
+            out.append({**{k: v for k, v in rec.items() if k not in ("arms", "levels")}, "config": label,
+                        "server": rec["config"], "levels": levels})
+    return out
+
+
 def summarize(records: list[dict]) -> tuple[list[dict], str]:
     """Rows per (configuration, concurrency): medians over every run of every start, the median of
     each start, and the ratio to ``off`` -- pooled (median / median) and paired within rounds."""
+    records = per_arm(records)
     groups: dict[tuple[str, int], dict[int, list[dict]]] = {}
     ab: dict[tuple[str, int], list[tuple[dict, dict]]] = {}
     for rec in records:
@@ -567,6 +599,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="in-server A/B: every policy server also runs SGLang's routing (--xshare-ab-switch) and each "
                          "rep runs both arms (ABBA order); reports the policy's TPOT speed-up over its own server's "
                          "SGLang arm, free of the spread between servers")
+    ap.add_argument("--ab-one-server", action="store_true",
+                    help="with --ab: every configuration is an arm of ONE server (the first its policy, the others "
+                         "--xshare-ab-arm): each rep runs SGLang's arm and every policy's on the same server, in "
+                         "order and reversed; one start-up for the whole comparison")
     ap.add_argument("--flush-cache", action="store_true",
                     help="SGLang's /flush_cache before every measured run: each run starts with an empty prefix "
                          "cache and an empty NGRAM corpus (NGRAM learns from the previous run's outputs, so without "
@@ -587,6 +623,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.starts < 1:
         ap.error("--starts must be >= 1")
     configs = parse_configs(args.configs)
+    if args.ab_one_server:
+        if not args.ab:
+            ap.error("--ab-one-server needs --ab")
+        try:
+            configs = [one_server(configs)]
+        except ValueError as e:
+            ap.error(str(e))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     args.dummy = args.preset is not None

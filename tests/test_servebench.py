@@ -282,16 +282,11 @@ def test_ab_mode_pairs_each_policy_run_with_its_own_servers_sglang_arm(tmp_path)
     assert "1.150 [1.100-1.200]" in table and "(2 pairs)" in table
 
 
-def test_ab_runs_flip_the_switch_then_flush_sglangs_cache_before_each_measured_run(tmp_path, monkeypatch):
-    """``--ab --flush-cache`` (NGRAM: its corpus learns from each run's outputs, so without a flush the
-    second arm of a pair, same prompts, accepts more): before every measured run the switch file
-    names the arm, one request makes every rank read it, then SGLang's ``/flush_cache`` empties the
-    caches; both arms of a rep send the same prompts, in ABBA order. Without the flag: no flush."""
-    serve = _serve_module()
-    events: list = []
-    arm_file: list = []
+def _fake_server(arm_file: list):
+    """The process side of bench/serve.py's ``Server`` and nothing else (no SGLang starts on CPU):
+    records the A/B switch file of the command it is given."""
 
-    class FakeServer:  # the process side of a server (bench/serve.py's Server), nothing else
+    class FakeServer:
         def __init__(self, cmd, port, log, env=None):
             arm_file.append(cmd[cmd.index("--xshare-ab-switch") + 1])
             self.base_url = f"http://127.0.0.1:{port}"
@@ -308,6 +303,19 @@ def test_ab_runs_flip_the_switch_then_flush_sglangs_cache_before_each_measured_r
         def tail(self):
             return ""
 
+    return FakeServer
+
+
+def test_ab_runs_flip_the_switch_then_flush_sglangs_cache_before_each_measured_run(tmp_path, monkeypatch):
+    """``--ab --flush-cache`` (NGRAM: its corpus learns from each run's outputs, so without a flush the
+    second arm of a pair, same prompts, accepts more): before every measured run the switch file
+    names the arm, one request makes every rank read it, then SGLang's ``/flush_cache`` empties the
+    caches; both arms of a rep send the same prompts, in ABBA order. Without the flag: no flush."""
+    serve = _serve_module()
+    events: list = []
+    arm_file: list = []
+
+    FakeServer = _fake_server(arm_file)
     def bench(argv):
         seed = argv[argv.index("--seed") + 1]
         events.append(("run", seed, Path(arm_file[0]).read_text()))
@@ -334,6 +342,51 @@ def test_ab_runs_flip_the_switch_then_flush_sglangs_cache_before_each_measured_r
     args.flush_cache = False
     serve.run_config(parse_config("xshare@0.7"), "m", args, [], tmp_path)
     assert ("flush",) not in events
+
+
+def test_one_server_runs_every_policy_as_an_arm_and_reports_each(tmp_path, monkeypatch):
+    """``--ab --ab-one-server``: the configurations become the arms of one server (the first its
+    policy, the others ``--xshare-ab-arm`` flags SGLang's launcher parses back to the same policies);
+    each rep runs SGLang's arm and every policy's, in order then reversed; each policy's runs keep its
+    own live-metric counts (rank ``0`` / ``0/armN``) and pair with the server's SGLang runs."""
+    from sglang_xshare.serving.flags import parse_xshare_argv
+    from sglang_xshare.servebench.configs import one_server
+
+    serve = _serve_module()
+    cfg = one_server(parse_configs("xshare@0.7,oea+k0=4,cap+cap=6"))
+    assert cfg.arms == ("xshare@0.7", "oea+k0=4", "cap+cap=6")
+    args = SimpleNamespace(ab=True, flush_cache=False, reps=2, concurrency=[4], graph_bs=[1, 2, 4], max_bs=4, tp=2,
+                           ep=2, mem_fraction=0.8, dummy=True, ray=False, startup_timeout=10.0, input_len=8,
+                           output_len=16, settle=0.0, min_prompts=1, waves=2, seed=1, name="t", stop_grace=1.0)
+    cmd = serve.server_command(cfg, "m", 1, args, [], str(tmp_path / "arm"))
+    xs = parse_xshare_argv(cmd[cmd.index("--xshare-policy"):])
+    assert [(a.policy, a.budget, a.warmup_k0, a.cap) for a in xs.arm_configs()] == [
+        ("xshare", "0.7", 1, None), ("oea", None, 4, None), ("cap", None, 1, 6)]
+    seen, arm_file, n = [], [], [0]
+
+    FakeServer = _fake_server(arm_file)
+    def bench(argv):
+        arm = Path(arm_file[0]).read_text()
+        seen.append(arm)
+        return {"output_throughput": 100.0 * (1 + int(arm)), "median_tpot_ms": 10.0 / (1 + int(arm))}
+
+    def counters(text):  # every arm counts on every batch: arm i's distinct experts are 10 * i per call
+        n[0] += 1
+        return {r: {"calls": float(n[0]), "distinct": 10.0 * i * n[0]} for i, r in ((1, "0"), (2, "0/arm2"), (3, "0/arm3"))}
+
+    for name, fn in (("Server", FakeServer), ("run_bench_serving", bench), ("poke", lambda url: None),
+                     ("flush_metrics", lambda url, settle: None), ("scrape", lambda url: ""), ("gpu_state", lambda: []),
+                     ("xshare_counters", counters)):
+        monkeypatch.setattr(serve, name, fn)
+    rec = serve.run_config(cfg, "m", args, [], tmp_path)
+    assert seen[1:] == ["0", "1", "2", "3", "3", "2", "1", "0"]  # after the warm-up run
+    assert "error" not in rec and rec["arms"] == list(cfg.arms)
+    rows, table = serve.summarize([rec])
+    by = {r["config"]: r for r in rows}
+    assert list(by) == ["xshare@0.7", "oea+k0=4", "cap+cap=6"]
+    for i, label in enumerate(cfg.arms, start=1):
+        assert by[label]["experts"] == pytest.approx(10.0 * i)
+        assert by[label]["ab_tpot_speedups"] == pytest.approx([1.0 + i, 1.0 + i])  # vs the server's SGLang arm
 
 
 def test_flush_cache_retries_while_sglang_refuses_with_requests_running():

@@ -66,6 +66,16 @@ def test_split_keeps_order_and_values():
     (["--xshare-metrics-interval", "0"], "--xshare-metrics-interval", ">= 1"),
     (["--xshare-record-trace", "/nonexistent/dir/t.npz"], "--xshare-record-trace", "does not exist"),
     (["--xshare-budjet", "8"], "--xshare-budjet", "unknown flag"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-ab-arm", "policy=oea"], "--xshare-ab-arm",
+     "add --xshare-ab-switch"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-ab-switch", "/tmp/arm", "--xshare-ab-arm",
+      "policy=oea,metrics"], "--xshare-ab-arm", "'metrics' is not a policy flag"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-ab-switch", "/tmp/arm", "--xshare-ab-arm",
+      "policy=topk"], "--xshare-ab-arm", "other than off / topk"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-ab-switch", "/tmp/arm", "--xshare-ab-arm",
+      "policy=xshare,budget=lots"], "--xshare-ab-arm", "cannot parse budget"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-ab-switch", "/tmp/arm", "--xshare-ab-arm",
+      "policy=cap"], "--xshare-ab-arm", "needs --xshare-cap"),
 ])
 def test_rejects_bad_values_naming_the_flag(argv, flag, fragment):
     with pytest.raises(XShareConfigError) as e:
@@ -147,3 +157,22 @@ def test_hard_cap_flag_reaches_the_selection_config():
     assert cfg.hard_cap and cfg.selection_config().hard_cap
     assert XShareServerConfig.from_json(cfg.to_json()).hard_cap  # reaches the spawned processes
     assert not parse_xshare_argv(["--xshare-policy", "xshare_ep", "--xshare-budget", "24"]).selection_config().hard_cap
+
+
+def test_ab_arms_take_the_policy_flags_and_inherit_the_rest():
+    """``--xshare-ab-arm SPEC``: the policy flags of one more A/B arm; the server's other flags (empty
+    slots, metrics, ...) are the arm's too, ``--xshare-ep-global`` where the arm's policy has batch
+    statistics; the config survives the trip to SGLang's child processes (JSON)."""
+    from sglang_xshare.serving.flags import arm_spec, arm_spec_argv
+
+    argv = ["--xshare-policy", "xshare_ep", "--xshare-budget", "0.7", "--xshare-ep-global", "--xshare-empty-slots",
+            "minus_one", "--xshare-ab-switch", "/tmp/arm", "--xshare-ab-arm", "policy=oea,warmup-k0=4",
+            "--xshare-ab-arm", "policy=cap,cap=6,min-tokens=2"]
+    _, cfg = parse_server_argv(["--model-path", "dummy"] + argv)
+    main, oea, cap = cfg.arm_configs()
+    assert main is cfg and (oea.policy, oea.warmup_k0, oea.ep_global, oea.empty_slots) == ("oea", 4, True, "minus_one")
+    assert (cap.policy, cap.cap, cap.min_tokens, cap.ep_global, cap.budget) == ("cap", 6, "2", False, None)
+    assert oea.ab_arms == () and oea.ab_switch == cfg.ab_switch
+    assert XShareServerConfig.from_json(cfg.to_json()) == cfg
+    flags = ["--xshare-policy", "xshare_ep", "--xshare-budget", "0.7", "--xshare-hard-cap"]
+    assert arm_spec(flags) == "policy=xshare_ep,budget=0.7,hard-cap" and arm_spec_argv(arm_spec(flags)) == flags

@@ -510,7 +510,7 @@ def test_ep_global_selects_from_every_ranks_tokens(sg, installed, monkeypatch, p
     assert next(iter(hook._STATE.layers.values())).paths[1] == "fast" and (one.topk_ids >= 0).any()
 
 
-def test_ep_global_rank_without_tokens_joins_the_all_reduce(sg, installed, monkeypatch):
+def test_ep_global_rank_without_tokens_joins_the_all_reduce(sg, installed, monkeypatch, tmp_path):
     """``--xshare-ep-global`` under DP attention / DeepEP: a rank whose MoE input is empty does not
     route (SGLang's model calls ``TopK.empty_topk_output``); it must still join the layer's
     all-reduce once, with zeros shaped as the other rank's, else the rank with tokens waits forever
@@ -547,6 +547,11 @@ def test_ep_global_rank_without_tokens_joins_the_all_reduce(sg, installed, monke
     installed(policy="xshare", budget="0.5", empty_slots="minus_one")
     _topk(sg).empty_topk_output(torch.device("cpu"))
     assert len(grp.sent) == 4
+    # A/B arms (--xshare-ab-arm) each run their own collective: the oea arm joins too, cap has none
+    installed(policy="xshare", budget="0.5", empty_slots="minus_one", ep_global=True, ab_switch=str(tmp_path / "a"),
+              ab_arms=("policy=oea", "policy=cap,cap=2"))
+    _topk(sg, layer_id=6).empty_topk_output(torch.device("cpu"))
+    assert len(grp.sent) == 6
 
 
 def _ep_global_rank(rank: int, port: int, queue) -> None:
@@ -632,6 +637,68 @@ def test_ep_global_two_ranks_one_without_tokens_do_not_hang():
         assert torch.equal(got[1][step].to(torch.int32), ref[T // 2:])
 
 
+def test_ab_arms_compare_several_policies_in_one_server(sg, installed, tmp_path):
+    """``--xshare-ab-arm``: more policies beside the main one, every one computed on every batch; the
+    switch file's number picks whose routing the experts get (0 = SGLang's, 1 = the main policy,
+    2.. = the arms), each exactly what that policy alone would route. Each arm counts its own live
+    metrics (rank label ``R/armN``). A one-token batch: the batch policies step aside, ``cap``
+    (min tokens 1) still selects. A number beyond the arms reads as SGLang's."""
+    import os
+
+    from sglang_xshare.serving.flags import parse_xshare_argv
+
+    sw = tmp_path / "arm"
+    sw.write_text("0")
+    cfg = installed(policy="xshare", budget="8", empty_slots="minus_one", ab_switch=str(sw), metrics=True,
+                    metrics_interval=1000, ab_arms=("policy=oea,warmup-k0=2", "policy=cap,cap=2"))
+    main, oea, cap = cfg.arm_configs()
+    assert (oea.policy, oea.warmup_k0, cap.policy, cap.cap) == ("oea", 2, "cap", 2)
+    assert parse_xshare_argv(["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-ab-switch", str(sw),
+                              "--xshare-ab-arm", "policy=oea,warmup-k0=2", "--xshare-ab-arm", "policy=cap,cap=2",
+                              "--xshare-empty-slots", "minus_one", "--xshare-metrics", "--xshare-metrics-interval",
+                              "1000"]) == cfg
+    x, logits = torch.randn(T, HIDDEN), _logits(23)
+    plain = _topk(sg).forward_native(x, logits.clone())
+    refs = [_selector(c)(logits, layer_id=3) for c in (main, oea, cap)]
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert not torch.equal(refs[a].topk_ids, refs[b].topk_ids)  # the arms differ on this batch
+    tk = _topk(sg)
+    mtime = [sw.stat().st_mtime_ns]
+
+    def step(n=T):
+        with hook.batch_scope(hook.BatchInfo("decode", batch_size=n)):
+            return tk.forward_native(x[:n], logits[:n].clone())
+
+    def write(text):
+        sw.write_text(text)
+        mtime[0] += 1_000_000
+        os.utime(sw, ns=(mtime[0], mtime[0]))
+        step()  # read at this step's end
+
+    def routed_by(out, ref):
+        return torch.equal(out.topk_ids.to(torch.int32), ref.topk_ids) and torch.equal(out.topk_weights, ref.topk_weights)
+
+    assert torch.equal(step().topk_ids, plain.topk_ids)
+    for arm, ref in ((1, refs[0]), (2, refs[1]), (3, refs[2])):
+        write(str(arm))
+        assert hook._STATE.switch.arm == arm and routed_by(step(), ref), arm
+    write("9")  # no such arm
+    out = step()
+    assert hook._STATE.switch.arm == 0 and torch.equal(out.topk_ids, plain.topk_ids)
+    one_plain = _topk(sg).forward_native(x[:1], logits[:1].clone())
+    write("3")
+    assert routed_by(step(1), _selector(cap)(logits[:1], layer_id=3))  # cap selects one token
+    write("1")
+    assert torch.equal(step(1).topk_ids, one_plain.topk_ids)  # xshare steps aside at one token
+    counts = [m.flush()[3] for m in (hook._STATE.metrics, *hook._STATE.arm_metrics)]
+    assert [m.rank for m in hook._STATE.arm_metrics] == ["0/arm2", "0/arm3"]
+    calls = [c["calls"] for c in counts]
+    assert calls[0] == calls[1] and calls[2] > calls[1]  # every arm ran every batch; cap also the one-token ones
+    per_call = [c["distinct"] / c["calls"] for c in counts[:2]]
+    assert per_call == [len(set(r.topk_ids[r.topk_ids >= 0].tolist())) for r in refs[:2]]
+
+
 def test_ab_switch_gives_the_experts_the_arm_the_file_names(sg, installed, tmp_path):
     """``--xshare-ab-switch``: both routings are computed, the file (read at step ends) picks the one
     the experts get; the device flag is flipped in place (captured graphs keep reading it)."""
@@ -666,10 +733,10 @@ def test_ab_switch_gives_the_experts_the_arm_the_file_names(sg, installed, tmp_p
         return torch.equal(out.topk_ids.to(torch.int32), ref.topk_ids) and torch.equal(out.topk_weights, ref.topk_weights)
 
     assert is_sglang(step())
-    flag = hook._STATE.switch.flag(logits.device)
+    flag = hook._STATE.switch.on_flag(logits.device)
     write("1")
     assert is_sglang(step())  # read at that step's end ...
-    assert is_policy(step()) and bool(flag) and hook._STATE.switch.flag(logits.device) is flag  # ... in place
+    assert is_policy(step()) and bool(flag) and hook._STATE.switch.on_flag(logits.device) is flag  # ... in place
     write("policy")
     assert is_policy(step())  # same arm: nothing flips
     write("0")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ServeConfig", "parse_config", "parse_configs"]
+__all__ = ["ServeConfig", "one_server", "parse_config", "parse_configs"]
 
 _KEYS = {"k0": "--xshare-warmup-k0", "cap": "--xshare-cap", "rb": "--xshare-request-budget",
          "min": "--xshare-min-tokens", "empty": "--xshare-empty-slots"}
@@ -33,6 +33,8 @@ class ServeConfig:
     policy: str
     plain: bool = False
     flags: tuple[str, ...] = field(default=())
+    #: one server, several policies (``--xshare-ab-arm``): the labels of switch arms 1, 2, ... (else empty)
+    arms: tuple[str, ...] = field(default=())
 
     @property
     def selects(self) -> bool:
@@ -67,6 +69,23 @@ def parse_config(text: str) -> ServeConfig:
         else:
             raise ValueError(f"unknown switch {k!r} in {text!r}; known: {', '.join(_SWITCHES)}")
     return ServeConfig(text.strip(), name, False, tuple(flags))
+
+
+def one_server(configs: list[ServeConfig]) -> ServeConfig:
+    """Policy configurations as the arms of one A/B server: the first is the server's policy (switch
+    arm 1), each other one a ``--xshare-ab-arm`` (arms 2, 3, ...); arm 0 is SGLang's routing.
+    ``+global`` must be on all of them or none (it is the server's flag)."""
+    from ..serving.flags import arm_spec
+
+    if not configs or any(not c.selects for c in configs):
+        raise ValueError("one server's arms are policies; SGLang's routing (off / plain / topk) is arm 0 already")
+    if len({"--xshare-ep-global" in c.flags for c in configs}) > 1:
+        raise ValueError("+global is a server flag: give it to every configuration or to none")
+    flags = list(configs[0].flags)
+    for c in configs[1:]:
+        flags += ["--xshare-ab-arm", arm_spec([f for f in c.flags if f != "--xshare-ep-global"])]
+    return ServeConfig(" | ".join(c.label for c in configs), configs[0].policy, False, tuple(flags),
+                       tuple(c.label for c in configs))
 
 
 def parse_configs(text: str) -> list[ServeConfig]:

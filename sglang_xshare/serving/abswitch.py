@@ -8,15 +8,17 @@ captured CUDA graph). Both arms run the same kernels; only the experts the MoE l
 so alternating the arms within one server measures the expert cut alone. (What the policy's
 kernel costs beside SGLang's top-k is measured separately, ``bench/hook_overhead.py``.)
 
-The flag follows the file ``PATH``: ``1`` / ``on`` / ``policy`` -> the policy's routing, anything
-else or no file -> SGLang's. It is read at the end of decode / verify steps and of a DP rank's idle
+The flag follows the file ``PATH``: ``1`` / ``on`` / ``policy`` -> the policy's routing, ``2``, ``3``,
+... -> the arms of ``--xshare-ab-arm`` (other policies, each computed in every layer too), anything
+else or no file -> SGLang's (arm ``0``). It is read at the end of decode / verify steps and of a DP rank's idle
 steps (outside CUDA graphs) whenever the file's modification time changes, and written to the device
 flag with ``fill_`` on the current stream, so the next step's graph replay reads it. Each process
 (TP / EP rank) polls on its own, so for one step around a flip the ranks may route by different
 arms: switch between measured runs (``bench/serve.py --ab`` flips, then sends one short request,
 then measures). A measurement mode:
 it costs SGLang's top-k plus two ``where`` kernels per MoE layer in both arms, and SGLang's expert
-distribution recorder sees both routings.
+distribution recorder sees both routings. With extra arms (``--xshare-ab-arm``) every arm's policy
+runs in every layer too (one selection each) and a gather on the arm index replaces the ``where``.
 """
 
 from __future__ import annotations
@@ -34,12 +36,18 @@ logger = logging.getLogger("sglang_xshare")
 _ON = {"1", "on", "policy", "true", "yes"}
 
 
-def read_arm(path: str | os.PathLike) -> bool:
-    """Whether the file selects the policy's routing (``False`` when missing or unreadable)."""
+def read_arm(path: str | os.PathLike, num_arms: int = 1) -> int:
+    """The arm the file selects: ``0`` = SGLang's routing (also when missing, unreadable or out of
+    range), ``1`` = the policy (``1`` / ``on`` / ``policy``), ``2 .. num_arms`` = the extra arms."""
     try:
-        return Path(path).read_text().strip().lower() in _ON
+        text = Path(path).read_text().strip().lower()
     except OSError:
-        return False
+        return 0
+    if text in _ON:
+        return 1
+    if text.isdigit() and int(text) <= num_arms:
+        return int(text)
+    return 0
 
 
 class ABSwitch:
@@ -47,14 +55,22 @@ class ABSwitch:
 
     Args:
         path: the switch file.
+        num_arms: policy arms (1 + the number of ``--xshare-ab-arm``); arm 0 is SGLang's routing.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, num_arms: int = 1) -> None:
         self.path = Path(path)
-        self.on = read_arm(self.path)
+        self.num_arms = int(num_arms)
+        self.arm = read_arm(self.path, self.num_arms)
         self._mtime = self._stat()
         self._flags: dict[torch.device, torch.Tensor] = {}
+        self._on: dict[torch.device, torch.Tensor] = {}
         self.flips = 0
+
+    @property
+    def on(self) -> bool:
+        """Whether a policy arm (not SGLang's routing) is selected."""
+        return self.arm != 0
 
     def _stat(self) -> float | None:
         try:
@@ -63,12 +79,16 @@ class ABSwitch:
             return None
 
     def flag(self, device: torch.device) -> torch.Tensor:
-        """``[1] bool`` on ``device``: True = the policy's routing (allocated once per device)."""
-        f = self._flags.get(device)
-        if f is None:
-            f = torch.full((1,), self.on, dtype=torch.bool, device=device)
-            self._flags[device] = f
-        return f
+        """``[1] int64`` on ``device``: the selected arm (allocated once per device)."""
+        if device not in self._flags:
+            self._flags[device] = torch.full((1,), self.arm, dtype=torch.int64, device=device)
+        return self._flags[device]
+
+    def on_flag(self, device: torch.device) -> torch.Tensor:
+        """``[1] bool`` on ``device``: a policy arm is selected (one arm: a ``where`` picks it)."""
+        if device not in self._on:
+            self._on[device] = torch.full((1,), self.on, dtype=torch.bool, device=device)
+        return self._on[device]
 
     def poll(self) -> bool:
         """Re-read the file if it changed; set every flag. Returns whether the arm changed."""
@@ -76,28 +96,35 @@ class ABSwitch:
         if m == self._mtime:
             return False
         self._mtime = m
-        on = read_arm(self.path)
-        if on == self.on:
+        arm = read_arm(self.path, self.num_arms)
+        if arm == self.arm:
             return False
-        self.on = on
+        self.arm = arm
         for f in self._flags.values():
-            f.fill_(on)
+            f.fill_(arm)
+        for f in self._on.values():
+            f.fill_(arm != 0)
         self.flips += 1
-        logger.info("xshare: A/B switch -> %s routing", "policy" if on else "SGLang's")
+        logger.info("xshare: A/B switch -> %s", "SGLang's routing" if arm == 0 else
+                    ("the policy's routing" if arm == 1 else f"arm {arm}"))
         return True
 
-    def choose(self, policy_ids: torch.Tensor, policy_w: torch.Tensor, sglang_ids: torch.Tensor,
-               sglang_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The arm's routing.
+    def choose(self, sglang_ids: torch.Tensor, sglang_w: torch.Tensor,
+               arms: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selected arm's routing (a gather on the device flag: no host sync, graph-capturable).
 
         Args:
-            policy_ids / policy_w: the policy's ``[T, k]`` ids (int32) and weights (float32).
-            sglang_ids / sglang_w: SGLang's ``[T, k]`` ids and weights (any int / float dtype).
+            sglang_ids / sglang_w: SGLang's ``[T, k]`` ids and weights (any int / float dtype): arm 0.
+            arms: the policy arms' ``(ids, weights)``, ``[T, k]`` each (any dtypes): arms 1, 2, ...
 
         Returns:
             ``(ids, weights)`` in SGLang's dtypes, ``[T, k]``.
         """
-        f = self.flag(policy_ids.device)
-        ids = torch.where(f[:, None], policy_ids.to(sglang_ids.dtype), sglang_ids)
-        w = torch.where(f[:, None], policy_w.to(sglang_w.dtype), sglang_w)
-        return ids, w
+        if len(arms) == 1:  # two where (what the committed A/B runs measured)
+            on = self.on_flag(sglang_ids.device)[:, None]
+            return (torch.where(on, arms[0][0].to(sglang_ids.dtype), sglang_ids),
+                    torch.where(on, arms[0][1].to(sglang_w.dtype), sglang_w))
+        f = self.flag(sglang_ids.device)
+        ids = torch.stack([sglang_ids] + [a.to(sglang_ids.dtype) for a, _ in arms])
+        w = torch.stack([sglang_w] + [b.to(sglang_w.dtype) for _, b in arms])
+        return ids.index_select(0, f)[0], w.index_select(0, f)[0]

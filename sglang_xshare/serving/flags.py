@@ -32,6 +32,8 @@ __all__ = [
     "ENV_VAR",
     "SERVER_POLICIES",
     "XShareServerConfig",
+    "arm_spec",
+    "arm_spec_argv",
     "add_xshare_args",
     "build_parser",
     "split_xshare_argv",
@@ -93,6 +95,10 @@ class XShareServerConfig:
         ab_switch: in-server A/B measurement (:mod:`.abswitch`): a file whose content picks, at run
             time, whether the experts get the policy's routing (``1``) or SGLang's (``0``); both are
             computed in every layer the policy applies to. ``None``: off.
+        ab_arms: more arms for the switch (``--xshare-ab-arm``, repeated): each a policy spec
+            ``KEY=VALUE,...`` of the policy flags without ``--xshare-`` (``policy=oea,warmup-k0=4``,
+            ``policy=cap,cap=6``); arm ``i + 2`` of the switch file. Every arm is computed in every
+            layer, so one server compares several policies on the same batches.
     """
 
     policy: str = "off"
@@ -116,6 +122,7 @@ class XShareServerConfig:
     record_trace: str | None = None
     record_trace_steps: int = 256
     ab_switch: str | None = None
+    ab_arms: tuple[str, ...] = ()
 
     # ---- derived ------------------------------------------------------------------------
     @property
@@ -165,6 +172,29 @@ class XShareServerConfig:
         )
         return cfg.validate(routing) if routing is not None else cfg
 
+    def arm_configs(self) -> list["XShareServerConfig"]:
+        """The switch's policy arms: ``[self]`` then one config per ``--xshare-ab-arm`` (its policy
+        flags over this config's other flags; ``--xshare-ep-global`` kept where the arm's policy has
+        batch statistics). Raises :class:`XShareConfigError` naming ``--xshare-ab-arm``."""
+        out = [self]
+        for spec in self.ab_arms:
+            argv = arm_spec_argv(spec)
+            try:
+                arm = parse_xshare_argv(argv)
+            except XShareConfigError as e:
+                raise XShareConfigError("--xshare-ab-arm", f"{spec!r}: {e}") from None
+            if not arm.selects or arm.policy == "topk":
+                raise XShareConfigError("--xshare-ab-arm", f"{spec!r}: an arm needs a policy other than off / topk "
+                                        "(SGLang's routing is arm 0 already)")
+            fields = {f: getattr(arm, f) for f in ARM_FIELDS}
+            merged = dataclasses.replace(self, ab_arms=(), record_trace=None, **fields,
+                                         ep_global=self.ep_global and arm.policy in EP_GLOBAL_POLICIES)
+            try:
+                out.append(merged.validate())
+            except XShareConfigError as e:
+                raise XShareConfigError("--xshare-ab-arm", f"{spec!r}: {e}") from None
+        return out
+
     # ---- validation ---------------------------------------------------------------------
     def validate(self, routing: RoutingSpec | None = None) -> "XShareServerConfig":
         """Check every flag (and, with ``routing``, against the model); return ``self``."""
@@ -188,7 +218,7 @@ class XShareServerConfig:
             raise XShareConfigError("--xshare-empty-slots", f"must be auto, minus_one, fill or distinct, got {self.empty_slots!r}")
         if self.min_tokens != "auto" and not (str(self.min_tokens).isdigit() and int(self.min_tokens) >= 1):
             raise XShareConfigError("--xshare-min-tokens", f"must be 'auto' or an integer >= 1, got {self.min_tokens!r}")
-        if self.ep_global and self.policy not in ("oea", "oea_simple", "xshare", "xshare_ep"):
+        if self.ep_global and self.policy not in EP_GLOBAL_POLICIES:
             raise XShareConfigError("--xshare-ep-global", f"policy {self.policy} has no batch statistics to share "
                                     "across ranks (oea, oea_simple, xshare, xshare_ep)")
         if self.metrics_interval < 1:
@@ -208,6 +238,10 @@ class XShareServerConfig:
             parent = Path(self.ab_switch).expanduser().resolve().parent
             if not parent.is_dir():
                 raise XShareConfigError("--xshare-ab-switch", f"directory {str(parent)!r} does not exist")
+        if self.ab_arms:
+            if self.ab_switch is None:
+                raise XShareConfigError("--xshare-ab-arm", "arms are picked by the A/B switch: add --xshare-ab-switch PATH")
+            self.arm_configs()
         # Flags that mean nothing for the chosen policy are an error, not silently ignored.
         budgeted = self.policy in ("xshare", "xshare_ep", "xshare_spec")
         if self.policy == "off":
@@ -249,6 +283,8 @@ class XShareServerConfig:
         unknown = set(data) - names
         if unknown:
             raise XShareConfigError(ENV_VAR, f"unknown keys {sorted(unknown)} (sglang_xshare versions differ?)")
+        if "ab_arms" in data:
+            data["ab_arms"] = tuple(data["ab_arms"])  # JSON has lists
         return XShareServerConfig(**data).validate()
 
     @staticmethod
@@ -330,6 +366,11 @@ def add_xshare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "the policy, anything else or no file = SGLang's; read at decode-step ends). Both arms "
                         "run the same kernels, so alternating them inside one server measures the expert cut "
                         "alone (bench/serve.py --ab).")
+    g.add_argument("--xshare-ab-arm", action="append", default=None, metavar="SPEC",
+                   help="Another policy arm of --xshare-ab-switch (repeat for more): its policy flags without "
+                        "'--xshare-', e.g. 'policy=oea,warmup-k0=4' or 'policy=cap,cap=6'; the switch file's '2' "
+                        "picks the first, '3' the second, ... Every arm runs in every layer, so one server compares "
+                        "several policies on the same batches (bench/serve.py --ab --ab-one-server).")
     return parser
 
 
@@ -356,7 +397,47 @@ def _config_from_namespace(ns: argparse.Namespace) -> XShareServerConfig:
         record_trace=ns.xshare_record_trace,
         record_trace_steps=ns.xshare_record_trace_steps,
         ab_switch=ns.xshare_ab_switch,
+        ab_arms=tuple(ns.xshare_ab_arm or ()),
     )
+
+
+#: The fields an arm (``--xshare-ab-arm``) sets; the others come from the server's own flags.
+ARM_FIELDS = ("policy", "budget", "warmup_k0", "request_budget", "cap", "layer_budgets", "min_score", "mass_source",
+              "fill_to_peak", "hard_cap", "warmup_p", "min_tokens")
+#: Policies with batch statistics to share across EP ranks (``--xshare-ep-global``).
+EP_GLOBAL_POLICIES = ("oea", "oea_simple", "xshare", "xshare_ep")
+
+
+def arm_spec_argv(spec: str) -> list[str]:
+    """``'policy=oea,warmup-k0=4'`` -> ``['--xshare-policy', 'oea', '--xshare-warmup-k0', '4']`` (a bare
+    key is a switch: ``hard-cap`` -> ``--xshare-hard-cap``). Only the policy flags (:data:`ARM_FIELDS`)."""
+    allowed = {"--xshare-" + f.replace("_", "-") for f in ARM_FIELDS if f != "fill_to_peak"} | {"--xshare-no-fill-to-peak"}
+    argv: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        flag = "--xshare-" + key.strip()
+        if flag not in allowed:
+            raise XShareConfigError("--xshare-ab-arm", f"{spec!r}: {key.strip()!r} is not a policy flag; an arm takes "
+                                    f"{', '.join(sorted(a[len('--xshare-'):] for a in allowed))}")
+        argv += [flag, value.strip()] if eq else [flag]
+    return argv
+
+
+def arm_spec(xshare_argv: Sequence[str]) -> str:
+    """Inverse of :func:`arm_spec_argv`: policy flags -> ``'policy=oea,warmup-k0=4'``."""
+    takes = _takes_value()
+    parts, i, argv = [], 0, list(xshare_argv)
+    while i < len(argv):
+        key = argv[i][len("--xshare-"):]
+        if takes.get(argv[i], False):
+            parts.append(f"{key}={argv[i + 1]}")
+            i += 2
+        else:
+            parts.append(key)
+            i += 1
+    return ",".join(parts)
 
 
 class _RaisingParser(argparse.ArgumentParser):

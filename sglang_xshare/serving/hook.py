@@ -165,14 +165,20 @@ class _State:
         self.metrics = None
         self.recorder = None
         self.switch = None
+        #: ``--xshare-ab-arm``: the other policy arms (switch arms 2, 3, ...) and their metrics
+        self.arm_cfgs = cfg.arm_configs()[1:]
+        self.arm_metrics: list[Any] = [None] * len(self.arm_cfgs)
         if cfg.ab_switch is not None:
             from .abswitch import ABSwitch
 
-            self.switch = ABSwitch(cfg.ab_switch)
+            self.switch = ABSwitch(cfg.ab_switch, 1 + len(self.arm_cfgs))
         if cfg.metrics:
             from .metrics import LiveMetrics, _rank
 
             self.metrics = LiveMetrics(cfg.metrics_interval, rank=_rank())
+            # each arm counts its own selection (every arm runs in every layer), as rank "R/armN"
+            self.arm_metrics = [LiveMetrics(cfg.metrics_interval, rank=f"{_rank()}/arm{i + 2}")
+                                for i in range(len(self.arm_cfgs))]
         if cfg.record_trace is not None:
             from .recorder import TraceRecorder
 
@@ -189,7 +195,10 @@ class _State:
         if lp is not None and lp.num_experts == router_logits.shape[-1]:
             return lp
         with self.lock:
-            lp = build_layer(self.cfg, tc, -1 if layer_id is None else int(layer_id), router_logits, self.metrics)
+            lid = -1 if layer_id is None else int(layer_id)
+            lp = build_layer(self.cfg, tc, lid, router_logits, self.metrics)
+            if self.arm_cfgs and lp.selector is not None and not lp.is_draft:
+                lp.arms = [build_layer(a, tc, lid, router_logits, m) for a, m in zip(self.arm_cfgs, self.arm_metrics)]
             self.layers[key] = lp
             if lp.selector is not None and not lp.is_draft:
                 self.min_tokens = lp.min_tokens
@@ -213,8 +222,9 @@ class _State:
                               "all-reduce (the other ranks may wait)", layer_id, level=logging.WARNING)
                 return
             lp = self.layer(tc, layer_id, torch.empty(0, E, device=device))
-        if lp.stats_reduce is not None:
-            lp.stats_reduce(lp.idle_stats.zero_())
+        for a in (lp, *lp.arms):
+            if a.stats_reduce is not None:
+                a.stats_reduce(a.idle_stats.zero_())
 
     def _num_experts_hint(self) -> int | None:
         """Logical experts of the model: a built target layer's, else SGLang's expert-location metadata's."""
@@ -247,13 +257,19 @@ class _State:
                 n = info.num_real_tokens
                 if self.min_tokens is not None and n is not None:
                     path = "policy" if n >= self.min_tokens else "sglang"
-                    if path == "policy" and self.switch is not None and not self.switch.on:
-                        path = "ab_sglang"  # the A/B switch gave this step SGLang's routing
-                self.metrics.on_step_end(path)
+                for idx, m in enumerate([self.metrics, *self.arm_metrics], start=1):
+                    m.on_step_end(self._arm_path(path, idx))
             if self.recorder is not None:
                 self.recorder.on_step_end(info)
         if self.switch is not None:
             self.switch.poll()  # the next step (and graph replay) reads the new arm
+
+    def _arm_path(self, path: str | None, idx: int) -> str | None:
+        """The path label of a policy step for arm ``idx``'s metrics: ``policy`` when the switch
+        gives the experts that arm's routing, ``ab_sglang`` when SGLang's, ``ab_armN`` another arm's."""
+        if path != "policy" or self.switch is None or self.switch.arm == idx:
+            return path
+        return "ab_sglang" if self.switch.arm == 0 else f"ab_arm{self.switch.arm}"
 
 
 _STATE: _State | None = None
@@ -347,9 +363,13 @@ def _make_select_experts_wrapper(orig: Callable) -> Callable:
                         "draft" if lp.is_draft else "target", T, path)
         if st.recorder is not None and not lp.is_draft and st.applies_to_batch():
             st.recorder.record(lp, router_logits)
-        if lp.stats_reduce is not None and path not in ("fast", "general"):
-            lp.stats_reduce(lp.idle_stats.zero_())  # every rank joins the collective on every call
-        if path in ("sglang", "legacy"):
+        # --xshare-ab-arm: the other policies run on the same batch (each on its own path)
+        arms = lp.arms if (st.switch is not None and not lp.is_draft) else []
+        arm_paths = [_decide(st, a, topk_mod, T, topk_config, expert_location_dispatch_info, extra) for a in arms]
+        if path == "legacy" or (path == "sglang" and not any(pa in _SELECTING for pa in arm_paths)):
+            for a in (lp, *arms):
+                if a.stats_reduce is not None:
+                    a.stats_reduce(a.idle_stats.zero_())  # every rank joins the collective on every call
             dyn = extra.get("dynamic_expert_bias") is not None
             st.dynamic_bias_call, st.in_select = dyn, path == "sglang"
             try:
@@ -367,27 +387,44 @@ def _make_select_experts_wrapper(orig: Callable) -> Callable:
                             expert_location_dispatch_info=expert_location_dispatch_info, **extra)
             finally:
                 st.in_select = False
+        call = (st, topk_mod, topk_config, router_logits, layer_id, num_token_non_padded, expert_location_dispatch_info)
+        # each policy in turn (--xshare-ep-global: its collective inside, or zeros when it steps aside:
+        # every rank runs the same collectives in the same order)
+        outs = []
+        for a, pa in zip((lp, *arms), (path, *arm_paths)):
+            if pa in _SELECTING:
+                outs.append(_select(a, pa, *call))
+            else:  # this batch is below the policy's min tokens: SGLang's routing (another arm selects)
+                if a.stats_reduce is not None:
+                    a.stats_reduce(a.idle_stats.zero_())
+                outs.append((base.topk_ids, base.topk_weights, None))
+        ids, weights, rec = outs[0]
+        if base is not None:
+            ids, weights = st.switch.choose(base.topk_ids, base.topk_weights, [o[:2] for o in outs])
         if path == "fast":
-            out = lp.selector(router_logits, layer_id=lp.layer_id, num_token_non_padded=num_token_non_padded,
-                              request_group=_request_group(), output=_fast_spec(lp, expert_location_dispatch_info),
-                              stats_reduce=lp.stats_reduce)
-            ids, weights = out.topk_ids, out.topk_weights
-            if base is not None:
-                ids, weights = st.switch.choose(ids, weights, base.topk_ids, base.topk_weights)
             topk_mod.capture_routed_experts_if_allowed(topk_config, layer_id, ids)
             topk_mod.get_global_expert_distribution_recorder().on_select_experts(topk_ids=ids)
-            return topk_mod.StandardTopKOutput(weights, ids, router_logits)
-        post = getattr(topk_mod._post_process_topk_ids, "__wrapped__", topk_mod._post_process_topk_ids)
-        ids, weights, rec = _general(st, lp, post, None, None, topk_config, router_logits, layer_id,
-                                     num_token_non_padded, expert_location_dispatch_info)
-        if base is not None:
-            ids, weights = st.switch.choose(ids, weights, base.topk_ids, base.topk_weights)
-        if rec is not None:
+        elif rec is not None:
             topk_mod.get_global_expert_distribution_recorder().on_select_experts(topk_ids=rec)
         return topk_mod.StandardTopKOutput(weights, ids, router_logits)
 
     select_experts.__wrapped__ = orig  # type: ignore[attr-defined]
     return select_experts
+
+
+_SELECTING = ("fast", "general")
+
+
+def _select(lp: LayerPolicy, path: str, st: _State, topk_mod: Any, tc: Any, router_logits: torch.Tensor, layer_id: Any,
+            ntnp: Any, info: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """One policy's routing of the batch on ``path`` (``fast`` / ``general``): ``(ids, weights, rec)``,
+    ``rec`` = the ids for EPLB's expert-distribution recorder (``general``) or ``None``."""
+    if path == "fast":
+        out = lp.selector(router_logits, layer_id=lp.layer_id, num_token_non_padded=ntnp,
+                          request_group=_request_group(), output=_fast_spec(lp, info), stats_reduce=lp.stats_reduce)
+        return out.topk_ids, out.topk_weights, None
+    post = getattr(topk_mod._post_process_topk_ids, "__wrapped__", topk_mod._post_process_topk_ids)
+    return _general(st, lp, post, None, None, tc, router_logits, layer_id, ntnp, info)
 
 
 def _general(st: _State, lp: LayerPolicy, post: Callable, topk_ids: torch.Tensor | None,
@@ -477,7 +514,8 @@ def _make_topk_init_wrapper(orig: Callable) -> Callable:
             pass
         st = _STATE
         if st is not None and st.metrics is not None and torch.cuda.is_available() and not _capturing():
-            st.metrics.row(0, torch.device("cuda", torch.cuda.current_device()))  # the table, outside capture
+            for m in (st.metrics, *st.arm_metrics):  # the tables (A/B arms too), outside capture
+                m.row(0, torch.device("cuda", torch.cuda.current_device()))
 
     __init__.__wrapped__ = orig  # type: ignore[attr-defined]
     return __init__

@@ -151,6 +151,7 @@ class LayerPolicy:
             every rank joins the collective on every call, whatever its batch).
         topk_config: SGLang's ``TopKConfig`` (kept alive: the cache is keyed by its id).
         paths: the path taken per batch size so far (``T -> path``; logged once per size).
+        arms: ``--xshare-ab-arm``: the other policies' layers, computed beside this one (switch arms 2, 3, ...).
     """
 
     layer_id: int
@@ -168,6 +169,7 @@ class LayerPolicy:
     idle_stats: torch.Tensor | None = None
     topk_config: Any = field(repr=False, default=None)
     paths: dict[int, str] = field(default_factory=dict, repr=False)
+    arms: list["LayerPolicy"] = field(default_factory=list, repr=False)
     _specs: dict[tuple, OutputSpec] = field(default_factory=dict, repr=False)
 
     # ---- output specs (built once per dispatch mode) -----------------------------------------

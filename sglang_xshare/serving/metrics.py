@@ -40,13 +40,13 @@ class LiveMetrics:
 
     Args:
         interval: decode steps between two reads.
-        rank: label of this process's series (EP/TP rank).
+        rank: label of this process's series (EP/TP rank; ``"R/armN"`` for an extra A/B arm's counts).
         export: publish Prometheus gauges (needs ``prometheus_client``).
     """
 
-    def __init__(self, interval: int, rank: int = 0, export: bool = True) -> None:
+    def __init__(self, interval: int, rank: int | str = 0, export: bool = True) -> None:
         self.interval = int(interval)
-        self.rank = int(rank)
+        self.rank = rank
         self.export = export
         self.table: torch.Tensor | None = None
         self.steps = 0
