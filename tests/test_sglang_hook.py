@@ -778,6 +778,41 @@ def test_fused_shared_expert_columns_untouched(sg, installed):
     assert torch.equal(out.topk_ids[:, :K].to(torch.int32), ref.topk_ids)
 
 
+def test_ab_switch_and_arms_at_the_post_processing_seam(sg, installed, tmp_path):
+    """Fused shared-expert columns take the ``legacy`` path (SGLang routes, the policy applies at the
+    post-processing seam): the A/B switch and ``--xshare-ab-arm`` must pick there too, else both
+    arms of a measurement would run the policy."""
+    import os
+
+    from sglang.srt.configs.shared_experts import SharedExpertsConfig
+    from sglang.srt.runtime_context import get_model
+
+    with get_model().override(shared_experts=SharedExpertsConfig(num_fused_shared_experts=1)):
+        tk = _topk(sg)
+    x, logits = torch.randn(T, HIDDEN), _logits(7)
+    plain = tk.forward_native(x, logits.clone())
+    sw = tmp_path / "arm"
+    sw.write_text("0")
+    cfg = installed(policy="xshare", budget="6", empty_slots="minus_one", ab_switch=str(sw),
+                    ab_arms=("policy=cap,cap=2",))
+    refs = [_selector(c)(logits, layer_id=3).topk_ids for c in cfg.arm_configs()]
+
+    def step():
+        with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+            return tk.forward_native(x, logits.clone())
+
+    out = step()
+    assert next(iter(hook._STATE.layers.values())).paths[T] == "legacy"
+    assert torch.equal(out.topk_ids, plain.topk_ids) and torch.equal(out.topk_weights, plain.topk_weights)
+    for arm, ref in ((1, refs[0]), (2, refs[1])):
+        sw.write_text(str(arm))
+        os.utime(sw, ns=(10**18 + arm, 10**18 + arm))
+        step()  # read at this step's end
+        out = step()
+        assert torch.equal(out.topk_ids[:, :K].to(torch.int32), ref), arm
+        assert torch.equal(out.topk_ids[:, K], plain.topk_ids[:, K])  # the shared column stays
+
+
 def test_routed_scaling_factor_applied_like_sglang(sg, installed):
     tk = _topk(sg, routed_scaling_factor=2.5, apply_routed_scaling_factor_on_output=True)
     x, logits = torch.randn(T, HIDDEN), _logits(8)

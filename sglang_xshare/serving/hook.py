@@ -485,8 +485,16 @@ def _make_post_process_wrapper(orig: Callable) -> Callable:
                 or topk_ids.shape[0] != router_logits.shape[0] or router_logits.shape[0] < lp.min_tokens):
             return orig(topk_ids, topk_weights, topk_config, router_logits, layer_id,
                         num_token_non_padded, expert_location_dispatch_info, padded_rows_masked)
-        return _general(st, lp, orig, topk_ids, topk_weights, topk_config, router_logits, layer_id,
-                        num_token_non_padded, expert_location_dispatch_info)
+        args = (topk_config, router_logits, layer_id, num_token_non_padded, expert_location_dispatch_info)
+        ids, weights, rec = _general(st, lp, orig, topk_ids, topk_weights, *args)
+        if st.switch is None or lp.is_draft:
+            return ids, weights, rec
+        # A/B measurement at this seam (fused shared-expert columns, ...): SGLang's post-processing of
+        # its own routing, the arms' policies, and the switch picks; the recorder sees the policy's ids
+        outs = [(ids, weights)] + [_general(st, a, orig, topk_ids, topk_weights, *args)[:2] for a in lp.arms]
+        b_ids, b_w, _ = orig(topk_ids.clone(), topk_weights.clone(), *args, padded_rows_masked)
+        ids, weights = st.switch.choose(b_ids, b_w, outs)
+        return ids, weights, rec
 
     _post_process_topk_ids.__wrapped__ = orig  # type: ignore[attr-defined]
     return _post_process_topk_ids
