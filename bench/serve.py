@@ -152,6 +152,26 @@ def per_call(delta: dict[str, float]) -> dict[str, float]:
     return out
 
 
+_PATH_LINE = re.compile(r"xshare: (target|draft) batches of (\d+) tokens: (\w+) path")
+_LAYER_LINE = re.compile(r"xshare: (target|draft) layer (\d+): policy (\w+) \(.*?shared slots=(\d+)")
+
+
+def hook_summary(log_text: str) -> dict:
+    """What the hook logged in a server (every process): the routing path per batch size of target /
+    draft layers (``sglang`` / ``fast`` / ``general`` / ``legacy``), the layers it selects in, and
+    whether any has fused shared-expert slots -- so a result file says which path its figures took."""
+    paths: dict[str, dict[str, list[str]]] = {}
+    for kind, n, path in _PATH_LINE.findall(log_text):
+        seen = paths.setdefault(kind, {}).setdefault(n, [])
+        if path not in seen:
+            seen.append(path)
+    layers = {(kind, int(layer), policy, int(shared)) for kind, layer, policy, shared in _LAYER_LINE.findall(log_text)}
+    return {"paths": {k: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for k, v in paths.items()},
+            "layers": len({(k, layer) for k, layer, _, _ in layers}),
+            "policies": sorted({p for _, _, p, _ in layers}),
+            "shared_slots": max((s for *_, s in layers), default=0)}
+
+
 def gpu_state() -> list[str]:
     """SM / memory clock, temperature and power of every GPU (``nvidia-smi``), one line per GPU; [] without it."""
     try:
@@ -251,6 +271,10 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
         rec["gpu_after"] = gpu_state()
         rec["killed_at_stop"] = server.stop(grace=args.stop_grace)
         rec["wall_s"] = round(time.time() - t0, 1)
+        try:
+            rec["hook"] = hook_summary(Path(log).read_text(errors="replace"))
+        except OSError:
+            pass
     return rec
 
 
@@ -473,9 +497,15 @@ def report(records: list[dict], skipped: list[tuple[str, int, str]], args: argpa
              f"xshare's live metrics (the policy's distinct experts and busiest EP rank, and plain top-k's on the same "
              f"batches). Server: {title}."]
     for rec in records:
+        hk = rec.get("hook") or {}
+        hook_note = ""
+        if hk.get("layers"):
+            target = ", ".join(f"{n}: {'/'.join(p)}" for n, p in hk.get("paths", {}).get("target", {}).items())
+            hook_note = (f"; hook: {hk['layers']} layers ({', '.join(hk.get('policies', []))}), shared slots "
+                         f"{hk.get('shared_slots', 0)}, path per batch size {{{target}}}")
         notes.append(f"- `{rec['config']}` #{rec.get('start', 0)}: start-up {rec.get('startup_s', '-')} s, killed at stop "
                      f"{rec.get('killed_at_stop')}{', ERROR: ' + rec['error'].splitlines()[0] if rec.get('error') else ''}"
-                     + (f"; GPU before: {'; '.join(rec['gpu_before'])}" if rec.get("gpu_before") else ""))
+                     + hook_note + (f"; GPU before: {'; '.join(rec['gpu_before'])}" if rec.get("gpu_before") else ""))
     for label, start, why in skipped:
         notes.append(f"- `{label}` #{start}: not run ({why})")
     _write(out_dir, args.name, rows, table, notes, title, meta, records=records, not_run=[list(x) for x in skipped])

@@ -389,6 +389,55 @@ def test_one_server_runs_every_policy_as_an_arm_and_reports_each(tmp_path, monke
         assert by[label]["ab_tpot_speedups"] == pytest.approx([1.0 + i, 1.0 + i])  # vs the server's SGLang arm
 
 
+@pytest.mark.sglang
+def test_result_records_say_which_path_the_hook_took(tmp_path):
+    """The server log's hook lines (the real messages, from SGLang's ``TopK`` through the hook) become
+    the record's ``hook`` summary and a line of the report: layers, policies, fused shared slots, and
+    the path per batch size -- e.g. ``legacy`` where fused shared-expert columns route."""
+    import logging
+
+    pytest.importorskip("sglang")
+    from sglang.srt.configs.shared_experts import SharedExpertsConfig
+    from sglang.srt.layers.moe import topk
+    from sglang.srt.runtime_context import SpawnRanks, get_model, publish, reset_context
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_xshare.serving import hook
+    from sglang_xshare.serving.flags import XShareServerConfig
+
+    serve = _serve_module()
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append("[2026-11-30 12:00:00 TP0] " + record.getMessage())
+
+    log = logging.getLogger("sglang_xshare")
+    handler, level = Keep(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    reset_context()
+    publish(ServerArgs(model_path="dummy", device="cpu"), role="test", ranks=SpawnRanks(world_rank=0, dp_rank=None))
+    try:
+        hook.install(XShareServerConfig(policy="xshare", budget="6", empty_slots="minus_one"))
+        with get_model().override(shared_experts=SharedExpertsConfig(num_fused_shared_experts=1)):
+            fused = topk.TopK(top_k=4, layer_id=5)
+        plain = topk.TopK(top_k=4, layer_id=3)
+        g = torch.Generator().manual_seed(0)
+        for tk, n in ((plain, 8), (plain, 1), (fused, 8)):
+            with hook.batch_scope(hook.BatchInfo("decode", batch_size=n)):
+                tk.forward_native(torch.randn(n, 16), torch.randn(n, 32, generator=g))
+    finally:
+        hook.uninstall()
+        reset_context()
+        log.removeHandler(handler)
+        log.setLevel(level)
+    text = "\n".join(lines)
+    hk = serve.hook_summary(text + "\n" + text)  # two ranks log the same lines
+    assert hk["layers"] == 2 and hk["policies"] == ["xshare"] and hk["shared_slots"] == 1
+    assert hk["paths"] == {"target": {"1": ["sglang"], "8": ["fast", "legacy"]}}, hk
+
+
 def test_flush_cache_retries_while_sglang_refuses_with_requests_running():
     """``/flush_cache`` answers 400 while requests run or wait (SGLang's http_server): retried until 200."""
     import http.server

@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED=1
 NAME=${NAME:-serve_qwen3_tp2ep2_ab}
 timeout 540 python3 bench/serve.py --preset ${PRESET:-qwen3-30b-a3b} --layers ${LAYERS:-24} --tp 2 --ep 2 --ab \
   --configs ${CONFIGS:-xshare@0.7,xshare_ep@0.7,oea+k0=4,cap+cap=6} --concurrency ${LEVELS:-1,8,16,32,64,128} --reps 2 \
-  --output-len 128 --max-bs 128 --graph-bs 1,2,4,8,16,32,64,128 --state /root/${NAME}_state.json \
+  --output-len 128 --min-prompts 8 --max-bs 128 --graph-bs 1,2,4,8,16,32,64,128 --state /root/${NAME}_state.json \
   --time-budget ${BUDGET:-500} ${ONE_SERVER:+--ab-one-server} --name $NAME --out $OUT --work /root/w_$NAME -- --moe-runner-backend triton > $OUT/ab.log 2>&1
 echo "ab rc=$?"; grep -v "^\[20" $OUT/ab.log | tail -30
 (cd /root/w_$NAME && tar czf $OUT/logs_ab.tgz *.log); cp /root/${NAME}_state.json $OUT/ 2>/dev/null
