@@ -130,6 +130,66 @@ def flush_cache(base_url: str, tries: int = 40, wait: float = 0.25) -> bool:
     return False
 
 
+def profile_arms(base_url: str, switch: Path | None, arms: list[tuple[int, str]], argv: list[str], steps: int,
+                 ranks: int, trace_dir: Path, tag: str, timeout: float = 120.0) -> dict:
+    """One more run per arm under SGLang's profiler (``/start_profile``, by stage): ``steps`` decode
+    steps at full batch traced on every rank, then :func:`kernel_breakdown` of the decode traces.
+    Returns ``{arm: {rank: breakdown}}`` (``{"error": ...}`` for an arm whose traces did not come)."""
+    from sglang_xshare.servebench.profile import kernel_breakdown, profile_request, trace_files
+    from sglang_xshare.servebench.server import http_get
+
+    out: dict = {}
+    for idx, arm in arms:
+        if switch is not None:
+            switch.write_text(str(idx))
+            poke(base_url)
+        prefix = re.sub(r"[^A-Za-z0-9_.]+", "_", f"{tag}_{arm}")
+        code, body = http_get(base_url + "/start_profile", timeout=60.0,
+                              json_body=profile_request(trace_dir, steps, prefix))
+        if code != 200:
+            out[arm] = {"error": f"/start_profile answered {code}: {body[:200]}"}
+            continue
+        run_bench_serving(argv)
+        deadline = time.monotonic() + timeout
+        stopped = False
+        while len(trace_files(trace_dir, prefix)) < ranks and time.monotonic() < deadline:
+            if not stopped and time.monotonic() > deadline - timeout / 2:
+                http_get(base_url + "/stop_profile", timeout=60.0, json_body={})  # fewer decode steps than asked
+                stopped = True
+            time.sleep(1.0)
+        files = trace_files(trace_dir, prefix)
+        out[arm] = kernel_breakdown(files) if files else {"error": f"no decode trace in {trace_dir} after {timeout:.0f} s"}
+    return out
+
+
+def profile_lines(records: list[dict]) -> list[str]:
+    """Markdown: GPU kernel time per decode step by category, per configuration arm (rank 0)."""
+    from sglang_xshare.servebench.profile import CATEGORIES
+
+    cats = [c for c, _ in CATEGORIES] + ["other"]
+    lines = []
+    for rec in records:
+        for lvl in rec.get("levels", []):
+            for arm, per_rank in (lvl.get("profile") or {}).items():
+                r0 = per_rank.get("0") if isinstance(per_rank, dict) else None
+                if not r0 or not r0.get("graph_launches"):
+                    lines.append(f"| {rec['config']} | {arm} | {lvl['concurrency']} | "
+                                 f"{(per_rank or {}).get('error', 'no decode steps traced')} |" + " |" * len(cats))
+                    continue
+                n = r0["graph_launches"]
+                step = r0["total_us"] / n / 1000.0
+                shares = [f"{r0['kernel_us'].get(c, 0.0) / n / 1000.0:.3f} ({100 * r0['kernel_us'].get(c, 0.0) / max(r0['total_us'], 1e-9):.0f}%)"
+                          for c in cats]
+                lines.append(f"| {rec['config']} | {arm} | {lvl['concurrency']} | {n} steps, {step:.3f} ms | "
+                             + " | ".join(shares) + " |")
+    if not lines:
+        return []
+    head = ["", "Where a decode step's GPU time goes (SGLang's profiler, rank 0; kernel ms per step and share):", "",
+            "| config | arm | conc. | kernel time / step | " + " | ".join(cats) + " |",
+            "|---|---|---|---|" + "---|" * len(cats)]
+    return head + lines
+
+
 def flush_metrics(base_url: str, settle: float) -> None:
     """xshare's live metrics are read at decode-step ends, asynchronously (the copy started at one
     read is taken at the next, >= 1 s later): two tiny one-request generations ``settle`` seconds
@@ -195,6 +255,9 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
     cmd = server_command(cfg, model, port, args, extra, None if switch is None else str(switch))
     log = out_dir / f"{args.name}_{safe}_s{start}.log"
     env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    prof_c = (args.profile_concurrency or max(args.concurrency)) if args.profile_steps else None
+    if prof_c is not None:  # SGLang's profiler traces decode steps once the batch holds prof_c requests
+        env["SGLANG_PROFILE_BY_STAGE_DECODE_MIN_BS"] = str(prof_c)
     rec: dict = {"config": cfg.label, "start": start, "command": " ".join(cmd), "levels": [], "log": str(log),
                  "gpu_before": gpu_state()}
     if cfg.arms:
@@ -252,7 +315,17 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
                           f"{res['output_throughput']:.0f} tok/s, median TPOT {res['median_tpot_ms']:.2f} ms, experts "
                           f"{res['xshare'].get('distinct', float('nan')):.1f} "
                           f"(top-k {res['xshare'].get('topk_distinct', float('nan')):.1f})", flush=True)
+            if c == prof_c:
+                names = [(i, "sglang" if i == 0 else (cfg.arms[i - 1] if cfg.arms else "policy"))
+                         for i in (range(1 + max(1, len(cfg.arms))) if switch is not None else [1])]
+                argv = bench_serving_argv(server.base_url, tok, concurrency=c, num_prompts=max(args.min_prompts, args.waves * c),
+                                          input_len=args.input_len, output_len=args.output_len, seed=args.seed + c,
+                                          output_file=str(out_dir / f"{args.name}_{safe}_s{start}_c{c}_profile.jsonl"))
+                profiled = profile_arms(server.base_url, switch, names, argv, args.profile_steps, args.tp,
+                                        out_dir / f"{args.name}_profiles", f"{args.name}_{safe}_s{start}_c{c}")
             lvl = {"concurrency": c, "runs": arm_runs[cfg.arms[0]] if cfg.arms else runs}
+            if c == prof_c:
+                lvl["profile"] = profiled
             if switch is not None:
                 lvl["ab_sglang_runs"] = ab_runs
             if cfg.arms:
@@ -508,6 +581,7 @@ def report(records: list[dict], skipped: list[tuple[str, int, str]], args: argpa
                      + hook_note + (f"; GPU before: {'; '.join(rec['gpu_before'])}" if rec.get("gpu_before") else ""))
     for label, start, why in skipped:
         notes.append(f"- `{label}` #{start}: not run ({why})")
+    notes += profile_lines(records)
     _write(out_dir, args.name, rows, table, notes, title, meta, records=records, not_run=[list(x) for x in skipped])
     return table
 
@@ -637,6 +711,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="SGLang's /flush_cache before every measured run: each run starts with an empty prefix "
                          "cache and an empty NGRAM corpus (NGRAM learns from the previous run's outputs, so without "
                          "it the second arm of an A/B pair accepts more drafts)")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="after the measured runs at --profile-concurrency, one more run per arm under SGLang's "
+                         "profiler (/start_profile by stage): this many decode steps at full batch, GPU kernel time "
+                         "per step by category (MoE experts, selection, routing, communication, attention, ...)")
+    ap.add_argument("--profile-concurrency", type=int, default=None,
+                    help="the level profiled (default: the largest --concurrency)")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--settle", type=float, default=1.1, help="seconds between the two metric-flushing requests")
     ap.add_argument("--name", default="serve")

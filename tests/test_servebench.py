@@ -330,7 +330,8 @@ def test_ab_runs_flip_the_switch_then_flush_sglangs_cache_before_each_measured_r
     monkeypatch.setattr(serve, "gpu_state", lambda: [])
     args = SimpleNamespace(ab=True, flush_cache=True, reps=2, concurrency=[4], graph_bs=[1, 2, 4], max_bs=4, tp=1,
                            ep=1, mem_fraction=0.8, dummy=True, ray=False, startup_timeout=10.0, input_len=8,
-                           output_len=16, settle=0.0, min_prompts=1, waves=2, seed=1, name="t", stop_grace=1.0)
+                           output_len=16, settle=0.0, min_prompts=1, waves=2, seed=1, name="t", stop_grace=1.0,
+                           profile_steps=0, profile_concurrency=None)
     rec = serve.run_config(parse_config("xshare@0.7"), "m", args, [], tmp_path)
     measured = events[next(i for i, e in enumerate(events) if e == ("run", "999", "0")) + 1:]  # after the warm-up
     assert measured == [("poke",), ("flush",), ("run", "5", "0"), ("poke",), ("flush",), ("run", "5", "1"),
@@ -357,7 +358,8 @@ def test_one_server_runs_every_policy_as_an_arm_and_reports_each(tmp_path, monke
     assert cfg.arms == ("xshare@0.7", "oea+k0=4", "cap+cap=6")
     args = SimpleNamespace(ab=True, flush_cache=False, reps=2, concurrency=[4], graph_bs=[1, 2, 4], max_bs=4, tp=2,
                            ep=2, mem_fraction=0.8, dummy=True, ray=False, startup_timeout=10.0, input_len=8,
-                           output_len=16, settle=0.0, min_prompts=1, waves=2, seed=1, name="t", stop_grace=1.0)
+                           output_len=16, settle=0.0, min_prompts=1, waves=2, seed=1, name="t", stop_grace=1.0,
+                           profile_steps=0, profile_concurrency=None)
     cmd = serve.server_command(cfg, "m", 1, args, [], str(tmp_path / "arm"))
     xs = parse_xshare_argv(cmd[cmd.index("--xshare-policy"):])
     assert [(a.policy, a.budget, a.warmup_k0, a.cap) for a in xs.arm_configs()] == [
@@ -436,6 +438,59 @@ def test_result_records_say_which_path_the_hook_took(tmp_path):
     hk = serve.hook_summary(text + "\n" + text)  # two ranks log the same lines
     assert hk["layers"] == 2 and hk["policies"] == ["xshare"] and hk["shared_slots"] == 1
     assert hk["paths"] == {"target": {"1": ["sglang"], "8": ["fast", "legacy"]}}, hk
+
+
+@pytest.mark.sglang
+def test_profile_request_is_sglangs_and_decode_traces_break_down_by_category(tmp_path):
+    """``--profile-steps``: the ``/start_profile`` body is SGLang's own ``ProfileReq`` (by stage, GPU);
+    the decode traces of one prefix (every rank; not the prefill trace, not another arm's) are read
+    and each kernel's time lands in its category, per decode step (one ``cudaGraphLaunch`` each)."""
+    import gzip
+    import json
+
+    pytest.importorskip("sglang")
+    from sglang.srt.managers.io_struct import ProfileReq
+
+    from sglang_xshare.servebench.profile import category, kernel_breakdown, profile_request, trace_files
+
+    body = profile_request(tmp_path, 20, "run_c64_policy")
+    req = ProfileReq(**body)
+    assert req.profile_by_stage and req.num_steps == 20 and req.activities == ["GPU"]
+    with pytest.raises(ValueError):
+        profile_request(tmp_path, 0, "x")
+    names = {"batch_kernel": "xshare selection", "refine_kernel": "xshare selection",
+             "fused_moe_kernel": "MoE experts", "act_and_mul_kernel": "MoE experts", "moe_align_block_size_kernel":
+             "MoE experts", "topkGatingSoftmax": "SGLang routing", "moe_fused_gate_kernel": "SGLang routing",
+             "ncclDevKernel_AllReduce_Sum_bf16_RING_LL": "communication", "_fwd_kernel_stage1": "attention",
+             "nvjet_tst_64x8_64x16_4x1_v_bz_TNT": "dense GEMM", "triton_poi_fused_add_0": "other"}
+    assert {n: category(n) for n in names} == names
+
+    def trace(path, kernels, launches):
+        ev = [{"ph": "X", "cat": "kernel", "name": n, "dur": d, "ts": i} for i, (n, d) in enumerate(kernels)]
+        ev += [{"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "dur": 3.0, "ts": 0}] * launches
+        ev += [{"ph": "X", "cat": "cpu_op", "name": "aten::mm", "dur": 50.0, "ts": 0}]
+        with gzip.open(path, "wt") as f:
+            json.dump({"traceEvents": ev}, f)
+
+    step = [("fused_moe_kernel", 30.0), ("batch_kernel", 4.0), ("ncclDevKernel_AllReduce_Sum", 6.0),
+            ("_fwd_kernel_stage1", 10.0)]
+    trace(tmp_path / "run_c64_policy-abc-TP-0-EP-0-DECODE.trace.json.gz", step * 2, 2)
+    trace(tmp_path / "run_c64_policy-abc-TP-1-EP-1-DECODE.trace.json.gz", step * 2, 2)
+    trace(tmp_path / "run_c64_policy-abc-TP-0-EP-0-EXTEND.trace.json.gz", [("fused_moe_kernel", 900.0)], 0)
+    trace(tmp_path / "run_c64_sglang-abc-TP-0-EP-0-DECODE.trace.json.gz", [("fused_moe_kernel", 99.0)], 1)
+    files = trace_files(tmp_path, "run_c64_policy")
+    assert [f.name.split("-")[3] for f in files] == ["0", "1"]
+    bd = kernel_breakdown(files)
+    assert set(bd) == {"0", "1"}
+    r0 = bd["0"]
+    assert r0["kernel_us"] == {"MoE experts": 60.0, "attention": 20.0, "communication": 12.0, "xshare selection": 8.0}
+    assert (r0["total_us"], r0["kernels"], r0["graph_launches"]) == (100.0, 8, 2)
+    serve = _serve_module()
+    lines = serve.profile_lines([{"config": "xshare@0.7", "levels": [{"concurrency": 64, "profile": {
+        "policy": bd, "sglang": {"error": "no decode trace"}}}]}])
+    row = next(ln for ln in lines if ln.startswith("| xshare@0.7 | policy"))
+    assert "2 steps, 0.050 ms" in row and "0.030 (60%)" in row and "0.004 (8%)" in row
+    assert any("no decode trace" in ln for ln in lines)
 
 
 def test_flush_cache_retries_while_sglang_refuses_with_requests_running():

@@ -8,6 +8,7 @@ still carries the marker (a child that left the group) -- and reports what it ha
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,13 +29,17 @@ class ServerDied(RuntimeError):
     """The server exited (or never became ready); the message holds the log's tail."""
 
 
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
-    """``(status, body)`` of a GET (status 0 when nothing answers)."""
+def http_get(url: str, timeout: float = 5.0, json_body: dict | None = None) -> tuple[int, str]:
+    """``(status, body)`` of a GET, or of a POST of ``json_body`` (status 0 when nothing answers)."""
+    req: str | urllib.request.Request = url
+    if json_body is not None:
+        req = urllib.request.Request(url, data=json.dumps(json_body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as e:
-        return e.code, ""
+        return e.code, e.read().decode("utf-8", "replace")
     except (urllib.error.URLError, OSError, TimeoutError):
         return 0, ""
 
