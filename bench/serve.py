@@ -315,25 +315,26 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
                           f"{res['output_throughput']:.0f} tok/s, median TPOT {res['median_tpot_ms']:.2f} ms, experts "
                           f"{res['xshare'].get('distinct', float('nan')):.1f} "
                           f"(top-k {res['xshare'].get('topk_distinct', float('nan')):.1f})", flush=True)
+            lvl = {"concurrency": c, "runs": arm_runs[cfg.arms[0]] if cfg.arms else runs}
+            if switch is not None:
+                lvl["ab_sglang_runs"] = ab_runs
+            if cfg.arms:
+                lvl["arm_runs"] = arm_runs
+            rec["levels"].append(lvl)
+            if progress is not None:  # the measured runs are kept before the (slower) profiled ones
+                progress(dict(rec, error=f"incomplete: the run stopped after concurrency {c}",
+                              wall_s=round(time.time() - t0, 1)))
             if c == prof_c:
                 names = [(i, "sglang" if i == 0 else (cfg.arms[i - 1] if cfg.arms else "policy"))
                          for i in (range(1 + max(1, len(cfg.arms))) if switch is not None else [1])]
                 argv = bench_serving_argv(server.base_url, tok, concurrency=c, num_prompts=max(args.min_prompts, args.waves * c),
                                           input_len=args.input_len, output_len=args.output_len, seed=args.seed + c,
                                           output_file=str(out_dir / f"{args.name}_{safe}_s{start}_c{c}_profile.jsonl"))
-                profiled = profile_arms(server.base_url, switch, names, argv, args.profile_steps, args.tp,
-                                        out_dir / f"{args.name}_profiles", f"{args.name}_{safe}_s{start}_c{c}")
-            lvl = {"concurrency": c, "runs": arm_runs[cfg.arms[0]] if cfg.arms else runs}
-            if c == prof_c:
-                lvl["profile"] = profiled
-            if switch is not None:
-                lvl["ab_sglang_runs"] = ab_runs
-            if cfg.arms:
-                lvl["arm_runs"] = arm_runs
-            rec["levels"].append(lvl)
-            if progress is not None:
-                progress(dict(rec, error=f"incomplete: the run stopped after concurrency {c}",
-                              wall_s=round(time.time() - t0, 1)))
+                lvl["profile"] = profile_arms(server.base_url, switch, names, argv, args.profile_steps, args.tp,
+                                              out_dir / f"{args.name}_profiles", f"{args.name}_{safe}_s{start}_c{c}")
+                if progress is not None:
+                    progress(dict(rec, error=f"incomplete: the run stopped after concurrency {c} (profiled)",
+                                  wall_s=round(time.time() - t0, 1)))
     except ServerDied as e:
         rec["error"] = str(e)[-4000:]
         print(f"[{cfg.label}] FAILED: {e}", flush=True)

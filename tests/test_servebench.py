@@ -282,14 +282,17 @@ def test_ab_mode_pairs_each_policy_run_with_its_own_servers_sglang_arm(tmp_path)
     assert "1.150 [1.100-1.200]" in table and "(2 pairs)" in table
 
 
-def _fake_server(arm_file: list):
+def _fake_server(arm_file: list, servers: list | None = None):
     """The process side of bench/serve.py's ``Server`` and nothing else (no SGLang starts on CPU):
-    records the A/B switch file of the command it is given."""
+    records the A/B switch file of the command it is given (and itself in ``servers``)."""
+    servers = [] if servers is None else servers
 
     class FakeServer:
         def __init__(self, cmd, port, log, env=None):
             arm_file.append(cmd[cmd.index("--xshare-ab-switch") + 1])
             self.base_url = f"http://127.0.0.1:{port}"
+            self.env = env
+            servers.append(self)
 
         def start(self):
             pass
@@ -389,6 +392,16 @@ def test_one_server_runs_every_policy_as_an_arm_and_reports_each(tmp_path, monke
     for i, label in enumerate(cfg.arms, start=1):
         assert by[label]["experts"] == pytest.approx(10.0 * i)
         assert by[label]["ab_tpot_speedups"] == pytest.approx([1.0 + i, 1.0 + i])  # vs the server's SGLang arm
+    # --profile-steps: after the measured runs of the profiled level (already saved), one profiled run per arm
+    saved, profiled, servers = [], [], []
+    monkeypatch.setattr(serve, "Server", _fake_server(arm_file, servers))
+    monkeypatch.setattr(serve, "profile_arms", lambda url, sw, names, argv, steps, ranks, tdir, tag:
+                        profiled.append((names, steps, ranks, len(saved[-1]["levels"]))) or {"sglang": {}})
+    args.profile_steps, args.profile_concurrency = 7, 4
+    rec = serve.run_config(cfg, "m", args, [], tmp_path, progress=saved.append)
+    assert profiled == [([(0, "sglang"), (1, "xshare@0.7"), (2, "oea+k0=4"), (3, "cap+cap=6")], 7, 2, 1)]
+    assert rec["levels"][0]["profile"] == {"sglang": {}} and "profile" in saved[-1]["levels"][0]
+    assert servers[-1].env["SGLANG_PROFILE_BY_STAGE_DECODE_MIN_BS"] == "4"  # profile decode steps at full batch
 
 
 @pytest.mark.sglang
