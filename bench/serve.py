@@ -130,6 +130,14 @@ def flush_cache(base_url: str, tries: int = 40, wait: float = 0.25) -> bool:
     return False
 
 
+def switch_arms(cfg: ServeConfig, ab: bool) -> list[tuple[int, str]]:
+    """``(switch index, name)`` of a server's arms: ``0`` SGLang's routing, ``1`` the policy (named by
+    ``cfg.arms`` when one server runs several), ``2..`` the others; without the A/B switch only ``1``."""
+    if not ab:
+        return [(1, "policy")]
+    return [(0, "sglang")] + [(i, name) for i, name in enumerate(cfg.arms or ("policy",), start=1)]
+
+
 def profile_arms(base_url: str, switch: Path | None, arms: list[tuple[int, str]], argv: list[str], steps: int,
                  ranks: int, trace_dir: Path, tag: str, timeout: float = 120.0) -> dict:
     """One more run per arm under SGLang's profiler (``/start_profile``, by stage): ``steps`` decode
@@ -277,13 +285,11 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
         for c in args.concurrency:
             runs, ab_runs = [], []
             arm_runs: dict[str, list[dict]] = {label: [] for label in cfg.arms}
+            # with the A/B switch: every arm per rep (0 = SGLang's routing, 1 = the policy, 2.. = the
+            # other policies of one server), in order and reversed in turn (ABBA: drift cancels over two reps)
+            order = switch_arms(cfg, switch is not None)
             for rep in range(args.reps):
-                # with the A/B switch: every arm per rep (0 = SGLang's routing, 1 = the policy, 2.. = the
-                # other policies of one server), in order and reversed in turn (ABBA: drift cancels over two reps)
-                order = list(range(1 + max(1, len(cfg.arms))))
-                arms = [1] if switch is None else (order if rep % 2 == 0 else order[::-1])
-                for idx in arms:
-                    arm = "sglang" if idx == 0 else (cfg.arms[idx - 1] if cfg.arms else "policy")
+                for idx, arm in (order if rep % 2 == 0 else order[::-1]):
                     if switch is not None:
                         switch.write_text(str(idx))
                         poke(server.base_url)  # the switch file is read at every step end
@@ -325,12 +331,10 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
                 progress(dict(rec, error=f"incomplete: the run stopped after concurrency {c}",
                               wall_s=round(time.time() - t0, 1)))
             if c == prof_c:
-                names = [(i, "sglang" if i == 0 else (cfg.arms[i - 1] if cfg.arms else "policy"))
-                         for i in (range(1 + max(1, len(cfg.arms))) if switch is not None else [1])]
                 argv = bench_serving_argv(server.base_url, tok, concurrency=c, num_prompts=max(args.min_prompts, args.waves * c),
                                           input_len=args.input_len, output_len=args.output_len, seed=args.seed + c,
                                           output_file=str(out_dir / f"{args.name}_{safe}_s{start}_c{c}_profile.jsonl"))
-                lvl["profile"] = profile_arms(server.base_url, switch, names, argv, args.profile_steps, args.tp,
+                lvl["profile"] = profile_arms(server.base_url, switch, order, argv, args.profile_steps, args.tp,
                                               out_dir / f"{args.name}_profiles", f"{args.name}_{safe}_s{start}_c{c}")
                 if progress is not None:
                     progress(dict(rec, error=f"incomplete: the run stopped after concurrency {c} (profiled)",

@@ -223,8 +223,7 @@ class _State:
                 return
             lp = self.layer(tc, layer_id, torch.empty(0, E, device=device))
         for a in (lp, *lp.arms):
-            if a.stats_reduce is not None:
-                a.stats_reduce(a.idle_stats.zero_())
+            a.reduce_idle()
 
     def _num_experts_hint(self) -> int | None:
         """Logical experts of the model: a built target layer's, else SGLang's expert-location metadata's."""
@@ -368,8 +367,7 @@ def _make_select_experts_wrapper(orig: Callable) -> Callable:
         arm_paths = [_decide(st, a, topk_mod, T, topk_config, expert_location_dispatch_info, extra) for a in arms]
         if path == "legacy" or (path == "sglang" and not any(pa in _SELECTING for pa in arm_paths)):
             for a in (lp, *arms):
-                if a.stats_reduce is not None:
-                    a.stats_reduce(a.idle_stats.zero_())  # every rank joins the collective on every call
+                a.reduce_idle()  # every rank joins the collective on every call
             dyn = extra.get("dynamic_expert_bias") is not None
             st.dynamic_bias_call, st.in_select = dyn, path == "sglang"
             try:
@@ -395,8 +393,7 @@ def _make_select_experts_wrapper(orig: Callable) -> Callable:
             if pa in _SELECTING:
                 outs.append(_select(a, pa, *call))
             else:  # this batch is below the policy's min tokens: SGLang's routing (another arm selects)
-                if a.stats_reduce is not None:
-                    a.stats_reduce(a.idle_stats.zero_())
+                a.reduce_idle()
                 outs.append((base.topk_ids, base.topk_weights, None))
         ids, weights, rec = outs[0]
         if base is not None:

@@ -172,6 +172,12 @@ class LayerPolicy:
     arms: list["LayerPolicy"] = field(default_factory=list, repr=False)
     _specs: dict[tuple, OutputSpec] = field(default_factory=dict, repr=False)
 
+    def reduce_idle(self) -> None:
+        """``--xshare-ep-global``: join the layer's all-reduce with zeros (a call that does not select,
+        or a rank without tokens), so that every rank runs the same collectives; nothing otherwise."""
+        if self.stats_reduce is not None:
+            self.stats_reduce(self.idle_stats.zero_())
+
     # ---- output specs (built once per dispatch mode) -----------------------------------------
     def output_spec(self, ids: str, dispatch_map: torch.Tensor | None = None, empty: str | None = None) -> OutputSpec:
         """The :class:`OutputSpec` for dispatching ``ids`` (``logical`` / ``physical`` / ``mapped``)."""
