@@ -12,5 +12,8 @@ timeout 540 python3 bench/serve.py --preset ${PRESET:-qwen3-30b-a3b} --layers ${
   --output-len 128 --min-prompts 8 --max-bs 128 --graph-bs 1,2,4,8,16,32,64,128 --state /root/${NAME}_state.json \
   --time-budget ${BUDGET:-500} ${ONE_SERVER:+--ab-one-server} \
   ${PROFILE:+--profile-steps $PROFILE --profile-concurrency ${PROFILE_C:-64}} --name $NAME --out $OUT --work /root/w_$NAME -- --moe-runner-backend triton > $OUT/ab.log 2>&1
-echo "ab rc=$?"; grep -v "^\[20" $OUT/ab.log | tail -30
+rc=$?; echo "ab rc=$rc"
+# a later call that wants --ab-one-server (spec.sh ONE_SERVER=1) checks that it worked here first
+[ -n "$ONE_SERVER" ] && [ $rc -eq 0 ] && touch /root/one_server_ok
+grep -v "^\[20" $OUT/ab.log | tail -30
 (cd /root/w_$NAME && tar czf $OUT/logs_ab.tgz *.log); cp /root/${NAME}_state.json $OUT/ 2>/dev/null
