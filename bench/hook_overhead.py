@@ -10,7 +10,15 @@ layer: the kernels in the graph (counted by the profiler over one replay) and th
 * ``<policy>``     the hook's fast path (one launch replaces SGLang's routing);
 * ``<policy>/legacy`` the previous design, kept as the ``legacy`` path: SGLang's router runs,
                    then the policy, the empty-slot fill and restore around SGLang's post-processing
-                   (forced with ``SGLANG_XSHARE_FORCE_PATH=legacy``).
+                   (forced with ``SGLANG_XSHARE_FORCE_PATH=legacy``);
+* ``<policy>+metrics`` (``--metrics``) the fast path with the live metrics on (``--xshare-metrics``,
+                   as ``bench/serve.py`` runs its servers);
+* ``<policy>+ab``  (``--ab``) the fast path inside an in-server A/B (``--xshare-ab-switch``, policy arm
+                   selected): SGLang's routing is computed too and the switch picks, as in
+                   ``bench/serve.py --ab``.
+
+The last two say how much of a policy's cost inside ``bench/serve.py``'s servers is the measurement
+itself (the 5th session's profile saw ~1.7x this script's fast-path figures there).
 
 Writes ``bench/results/<name>.{json,md}``; the table's "added" column is (config - plain) per layer.
 
@@ -43,6 +51,21 @@ CONFIGS = {
     "oea": dict(policy="oea", warmup_k0=4),
     "cap": dict(policy="cap", cap=6),
 }
+
+
+def variants(no_legacy: bool = False, metrics: bool = False, ab_switch: str | None = None) -> list[tuple[str, dict, str | None]]:
+    """The hooked configurations: ``(name, XShareServerConfig keyword arguments, forced path or None)``.
+
+    ``metrics``: also each policy with the live metrics on; ``ab_switch``: also each policy as the
+    selected arm of an in-server A/B whose switch file is ``ab_switch``."""
+    out = [(n, dict(kw), None) for n, kw in CONFIGS.items()]
+    if not no_legacy:
+        out += [(f"{n}/legacy", dict(kw), "legacy") for n, kw in CONFIGS.items() if n in ("xshare", "cap")]
+    if metrics:
+        out += [(f"{n}+metrics", dict(kw, metrics=True), None) for n, kw in CONFIGS.items()]
+    if ab_switch is not None:
+        out += [(f"{n}+ab", dict(kw, ab_switch=ab_switch), None) for n, kw in CONFIGS.items()]
+    return out
 
 
 def build_layers(topk_mod, shape: dict, L: int, device) -> list:
@@ -106,8 +129,16 @@ def main() -> int:
     ap.add_argument("--name", default="hook_overhead")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--no-legacy", action="store_true", help="skip the legacy-path rows")
+    ap.add_argument("--metrics", action="store_true", help="also each policy with the live metrics on")
+    ap.add_argument("--ab", action="store_true", help="also each policy as the selected arm of an in-server A/B")
     args = ap.parse_args()
     import os
+    import tempfile
+
+    switch = None
+    if args.ab:
+        switch = os.path.join(tempfile.mkdtemp(prefix="xshare_ab_"), "arm")
+        Path(switch).write_text("1\n")  # the policy arm
 
     from sglang.srt.layers.moe import topk as topk_mod
     from sglang.srt.runtime_context import SpawnRanks, publish
@@ -136,10 +167,7 @@ def main() -> int:
             base_k, base_us = measure(build_layers(topk_mod, shape, args.layers, device), T, shape["E"], args.iters, device)
             rows.append(dict(shape=sname, T=T, config="plain", kernels=base_k, us=base_us))
             table.append([sname, T, "plain (SGLang)", f"{base_k:.1f}", f"{base_us:.2f}", "-", "-"])
-            variants = [(n, kw, None) for n, kw in CONFIGS.items()]
-            if not args.no_legacy:
-                variants += [(f"{n}/legacy", kw, "legacy") for n, kw in CONFIGS.items() if n in ("xshare", "cap")]
-            for name, kw, force in variants:
+            for name, kw, force in variants(args.no_legacy, args.metrics, switch):
                 if force:
                     os.environ["SGLANG_XSHARE_FORCE_PATH"] = force
                 else:
@@ -163,7 +191,9 @@ def main() -> int:
           f"`forward_cuda`, standard output), median of {args.iters} replays. Kernels counted by the profiler over "
           "one replay. `plain` = SGLang 0.5.23 without the hook; `<policy>` = the hook's fast path; "
           "`<policy>/legacy` = the hook's previous design (SGLang's router, then the policy and the empty-slot "
-          "fill/restore around SGLang's post-processing).\n\n"
+          "fill/restore around SGLang's post-processing); `<policy>+metrics` = the fast path with the live metrics "
+          "on; `<policy>+ab` = the fast path as the selected arm of an in-server A/B (SGLang's routing computed "
+          "too).\n\n"
           + markdown_table(["routing", "T", "config (path)", "kernels / layer", "µs / layer", "added kernels",
                             "added µs"], table))
     write_results(args.out, args.name, {"rows": rows, "layers": args.layers, "iters": args.iters}, md, run_metadata())

@@ -55,7 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sglang_xshare.benchio import markdown_table, run_metadata, write_results  # noqa: E402
+from sglang_xshare.benchio import markdown_table, md_cell, run_metadata, write_results  # noqa: E402
 from sglang_xshare.servebench.client import (bench_serving_argv, counter_delta, run_bench_serving,  # noqa: E402
                                              scrape, sglang_counters, spec_accept_length, xshare_counters)
 from sglang_xshare.servebench.configs import ServeConfig, one_server, parse_configs  # noqa: E402
@@ -171,7 +171,9 @@ def profile_arms(base_url: str, switch: Path | None, arms: list[tuple[int, str]]
 
 
 def profile_lines(records: list[dict]) -> list[str]:
-    """Markdown: GPU kernel time per decode step by category, per configuration arm (rank 0)."""
+    """Markdown: GPU kernel time per decode step by category, per configuration arm (rank 0), and
+    the MoE experts' and the communication kernels' time on every rank (an all-reduce waits for the
+    slowest rank, so one rank's fewer expert-ms can show up as its communication-ms)."""
     from sglang_xshare.servebench.profile import CATEGORIES
 
     cats = [c for c, _ in CATEGORIES] + ["other"]
@@ -180,21 +182,27 @@ def profile_lines(records: list[dict]) -> list[str]:
         for lvl in rec.get("levels", []):
             for arm, per_rank in (lvl.get("profile") or {}).items():
                 r0 = per_rank.get("0") if isinstance(per_rank, dict) else None
+                head = f"| {md_cell(rec['config'])} | {md_cell(arm)} | {lvl['concurrency']} | "
                 if not r0 or not r0.get("graph_launches"):
-                    lines.append(f"| {rec['config']} | {arm} | {lvl['concurrency']} | "
-                                 f"{(per_rank or {}).get('error', 'no decode steps traced')} |" + " |" * len(cats))
+                    lines.append(head + f"{md_cell((per_rank or {}).get('error', 'no decode steps traced'))} |"
+                                 + " |" * (len(cats) + 1))
                     continue
                 n = r0["graph_launches"]
                 step = r0["total_us"] / n / 1000.0
                 shares = [f"{r0['kernel_us'].get(c, 0.0) / n / 1000.0:.3f} ({100 * r0['kernel_us'].get(c, 0.0) / max(r0['total_us'], 1e-9):.0f}%)"
                           for c in cats]
-                lines.append(f"| {rec['config']} | {arm} | {lvl['concurrency']} | {n} steps, {step:.3f} ms | "
-                             + " | ".join(shares) + " |")
+                ranks = sorted((k for k, v in per_rank.items() if isinstance(v, dict) and v.get("graph_launches")),
+                               key=lambda k: (len(k), k))
+                per = " / ".join(f"{per_rank[k]['kernel_us'].get('MoE experts', 0.0) / per_rank[k]['graph_launches'] / 1000.0:.2f}"
+                                 f", {per_rank[k]['kernel_us'].get('communication', 0.0) / per_rank[k]['graph_launches'] / 1000.0:.2f}"
+                                 for k in ranks)
+                lines.append(head + f"{n} steps, {step:.3f} ms | " + " | ".join(shares) + f" | {per} |")
     if not lines:
         return []
-    head = ["", "Where a decode step's GPU time goes (SGLang's profiler, rank 0; kernel ms per step and share):", "",
-            "| config | arm | conc. | kernel time / step | " + " | ".join(cats) + " |",
-            "|---|---|---|---|" + "---|" * len(cats)]
+    head = ["", "Where a decode step's GPU time goes (SGLang's profiler, rank 0; kernel ms per step and share; "
+            "last column: MoE experts, communication ms per step on rank 0 / 1 / ...):", "",
+            "| config | arm | conc. | kernel time / step | " + " | ".join(cats) + " | per rank: experts, comm. |",
+            "|---|---|---|---|" + "---|" * (len(cats) + 1)]
     return head + lines
 
 

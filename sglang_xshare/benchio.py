@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["run_metadata", "write_results", "markdown_table", "GIT_REV_ENV"]
+__all__ = ["run_metadata", "write_results", "markdown_table", "md_cell", "GIT_REV_ENV"]
 
 
 #: The repository this package sits in (the revision is read there, whatever the cwd).
@@ -63,16 +63,17 @@ def run_metadata(argv: Sequence[str] | None = None) -> dict[str, str]:
     }
 
 
+def md_cell(v: Any) -> str:
+    """One Markdown table cell: floats with 4 significant digits, ``|`` escaped (a label such as
+    ``"xshare@0.7 | oea+k0=4"`` would otherwise split the row)."""
+    text = f"{v:.4g}" if isinstance(v, float) else str(v)
+    return text.replace("|", "\\|")
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured Markdown table; floats printed with 4 significant digits."""
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
+    """A GitHub-flavoured Markdown table (cells through :func:`md_cell`)."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(md_cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
 
 

@@ -498,11 +498,25 @@ def test_profile_request_is_sglangs_and_decode_traces_break_down_by_category(tmp
     r0 = bd["0"]
     assert r0["kernel_us"] == {"MoE experts": 60.0, "attention": 20.0, "communication": 12.0, "xshare selection": 8.0}
     assert (r0["total_us"], r0["kernels"], r0["graph_launches"]) == (100.0, 8, 2)
+    assert [(t["name"], t["category"], t["us"], t["launches"]) for t in r0["top_kernels"]] == [
+        ("fused_moe_kernel", "MoE experts", 60.0, 2), ("_fwd_kernel_stage1", "attention", 20.0, 2),
+        ("ncclDevKernel_AllReduce_Sum", "communication", 12.0, 2), ("batch_kernel", "xshare selection", 8.0, 2)]
+    assert len(kernel_breakdown(files, top_kernels=1)["0"]["top_kernels"]) == 1
+    # rank 1 spends less on experts and waits less in the all-reduce: its column says so
+    trace(tmp_path / "run_c64_policy-abc-TP-1-EP-1-DECODE.trace.json.gz",
+          [("fused_moe_kernel", 20.0), ("ncclDevKernel_AllReduce_Sum", 16.0)] * 2, 2)
+    bd = kernel_breakdown(files)
     serve = _serve_module()
-    lines = serve.profile_lines([{"config": "xshare@0.7", "levels": [{"concurrency": 64, "profile": {
-        "policy": bd, "sglang": {"error": "no decode trace"}}}]}])
-    row = next(ln for ln in lines if ln.startswith("| xshare@0.7 | policy"))
+    label = "xshare@0.7 | oea+k0=4"  # a one-server configuration's label
+    lines = serve.profile_lines([{"config": label, "levels": [{"concurrency": 64, "profile": {
+        "xshare@0.7": bd, "sglang": {"error": "no decode trace"}}}]}])
+    row = next(ln for ln in lines if "| xshare@0.7 | 64 |" in ln)
+    assert row.startswith("| xshare@0.7 \\| oea+k0=4 | xshare@0.7 | 64 |"), row
     assert "2 steps, 0.050 ms" in row and "0.030 (60%)" in row and "0.004 (8%)" in row
+    assert row.endswith("| 0.03, 0.01 / 0.02, 0.02 |"), row
+    header = next(ln for ln in lines if ln.startswith("| config"))
+    cells = lambda ln: len(ln.replace("\\|", "").split("|"))  # noqa: E731
+    assert all(cells(ln) == cells(header) for ln in lines if ln.startswith("| ")), lines
     assert any("no decode trace" in ln for ln in lines)
 
 
@@ -692,3 +706,38 @@ def test_real_launcher_failure_is_reported_and_cleaned_up(tmp_path):
     srv.stop(grace=5)
     assert marked_processes(srv.mark) == []
     assert MARK_ENV not in os.environ
+
+
+def test_markdown_table_keeps_its_columns_when_a_label_holds_a_pipe():
+    """A one-server configuration's label is ``"a | b"``: escaped, the row keeps the header's cells."""
+    from sglang_xshare.benchio import markdown_table
+
+    table = markdown_table(["config", "conc.", "tok/s"], [["xshare@0.7 | oea+k0=4", 16, 2122.4567]])
+    head, _, row = table.splitlines()
+    assert row == "| xshare@0.7 \\| oea+k0=4 | 16 | 2122 |"
+    assert len(row.replace("\\|", "").split("|")) == len(head.split("|"))
+
+
+def test_hook_overhead_variants_are_valid_server_configs_with_metrics_and_the_ab_switch(tmp_path):
+    """``bench/hook_overhead.py --metrics --ab``: every variant is a valid server config, the ``+metrics``
+    rows turn the live metrics on and the ``+ab`` rows select the policy arm of a real switch file."""
+    import importlib.util
+
+    from sglang_xshare.serving.abswitch import read_arm
+    from sglang_xshare.serving.flags import XShareServerConfig
+
+    spec = importlib.util.spec_from_file_location("bench_hook_overhead", ROOT / "bench" / "hook_overhead.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    switch = tmp_path / "arm"
+    switch.write_text("1\n")
+    vs = mod.variants(no_legacy=True, metrics=True, ab_switch=str(switch))
+    names = [n for n, _, _ in vs]
+    assert names == [*mod.CONFIGS, *(f"{n}+metrics" for n in mod.CONFIGS), *(f"{n}+ab" for n in mod.CONFIGS)]
+    for name, kw, force in vs:
+        cfg = XShareServerConfig(empty_slots="minus_one", min_tokens="1", **kw).validate()
+        assert force is None and cfg.selects
+        assert cfg.metrics == name.endswith("+metrics")
+        assert (cfg.ab_switch is not None) == name.endswith("+ab")
+    assert read_arm(switch, 1) == 1
+    assert [n for n, _, f in mod.variants() if f == "legacy"] == ["xshare/legacy", "cap/legacy"]

@@ -69,27 +69,37 @@ def _rank_of(path: Path) -> str:
     return m.group(1) if m else path.name
 
 
-def kernel_breakdown(paths: Iterable[Path]) -> dict:
-    """Per trace file (rank): GPU kernel time per category in µs, the kernel count, and the
-    ``cudaGraphLaunch`` calls (decode steps replayed from CUDA graphs).
+def kernel_breakdown(paths: Iterable[Path], top_kernels: int = 12) -> dict:
+    """Per trace file (rank): GPU kernel time per category in µs, the kernel count, the
+    ``cudaGraphLaunch`` calls (decode steps replayed from CUDA graphs), and the ``top_kernels``
+    kernel names with the most time (which kernels a category's time is).
 
     Returns:
-        ``{rank: {"kernel_us": {category: µs}, "total_us": µs, "kernels": n, "graph_launches": n}}``.
+        ``{rank: {"kernel_us": {category: µs}, "total_us": µs, "kernels": n, "graph_launches": n,
+        "top_kernels": [{"name", "category", "us", "launches"}, ...]}}``.
     """
     out: dict[str, dict] = {}
     for path in paths:
         per: dict[str, float] = {}
+        by_name: dict[str, list] = {}  # name -> [µs, launches]
         kernels = launches = 0
         for ev in _events(path):
             if ev.get("ph") != "X":
                 continue
             cat = str(ev.get("cat", "")).lower()
             if cat == "kernel":
-                c = category(str(ev.get("name", "")))
-                per[c] = per.get(c, 0.0) + float(ev.get("dur", 0.0))
+                name, dur = str(ev.get("name", "")), float(ev.get("dur", 0.0))
+                c = category(name)
+                per[c] = per.get(c, 0.0) + dur
+                acc = by_name.setdefault(name, [0.0, 0])
+                acc[0] += dur
+                acc[1] += 1
                 kernels += 1
             elif cat == "cuda_runtime" and str(ev.get("name", "")).startswith("cudaGraphLaunch"):
                 launches += 1
+        top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top_kernels]
         out[_rank_of(path)] = {"kernel_us": dict(sorted(per.items())), "total_us": sum(per.values()),
-                               "kernels": kernels, "graph_launches": launches}
+                               "kernels": kernels, "graph_launches": launches,
+                               "top_kernels": [{"name": n[:160], "category": category(n), "us": us, "launches": k}
+                                               for n, (us, k) in top]}
     return out
