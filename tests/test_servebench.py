@@ -110,6 +110,12 @@ def test_bench_serving_arguments_parse_with_sglangs_parser(tmp_path):
     assert (ns.backend, ns.dataset_name, ns.max_concurrency, ns.num_prompts) == ("sglang", "random-ids", 16, 32)
     assert (ns.random_input_len, ns.random_output_len, ns.random_range_ratio) == (32, 256, 1.0)
     assert ns.disable_ignore_eos is False  # every request decodes its full length
+    # no bench_serving warm-up request inside a measured run: its one-token decode steps would land in
+    # the run's live-metrics window (the server is warmed once, before the first level)
+    assert ns.warmup_requests == 0
+    assert _parsed(bench_serving_argv("http://127.0.0.1:1", "tok", concurrency=1, num_prompts=1, input_len=8,
+                                      output_len=8, seed=0, output_file=str(tmp_path / "w.jsonl"),
+                                      warmup_requests=2)).warmup_requests == 2
 
 
 # ---- repeated, interleaved server starts (bench/serve.py) -------------------------------------

@@ -32,13 +32,19 @@ RESULT_KEYS = ("completed", "duration", "total_output_tokens", "output_throughpu
 
 def bench_serving_argv(base_url: str, tokenizer: str, *, concurrency: int, num_prompts: int, input_len: int,
                        output_len: int, seed: int, output_file: str, dataset: str = "random-ids",
-                       dataset_path: str | None = None, extra: Sequence[str] = ()) -> list[str]:
-    """``sglang.bench_serving`` arguments of one load level (decode-heavy by default)."""
+                       dataset_path: str | None = None, extra: Sequence[str] = (), warmup_requests: int = 0) -> list[str]:
+    """``sglang.bench_serving`` arguments of one load level (decode-heavy by default).
+
+    ``warmup_requests``: ``bench_serving``'s own warm-up requests before the measured ones (its
+    default is 1). 0 here: the benchmark warms each server itself once, and a warm-up request (up
+    to 32 tokens, alone in its batch) would put ~31 one-token decode steps into the run's window of
+    xshare's live metrics, which pulls the per-call means of a policy that routes single tokens
+    (``cap``, or any policy under ``--xshare-ep-global``) towards one token's figures."""
     argv = ["--backend", "sglang", "--base-url", base_url, "--tokenizer", tokenizer,
             "--dataset-name", dataset, "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
             "--random-input-len", str(input_len), "--random-output-len", str(output_len),
             "--random-range-ratio", "1.0", "--seed", str(seed), "--output-file", output_file,
-            "--disable-tqdm", "--warmup-requests", "1", "--ready-check-timeout-sec", "0"]
+            "--disable-tqdm", "--warmup-requests", str(int(warmup_requests)), "--ready-check-timeout-sec", "0"]
     if dataset_path:
         argv += ["--dataset-path", dataset_path]
     return argv + list(extra)
