@@ -203,7 +203,31 @@ def profile_lines(records: list[dict]) -> list[str]:
             "last column: MoE experts, communication ms per step on rank 0 / 1 / ...):", "",
             "| config | arm | conc. | kernel time / step | " + " | ".join(cats) + " | per rank: experts, comm. |",
             "|---|---|---|---|" + "---|" * (len(cats) + 1)]
-    return head + lines
+    return head + lines + _selection_lines(records)
+
+
+def _selection_lines(records: list[dict]) -> list[str]:
+    """Markdown: each policy's selection kernel, µs per MoE layer call, from the profiled steps
+    (:func:`~sglang_xshare.servebench.profile.selection_per_arm`; every arm of a server computes
+    every policy's selection, so any profiled arm's trace holds all of them)."""
+    from sglang_xshare.servebench.profile import selection_per_arm
+
+    rows = []
+    for rec in records:
+        arms = list(rec.get("arms") or [rec["config"]])
+        for lvl in rec.get("levels", []):
+            for arm, per_rank in (lvl.get("profile") or {}).items():
+                r0 = per_rank.get("0") if isinstance(per_rank, dict) else None
+                got = selection_per_arm(r0, arms) if r0 else None
+                if got:
+                    rows.append(f"| {md_cell(rec['config'])} | {lvl['concurrency']} | {md_cell(arm)} | "
+                                + " | ".join(f"{md_cell(a)}: {us:.1f}" for a, us in got.items()) + " |")
+                    break  # one profiled arm is enough: the same selections run under every arm
+    if not rows:
+        return []
+    return ["", "Each policy's selection kernel in the server (rank 0, µs per MoE layer call; from the "
+            "trace of the arm named):", "", "| config | conc. | trace of arm | selection µs per layer call |",
+            "|---|---|---|---|", *rows]
 
 
 def flush_metrics(base_url: str, settle: float) -> None:

@@ -520,10 +520,38 @@ def test_profile_request_is_sglangs_and_decode_traces_break_down_by_category(tmp
     assert row.startswith("| xshare@0.7 \\| oea+k0=4 | xshare@0.7 | 64 |"), row
     assert "2 steps, 0.050 ms" in row and "0.030 (60%)" in row and "0.004 (8%)" in row
     assert row.endswith("| 0.03, 0.01 / 0.02, 0.02 |"), row
-    header = next(ln for ln in lines if ln.startswith("| config"))
     cells = lambda ln: len(ln.replace("\\|", "").split("|"))  # noqa: E731
-    assert all(cells(ln) == cells(header) for ln in lines if ln.startswith("| ")), lines
+    tables = "\n".join(lines).split("\n\n")
+    for t in (t for t in tables if t.startswith("| config")):  # every row as many cells as its header
+        assert len({cells(ln) for ln in t.splitlines() if ln.startswith("| ")}) == 1, t
     assert any("no decode trace" in ln for ln in lines)
+    # a one-policy server: position 0 is its policy's selection (2 launches of 4 µs on rank 0)
+    assert lines[-1] == "| xshare@0.7 \\| oea+k0=4 | 64 | xshare@0.7 | xshare@0.7 \\| oea+k0=4: 4.0 |", lines[-1]
+
+    # one server, three policy arms: per layer SGLang's routing, then each arm's one selection launch in
+    # arm order, then the experts; numbered by position in the layer (time order, not file order)
+    from sglang_xshare.servebench.profile import selection_per_arm
+
+    layer = [("topkGatingSoftmax", 1.0), ("batch_kernel", 4.0), ("batch_kernel", 7.0), ("refine_kernel", 2.0),
+             ("elementwise_kernel", 0.5), ("fused_moe_kernel", 30.0), ("_fwd_kernel_stage1", 5.0)]
+    f3 = tmp_path / "run_c64_arm3-abc-TP-0-EP-0-DECODE.trace.json.gz"
+    trace(f3, list(reversed(layer * 3)), 1)
+    with gzip.open(f3, "rt") as f:  # events in reverse file order, timestamps in launch order
+        ev = json.load(f)["traceEvents"]
+    for i, e in enumerate(e for e in ev if e["cat"] == "kernel"):
+        e["ts"] = 21 - i
+    with gzip.open(f3, "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    r = kernel_breakdown([f3])["0"]
+    assert r["selection_by_position"] == [{"us": 12.0, "launches": 3}, {"us": 21.0, "launches": 3},
+                                          {"us": 6.0, "launches": 3}]
+    arms = ["xshare@0.7", "oea+k0=4", "cap+cap=6"]
+    assert selection_per_arm(r, arms) == {"xshare@0.7": 4.0, "oea+k0=4": 7.0, "cap+cap=6": 2.0}
+    assert selection_per_arm(r, arms[:2]) is None  # positions do not match one launch per arm
+    lines = serve.profile_lines([{"config": " | ".join(arms), "arms": arms, "levels": [{"concurrency": 64, "profile": {
+        "sglang": {"0": r}}}]}])
+    assert lines[-1] == ("| xshare@0.7 \\| oea+k0=4 \\| cap+cap=6 | 64 | sglang | xshare@0.7: 4.0 | oea+k0=4: 7.0 | "
+                         "cap+cap=6: 2.0 |"), lines[-1]
 
 
 def test_flush_cache_retries_while_sglang_refuses_with_requests_running():
