@@ -60,7 +60,7 @@ from sglang_xshare.servebench.client import (bench_serving_argv, counter_delta, 
                                              scrape, sglang_counters, spec_accept_length, xshare_counters)
 from sglang_xshare.servebench.configs import ServeConfig, one_server, parse_configs  # noqa: E402
 from sglang_xshare.servebench.models import PRESETS, write_model  # noqa: E402
-from sglang_xshare.servebench.server import Server, ServerDied  # noqa: E402
+from sglang_xshare.servebench.server import Server, ServerDied, http_get  # noqa: E402
 
 #: Flags every server of a run gets (the combination seen to start on the H200 hosts).
 BASE_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--grammar-backend", "none",
@@ -105,23 +105,20 @@ def server_command(cfg: ServeConfig, model: str, port: int, args: argparse.Names
 
 
 def poke(base_url: str) -> None:
-    """One tiny generation (a few decode steps: every rank passes its step ends)."""
-    import urllib.request
+    """One tiny generation (a few decode steps: every rank passes its step ends); errors ignored."""
+    http_get(base_url + "/generate", timeout=60.0,
+             json_body={"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}})
 
-    body = json.dumps({"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}})
-    req = urllib.request.Request(base_url + "/generate", data=body.encode(), headers={"Content-Type": "application/json"})
-    try:
-        urllib.request.urlopen(req, timeout=60).read()
-    except OSError:
-        pass
+
+def safe_name(text: str) -> str:
+    """``text`` as a file-name part: ``@``, ``+``, ``=`` and anything else not ``[A-Za-z0-9_.-]`` made safe."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text.replace("@", "_").replace("+", "_").replace("=", ""))
 
 
 def flush_cache(base_url: str, tries: int = 40, wait: float = 0.25) -> bool:
     """SGLang's ``/flush_cache``: empties the prefix cache and the speculative worker's cache (NGRAM's
     corpus of earlier outputs), so that a run starts from the state the previous one started from.
     SGLang refuses while requests are running or waiting (400): retried. Returns whether it flushed."""
-    from sglang_xshare.servebench.server import http_get
-
     for _ in range(tries):
         code, _body = http_get(base_url + "/flush_cache", timeout=30.0)
         if code == 200:
@@ -144,14 +141,13 @@ def profile_arms(base_url: str, switch: Path | None, arms: list[tuple[int, str]]
     steps at full batch traced on every rank, then :func:`kernel_breakdown` of the decode traces.
     Returns ``{arm: {rank: breakdown}}`` (``{"error": ...}`` for an arm whose traces did not come)."""
     from sglang_xshare.servebench.profile import kernel_breakdown, profile_request, trace_files
-    from sglang_xshare.servebench.server import http_get
 
     out: dict = {}
     for idx, arm in arms:
         if switch is not None:
             switch.write_text(str(idx))
             poke(base_url)
-        prefix = re.sub(r"[^A-Za-z0-9_.]+", "_", f"{tag}_{arm}")
+        prefix = safe_name(f"{tag}_{arm}")
         code, body = http_get(base_url + "/start_profile", timeout=60.0,
                               json_body=profile_request(trace_dir, steps, prefix))
         if code != 200:
@@ -168,6 +164,11 @@ def profile_arms(base_url: str, switch: Path | None, arms: list[tuple[int, str]]
         files = trace_files(trace_dir, prefix)
         out[arm] = kernel_breakdown(files) if files else {"error": f"no decode trace in {trace_dir} after {timeout:.0f} s"}
     return out
+
+
+def _ms_per_step(rank: dict, cat: str) -> float:
+    """One rank's kernel ms per decode step in category ``cat`` (:func:`kernel_breakdown`'s figures)."""
+    return rank["kernel_us"].get(cat, 0.0) / rank["graph_launches"] / 1000.0
 
 
 def profile_lines(records: list[dict]) -> list[str]:
@@ -189,12 +190,11 @@ def profile_lines(records: list[dict]) -> list[str]:
                     continue
                 n = r0["graph_launches"]
                 step = r0["total_us"] / n / 1000.0
-                shares = [f"{r0['kernel_us'].get(c, 0.0) / n / 1000.0:.3f} ({100 * r0['kernel_us'].get(c, 0.0) / max(r0['total_us'], 1e-9):.0f}%)"
+                shares = [f"{_ms_per_step(r0, c):.3f} ({100 * r0['kernel_us'].get(c, 0.0) / max(r0['total_us'], 1e-9):.0f}%)"
                           for c in cats]
                 ranks = sorted((k for k, v in per_rank.items() if isinstance(v, dict) and v.get("graph_launches")),
                                key=lambda k: (len(k), k))
-                per = " / ".join(f"{per_rank[k]['kernel_us'].get('MoE experts', 0.0) / per_rank[k]['graph_launches'] / 1000.0:.2f}"
-                                 f", {per_rank[k]['kernel_us'].get('communication', 0.0) / per_rank[k]['graph_launches'] / 1000.0:.2f}"
+                per = " / ".join(f"{_ms_per_step(per_rank[k], 'MoE experts'):.2f}, {_ms_per_step(per_rank[k], 'communication'):.2f}"
                                  for k in ranks)
                 lines.append(head + f"{n} steps, {step:.3f} ms | " + " | ".join(shares) + f" | {per} |")
     if not lines:
@@ -288,7 +288,7 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
     ``progress(partial)`` gets the record so far after every level, marked incomplete (``error``), so
     what was measured survives a run killed in the middle of a server."""
     port = free_port()
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.label.replace("@", "_").replace("+", "_").replace("=", ""))
+    safe = safe_name(cfg.label)
     switch = out_dir / f"{args.name}_{safe}_s{start}.arm" if (args.ab and cfg.selects) else None
     if switch is not None:
         switch.write_text("0")
@@ -341,7 +341,8 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
                     # this run's accept length (speculative servers), from SGLang's counters
                     res["spec_accept_length"] = spec_accept_length(sg_before, sglang_counters(text))
                     # the arm's own counts: every arm selects on every batch; arm N >= 2 counts as rank "0/armN"
-                    res["xshare"] = per_call(d.get("0" if idx <= 1 else f"0/arm{idx}", next(iter(d.values()), {}) if idx <= 1 else {}))
+                    own = d.get("0", next(iter(d.values()), {})) if idx <= 1 else d.get(f"0/arm{idx}", {})
+                    res["xshare"] = per_call(own)
                     res["arm"] = arm
                     if flushed is not None:
                         res["cache_flushed"] = flushed

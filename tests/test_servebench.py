@@ -775,3 +775,34 @@ def test_hook_overhead_variants_are_valid_server_configs_with_metrics_and_the_ab
         assert (cfg.ab_switch is not None) == name.endswith("+ab")
     assert read_arm(switch, 1) == 1
     assert [n for n, _, f in mod.variants() if f == "legacy"] == ["xshare/legacy", "cap/legacy"]
+
+
+def test_poke_posts_one_tiny_generation_and_ignores_a_dead_server():
+    """``poke`` (the step-end nudge of the live metrics and the A/B switch) POSTs SGLang's ``/generate``
+    body: a few tokens, ``ignore_eos``; a server that does not answer is not an error."""
+    import http.server
+    import json
+    import threading
+
+    serve = _serve_module()
+    seen = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        serve.poke(f"http://127.0.0.1:{srv.server_address[1]}")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert seen == [("/generate", {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}})]
+    serve.poke(f"http://127.0.0.1:{srv.server_address[1]}")  # nothing listens any more: no exception
+    assert serve.safe_name("xshare@0.7+k0=4 | cap") == "xshare_0.7_k04_cap"
