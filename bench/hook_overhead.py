@@ -53,18 +53,27 @@ CONFIGS = {
 }
 
 
-def variants(no_legacy: bool = False, metrics: bool = False, ab_switch: str | None = None) -> list[tuple[str, dict, str | None]]:
+def variants(no_legacy: bool = False, metrics: bool = False, ab_dir: str | None = None) -> list[tuple[str, dict, str | None]]:
     """The hooked configurations: ``(name, XShareServerConfig keyword arguments, forced path or None)``.
 
-    ``metrics``: also each policy with the live metrics on; ``ab_switch``: also each policy as the
-    selected arm of an in-server A/B whose switch file is ``ab_switch``."""
+    ``metrics``: also each policy with the live metrics on; ``ab_dir``: also each policy inside an
+    in-server A/B (switch files ``arm1`` / ``arm0`` written there): ``+ab`` its arm selected,
+    ``+ab/sglang-arm`` SGLang's arm selected (the policy's kernel returns at once),
+    ``+ab/sglang-arm/compute`` SGLang's arm under ``--xshare-ab-idle-arms compute`` (the policy
+    selects anyway: what SGLang's arm paid in the A/B runs before that flag)."""
     out = [(n, dict(kw), None) for n, kw in CONFIGS.items()]
     if not no_legacy:
         out += [(f"{n}/legacy", dict(kw), "legacy") for n, kw in CONFIGS.items() if n in ("xshare", "cap")]
     if metrics:
         out += [(f"{n}+metrics", dict(kw, metrics=True), None) for n, kw in CONFIGS.items()]
-    if ab_switch is not None:
-        out += [(f"{n}+ab", dict(kw, ab_switch=ab_switch), None) for n, kw in CONFIGS.items()]
+    if ab_dir is not None:
+        on, off = Path(ab_dir) / "arm1", Path(ab_dir) / "arm0"
+        on.write_text("1\n")  # the policy's arm
+        off.write_text("0\n")  # SGLang's arm
+        for n, kw in CONFIGS.items():
+            out += [(f"{n}+ab", dict(kw, ab_switch=str(on)), None),
+                    (f"{n}+ab/sglang-arm", dict(kw, ab_switch=str(off)), None),
+                    (f"{n}+ab/sglang-arm/compute", dict(kw, ab_switch=str(off), ab_idle_arms="compute"), None)]
     return out
 
 
@@ -130,15 +139,14 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--no-legacy", action="store_true", help="skip the legacy-path rows")
     ap.add_argument("--metrics", action="store_true", help="also each policy with the live metrics on")
-    ap.add_argument("--ab", action="store_true", help="also each policy as the selected arm of an in-server A/B")
+    ap.add_argument("--ab", action="store_true",
+                    help="also each policy inside an in-server A/B: its arm selected, SGLang's arm selected, and "
+                         "SGLang's arm under --xshare-ab-idle-arms compute")
     args = ap.parse_args()
     import os
     import tempfile
 
-    switch = None
-    if args.ab:
-        switch = os.path.join(tempfile.mkdtemp(prefix="xshare_ab_"), "arm")
-        Path(switch).write_text("1\n")  # the policy arm
+    ab_dir = tempfile.mkdtemp(prefix="xshare_ab_") if args.ab else None
 
     from sglang.srt.layers.moe import topk as topk_mod
     from sglang.srt.runtime_context import SpawnRanks, publish
@@ -167,7 +175,7 @@ def main() -> int:
             base_k, base_us = measure(build_layers(topk_mod, shape, args.layers, device), T, shape["E"], args.iters, device)
             rows.append(dict(shape=sname, T=T, config="plain", kernels=base_k, us=base_us))
             table.append([sname, T, "plain (SGLang)", f"{base_k:.1f}", f"{base_us:.2f}", "-", "-"])
-            for name, kw, force in variants(args.no_legacy, args.metrics, switch):
+            for name, kw, force in variants(args.no_legacy, args.metrics, ab_dir):
                 if force:
                     os.environ["SGLANG_XSHARE_FORCE_PATH"] = force
                 else:
@@ -193,7 +201,9 @@ def main() -> int:
           "`<policy>/legacy` = the hook's previous design (SGLang's router, then the policy and the empty-slot "
           "fill/restore around SGLang's post-processing); `<policy>+metrics` = the fast path with the live metrics "
           "on; `<policy>+ab` = the fast path as the selected arm of an in-server A/B (SGLang's routing computed "
-          "too).\n\n"
+          "too, `--xshare-ab-idle-arms skip`); `+ab/sglang-arm` = the same server with SGLang's arm selected (the "
+          "policy's kernel returns at once); `+ab/sglang-arm/compute` = SGLang's arm under `--xshare-ab-idle-arms "
+          "compute` (the policy selects anyway, as in the A/B runs before that flag).\n\n"
           + markdown_table(["routing", "T", "config (path)", "kernels / layer", "µs / layer", "added kernels",
                             "added µs"], table))
     write_results(args.out, args.name, {"rows": rows, "layers": args.layers, "iters": args.iters}, md, run_metadata())

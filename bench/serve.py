@@ -19,9 +19,11 @@ stopped when called again with the same arguments.
 ``--ab`` measures inside one server: each policy server also computes SGLang's routing in every
 MoE layer (``--xshare-ab-switch``, :mod:`sglang_xshare.serving.abswitch`) and every rep runs both
 arms, the policy's and SGLang's, in ABBA order; the policy's TPOT speed-up over its own server's
-SGLang arm is the expert cut's effect alone (both arms run the same kernels), free of the
-server-to-server spread. What the policy's kernel costs beside SGLang's top-k is
-``bench/hook_overhead.py``'s figure. ``--ab-one-server`` puts every configuration into one such
+SGLang arm is free of the server-to-server spread. By default (``--ab-idle-arms skip``) an arm the
+switch does not route by skips its selection kernel, so the speed-up is net of the policy's
+selection (conservatively: the policy's arm also runs SGLang's top-k); with ``compute`` every arm
+selects in every layer and the speed-up is the expert cut alone (the runs before the option), the
+selection's cost then being ``bench/hook_overhead.py``'s figure. ``--ab-one-server`` puts every configuration into one such
 server as arms of its switch (``--xshare-ab-arm``): one start-up, every policy and SGLang's routing
 alternated on the same server. With speculative decoding by NGRAM add ``--flush-cache``: its
 corpus learns from every output, so the second arm of a pair (same prompts) would accept more.
@@ -90,7 +92,7 @@ def server_command(cfg: ServeConfig, model: str, port: int, args: argparse.Names
     if cfg.selects:
         xs += ["--xshare-metrics", "--xshare-metrics-interval", "50"]
     if switch is not None:
-        xs += ["--xshare-ab-switch", switch]
+        xs += ["--xshare-ab-switch", switch, "--xshare-ab-idle-arms", args.ab_idle_arms]
         # both arms of a rep send the same prompts: without the prefix cache the second arm's
         # prefill is no cheaper than the first's
         sg += ["--disable-radix-cache"]
@@ -587,6 +589,17 @@ def _write(out_dir: Path, name: str, rows: list[dict], table: str, notes: list[s
         plot(rows, out_dir / f"{name}.png", title)
 
 
+def _idle_note(args: argparse.Namespace) -> str:
+    """What the in-server A/B's ratios include (``--ab-idle-arms``), for the notes."""
+    if not getattr(args, "ab", False):
+        return ""
+    if getattr(args, "ab_idle_arms", "compute") == "skip":
+        return ("; `--ab-idle-arms skip`: each arm pays only its own selection (the others' kernels return at once), "
+                "so the A/B speed-up is net of the policy's selection (the policy's arm also runs SGLang's top-k)")
+    return ("; `--ab-idle-arms compute`: every arm's selection runs in every arm, so the A/B speed-up is the expert "
+            "cut alone, without the selection's cost")
+
+
 def report(records: list[dict], skipped: list[tuple[str, int, str]], args: argparse.Namespace, extra: list[str],
            meta: dict) -> str:
     """Write ``<out>/<name>.{json,md,png}`` from the records so far; returns the Markdown table."""
@@ -604,7 +617,7 @@ def report(records: list[dict], skipped: list[tuple[str, int, str]], args: argpa
              f"per-start medians (the spread between servers running identical kernels); TPOT speed-up = off's median "
              f"TPOT / the configuration's (> 1 is faster), pooled (paired median [min-max] over rounds); in-server A/B "
              f"(`--ab`) = the policy arm against the same server's SGLang arm, rep by rep (median [min-max] of "
-             f"the TPOT speed-ups, median tok/s ratio). Experts = per MoE layer call, from "
+             f"the TPOT speed-ups, median tok/s ratio){_idle_note(args)}. Experts = per MoE layer call, from "
              f"xshare's live metrics (the policy's distinct experts and busiest EP rank, and plain top-k's on the same "
              f"batches). Server: {title}."]
     for rec in records:
@@ -745,6 +758,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --ab: every configuration is an arm of ONE server (the first its policy, the others "
                          "--xshare-ab-arm): each rep runs SGLang's arm and every policy's on the same server, in "
                          "order and reversed; one start-up for the whole comparison")
+    ap.add_argument("--ab-idle-arms", choices=("skip", "compute"), default="skip",
+                    help="with --ab: what the arms the switch does not route by do (--xshare-ab-idle-arms): 'skip' "
+                         "their selection (the A/B speed-up is net of it) or 'compute' it anyway (the speed-up is the "
+                         "expert cut alone)")
     ap.add_argument("--flush-cache", action="store_true",
                     help="SGLang's /flush_cache before every measured run: each run starts with an empty prefix "
                          "cache and an empty NGRAM corpus (NGRAM learns from the previous run's outputs, so without "
@@ -789,6 +806,8 @@ def main(argv: list[str] | None = None) -> int:
         meta["sglang"] = sglang.__version__
     except ImportError:
         meta["sglang"] = "not installed"
+    if args.ab:
+        meta["ab_idle_arms"] = args.ab_idle_arms
     if args.ray:
         subprocess.run(["ray", "stop", "--force"], capture_output=True)
         subprocess.run(["ray", "start", "--head", "--num-gpus", str(args.tp), "--disable-usage-stats"], check=True,

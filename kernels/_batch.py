@@ -147,7 +147,7 @@ def batch_pick(mass, flags, tot, cols, E, pk_ptr, val_ptr, rank_ptr, copy_ptr, s
     return slot
 
 
-@triton.jit(do_not_specialize=["T", "E", "R", "U", "max_spins", "chunks", "b_count", "b_frac_bits", "b_eps_bits",
+@triton.jit(do_not_specialize=["T", "E", "R", "U", "max_spins", "chunks", "gate_arm", "b_count", "b_frac_bits", "b_eps_bits",
                                "b_mass", "b_mass_c", "rb_count", "rb_frac_bits", "rb_eps_bits", "rb_mass", "rb_mass_c"])
 def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                  part_mass, part_flags, part_tot, tot_mass, tot_flags, tot_tot, sync_ptr, sel_ptr, req_ptr,
@@ -157,6 +157,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                  rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c,
                  ids_ptr, w_ptr, phys_ptr, min_score, out_scale, map_ptr,
                  acc_ptr, mticket_ptr, used_ptr, top_ptr, urank_ptr, lrank_ptr, U, okv_ptr, fault_ptr, max_spins, stats_ptr,
+                 gate_ptr, gate_arm,
                  SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                  GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
                  K: tl.constexpr, K0: tl.constexpr, MASS_FULL: tl.constexpr,
@@ -168,7 +169,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                  BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
                  VALID: tl.constexpr, OUT: tl.constexpr, SCALE: tl.constexpr, FILL_EMPTY: tl.constexpr,
                  METRICS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_MR: tl.constexpr, NBP: tl.constexpr,
-                 HARD: tl.constexpr = False):
+                 HARD: tl.constexpr = False, GATE: tl.constexpr = False):
     """Batch policy over ``T`` tokens -- see the module docstring.
 
     Shapes: ``logits [T, E]`` fp32/bf16/fp16 (row stride ``stride_t``), ``bias [E]``, ``valid [T]
@@ -187,7 +188,12 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
     int32`` (two-stage barrier: each program's first wait succeeded), ``fault [1] int64`` (barrier
     waits that did not fill: those programs routed by each token's own top-k), ``NBP >= NB``;
     ``stats [2, BLOCK_E] int64`` (``SYNC`` 3 / 4: this rank's, then every rank's masses and flags).
+    ``GATE``: every program returns at once unless ``gate [1] int64`` holds ``gate_arm`` (uniform
+    over the grid, so no barrier ticket moves; outputs, statistics and metrics are left untouched).
     """
+    if GATE:
+        if tl.load(gate_ptr) != gate_arm:
+            return
     pid = tl.program_id(0)
     nb = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_E)

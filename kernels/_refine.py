@@ -17,17 +17,17 @@ from ._metrics import metrics_finish, metrics_mark
 from ._tile import refine_tile
 
 
-@triton.jit(do_not_specialize=["T", "E", "U"])
+@triton.jit(do_not_specialize=["T", "E", "U", "gate_arm"])
 def refine_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, sel_ptr, req_ptr,
                   ids_ptr, w_ptr, phys_ptr, min_score, out_scale, map_ptr,
-                  acc_ptr, mticket_ptr, used_ptr, top_ptr, urank_ptr, lrank_ptr, U,
+                  acc_ptr, mticket_ptr, used_ptr, top_ptr, urank_ptr, lrank_ptr, U, gate_ptr, gate_arm,
                   SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                   GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
                   ALLOW: tl.constexpr, K: tl.constexpr, K0: tl.constexpr, KEEP_N: tl.constexpr,
                   HAS_MIN: tl.constexpr, RENORM: tl.constexpr, WANT_PHYS: tl.constexpr,
                   BT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                   VALID: tl.constexpr, OUT: tl.constexpr, SCALE: tl.constexpr, FILL_EMPTY: tl.constexpr,
-                  METRICS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_MR: tl.constexpr):
+                  METRICS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_MR: tl.constexpr, GATE: tl.constexpr = False):
     """Grid ``(cdiv(T, BT),)``: scoring + refinement of ``BT`` tokens per program.
 
     Inputs: ``logits [T, E]`` (row stride ``stride_t``), ``valid`` (see
@@ -35,8 +35,12 @@ def refine_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, sel_ptr, req_
     ``[T, K]`` int32 ids, float32 weights, int32 physical slots (``WANT_PHYS``); output epilogue
     ``OUT / SCALE / FILL_EMPTY`` as in :func:`~._tile.refine_tile`. ``METRICS``: add this call to
     the accumulator row ``acc [8] int64`` (:mod:`._metrics`; scratch ``used [U]`` / ``top [E]``
-    int32, ticket ``[1] int64``, rank tables ``urank [U]`` / ``lrank [E]`` int32).
+    int32, ticket ``[1] int64``, rank tables ``urank [U]`` / ``lrank [E]`` int32). ``GATE``: return at
+    once unless ``gate [1] int64`` holds ``gate_arm`` (nothing written).
     """
+    if GATE:
+        if tl.load(gate_ptr) != gate_arm:
+            return
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     rmask = rows < T

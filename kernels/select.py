@@ -20,6 +20,12 @@ xshare_spec with ``request_ids``       3 (:mod:`._spec`, arbitrary request ids)
 
 No host synchronisation, no data-dependent Python branching, static shapes: every call of a
 shape launches the same kernels with the same grids, so it can be captured in a CUDA graph.
+
+``ctx.gate = (flag, arm)`` makes the batch and refine launches return at once unless the
+``[1] int64`` device flag holds ``arm`` (read on the device, so a captured graph follows the flag):
+an A/B arm that is not routed by costs empty launches only. Its outputs are then left as they
+were (unwritten memory), and its fused metrics do not count the call. The general
+``xshare_spec`` path (``request_ids``) gates only its last (refine) launch.
 """
 
 from __future__ import annotations
@@ -106,6 +112,18 @@ def _coop(p, x: torch.Tensor, workspace: dict) -> dict:
     return {}
 
 
+def _gate(ctx: BatchContext, buf: Buffers) -> dict:
+    """Kernel arguments of ``ctx.gate`` (``(flag [1] int64, arm)``): the launch returns at once
+    unless the flag holds ``arm`` (the in-server A/B's arms the switch does not route by)."""
+    if ctx.gate is None:
+        return dict(gate_ptr=buf.dummy, gate_arm=0, GATE=False)
+    flag, arm = ctx.gate
+    if flag.dtype != torch.int64 or flag.numel() != 1 or flag.device != buf.dummy.device:
+        raise TypeError(f"gate flag must be a [1] int64 tensor on {buf.dummy.device}, got {flag.dtype} "
+                        f"{tuple(flag.shape)} on {flag.device}")
+    return dict(gate_ptr=flag, gate_arm=int(arm), GATE=True)
+
+
 def _outputs(buf: Buffers, T: int, k: int, device: torch.device, workspace: dict, phys: bool):
     if workspace.get("reuse_outputs", False):
         return buf.out_ids, buf.out_w, (buf.out_phys if phys else None)
@@ -137,7 +155,7 @@ def _refine_launch(x, bias, valid, vmode: int, buf: Buffers, ids, w, ph, ctx: Ba
     bt = max(1, min(p.bt, 2048 // p.block_e))
     refine_kernel[(triton.cdiv(T, bt),)](
         x, x.stride(0), bias, valid, T, E, buf.sel, buf.req, ids, w, ph if ph is not None else ids,
-        float(ctx.min_score), **epi, **rc, ALLOW=allow, K=k, K0=ctx.k0, KEEP_N=keep_n, HAS_MIN=ctx.min_score > 0,
+        float(ctx.min_score), **epi, **rc, **_gate(ctx, buf), ALLOW=allow, K=k, K0=ctx.k0, KEEP_N=keep_n, HAS_MIN=ctx.min_score > 0,
         RENORM=ctx.renormalize, WANT_PHYS=want_phys, BT=bt, BLOCK_E=p.block_e,
         BLOCK_K=max(2, triton.next_power_of_2(k)), VALID=vmode, num_warps=p.num_warps,
     )
@@ -194,7 +212,7 @@ def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, polic
             b_count, b_frac, b_eps, b_mass, b_mass_c,
             rb_count, rb_frac, rb_eps, rb_mass, rb_mass_c,
             ids, w, ph, float(ctx.min_score), **epi_l, okv_ptr=buf.okv, fault_ptr=fault_counter(x.device),
-            max_spins=int(workspace.get("max_spins", MAX_SPINS)), stats_ptr=buf.stats,
+            max_spins=int(workspace.get("max_spins", MAX_SPINS)), stats_ptr=buf.stats, **_gate(ctx, buf),
             **rc, K=k, K0=ctx.k0, MASS_FULL=ctx.mass_source == "full",
             PICK=pick, ALLOW=allow, MODE=mode, RMODE=rmode, FILL=bool(ctx.fill_to_peak), HAS_MIN=ctx.min_score > 0,
             RENORM=ctx.renormalize, WANT_PHYS=want_phys, SYNC=sync, TWO_STAGE=p.two_stage, CW=p.cw, RB2=p.rb2,

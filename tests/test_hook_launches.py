@@ -88,6 +88,12 @@ def _child(names: list[str]) -> None:
     import tempfile
 
     for name in names:
+        if name.startswith("ab-arms"):
+            try:
+                print("RESULT " + json.dumps(dict(name=name, **_ab_arms(name.endswith("compute")))), flush=True)
+            except Exception as e:
+                print("RESULT " + json.dumps(dict(name=name, error=repr(e))), flush=True)
+            continue
         try:
             hook.uninstall()
             plain_one, plain_launch = routed(topk.TopK(top_k=4, layer_id=3), 1, 1)
@@ -108,11 +114,65 @@ def _child(names: list[str]) -> None:
             print("RESULT " + json.dumps(dict(name=name, error=repr(e))), flush=True)
 
 
+def _ab_arms(compute: bool) -> dict:
+    """One server's A/B with three policy arms on the GPU path (kernel backend): per switch arm, the
+    routing the experts got (is it that policy's own, alone?) and which arms' fused metrics counted
+    the call (under ``skip`` only the arm routed by: the others' kernels returned at once)."""
+    import os
+    import tempfile
+
+    import torch
+
+    from sglang.srt.layers.moe import topk
+    from sglang_xshare.serving import hook
+    from sglang_xshare.serving.flags import XShareServerConfig
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 16, generator=g)
+    centers = torch.randn(3, 32, generator=g) * 2.5
+    logits = centers[torch.randint(0, 3, (8,), generator=g)] + torch.randn(8, 32, generator=g)
+    nv = torch.tensor(8)
+    arms = ("policy=oea,warmup-k0=1", "policy=cap,cap=2")
+    base = dict(empty_slots="minus_one", min_tokens="1")
+
+    def route(tk):
+        with hook.batch_scope(hook.BatchInfo("decode", batch_size=8)):
+            return tk.forward_native(x, logits.clone(), num_token_non_padded=nv)
+
+    alone = []
+    for c in XShareServerConfig(policy="xshare", budget="8", ab_arms=arms, ab_switch="/tmp/x", **base).arm_configs():
+        hook.uninstall()
+        hook.install(XShareServerConfig(**{**c.__dict__, "ab_switch": None, "ab_arms": ()}))
+        alone.append(route(topk.TopK(top_k=4, layer_id=3)).topk_ids.tolist())
+    hook.uninstall()
+    sw = Path(tempfile.mkdtemp()) / "arm"
+    sw.write_text("0")
+    hook.install(XShareServerConfig(policy="xshare", budget="8", ab_arms=arms, ab_switch=str(sw), metrics=True,
+                                    metrics_interval=1000, ab_idle_arms="compute" if compute else "skip", **base))
+    tk = topk.TopK(top_k=4, layer_id=3)
+    plain = route(topk.TopK(top_k=4, layer_id=3)).topk_ids.tolist()
+    out = dict(alone=alone, plain=plain, routed={}, counted={})
+    route(tk)  # builds the layer and its arms
+    lp = next(iter(hook._STATE.layers.values()))
+    rows = [lp.metrics_row, *(a.metrics_row for a in lp.arms)]
+    for arm in (0, 1, 2, 3):
+        sw.write_text(str(arm))
+        st = os.stat(sw)
+        os.utime(sw, ns=(st.st_mtime_ns + 1000 * (arm + 1), st.st_mtime_ns + 1000 * (arm + 1)))
+        hook._STATE.switch.poll()
+        before = [int(r[0]) for r in rows]
+        out["routed"][arm] = route(tk).topk_ids.tolist()
+        out["counted"][arm] = [int(r[0]) - b for r, b in zip(rows, before)]
+    hook.uninstall()
+    return out
+
+
 @pytest.fixture(scope="module")
 def counted():
     from tests._subprocess_cases import run_cases
 
-    return run_cases(__file__, list(CASES), {"TRITON_INTERPRET": "1", "SGLANG_XSHARE_SELECT_BACKEND": "kernel"})
+    return run_cases(__file__, [*CASES, "ab-arms", "ab-arms-compute"],
+                     {"TRITON_INTERPRET": "1", "SGLANG_XSHARE_SELECT_BACKEND": "kernel"})
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if not n.endswith("+ab")])
@@ -146,6 +206,30 @@ def test_step_aside_path_adds_nothing(counted, name):
     assert "error" not in r, r.get("error")
     assert r["one_launches"] == 0 and r["plain_launch"] == 0
     assert r["one"] == r["plain_one"]  # exactly SGLang's own ops
+
+
+def test_ab_arms_the_switch_does_not_route_by_skip_their_selection(counted):
+    """``--xshare-ab-idle-arms skip`` (the default) on the GPU path: per switch arm the experts get
+    exactly that policy's routing (as a server with that policy alone routes the batch), and only
+    the arm routed by runs its selection (its fused metrics count the call; the others' kernels
+    returned at once); SGLang's arm runs none."""
+    r = counted["ab-arms"]
+    assert "error" not in r, r.get("error")
+    assert r["routed"]["0"] == r["plain"]
+    for arm in (1, 2, 3):
+        assert r["routed"][str(arm)] == r["alone"][arm - 1], arm
+    assert len({str(a) for a in r["alone"]}) == 3  # the three policies route this batch differently
+    assert r["counted"] == {"0": [0, 0, 0], "1": [1, 0, 0], "2": [0, 1, 0], "3": [0, 0, 1]}
+
+
+def test_ab_arms_under_compute_all_select_on_every_batch(counted):
+    """``--xshare-ab-idle-arms compute``: every arm selects on every batch (what the A/B runs before
+    the flag measured), and the experts still get the switch's arm."""
+    r = counted["ab-arms-compute"]
+    assert "error" not in r, r.get("error")
+    for arm in (1, 2, 3):
+        assert r["routed"][str(arm)] == r["alone"][arm - 1], arm
+    assert r["counted"] == {str(a): [1, 1, 1] for a in range(4)}
 
 
 if __name__ == "__main__":

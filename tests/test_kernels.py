@@ -37,7 +37,8 @@ ROUTINGS = {
 
 def _case(policy, routing, T, inputs="randn", dtype="float32", k0=1, budget="0.6", request_budget="0.8",
           n_valid=None, ep=1, replicas=0, rid="groups", min_score=0.0, mass_source="topk", fill=True, seed=0,
-          group=None, knobs=None, perms=0, hard=False, refresh=False, expect=None, output=None, ranks=None):
+          group=None, knobs=None, perms=0, hard=False, refresh=False, expect=None, output=None, ranks=None,
+          gate=False):
     """One case. ``rid``: "groups" (request_ids = t // 4), "shuffled", "none"; ``group``: pass
     ``request_group`` instead (the fused path); ``knobs``: kernel workspace knobs (launch plan);
     ``perms``: also check that many random token orders (requests and their tokens for
@@ -47,11 +48,13 @@ def _case(policy, routing, T, inputs="randn", dtype="float32", k0=1, budget="0.6
     ``expect``: launch-plan attributes the call must have used (e.g. ``{"sync": 1}``);
     ``output``: an output epilogue ``dict(ids, empty, scale, metrics_ep)`` (``OutputSpec``; the
     padding count then reaches the kernel as a device tensor, as SGLang passes it); ``ranks``: the
-    batch split over two ranks whose statistics are summed (EP-global selection)."""
+    batch split over two ranks whose statistics are summed (EP-global selection); ``gate``: with
+    ``output``, the launches gated on a device flag (the in-server A/B's idle arms)."""
     return dict(policy=policy, routing=routing, T=T, inputs=inputs, dtype=dtype, k0=k0, budget=budget,
                 request_budget=request_budget, n_valid=n_valid, ep=ep, replicas=replicas, rid=rid,
                 min_score=min_score, mass_source=mass_source, fill=fill, seed=seed, group=group, knobs=knobs or {},
-                perms=perms, hard=hard, refresh=refresh, expect=expect or {}, output=output, ranks=ranks)
+                perms=perms, hard=hard, refresh=refresh, expect=expect or {}, output=output, ranks=ranks,
+                gate=gate)
 
 
 def _out(ids="logical", empty="minus_one", scale=None, metrics_ep=4):
@@ -207,6 +210,15 @@ CASES = {
                            output=_out(ids="mapped", metrics_ep=4)),
     "out-specg-g4": _case("xshare_spec", "olmoe", 24, group=4, n_valid=20, seed=60, output=_out(empty="fill")),
     "out-oea-allpad": _case("oea", "olmoe", 16, n_valid=0, seed=61, output=_out()),
+    # gated launches (the in-server A/B's arms the switch does not route by): nothing written while the
+    # flag holds another arm, the exact routing once it holds this one
+    "gate-cap-mapped": _case("cap", "dsv3", 10, n_valid=8, seed=81, output=_out(ids="mapped", empty="fill"), gate=True),
+    "gate-xshare": _case("xshare", "olmoe", 30, budget="0.6", n_valid=27, seed=82, output=_out(), gate=True),
+    "gate-xshare-barrier": _case("xshare", "olmoe", 40, budget="0.5", seed=83, output=_out(), gate=True,
+                                 knobs={"programs": 1, "sync": 1}),
+    "gate-ep-physical": _case("xshare_ep", "olmoe", 30, budget="0.5", ep=8, replicas=2, n_valid=27, seed=84,
+                              output=_out(ids="physical", empty="fill", metrics_ep=8), gate=True),
+    "gate-specg-g4": _case("xshare_spec", "olmoe", 24, group=4, n_valid=20, seed=85, output=_out(), gate=True),
     # the grid barrier (sync=1, the GPU's default plan) under the interpreter, which runs programs one
     # after another: every program but the last times out and must route its tiles by top-k (never
     # partial sums); the last sees every arrival and picks exactly; the fault counter counts the rest
@@ -347,6 +359,57 @@ def run_output_case(case) -> str:
     return ""
 
 
+def run_gate_case(case) -> str:
+    """``ctx.gate = (flag, 2)``: while the flag holds another arm the launches write nothing (outputs,
+    fused metrics, barrier tickets and statistics stay as they were); once it holds 2, the same call
+    routes exactly like the reference and counts once in the metrics."""
+    import dataclasses
+
+    import torch
+
+    sel, x, rid, n_valid, bias = build(case)
+    nv = None if n_valid is None else torch.tensor(n_valid, dtype=torch.int32)
+    spec_k, spec_r = _output_specs(case, sel, sel.routing.num_experts)
+    sel.workspace.update(case["knobs"], reuse_outputs=True)
+    fn = sel.entry.kernel()
+    flag = torch.zeros(1, dtype=torch.int64)
+    ctx = dataclasses.replace(sel.context(x.shape[0], x.device, 0, nv, rid, case["group"], mask=False), gate=(flag, 2))
+    out = fn(x, sel.routing, ctx, bias, sel.workspace, spec_k)  # allocates the workspace, writes nothing
+    bufs = [b for key, b in sel.workspace.items() if isinstance(key, tuple) and key[0] == "buffers"]
+    if len(bufs) != 1:
+        return f"expected one workspace buffer set, got {len(bufs)}"
+    buf = bufs[0]
+    watched = {"ids": buf.out_ids, "weights": buf.out_w, "physical": buf.out_phys, "tickets": buf.sync,
+               "stats": buf.stats, "selected set": buf.sel, "metrics": spec_k.metrics.acc}
+    for i, k in enumerate(("ids", "weights", "physical", "stats", "selected set")):  # (the tickets must stay
+        watched[k].copy_(torch.full_like(watched[k], 7 + i))                    # multiples of the grid)
+    if int(spec_k.metrics.acc.abs().sum()) != 0:
+        return f"a gated call counted in the metrics: {spec_k.metrics.acc.tolist()}"
+    before = {k: t.clone() for k, t in watched.items()}
+    for arm in (0, 1, 3):
+        flag.fill_(arm)
+        fn(x, sel.routing, ctx, bias, sel.workspace, spec_k)
+        for k, t in watched.items():
+            if not torch.equal(t, before[k]):
+                return f"flag {arm} (gate 2): the launch wrote the {k}"
+    flag.fill_(2)
+    ref = sel(x, 0, nv, rid, case["group"], output=spec_r)
+    out = fn(x, sel.routing, ctx, bias, sel.workspace, spec_k)
+    if out.topk_ids.data_ptr() != buf.out_ids.data_ptr():
+        return "the outputs are not the workspace's (reuse_outputs ignored)"
+    msg = compare(ref, out)
+    if msg:
+        return "open gate: " + msg
+    if not torch.equal(spec_k.metrics.acc, spec_r.metrics.acc) or int(spec_r.metrics.acc[0]) != 1:
+        return f"open gate: metrics {spec_k.metrics.acc.tolist()} vs reference {spec_r.metrics.acc.tolist()}"
+    wrong = dataclasses.replace(ctx, gate=(flag.to(torch.int32), 2))
+    try:
+        fn(x, sel.routing, wrong, bias, sel.workspace, spec_k)
+    except TypeError:
+        return ""
+    return "an int32 flag was accepted"
+
+
 def run_barrier_case(case) -> str:
     """Barrier timeouts: tokens of programs that gave up get their own top-k, the rest the policy."""
     import torch
@@ -473,6 +536,8 @@ def run_case(case) -> str:
 
     from sglang_xshare.select import compute_scores
 
+    if case["gate"]:
+        return run_gate_case(case)
     if case["output"] is not None:
         return run_output_case(case)
     if case["ranks"] is not None:

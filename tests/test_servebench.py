@@ -266,11 +266,13 @@ def test_ab_mode_pairs_each_policy_run_with_its_own_servers_sglang_arm(tmp_path)
     from sglang_xshare.serving.flags import parse_xshare_argv
 
     serve = _serve_module()
-    args = SimpleNamespace(graph_bs=[1, 2], max_bs=2, tp=2, ep=2, mem_fraction=0.8, dummy=True, ray=False)
+    args = SimpleNamespace(graph_bs=[1, 2], max_bs=2, tp=2, ep=2, mem_fraction=0.8, dummy=True, ray=False,
+                           ab_idle_arms="compute")
     cfg = parse_config("xshare@0.7")
     cmd = serve.server_command(cfg, "m", 1, args, [], str(tmp_path / "arm"))
     xs = cmd[cmd.index("--xshare-policy"):]
     assert parse_xshare_argv(xs).ab_switch == str(tmp_path / "arm")
+    assert parse_xshare_argv(xs).ab_idle_arms == "compute"  # --ab-idle-arms reaches the server
     assert "--disable-radix-cache" in cmd[:cmd.index("--xshare-policy")]  # an SGLang flag, before xshare's
     assert "--xshare-ab-switch" not in serve.server_command(cfg, "m", 1, args, [])
     assert "--disable-radix-cache" not in serve.server_command(cfg, "m", 1, args, [])
@@ -337,7 +339,8 @@ def test_ab_runs_flip_the_switch_then_flush_sglangs_cache_before_each_measured_r
     monkeypatch.setattr(serve, "flush_metrics", lambda url, settle: None)
     monkeypatch.setattr(serve, "scrape", lambda url: "")
     monkeypatch.setattr(serve, "gpu_state", lambda: [])
-    args = SimpleNamespace(ab=True, flush_cache=True, reps=2, concurrency=[4], graph_bs=[1, 2, 4], max_bs=4, tp=1,
+    args = SimpleNamespace(ab=True, ab_idle_arms="skip", flush_cache=True, reps=2, concurrency=[4], graph_bs=[1, 2, 4],
+                           max_bs=4, tp=1,
                            ep=1, mem_fraction=0.8, dummy=True, ray=False, startup_timeout=10.0, input_len=8,
                            output_len=16, settle=0.0, min_prompts=1, waves=2, seed=1, name="t", stop_grace=1.0,
                            profile_steps=0, profile_concurrency=None)
@@ -365,7 +368,8 @@ def test_one_server_runs_every_policy_as_an_arm_and_reports_each(tmp_path, monke
     serve = _serve_module()
     cfg = one_server(parse_configs("xshare@0.7,oea+k0=4,cap+cap=6"))
     assert cfg.arms == ("xshare@0.7", "oea+k0=4", "cap+cap=6")
-    args = SimpleNamespace(ab=True, flush_cache=False, reps=2, concurrency=[4], graph_bs=[1, 2, 4], max_bs=4, tp=2,
+    args = SimpleNamespace(ab=True, ab_idle_arms="skip", flush_cache=False, reps=2, concurrency=[4], graph_bs=[1, 2, 4],
+                           max_bs=4, tp=2,
                            ep=2, mem_fraction=0.8, dummy=True, ray=False, startup_timeout=10.0, input_len=8,
                            output_len=16, settle=0.0, min_prompts=1, waves=2, seed=1, name="t", stop_grace=1.0,
                            profile_steps=0, profile_concurrency=None)
@@ -754,7 +758,8 @@ def test_markdown_table_keeps_its_columns_when_a_label_holds_a_pipe():
 
 def test_hook_overhead_variants_are_valid_server_configs_with_metrics_and_the_ab_switch(tmp_path):
     """``bench/hook_overhead.py --metrics --ab``: every variant is a valid server config, the ``+metrics``
-    rows turn the live metrics on and the ``+ab`` rows select the policy arm of a real switch file."""
+    rows turn the live metrics on, the ``+ab`` rows select the policy's arm of a real switch file,
+    ``+ab/sglang-arm`` SGLang's arm (the policy's kernel skipped), ``/compute`` selects anyway."""
     import importlib.util
 
     from sglang_xshare.serving.abswitch import read_arm
@@ -763,17 +768,18 @@ def test_hook_overhead_variants_are_valid_server_configs_with_metrics_and_the_ab
     spec = importlib.util.spec_from_file_location("bench_hook_overhead", ROOT / "bench" / "hook_overhead.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    switch = tmp_path / "arm"
-    switch.write_text("1\n")
-    vs = mod.variants(no_legacy=True, metrics=True, ab_switch=str(switch))
+    vs = mod.variants(no_legacy=True, metrics=True, ab_dir=str(tmp_path))
     names = [n for n, _, _ in vs]
-    assert names == [*mod.CONFIGS, *(f"{n}+metrics" for n in mod.CONFIGS), *(f"{n}+ab" for n in mod.CONFIGS)]
+    ab = [f"{n}{s}" for n in mod.CONFIGS for s in ("+ab", "+ab/sglang-arm", "+ab/sglang-arm/compute")]
+    assert names == [*mod.CONFIGS, *(f"{n}+metrics" for n in mod.CONFIGS), *ab]
     for name, kw, force in vs:
         cfg = XShareServerConfig(empty_slots="minus_one", min_tokens="1", **kw).validate()
         assert force is None and cfg.selects
         assert cfg.metrics == name.endswith("+metrics")
-        assert (cfg.ab_switch is not None) == name.endswith("+ab")
-    assert read_arm(switch, 1) == 1
+        assert (cfg.ab_switch is not None) == ("+ab" in name)
+        if cfg.ab_switch is not None:
+            assert read_arm(cfg.ab_switch, 1) == (0 if "sglang-arm" in name else 1)
+            assert cfg.ab_idle_arms == ("compute" if name.endswith("/compute") else "skip")
     assert [n for n, _, f in mod.variants() if f == "legacy"] == ["xshare/legacy", "cap/legacy"]
 
 

@@ -176,3 +176,16 @@ def test_ab_arms_take_the_policy_flags_and_inherit_the_rest():
     assert XShareServerConfig.from_json(cfg.to_json()) == cfg
     flags = ["--xshare-policy", "xshare_ep", "--xshare-budget", "0.7", "--xshare-hard-cap"]
     assert arm_spec(flags) == "policy=xshare_ep,budget=0.7,hard-cap" and arm_spec_argv(arm_spec(flags)) == flags
+
+
+def test_ab_idle_arms_flag_defaults_to_skip_travels_and_rejects_other_values():
+    """``--xshare-ab-idle-arms``: ``skip`` unless told, ``compute`` parsed, carried to SGLang's child
+    processes (JSON), and anything else is refused naming the flag."""
+    from sglang_xshare.config import XShareConfigError
+
+    base = ["--xshare-policy", "xshare", "--xshare-budget", "0.7", "--xshare-ab-switch", "/tmp/arm"]
+    assert parse_xshare_argv(base).ab_idle_arms == "skip"
+    cfg = parse_xshare_argv(base + ["--xshare-ab-idle-arms", "compute"])
+    assert cfg.ab_idle_arms == "compute" and XShareServerConfig.from_json(cfg.to_json()).ab_idle_arms == "compute"
+    with pytest.raises(XShareConfigError, match="--xshare-ab-idle-arms"):
+        XShareServerConfig(policy="xshare", budget="0.7", ab_switch="/tmp/arm", ab_idle_arms="lazy").validate()

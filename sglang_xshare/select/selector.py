@@ -95,7 +95,8 @@ class Selector:
     def context(self, num_tokens: int, device: torch.device, layer_id: int | None = None,
                 num_token_non_padded: int | torch.Tensor | None = None,
                 request_ids: torch.Tensor | None = None, request_group: int | None = None,
-                mask: bool = True, stats_reduce=None) -> BatchContext:
+                mask: bool = True, stats_reduce=None,
+                gate: tuple[torch.Tensor, int] | None = None) -> BatchContext:
         """The :class:`BatchContext` of one call (no host sync: ``valid`` is computed on device).
 
         ``mask=False`` (the kernel path) leaves a tensor ``num_token_non_padded`` as
@@ -131,6 +132,7 @@ class Selector:
             stats_reduce=stats_reduce,
             hard_cap=cfg.hard_cap,
             warmup_p=cfg.warmup_p,
+            gate=gate,
         )
 
     def uses_kernel(self, router_logits: torch.Tensor) -> bool:
@@ -140,7 +142,8 @@ class Selector:
     def __call__(self, router_logits: torch.Tensor, layer_id: int | None = None,
                  num_token_non_padded: int | torch.Tensor | None = None,
                  request_ids: torch.Tensor | None = None, request_group: int | None = None,
-                 output: OutputSpec | None = None, stats_reduce=None) -> SelectionOutput:
+                 output: OutputSpec | None = None, stats_reduce=None,
+                 gate: tuple[torch.Tensor, int] | None = None) -> SelectionOutput:
         """Select experts for one layer of one batch.
 
         Args:
@@ -156,6 +159,9 @@ class Selector:
                 statistics, so that ``oea`` / ``xshare`` / ``xshare_ep`` choose from every rank's
                 tokens (see :class:`~.contract.BatchContext`); the kernel path is then two launches
                 around the collective.
+            gate: ``(flag [1] int64, arm)``: the kernel path computes only while ``flag[0] == arm``
+                (else its outputs are unwritten memory: the caller picks another arm's routing);
+                the reference ignores it (see :class:`~.contract.BatchContext`).
 
         Returns:
             :class:`SelectionOutput` (``[T, k]`` int32 ids with -1, float32 weights, physical ids
@@ -170,7 +176,8 @@ class Selector:
             raise ValueError(f"policy {self.config.policy} has no batch statistics to reduce over ranks")
         kernel = self.uses_kernel(router_logits)
         ctx = self.context(router_logits.shape[0], router_logits.device, layer_id, num_token_non_padded, request_ids,
-                           request_group, mask=not kernel, stats_reduce=stats_reduce)
+                           request_group, mask=not kernel, stats_reduce=stats_reduce,
+                           gate=gate)
         if kernel:
             return self._kernel(router_logits, self.routing, ctx, self.correction_bias, self.workspace, output)
         scores = compute_scores(router_logits, self.routing, self.correction_bias)

@@ -2,23 +2,33 @@
 
 Servers differ from start to start by as much as the policy's gain (``bench/results/serve_*``),
 so comparing two servers cannot tell a few percent apart. With the switch, every MoE layer the
-policy applies to computes *both* SGLang's routing and the policy's, and a one-element device
-flag picks which of the two the experts get (``torch.where`` on ids and weights, inside the
-captured CUDA graph). Both arms run the same kernels; only the experts the MoE layer reads differ,
-so alternating the arms within one server measures the expert cut alone. (What the policy's
-kernel costs beside SGLang's top-k is measured separately, ``bench/hook_overhead.py``.)
+policy applies to computes SGLang's routing and the policy's, and a one-element device flag picks
+which of the two the experts get (``torch.where`` on ids and weights, inside the captured CUDA
+graph), so alternating the arms within one server compares them on one server's state.
+
+What each arm pays (``--xshare-ab-idle-arms``):
+
+``skip`` (default)  a policy's selection kernel reads the same flag and returns at once unless the
+                    switch routes by that policy (fast path): SGLang's arm pays SGLang's top-k and one
+                    empty launch per policy; a policy's arm pays SGLang's top-k too, its own selection
+                    and the others' empty launches. The A/B ratio is then net of the selection (and
+                    slightly conservative: the policy's arm also runs SGLang's top-k, which a server
+                    with only the policy would not).
+``compute``         every arm selects in every layer, whichever routes the experts: all arms pay every
+                    selection, so the ratio is the expert cut alone (the runs before the flag existed).
+                    What the selection costs is then measured separately (``bench/hook_overhead.py``).
 
 The flag follows the file ``PATH``: ``1`` / ``on`` / ``policy`` -> the policy's routing, ``2``, ``3``,
-... -> the arms of ``--xshare-ab-arm`` (other policies, each computed in every layer too), anything
-else or no file -> SGLang's (arm ``0``). It is read at the end of decode / verify steps and of a DP rank's idle
-steps (outside CUDA graphs) whenever the file's modification time changes, and written to the device
-flag with ``fill_`` on the current stream, so the next step's graph replay reads it. Each process
-(TP / EP rank) polls on its own, so for one step around a flip the ranks may route by different
-arms: switch between measured runs (``bench/serve.py --ab`` flips, then sends one short request,
-then measures). A measurement mode:
-it costs SGLang's top-k plus two ``where`` kernels per MoE layer in both arms, and SGLang's expert
-distribution recorder sees both routings. With extra arms (``--xshare-ab-arm``) every arm's policy
-runs in every layer too (one selection each) and a gather on the arm index replaces the ``where``.
+... -> the arms of ``--xshare-ab-arm`` (other policies), anything else or no file -> SGLang's (arm
+``0``). It is read at the end of decode / verify steps and of a DP rank's idle steps (outside CUDA
+graphs) whenever the file's modification time changes, and written to the device flag with ``fill_``
+on the current stream, so the next step's graph replay reads it. Each process (TP / EP rank) polls on
+its own, so for one step around a flip the ranks may route by different arms: switch between measured
+runs (``bench/serve.py --ab`` flips, then sends one short request, then measures). A measurement mode:
+besides the selections it costs two ``where`` kernels per MoE layer (with extra arms a stack and a
+gather on the arm index), and SGLang's expert distribution recorder sees the chosen routing.
+Collectives are never skipped: under ``--xshare-ep-global`` every arm joins its all-reduce on every
+rank, as the ranks must run the same collectives.
 """
 
 from __future__ import annotations

@@ -93,12 +93,18 @@ class XShareServerConfig:
         record_trace: path of a trace file (``.npz``) to write router logits to, or ``None``.
         record_trace_steps: decode steps to record before the trace is written.
         ab_switch: in-server A/B measurement (:mod:`.abswitch`): a file whose content picks, at run
-            time, whether the experts get the policy's routing (``1``) or SGLang's (``0``); both are
-            computed in every layer the policy applies to. ``None``: off.
+            time, whether the experts get the policy's routing (``1``) or SGLang's (``0``); SGLang's
+            is computed in every layer the policy applies to, the policy's as ``ab_idle_arms`` says.
+            ``None``: off.
         ab_arms: more arms for the switch (``--xshare-ab-arm``, repeated): each a policy spec
             ``KEY=VALUE,...`` of the policy flags without ``--xshare-`` (``policy=oea,warmup-k0=4``,
-            ``policy=cap,cap=6``); arm ``i + 2`` of the switch file. Every arm is computed in every
-            layer, so one server compares several policies on the same batches.
+            ``policy=cap,cap=6``); arm ``i + 2`` of the switch file, so one server compares several
+            policies on the same load.
+        ab_idle_arms: what the policy arms the switch does not route by do on the fast path:
+            ``skip`` (their kernels read the switch's device flag and return at once, so each arm
+            pays its own selection and SGLang's arm pays none: the A/B ratio is net of the
+            selection, less a few empty launches per layer) or ``compute`` (every arm selects in
+            every layer: all arms pay every selection, so the ratio is the expert cut alone).
     """
 
     policy: str = "off"
@@ -123,6 +129,7 @@ class XShareServerConfig:
     record_trace_steps: int = 256
     ab_switch: str | None = None
     ab_arms: tuple[str, ...] = ()
+    ab_idle_arms: str = "skip"
 
     # ---- derived ------------------------------------------------------------------------
     @property
@@ -238,6 +245,8 @@ class XShareServerConfig:
             parent = Path(self.ab_switch).expanduser().resolve().parent
             if not parent.is_dir():
                 raise XShareConfigError("--xshare-ab-switch", f"directory {str(parent)!r} does not exist")
+        if self.ab_idle_arms not in ("skip", "compute"):
+            raise XShareConfigError("--xshare-ab-idle-arms", f"{self.ab_idle_arms!r}: choose skip or compute")
         if self.ab_arms:
             if self.ab_switch is None:
                 raise XShareConfigError("--xshare-ab-arm", "arms are picked by the A/B switch: add --xshare-ab-switch PATH")
@@ -363,14 +372,19 @@ def add_xshare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--xshare-ab-switch", type=str, default=None, metavar="PATH",
                    help="Measurement mode: every MoE layer the policy applies to computes both SGLang's routing "
                         "and the policy's, and the file PATH picks at run time which one the experts get ('1' = "
-                        "the policy, anything else or no file = SGLang's; read at decode-step ends). Both arms "
-                        "run the same kernels, so alternating them inside one server measures the expert cut "
-                        "alone (bench/serve.py --ab).")
+                        "the policy, anything else or no file = SGLang's; read at decode-step ends), so "
+                        "alternating them inside one server compares them on one server's state (bench/serve.py "
+                        "--ab). What the arms pay: --xshare-ab-idle-arms.")
     g.add_argument("--xshare-ab-arm", action="append", default=None, metavar="SPEC",
                    help="Another policy arm of --xshare-ab-switch (repeat for more): its policy flags without "
                         "'--xshare-', e.g. 'policy=oea,warmup-k0=4' or 'policy=cap,cap=6'; the switch file's '2' "
-                        "picks the first, '3' the second, ... Every arm runs in every layer, so one server compares "
+                        "picks the first, '3' the second, ..., so one server compares "
                         "several policies on the same batches (bench/serve.py --ab --ab-one-server).")
+    g.add_argument("--xshare-ab-idle-arms", choices=("skip", "compute"), default=d.ab_idle_arms,
+                   help="The policy arms the A/B switch does not route by: 'skip' (default; their selection "
+                        "kernels read the switch on the device and return at once, so each arm pays only its own "
+                        "selection and the A/B ratio is net of it) or 'compute' (every arm selects in every layer; "
+                        "the ratio is the expert cut alone, as the runs before this flag measured).")
     return parser
 
 
@@ -398,6 +412,7 @@ def _config_from_namespace(ns: argparse.Namespace) -> XShareServerConfig:
         record_trace_steps=ns.xshare_record_trace_steps,
         ab_switch=ns.xshare_ab_switch,
         ab_arms=tuple(ns.xshare_ab_arm or ()),
+        ab_idle_arms=ns.xshare_ab_idle_arms,
     )
 
 

@@ -176,7 +176,7 @@ class _State:
             from .metrics import LiveMetrics, _rank
 
             self.metrics = LiveMetrics(cfg.metrics_interval, rank=_rank())
-            # each arm counts its own selection (every arm runs in every layer), as rank "R/armN"
+            # each arm counts its own selection (while it selects: --xshare-ab-idle-arms), as rank "R/armN"
             self.arm_metrics = [LiveMetrics(cfg.metrics_interval, rank=f"{_rank()}/arm{i + 2}")
                                 for i in range(len(self.arm_cfgs))]
         if cfg.record_trace is not None:
@@ -389,9 +389,9 @@ def _make_select_experts_wrapper(orig: Callable) -> Callable:
         # each policy in turn (--xshare-ep-global: its collective inside, or zeros when it steps aside:
         # every rank runs the same collectives in the same order)
         outs = []
-        for a, pa in zip((lp, *arms), (path, *arm_paths)):
+        for idx, (a, pa) in enumerate(zip((lp, *arms), (path, *arm_paths)), start=1):
             if pa in _SELECTING:
-                outs.append(_select(a, pa, *call))
+                outs.append(_select(a, pa, *call, gate=_arm_gate(st, lp, idx, router_logits.device)))
             else:  # this batch is below the policy's min tokens: SGLang's routing (another arm selects)
                 a.reduce_idle()
                 outs.append((base.topk_ids, base.topk_weights, None))
@@ -412,13 +412,26 @@ def _make_select_experts_wrapper(orig: Callable) -> Callable:
 _SELECTING = ("fast", "general")
 
 
+def _arm_gate(st: _State, lp: LayerPolicy, idx: int, device: torch.device) -> tuple[torch.Tensor, int] | None:
+    """``(switch flag, idx)``: arm ``idx``'s selection runs only while the A/B switch routes by it
+    (``--xshare-ab-idle-arms skip``); ``None`` (always select) without a switch, on draft layers or
+    with ``compute``."""
+    if st.switch is None or lp.is_draft or st.cfg.ab_idle_arms != "skip":
+        return None
+    return st.switch.flag(device), idx
+
+
 def _select(lp: LayerPolicy, path: str, st: _State, topk_mod: Any, tc: Any, router_logits: torch.Tensor, layer_id: Any,
-            ntnp: Any, info: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+            ntnp: Any, info: Any, gate: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """One policy's routing of the batch on ``path`` (``fast`` / ``general``): ``(ids, weights, rec)``,
-    ``rec`` = the ids for EPLB's expert-distribution recorder (``general``) or ``None``."""
+    ``rec`` = the ids for EPLB's expert-distribution recorder (``general``) or ``None``. ``gate``: the
+    A/B switch's ``(flag, arm)``, honoured on the fast path only (there the ids go to the experts
+    only through the switch's pick; ``general``'s SGLang post-processing reads them, so it always
+    selects)."""
     if path == "fast":
         out = lp.selector(router_logits, layer_id=lp.layer_id, num_token_non_padded=ntnp,
-                          request_group=_request_group(), output=_fast_spec(lp, info), stats_reduce=lp.stats_reduce)
+                          request_group=_request_group(), output=_fast_spec(lp, info), stats_reduce=lp.stats_reduce,
+                          gate=gate)
         return out.topk_ids, out.topk_weights, None
     post = getattr(topk_mod._post_process_topk_ids, "__wrapped__", topk_mod._post_process_topk_ids)
     return _general(st, lp, post, None, None, tc, router_logits, layer_id, ntnp, info)
