@@ -89,7 +89,7 @@ def server_command(cfg: ServeConfig, model: str, port: int, args: argparse.Names
         sg += ["--load-format", "dummy"]
     sg += BASE_FLAGS + extra
     xs = list(cfg.flags)
-    if cfg.selects:
+    if cfg.selects and getattr(args, "metrics", True):
         xs += ["--xshare-metrics", "--xshare-metrics-interval", "50"]
     if switch is not None:
         xs += ["--xshare-ab-switch", switch, "--xshare-ab-idle-arms", args.ab_idle_arms]
@@ -209,9 +209,10 @@ def profile_lines(records: list[dict]) -> list[str]:
 
 
 def _selection_lines(records: list[dict]) -> list[str]:
-    """Markdown: each policy's selection kernel, µs per MoE layer call, from the profiled steps
-    (:func:`~sglang_xshare.servebench.profile.selection_per_arm`; every arm of a server computes
-    every policy's selection, so any profiled arm's trace holds all of them)."""
+    """Markdown: each policy's selection kernel, µs per MoE layer call, in the trace of every
+    profiled arm (:func:`~sglang_xshare.servebench.profile.selection_per_arm`). Under
+    ``--ab-idle-arms skip`` the arm routed by runs its selection in full and the others' kernels
+    return at once (an empty launch each); under ``compute`` every trace holds every selection."""
     from sglang_xshare.servebench.profile import selection_per_arm
 
     rows = []
@@ -224,12 +225,12 @@ def _selection_lines(records: list[dict]) -> list[str]:
                 if got:
                     rows.append(f"| {md_cell(rec['config'])} | {lvl['concurrency']} | {md_cell(arm)} | "
                                 + " | ".join(f"{md_cell(a)}: {us:.1f}" for a, us in got.items()) + " |")
-                    break  # one profiled arm is enough: the same selections run under every arm
     if not rows:
         return []
-    return ["", "Each policy's selection kernel in the server (rank 0, µs per MoE layer call; from the "
-            "trace of the arm named):", "", "| config | conc. | trace of arm | selection µs per layer call |",
-            "|---|---|---|---|", *rows]
+    return ["", "Each policy's selection kernel in the server (rank 0, µs per MoE layer call, by its position in the "
+            "layer) in the trace of each profiled arm (the arm the switch routed by; under `--ab-idle-arms skip` only "
+            "its selection runs in full, the others are empty launches):", "",
+            "| config | conc. | trace of arm | selection µs per layer call |", "|---|---|---|---|", *rows]
 
 
 def flush_metrics(base_url: str, settle: float) -> None:
@@ -322,6 +323,16 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
             # with the A/B switch: every arm per rep (0 = SGLang's routing, 1 = the policy, 2.. = the
             # other policies of one server), in order and reversed in turn (ABBA: drift cancels over two reps)
             order = switch_arms(cfg, switch is not None)
+            if args.level_warmup:  # one discarded run at this level (its first run is slow: new shapes, NGRAM)
+                if switch is not None:
+                    switch.write_text(str(order[0][0]))
+                    poke(server.base_url)
+                if args.flush_cache:
+                    flush_cache(server.base_url)
+                run_bench_serving(bench_serving_argv(
+                    server.base_url, tok, concurrency=c, num_prompts=max(args.min_prompts, args.waves * c),
+                    input_len=args.input_len, output_len=args.output_len, seed=args.seed + 500 + c,
+                    output_file=str(out_dir / f"{args.name}_{safe}_s{start}_c{c}_warmup.jsonl")))
             for rep in range(args.reps):
                 for idx, arm in (order if rep % 2 == 0 else order[::-1]):
                     if switch is not None:
@@ -758,10 +769,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --ab: every configuration is an arm of ONE server (the first its policy, the others "
                          "--xshare-ab-arm): each rep runs SGLang's arm and every policy's on the same server, in "
                          "order and reversed; one start-up for the whole comparison")
+    ap.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=True,
+                    help="xshare's live metrics in the policy servers (the experts columns; default on). They cost "
+                         "+5-8 µs per MoE layer (bench/results/hook_overhead_gated.md): --no-metrics times what a "
+                         "production server without --xshare-metrics pays (no experts columns then)")
     ap.add_argument("--ab-idle-arms", choices=("skip", "compute"), default="skip",
                     help="with --ab: what the arms the switch does not route by do (--xshare-ab-idle-arms): 'skip' "
                          "their selection (the A/B speed-up is net of it) or 'compute' it anyway (the speed-up is the "
                          "expert cut alone)")
+    ap.add_argument("--level-warmup", action=argparse.BooleanOptionalAction, default=True,
+                    help="one discarded run at each concurrency level before its measured runs (default on): the "
+                         "first run at a level ran up to 3x slower in the NGRAM server (serve_ngram_tp1_flush.md)")
     ap.add_argument("--flush-cache", action="store_true",
                     help="SGLang's /flush_cache before every measured run: each run starts with an empty prefix "
                          "cache and an empty NGRAM corpus (NGRAM learns from the previous run's outputs, so without "
@@ -808,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["sglang"] = "not installed"
     if args.ab:
         meta["ab_idle_arms"] = args.ab_idle_arms
+    meta["xshare_metrics"] = args.metrics
     if args.ray:
         subprocess.run(["ray", "stop", "--force"], capture_output=True)
         subprocess.run(["ray", "start", "--head", "--num-gpus", str(args.tp), "--disable-usage-stats"], check=True,

@@ -273,6 +273,10 @@ def test_ab_mode_pairs_each_policy_run_with_its_own_servers_sglang_arm(tmp_path)
     xs = cmd[cmd.index("--xshare-policy"):]
     assert parse_xshare_argv(xs).ab_switch == str(tmp_path / "arm")
     assert parse_xshare_argv(xs).ab_idle_arms == "compute"  # --ab-idle-arms reaches the server
+    assert parse_xshare_argv(xs).metrics  # the live metrics by default ...
+    args.metrics = False  # ... --no-metrics: what a production server pays
+    cmd = serve.server_command(cfg, "m", 1, args, [], str(tmp_path / "arm"))
+    assert not parse_xshare_argv(cmd[cmd.index("--xshare-policy"):]).metrics
     assert "--disable-radix-cache" in cmd[:cmd.index("--xshare-policy")]  # an SGLang flag, before xshare's
     assert "--xshare-ab-switch" not in serve.server_command(cfg, "m", 1, args, [])
     assert "--disable-radix-cache" not in serve.server_command(cfg, "m", 1, args, [])
@@ -343,18 +347,20 @@ def test_ab_runs_flip_the_switch_then_flush_sglangs_cache_before_each_measured_r
                            max_bs=4, tp=1,
                            ep=1, mem_fraction=0.8, dummy=True, ray=False, startup_timeout=10.0, input_len=8,
                            output_len=16, settle=0.0, min_prompts=1, waves=2, seed=1, name="t", stop_grace=1.0,
-                           profile_steps=0, profile_concurrency=None)
+                           profile_steps=0, profile_concurrency=None, level_warmup=True)
     rec = serve.run_config(parse_config("xshare@0.7"), "m", args, [], tmp_path)
     measured = events[next(i for i, e in enumerate(events) if e == ("run", "999", "0")) + 1:]  # after the warm-up
-    assert measured == [("poke",), ("flush",), ("run", "5", "0"), ("poke",), ("flush",), ("run", "5", "1"),
+    # the level's discarded warm-up run first (the first run at a level is slow), flushed like the others
+    assert measured == [("poke",), ("flush",), ("run", "505", "0"),
+                        ("poke",), ("flush",), ("run", "5", "0"), ("poke",), ("flush",), ("run", "5", "1"),
                         ("poke",), ("flush",), ("run", "1005", "1"), ("poke",), ("flush",), ("run", "1005", "0")]
     lvl = rec["levels"][0]
     assert [r["arm"] for r in lvl["runs"] + lvl["ab_sglang_runs"]] == ["policy"] * 2 + ["sglang"] * 2
     assert all(r["cache_flushed"] for r in lvl["runs"] + lvl["ab_sglang_runs"]) and "error" not in rec
     events.clear()
-    args.flush_cache = False
+    args.flush_cache = args.level_warmup = False
     serve.run_config(parse_config("xshare@0.7"), "m", args, [], tmp_path)
-    assert ("flush",) not in events
+    assert ("flush",) not in events and not any(e[:2] == ("run", "505") for e in events)
 
 
 def test_one_server_runs_every_policy_as_an_arm_and_reports_each(tmp_path, monkeypatch):
@@ -372,7 +378,7 @@ def test_one_server_runs_every_policy_as_an_arm_and_reports_each(tmp_path, monke
                            max_bs=4, tp=2,
                            ep=2, mem_fraction=0.8, dummy=True, ray=False, startup_timeout=10.0, input_len=8,
                            output_len=16, settle=0.0, min_prompts=1, waves=2, seed=1, name="t", stop_grace=1.0,
-                           profile_steps=0, profile_concurrency=None)
+                           profile_steps=0, profile_concurrency=None, level_warmup=False)
     cmd = serve.server_command(cfg, "m", 1, args, [], str(tmp_path / "arm"))
     xs = parse_xshare_argv(cmd[cmd.index("--xshare-policy"):])
     assert [(a.policy, a.budget, a.warmup_k0, a.cap) for a in xs.arm_configs()] == [
@@ -553,9 +559,10 @@ def test_profile_request_is_sglangs_and_decode_traces_break_down_by_category(tmp
     assert selection_per_arm(r, arms) == {"xshare@0.7": 4.0, "oea+k0=4": 7.0, "cap+cap=6": 2.0}
     assert selection_per_arm(r, arms[:2]) is None  # positions do not match one launch per arm
     lines = serve.profile_lines([{"config": " | ".join(arms), "arms": arms, "levels": [{"concurrency": 64, "profile": {
-        "sglang": {"0": r}}}]}])
-    assert lines[-1] == ("| xshare@0.7 \\| oea+k0=4 \\| cap+cap=6 | 64 | sglang | xshare@0.7: 4.0 | oea+k0=4: 7.0 | "
-                         "cap+cap=6: 2.0 |"), lines[-1]
+        "sglang": {"0": r}, "oea+k0=4": {"0": r}}}]}])
+    # every profiled arm's trace is a row (under --ab-idle-arms skip each holds its own arm's full selection)
+    assert lines[-2:] == [f"| xshare@0.7 \\| oea+k0=4 \\| cap+cap=6 | 64 | {a} | xshare@0.7: 4.0 | oea+k0=4: 7.0 | "
+                          "cap+cap=6: 2.0 |" for a in ("sglang", "oea+k0=4")], lines[-2:]
 
 
 def test_flush_cache_retries_while_sglang_refuses_with_requests_running():
