@@ -155,7 +155,8 @@ def _refine_launch(x, bias, valid, vmode: int, buf: Buffers, ids, w, ph, ctx: Ba
     bt = max(1, min(p.bt, 2048 // p.block_e))
     refine_kernel[(triton.cdiv(T, bt),)](
         x, x.stride(0), bias, valid, T, E, buf.sel, buf.req, ids, w, ph if ph is not None else ids,
-        float(ctx.min_score), **epi, **rc, **_gate(ctx, buf), ALLOW=allow, K=k, K0=ctx.k0, KEEP_N=keep_n, HAS_MIN=ctx.min_score > 0,
+        float(ctx.min_score), **epi, **rc, **_gate(ctx, buf), ALLOW=allow, K=k, K0=ctx.k0, KEEP_N=keep_n,
+        HAS_MIN=ctx.min_score > 0,
         RENORM=ctx.renormalize, WANT_PHYS=want_phys, BT=bt, BLOCK_E=p.block_e,
         BLOCK_K=max(2, triton.next_power_of_2(k)), VALID=vmode, num_warps=p.num_warps,
     )
