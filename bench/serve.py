@@ -63,6 +63,7 @@ from sglang_xshare.servebench.client import (bench_serving_argv, counter_delta, 
 from sglang_xshare.servebench.configs import ServeConfig, one_server, parse_configs  # noqa: E402
 from sglang_xshare.servebench.models import PRESETS, write_model  # noqa: E402
 from sglang_xshare.servebench.server import Server, ServerDied, http_get  # noqa: E402
+from sglang_xshare.serving.flags import AB_IDLE_ARMS  # noqa: E402
 
 #: Flags every server of a run gets (the combination seen to start on the H200 hosts).
 BASE_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--grammar-backend", "none",
@@ -89,7 +90,7 @@ def server_command(cfg: ServeConfig, model: str, port: int, args: argparse.Names
         sg += ["--load-format", "dummy"]
     sg += BASE_FLAGS + extra
     xs = list(cfg.flags)
-    if cfg.selects and getattr(args, "metrics", True):
+    if cfg.selects and args.metrics:
         xs += ["--xshare-metrics", "--xshare-metrics-interval", "50"]
     if switch is not None:
         xs += ["--xshare-ab-switch", switch, "--xshare-ab-idle-arms", args.ab_idle_arms]
@@ -110,6 +111,14 @@ def poke(base_url: str) -> None:
     """One tiny generation (a few decode steps: every rank passes its step ends); errors ignored."""
     http_get(base_url + "/generate", timeout=60.0,
              json_body={"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}})
+
+
+def set_arm(switch: Path | None, idx: int, base_url: str) -> None:
+    """Point the A/B switch file at arm ``idx`` and send one request, so every rank reads it at a
+    step end before the next run (nothing without a switch)."""
+    if switch is not None:
+        switch.write_text(str(idx))
+        poke(base_url)
 
 
 def safe_name(text: str) -> str:
@@ -146,9 +155,7 @@ def profile_arms(base_url: str, switch: Path | None, arms: list[tuple[int, str]]
 
     out: dict = {}
     for idx, arm in arms:
-        if switch is not None:
-            switch.write_text(str(idx))
-            poke(base_url)
+        set_arm(switch, idx, base_url)
         prefix = safe_name(f"{tag}_{arm}")
         code, body = http_get(base_url + "/start_profile", timeout=60.0,
                               json_body=profile_request(trace_dir, steps, prefix))
@@ -323,37 +330,32 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
             # with the A/B switch: every arm per rep (0 = SGLang's routing, 1 = the policy, 2.. = the
             # other policies of one server), in order and reversed in turn (ABBA: drift cancels over two reps)
             order = switch_arms(cfg, switch is not None)
+
+            def level_argv(seed: int, tag: str = "") -> list[str]:  # one run at this level
+                return bench_serving_argv(server.base_url, tok, concurrency=c,
+                                          num_prompts=max(args.min_prompts, args.waves * c), input_len=args.input_len,
+                                          output_len=args.output_len, seed=seed,
+                                          output_file=str(out_dir / f"{args.name}_{safe}_s{start}_c{c}{tag}.jsonl"))
+
             if args.level_warmup:  # one discarded run at this level (its first run is slow: new shapes, NGRAM)
-                if switch is not None:
-                    switch.write_text(str(order[0][0]))
-                    poke(server.base_url)
+                set_arm(switch, order[0][0], server.base_url)
                 if args.flush_cache:
                     flush_cache(server.base_url)
-                run_bench_serving(bench_serving_argv(
-                    server.base_url, tok, concurrency=c, num_prompts=max(args.min_prompts, args.waves * c),
-                    input_len=args.input_len, output_len=args.output_len, seed=args.seed + 500 + c,
-                    output_file=str(out_dir / f"{args.name}_{safe}_s{start}_c{c}_warmup.jsonl")))
+                run_bench_serving(level_argv(args.seed + 500 + c, "_warmup"))
             for rep in range(args.reps):
                 for idx, arm in (order if rep % 2 == 0 else order[::-1]):
-                    if switch is not None:
-                        switch.write_text(str(idx))
-                        poke(server.base_url)  # the switch file is read at every step end
+                    set_arm(switch, idx, server.base_url)
                     flushed = flush_cache(server.base_url) if args.flush_cache else None
                     text = scrape(server.base_url)
                     before, sg_before = xshare_counters(text), sglang_counters(text)
-                    argv = bench_serving_argv(server.base_url, tok, concurrency=c,
-                                              num_prompts=max(args.min_prompts, args.waves * c),
-                                              input_len=args.input_len, output_len=args.output_len,
-                                              seed=args.seed + 1000 * rep + c,
-                                              output_file=str(out_dir / f"{args.name}_{safe}_s{start}_c{c}.jsonl"))
-                    res = run_bench_serving(argv)
+                    res = run_bench_serving(level_argv(args.seed + 1000 * rep + c))
                     flush_metrics(server.base_url, args.settle)
                     text = scrape(server.base_url)
                     after = xshare_counters(text)
                     d = counter_delta(before, after)
                     # this run's accept length (speculative servers), from SGLang's counters
                     res["spec_accept_length"] = spec_accept_length(sg_before, sglang_counters(text))
-                    # the arm's own counts: every arm selects on every batch; arm N >= 2 counts as rank "0/armN"
+                    # the arm's own counts (the server's policy as rank "0", arm N >= 2 as rank "0/armN")
                     own = d.get("0", next(iter(d.values()), {})) if idx <= 1 else d.get(f"0/arm{idx}", {})
                     res["xshare"] = per_call(own)
                     res["arm"] = arm
@@ -377,10 +379,8 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
                 progress(dict(rec, error=f"incomplete: the run stopped after concurrency {c}",
                               wall_s=round(time.time() - t0, 1)))
             if c == prof_c:
-                argv = bench_serving_argv(server.base_url, tok, concurrency=c, num_prompts=max(args.min_prompts, args.waves * c),
-                                          input_len=args.input_len, output_len=args.output_len, seed=args.seed + c,
-                                          output_file=str(out_dir / f"{args.name}_{safe}_s{start}_c{c}_profile.jsonl"))
-                lvl["profile"] = profile_arms(server.base_url, switch, order, argv, args.profile_steps, args.tp,
+                lvl["profile"] = profile_arms(server.base_url, switch, order, level_argv(args.seed + c, "_profile"),
+                                              args.profile_steps, args.tp,
                                               out_dir / f"{args.name}_profiles", f"{args.name}_{safe}_s{start}_c{c}")
                 if progress is not None:
                     progress(dict(rec, error=f"incomplete: the run stopped after concurrency {c} (profiled)",
@@ -773,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="xshare's live metrics in the policy servers (the experts columns; default on). They cost "
                          "+5-8 µs per MoE layer (bench/results/hook_overhead_gated.md): --no-metrics times what a "
                          "production server without --xshare-metrics pays (no experts columns then)")
-    ap.add_argument("--ab-idle-arms", choices=("skip", "compute"), default="skip",
+    ap.add_argument("--ab-idle-arms", choices=AB_IDLE_ARMS, default="skip",
                     help="with --ab: what the arms the switch does not route by do (--xshare-ab-idle-arms): 'skip' "
                          "their selection (the A/B speed-up is net of it) or 'compute' it anyway (the speed-up is the "
                          "expert cut alone)")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
 __all__ = [
+    "GLOBAL_POLICIES",
     "XShareConfigError",
     "Budget",
     "BudgetSchedule",
@@ -33,6 +34,9 @@ __all__ = [
 
 #: Every policy the registry knows, in the order tables print them.
 POLICY_NAMES: tuple[str, ...] = ("topk", "cap", "oea", "oea_simple", "xshare", "xshare_ep", "xshare_spec")
+#: Policies whose expert set is a batch decision over statistics that can be summed across ranks
+#: (``--xshare-ep-global``, DP attention's global mode).
+GLOBAL_POLICIES: tuple[str, ...] = ("oea", "oea_simple", "xshare", "xshare_ep")
 
 BudgetMode = Literal["count", "fraction", "mass"]
 

@@ -267,7 +267,7 @@ def test_ab_mode_pairs_each_policy_run_with_its_own_servers_sglang_arm(tmp_path)
 
     serve = _serve_module()
     args = SimpleNamespace(graph_bs=[1, 2], max_bs=2, tp=2, ep=2, mem_fraction=0.8, dummy=True, ray=False,
-                           ab_idle_arms="compute")
+                           ab_idle_arms="compute", metrics=True)
     cfg = parse_config("xshare@0.7")
     cmd = serve.server_command(cfg, "m", 1, args, [], str(tmp_path / "arm"))
     xs = cmd[cmd.index("--xshare-policy"):]
@@ -343,8 +343,8 @@ def test_ab_runs_flip_the_switch_then_flush_sglangs_cache_before_each_measured_r
     monkeypatch.setattr(serve, "flush_metrics", lambda url, settle: None)
     monkeypatch.setattr(serve, "scrape", lambda url: "")
     monkeypatch.setattr(serve, "gpu_state", lambda: [])
-    args = SimpleNamespace(ab=True, ab_idle_arms="skip", flush_cache=True, reps=2, concurrency=[4], graph_bs=[1, 2, 4],
-                           max_bs=4, tp=1,
+    args = SimpleNamespace(ab=True, ab_idle_arms="skip", metrics=True, flush_cache=True, reps=2, concurrency=[4],
+                           graph_bs=[1, 2, 4], max_bs=4, tp=1,
                            ep=1, mem_fraction=0.8, dummy=True, ray=False, startup_timeout=10.0, input_len=8,
                            output_len=16, settle=0.0, min_prompts=1, waves=2, seed=1, name="t", stop_grace=1.0,
                            profile_steps=0, profile_concurrency=None, level_warmup=True)
@@ -374,8 +374,8 @@ def test_one_server_runs_every_policy_as_an_arm_and_reports_each(tmp_path, monke
     serve = _serve_module()
     cfg = one_server(parse_configs("xshare@0.7,oea+k0=4,cap+cap=6"))
     assert cfg.arms == ("xshare@0.7", "oea+k0=4", "cap+cap=6")
-    args = SimpleNamespace(ab=True, ab_idle_arms="skip", flush_cache=False, reps=2, concurrency=[4], graph_bs=[1, 2, 4],
-                           max_bs=4, tp=2,
+    args = SimpleNamespace(ab=True, ab_idle_arms="skip", metrics=True, flush_cache=False, reps=2, concurrency=[4],
+                           graph_bs=[1, 2, 4], max_bs=4, tp=2,
                            ep=2, mem_fraction=0.8, dummy=True, ray=False, startup_timeout=10.0, input_len=8,
                            output_len=16, settle=0.0, min_prompts=1, waves=2, seed=1, name="t", stop_grace=1.0,
                            profile_steps=0, profile_concurrency=None, level_warmup=False)

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from ..config import RoutingSpec, SelectionConfig, XShareConfigError
+from ..config import GLOBAL_POLICIES, RoutingSpec, SelectionConfig, XShareConfigError
 from ..placement import Placement
 from .common import membership, token_order
 from .contract import BatchContext, SelectionOutput
@@ -22,8 +22,6 @@ from .scoring import compute_scores
 
 __all__ = ["Selector", "valid_mask", "reference_only_knobs", "GLOBAL_POLICIES"]
 
-#: Policies whose expert set is a batch decision over statistics that can be summed across ranks.
-GLOBAL_POLICIES = ("oea", "oea_simple", "xshare", "xshare_ep")
 
 Backend = Literal["auto", "reference", "kernel"]
 

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import PRESETS, POLICY_NAMES, Budget, BudgetSchedule, RoutingSpec, SelectionConfig, XShareConfigError, resolve_preset
+from ..config import GLOBAL_POLICIES, PRESETS, POLICY_NAMES, Budget, BudgetSchedule, RoutingSpec, SelectionConfig, XShareConfigError, resolve_preset
 
 __all__ = [
+    "AB_IDLE_ARMS",
     "ENV_VAR",
     "SERVER_POLICIES",
     "XShareServerConfig",
@@ -52,6 +53,10 @@ ENV_VAR = "SGLANG_XSHARE_CONFIG"
 SERVER_POLICIES: tuple[str, ...] = ("off",) + POLICY_NAMES
 
 _PREFIX = "--xshare-"
+
+
+#: ``--xshare-ab-idle-arms``: what the A/B switch's arms it does not route by do (see :mod:`.abswitch`).
+AB_IDLE_ARMS = ("skip", "compute")
 
 
 @dataclass(frozen=True)
@@ -195,7 +200,7 @@ class XShareServerConfig:
                                         "(SGLang's routing is arm 0 already)")
             fields = {f: getattr(arm, f) for f in ARM_FIELDS}
             merged = dataclasses.replace(self, ab_arms=(), record_trace=None, **fields,
-                                         ep_global=self.ep_global and arm.policy in EP_GLOBAL_POLICIES)
+                                         ep_global=self.ep_global and arm.policy in GLOBAL_POLICIES)
             try:
                 out.append(merged.validate())
             except XShareConfigError as e:
@@ -225,7 +230,7 @@ class XShareServerConfig:
             raise XShareConfigError("--xshare-empty-slots", f"must be auto, minus_one, fill or distinct, got {self.empty_slots!r}")
         if self.min_tokens != "auto" and not (str(self.min_tokens).isdigit() and int(self.min_tokens) >= 1):
             raise XShareConfigError("--xshare-min-tokens", f"must be 'auto' or an integer >= 1, got {self.min_tokens!r}")
-        if self.ep_global and self.policy not in EP_GLOBAL_POLICIES:
+        if self.ep_global and self.policy not in GLOBAL_POLICIES:
             raise XShareConfigError("--xshare-ep-global", f"policy {self.policy} has no batch statistics to share "
                                     "across ranks (oea, oea_simple, xshare, xshare_ep)")
         if self.metrics_interval < 1:
@@ -245,8 +250,8 @@ class XShareServerConfig:
             parent = Path(self.ab_switch).expanduser().resolve().parent
             if not parent.is_dir():
                 raise XShareConfigError("--xshare-ab-switch", f"directory {str(parent)!r} does not exist")
-        if self.ab_idle_arms not in ("skip", "compute"):
-            raise XShareConfigError("--xshare-ab-idle-arms", f"{self.ab_idle_arms!r}: choose skip or compute")
+        if self.ab_idle_arms not in AB_IDLE_ARMS:
+            raise XShareConfigError("--xshare-ab-idle-arms", f"{self.ab_idle_arms!r}: choose one of {', '.join(AB_IDLE_ARMS)}")
         if self.ab_arms:
             if self.ab_switch is None:
                 raise XShareConfigError("--xshare-ab-arm", "arms are picked by the A/B switch: add --xshare-ab-switch PATH")
@@ -380,7 +385,7 @@ def add_xshare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "'--xshare-', e.g. 'policy=oea,warmup-k0=4' or 'policy=cap,cap=6'; the switch file's '2' "
                         "picks the first, '3' the second, ..., so one server compares "
                         "several policies on the same batches (bench/serve.py --ab --ab-one-server).")
-    g.add_argument("--xshare-ab-idle-arms", choices=("skip", "compute"), default=d.ab_idle_arms,
+    g.add_argument("--xshare-ab-idle-arms", choices=AB_IDLE_ARMS, default=d.ab_idle_arms,
                    help="The policy arms the A/B switch does not route by: 'skip' (default; their selection "
                         "kernels read the switch on the device and return at once, so each arm pays only its own "
                         "selection and the A/B ratio is net of it) or 'compute' (every arm selects in every layer; "
@@ -419,8 +424,6 @@ def _config_from_namespace(ns: argparse.Namespace) -> XShareServerConfig:
 #: The fields an arm (``--xshare-ab-arm``) sets; the others come from the server's own flags.
 ARM_FIELDS = ("policy", "budget", "warmup_k0", "request_budget", "cap", "layer_budgets", "min_score", "mass_source",
               "fill_to_peak", "hard_cap", "warmup_p", "min_tokens")
-#: Policies with batch statistics to share across EP ranks (``--xshare-ep-global``).
-EP_GLOBAL_POLICIES = ("oea", "oea_simple", "xshare", "xshare_ep")
 
 
 def arm_spec_argv(spec: str) -> list[str]:
