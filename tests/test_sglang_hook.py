@@ -357,6 +357,67 @@ def test_xshare_ep_chooses_physical_copies_of_sglang_placement(sg, installed, ep
     assert torch.equal(md.physical_to_logical_map[3][out.topk_ids[kept].long()], ref.topk_ids[kept].long())
 
 
+class _RoutedExpertsCapture:
+    """SGLang's routed-experts capturer (``--enable-return-routed-experts``) as far as the router
+    sees it: ``capture(layer_id, topk_indices)`` into SGLang's own device cache
+    (``BaseDeviceCache``; the real capturer's host cache needs CUDA). Counts the calls."""
+
+    def __init__(self):
+        from sglang.srt.state_capturer.base import BaseDeviceCache
+
+        self.cache = BaseDeviceCache(T, 8, K, "cpu", name="routed_experts")
+        self.calls = 0
+
+    def capture(self, layer_id, topk_indices):
+        self.calls += 1
+        self.cache.capture(layer_id, topk_indices)
+
+
+@pytest.mark.parametrize("policy,algorithm,mode,path", [
+    ("xshare_ep", "static", "minus_one", "fast"),   # xshare_ep's own physical copies
+    ("xshare_ep", "dynamic", "minus_one", "fast"),
+    ("xshare_ep", "static", "distinct", "general"),  # physical ids through SGLang's post-processing
+    ("xshare", "static", "minus_one", "fast"),      # the rank's dispatch map, applied in the kernel
+    ("cap", "static", "minus_one", "fast"),         # the same, with empty slots
+    ("xshare", "dynamic", "minus_one", "general"),  # SGLang's own remap after ours
+])
+def test_routed_experts_capture_gets_logical_ids_under_eplb(sg, installed, eplb_metadata, policy, algorithm, mode, path):
+    """``return_routed_experts`` reports logical experts: SGLang captures the ids before its
+    logical -> physical remap. Where the hook dispatches physical slots itself (``xshare_ep``, the
+    mapped fast path) or hands physical ids to SGLang's post-processing, the capture must still get
+    the logical expert of every dispatched slot (``-1`` where the slot is empty), once per call.
+    With physical ids captured, a user would read slot numbers (some >= E) as experts."""
+    from sglang.srt.eplb.expert_location_dispatch import ExpertLocationDispatchInfo
+    from sglang.srt.state_capturer.routed_experts import get_global_experts_capturer, set_global_experts_capturer
+
+    md = eplb_metadata
+    installed(policy=policy, empty_slots=mode, **(dict(cap=2) if policy == "cap" else dict(budget="8")))
+    info = ExpertLocationDispatchInfo(
+        ep_dispatch_algorithm=algorithm,
+        partial_logical_to_rank_dispatch_physical_map=md.logical_to_all_physical_map[3, :, 0] if algorithm == "static" else None,
+        partial_logical_to_all_physical_map=md.logical_to_all_physical_map[3],
+        partial_logical_to_all_physical_map_num_valid=md.logical_to_all_physical_map_num_valid[3],
+        num_physical_experts=md.num_physical_experts)
+    cap, prev = _RoutedExpertsCapture(), get_global_experts_capturer()
+    set_global_experts_capturer(cap)
+    try:
+        with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+            out = _topk(sg).forward_native(torch.randn(T, HIDDEN), _logits(26).clone(), expert_location_dispatch_info=info)
+    finally:
+        set_global_experts_capturer(prev)
+    assert next(iter(hook._STATE.layers.values())).paths == {T: path}
+    assert cap.calls == 1
+    got = cap.cache.buffer[:T, 3].long()
+    p2l = md.physical_to_logical_map[3]
+    kept = out.topk_ids >= 0
+    slot = out.topk_ids[kept].long()
+    assert kept.sum(-1).min() >= 1 and (slot != p2l[slot]).any()  # physical slot numbers are not the experts
+    assert ((got >= -1) & (got < E)).all()
+    assert torch.equal(got[kept], p2l[slot])
+    if policy == "cap":
+        assert (~kept).any() and (got[~kept] == -1).all()
+
+
 def test_eplb_rebalance_reaches_xshare_ep(sg, installed, eplb_metadata):
     """SGLang's EPLB rewrites the placement in place (``ExpertLocationMetadata.update``); xshare_ep
     keeps choosing the physical copies itself and dispatches on the *new* map afterwards."""
@@ -508,6 +569,75 @@ def test_ep_global_selects_from_every_ranks_tokens(sg, installed, monkeypatch, p
     assert {(t.dtype, tuple(t.shape)) for t in grp.sent} == {(grp.sent[0].dtype, tuple(grp.sent[0].shape))}
     assert torch.count_nonzero(grp.sent[2]) == 0  # the idle call adds nothing
     assert next(iter(hook._STATE.layers.values())).paths[1] == "fast" and (one.topk_ids >= 0).any()
+
+
+@pytest.mark.parametrize("force", [None, "legacy"])
+def test_ep_global_joins_each_collective_once_per_call_on_every_path(sg, installed, monkeypatch, tmp_path, force):
+    """``--xshare-ep-global``: a rank with tokens must run exactly the collectives a rank without
+    tokens runs (one per policy, main and each A/B arm, per layer call), else the ranks' all-reduces
+    pair up wrongly or one rank waits forever. Also on the ``legacy`` path (ROCm, router logit
+    partials), where the selection happens at SGLang's post-processing seam: the call joins there,
+    not again before it. Its routing equals the fast path's."""
+    import sglang.srt.layers.moe.utils as moe_utils
+    import sglang.srt.runtime_context as rc
+
+    grp = _OtherRankOfEPGroup()
+    monkeypatch.setattr(moe_utils, "is_moe_input_scattered_across_dp_ranks", lambda: True)
+    par = SimpleNamespace(moe_ep_group=grp, moe_ep_size=2, tp_group=SimpleNamespace(world_size=1))
+    monkeypatch.setattr(rc, "get_parallel", lambda: par)
+    monkeypatch.setattr(sg, "get_parallel", lambda: par)
+    if force:
+        monkeypatch.setenv(hook.FORCE_PATH_ENV, force)
+    sw = tmp_path / "arm"
+    sw.write_text("1")
+    installed(policy="xshare", budget="0.5", empty_slots="minus_one", ep_global=True, ab_switch=str(sw),
+              ab_arms=("policy=oea,warmup-k0=1",))
+    tk = _topk(sg)
+    logits = _logits(27)
+    outs = []
+    for n in (T, 1):
+        before = len(grp.sent)
+        with hook.batch_scope(hook.BatchInfo("decode", batch_size=n)):
+            outs.append(tk.forward_native(torch.randn(n, HIDDEN), logits[:n].clone()))
+        assert len(grp.sent) - before == 2, (n, len(grp.sent) - before)  # xshare's and the oea arm's
+    assert next(iter(hook._STATE.layers.values())).paths == {T: force or "fast", 1: force or "fast"}
+    before = len(grp.sent)
+    tk.empty_topk_output(torch.device("cpu"))  # what the other rank runs when it has no tokens
+    assert len(grp.sent) - before == 2
+    ref = _selector(XShareServerConfig(policy="xshare", budget="0.5"))(logits, layer_id=3)
+    assert torch.equal(outs[0].topk_ids.to(torch.int32), ref.topk_ids)
+    torch.testing.assert_close(outs[0].topk_weights, ref.topk_weights, rtol=0, atol=0)
+
+
+def test_legacy_path_drops_the_routers_stale_packed_ids(sg, installed, monkeypatch):
+    """SGLang's fused router can also emit FlashInfer's packed ids (``fused_gate_packed_ids``,
+    ``StandardTopKOutputPacked``; a CUDA kernel, so here SGLang's own ``select_experts`` with the
+    pack added as the kernel writes it: ``expert << 16 | bf16 weight bits``). On the ``legacy`` path
+    the policy rewrites ids and weights at the post-processing seam, after the pack: a consumer of
+    the packed ids would run SGLang's routing. The hook must hand on the seam's routing only."""
+    monkeypatch.setenv(hook.FORCE_PATH_ENV, "legacy")
+    real = sg.select_experts
+
+    def packing_router(*args, **kw):
+        out = real(*args, **kw)
+        bits = out.topk_weights.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+        return sg.StandardTopKOutputPacked(out.topk_weights, out.topk_ids, out.router_logits,
+                                           (out.topk_ids.to(torch.int32) << 16) | bits)
+
+    cfg = installed(policy="xshare", budget="6", empty_slots="minus_one")
+    select = hook._make_select_experts_wrapper(packing_router)
+    tc = _topk(sg).topk_config
+    tc.torch_native = True  # what TopK.forward_native sets (the CPU router)
+    logits = _logits(28)
+    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+        out = select(torch.randn(T, HIDDEN), logits.clone(), tc, layer_id=3)
+    assert next(iter(hook._STATE.layers.values())).paths == {T: "legacy"}
+    ref = _selector(cfg)(logits, layer_id=3)
+    assert torch.equal(out.topk_ids.to(torch.int32), ref.topk_ids)
+    assert getattr(out, "packed_topk_ids", None) is None and type(out) is sg.StandardTopKOutput
+    hook.uninstall()
+    plain = hook._make_select_experts_wrapper(packing_router)(torch.randn(T, HIDDEN), logits.clone(), tc, layer_id=3)
+    assert plain.packed_topk_ids is not None  # without the hook SGLang's pack stays (it is SGLang's routing)
 
 
 def test_ep_global_rank_without_tokens_joins_the_all_reduce(sg, installed, monkeypatch, tmp_path):
@@ -697,6 +827,44 @@ def test_ab_arms_compare_several_policies_in_one_server(sg, installed, tmp_path)
     assert calls[0] == calls[1] and calls[2] > calls[1]  # every arm ran every batch; cap also the one-token ones
     per_call = [c["distinct"] / c["calls"] for c in counts[:2]]
     assert per_call == [len(set(r.topk_ids[r.topk_ids >= 0].tolist())) for r in refs[:2]]
+
+
+def test_experts_not_divisible_by_ep_size_without_a_map(sg, installed, monkeypatch):
+    """A MoE EP size that does not divide the experts, and no EPLB map: ``xshare_ep`` cannot know
+    the ranks, so the layer's build (model load) fails naming ``--ep-size``; the other policies
+    route as usual and warn that the busiest-rank metric counts one group."""
+    import logging
+
+    import sglang.srt.runtime_context as rc
+
+    from sglang_xshare.config import XShareConfigError
+
+    par = SimpleNamespace(moe_ep_size=3, tp_group=SimpleNamespace(world_size=1))
+    monkeypatch.setattr(rc, "get_parallel", lambda: par)
+    installed(policy="xshare_ep", budget="8", empty_slots="minus_one")
+    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)), \
+            pytest.raises(XShareConfigError, match="--ep-size.*32 experts are not divisible by EP size 3"):
+        _topk(sg).forward_native(torch.randn(T, HIDDEN), _logits(29).clone())
+    hook.uninstall()
+    cfg = installed(policy="xshare", budget="8", empty_slots="minus_one")
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log = logging.getLogger("sglang_xshare.serving")
+    log.addHandler(handler)
+    try:
+        with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+            out = _topk(sg).forward_native(torch.randn(T, HIDDEN), _logits(29).clone())
+    finally:
+        log.removeHandler(handler)
+    assert torch.equal(out.topk_ids.to(torch.int32), _selector(cfg)(_logits(29), layer_id=3).topk_ids)
+    assert any("not divisible by the MoE EP size 3" in m for m in seen), seen
+    par.moe_ep_size = 4
+    hook.uninstall()
+    installed(policy="xshare_ep", budget="8", empty_slots="minus_one")
+    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+        _topk(sg).forward_native(torch.randn(T, HIDDEN), _logits(29).clone())
+    assert next(iter(hook._STATE.layers.values())).placement.num_ranks == 4
 
 
 def test_ab_switch_gives_the_experts_the_arm_the_file_names(sg, installed, tmp_path):

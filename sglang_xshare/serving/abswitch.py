@@ -26,7 +26,9 @@ on the current stream, so the next step's graph replay reads it. Each process (T
 its own, so for one step around a flip the ranks may route by different arms: switch between measured
 runs (``bench/serve.py --ab`` flips, then sends one short request, then measures). A measurement mode:
 besides the selections it costs two ``where`` kernels per MoE layer (with extra arms a stack and a
-gather on the arm index), and SGLang's expert distribution recorder sees the chosen routing.
+gather on the arm index), and SGLang's expert distribution recorder sees the chosen routing and, on
+the fast path, SGLang's own as well (its ``select_experts`` runs for the SGLang arm and records): do
+not let EPLB rebalance from statistics recorded under the switch.
 Collectives are never skipped: under ``--xshare-ep-global`` every arm joins its all-reduce on every
 rank, as the ranks must run the same collectives.
 """

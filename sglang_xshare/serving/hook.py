@@ -52,8 +52,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace as dc_replace
 from typing import Any, Callable
 
 import torch
@@ -159,6 +160,7 @@ class _State:
         self.lock = threading.Lock()
         self.dynamic_bias_call = False
         self.in_select = False  # inside our select_experts: the post-processing seam passes through
+        self.seam_selected = False  # legacy path: the post-processing seam selected (ran the collectives)
         self.min_tokens: int | None = None
         #: diagnostics (``SGLANG_XSHARE_FORCE_PATH=general|legacy``): take that path where the fast one would run
         self.force_path = os.environ.get(FORCE_PATH_ENV) or None
@@ -320,8 +322,7 @@ def _path(st: _State, lp: LayerPolicy, topk_mod: Any, T: int, tc: Any, info: Any
         return "fast"
     if lp.selector.config.policy == "xshare_ep" and algo in ("static", "dynamic"):
         return "fast"
-    if algo == "static" and getattr(info, "partial_logical_to_rank_dispatch_physical_map", None) is not None \
-            and topk_mod.get_global_experts_capturer() is None:  # the capturer wants logical ids
+    if algo == "static" and getattr(info, "partial_logical_to_rank_dispatch_physical_map", None) is not None:
         return "fast"
     return "general"
 
@@ -343,8 +344,6 @@ def _fast_spec(lp: LayerPolicy, info: Any):
 
 
 def _make_select_experts_wrapper(orig: Callable) -> Callable:
-    import sys
-
     def select_experts(hidden_states, router_logits, topk_config, *, layer_id=None, num_token_non_padded=None,
                        expert_location_dispatch_info=None, **extra):
         st = _STATE
@@ -366,16 +365,25 @@ def _make_select_experts_wrapper(orig: Callable) -> Callable:
         arms = lp.arms if (st.switch is not None and not lp.is_draft) else []
         arm_paths = [_decide(st, a, topk_mod, T, topk_config, expert_location_dispatch_info, extra) for a in arms]
         if path == "legacy" or (path == "sglang" and not any(pa in _SELECTING for pa in arm_paths)):
-            for a in (lp, *arms):
-                a.reduce_idle()  # every rank joins the collective on every call
+            if path == "sglang":
+                for a in (lp, *arms):
+                    a.reduce_idle()  # every rank joins the collective on every call
             dyn = extra.get("dynamic_expert_bias") is not None
-            st.dynamic_bias_call, st.in_select = dyn, path == "sglang"
+            st.dynamic_bias_call, st.in_select, st.seam_selected = dyn, path == "sglang", False
             try:
-                return orig(hidden_states, router_logits, topk_config, layer_id=layer_id,
-                            num_token_non_padded=num_token_non_padded,
-                            expert_location_dispatch_info=expert_location_dispatch_info, **extra)
+                out = orig(hidden_states, router_logits, topk_config, layer_id=layer_id,
+                           num_token_non_padded=num_token_non_padded,
+                           expert_location_dispatch_info=expert_location_dispatch_info, **extra)
             finally:
                 st.dynamic_bias_call = st.in_select = False
+            if path == "legacy" and not st.seam_selected:
+                for a in (lp, *arms):  # SGLang's post-processing seam did not select: join with zeros
+                    a.reduce_idle()
+            if path == "legacy" and st.seam_selected and getattr(out, "packed_topk_ids", None) is not None:
+                # the fused router's packed ids (FlashInfer's layout) still hold SGLang's routing:
+                # drop them, so that consumers read the seam's ids and weights
+                out = topk_mod.StandardTopKOutput(out.topk_weights, out.topk_ids, out.router_logits)
+            return out
         base = None
         if st.switch is not None and not lp.is_draft:  # A/B measurement: SGLang's routing too, same kernels in both arms
             st.in_select = True  # SGLang's post-processing seam passes SGLang's routing through
@@ -399,7 +407,7 @@ def _make_select_experts_wrapper(orig: Callable) -> Callable:
         if base is not None:
             ids, weights = st.switch.choose(base.topk_ids, base.topk_weights, [o[:2] for o in outs])
         if path == "fast":
-            topk_mod.capture_routed_experts_if_allowed(topk_config, layer_id, ids)
+            _capture(topk_mod, topk_config, layer_id, lp, ids, physical=expert_location_dispatch_info is not None)
             topk_mod.get_global_expert_distribution_recorder().on_select_experts(topk_ids=ids)
         elif rec is not None:
             topk_mod.get_global_expert_distribution_recorder().on_select_experts(topk_ids=rec)
@@ -410,6 +418,23 @@ def _make_select_experts_wrapper(orig: Callable) -> Callable:
 
 
 _SELECTING = ("fast", "general")
+
+
+def _capture(topk_mod: Any, tc: Any, layer_id: Any, lp: LayerPolicy, ids: torch.Tensor, physical: bool) -> None:
+    """SGLang's routed-experts capture (``--enable-return-routed-experts``) of the routing the experts
+    get. SGLang captures logical ids (before its logical -> physical remap), so physical slot ids
+    ``[T, w]`` (``physical``: EPLB dispatch info was given; ``xshare_ep``'s slots, the mapped or
+    SGLang-remapped ids) are mapped back through the layer's placement: the first ``top_k`` columns,
+    ``-1`` kept, any further (fused shared-expert) columns as they are. No-op without a capturer."""
+    if not getattr(tc, "allow_routed_experts_capture", True) or topk_mod.get_global_experts_capturer() is None:
+        return
+    if physical and lp.placement is not None and lp.routing is not None:
+        k = lp.routing.top_k
+        routed = ids[:, :k]
+        p2l = lp.placement.physical_to_logical
+        logical = torch.where(routed >= 0, p2l[routed.clamp(min=0).long()].to(ids.dtype), routed)
+        ids = torch.cat([logical, ids[:, k:]], dim=-1) if ids.shape[-1] > k else logical
+    topk_mod.capture_routed_experts_if_allowed(tc, layer_id, ids)
 
 
 def _arm_gate(st: _State, lp: LayerPolicy, idx: int, device: torch.device) -> tuple[torch.Tensor, int] | None:
@@ -467,13 +492,16 @@ def _general(st: _State, lp: LayerPolicy, post: Callable, topk_ids: torch.Tensor
     if topk_ids is not None and topk_ids.shape[-1] > k:  # fused shared-expert columns of the router: untouched
         filled = torch.cat([filled, topk_ids[:, k:]], dim=-1)
         filled_w = torch.cat([filled_w, topk_weights[:, k:]], dim=-1)
-    call_info, call_logits = info, router_logits
+    call_info, call_logits, call_tc = info, router_logits, tc
     if use_physical:
         call_info = None  # ids are physical already: SGLang's remap must not run again
         P = lp.placement.num_physical if lp.placement is not None else routing.num_experts
         if P != router_logits.shape[1]:  # only its width is read (per-rank shared-slot layout)
             call_logits = router_logits[:, :1].expand(T, P)
-    new_ids, new_w, rec = post(filled, filled_w, tc, call_logits, layer_id, ntnp, call_info, False)
+        if getattr(tc, "allow_routed_experts_capture", False):  # SGLang would capture physical ids: ours, logical
+            call_tc = dc_replace(tc, allow_routed_experts_capture=False)
+            _capture(sys.modules[TOPK_MODULE], tc, layer_id, lp, filled, physical=True)
+    new_ids, new_w, rec = post(filled, filled_w, call_tc, call_logits, layer_id, ntnp, call_info, False)
     routed = new_ids[:, :k]
     if lp.empty_mode == "minus_one":
         routed.copy_(restore_empty_slots(routed, empty))
@@ -496,6 +524,7 @@ def _make_post_process_wrapper(orig: Callable) -> Callable:
             return orig(topk_ids, topk_weights, topk_config, router_logits, layer_id,
                         num_token_non_padded, expert_location_dispatch_info, padded_rows_masked)
         args = (topk_config, router_logits, layer_id, num_token_non_padded, expert_location_dispatch_info)
+        st.seam_selected = True  # the legacy path's collectives (--xshare-ep-global) run here
         ids, weights, rec = _general(st, lp, orig, topk_ids, topk_weights, *args)
         if st.switch is None or lp.is_draft:
             return ids, weights, rec

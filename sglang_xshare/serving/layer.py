@@ -91,11 +91,15 @@ def _backend_names(tc: Any, is_draft: bool) -> tuple[str, str | None]:
     return a2a, runner
 
 
-def _sglang_placement(num_experts: int, layer_id: int, device: torch.device, is_draft: bool) -> tuple[Placement, bool]:
+def _sglang_placement(num_experts: int, layer_id: int, device: torch.device, is_draft: bool,
+                      strict: bool = False) -> tuple[Placement, bool]:
     """The layer's placement and whether it is SGLang's EPLB map (physical ids != logical ids).
 
     With EPLB metadata the placement's ``physical_to_logical`` is a view of SGLang's device
-    tensor (updated in place on rebalance); otherwise plain EP over ``moe_ep_size`` ranks.
+    tensor (updated in place on rebalance); otherwise plain EP over ``moe_ep_size`` ranks. Experts
+    not divisible by the EP size (and no EPLB map): :class:`XShareConfigError` when ``strict``
+    (the policy balances ranks: ``xshare_ep``), else one balance group and a warning (only the
+    live metrics' busiest-rank column reads the placement then).
     """
     md = None
     if not is_draft:
@@ -123,6 +127,11 @@ def _sglang_placement(num_experts: int, layer_id: int, device: torch.device, is_
         ep = int(get_parallel().moe_ep_size)
     except Exception:
         ep = 1
+    if ep > 1 and num_experts % ep:
+        if strict:
+            Placement.expert_parallel(num_experts, ep)  # raises the configuration error (--ep-size)
+        logger.warning("xshare: layer %d: %d experts are not divisible by the MoE EP size %d and there is no EPLB "
+                       "map; the busiest-rank metric counts one group", layer_id, num_experts, ep)
     placement = Placement.expert_parallel(num_experts, ep) if ep >= 1 and num_experts % ep == 0 \
         else Placement.tensor_parallel(num_experts)
     return dataclasses.replace(placement, physical_to_logical=placement.physical_to_logical.to(device)), False
@@ -245,7 +254,8 @@ def build_layer(cfg: Any, tc: Any, layer_id: int, router_logits: torch.Tensor, m
     E = int(router_logits.shape[-1])
     is_draft = bool(getattr(tc, DRAFT_ATTR, False))
     routing, reason = routing_from_topk_config(tc, E)
-    placement = _sglang_placement(E, layer_id, router_logits.device, is_draft)[0] if routing is not None else None
+    strict = cfg.selects and cfg.policy == "xshare_ep" and (not is_draft or cfg.apply_to_draft)
+    placement = _sglang_placement(E, layer_id, router_logits.device, is_draft, strict)[0] if routing is not None else None
     a2a, runner = _backend_names(tc, is_draft)
     empty_mode = resolve_empty_slot_mode(cfg.empty_slots, a2a, runner, router_logits.device.type)
     scale = None
