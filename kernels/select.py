@@ -40,7 +40,8 @@ from sglang_xshare.select.output import OutputSpec
 from ._batch import MAX_SPINS, batch_kernel
 from ._refine import refine_kernel
 from ._spec import group_kernel, spec_token_kernel
-from .workspace import Buffers, _pow2, budget_args, buffers, fault_counter, placement_tables, routing_constexprs
+from .workspace import (Buffers, _pow2, budget_args, buffers, fault_counter, idle_stats, placement_tables,
+                        routing_constexprs)
 
 __all__ = [
     "topk_kernel",
@@ -182,6 +183,8 @@ def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, polic
     k = ctx.top_k
     want_phys = policy == "xshare_ep"
     if router_logits.shape[0] == 0:
+        if ctx.stats_reduce is not None:  # no tokens here: still join the collective the other ranks run
+            ctx.stats_reduce(idle_stats(router_logits.shape[1], router_logits.device))
         return _empty(router_logits, k, want_phys and output is None)
     glob = ctx.stats_reduce is not None
     x, buf, valid, vmode = _prepare(router_logits, routing, ctx, policy, workspace, group, two_launch=glob)

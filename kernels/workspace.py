@@ -232,6 +232,13 @@ class Buffers:
         return sc
 
 
+def idle_stats(E: int, device: torch.device) -> torch.Tensor:
+    """Zeros shaped as the batch statistics a selecting call all-reduces under global selection
+    (``Buffers.stats``: ``[2, BLOCK_E] int64``, ``BLOCK_E`` independent of the batch): what a call
+    with no tokens joins the collective with, so that every rank runs the same collectives."""
+    return torch.zeros(2, plan(1, E).block_e, dtype=torch.int64, device=device)
+
+
 def buffers(workspace: dict, policy: str, T: int, E: int, k: int, device: torch.device, dtype: torch.dtype,
             group: int = 0, general_spec: bool = False, two_launch: bool = False) -> Buffers:
     """The :class:`Buffers` (and plan) of this call's shape, allocated on first use

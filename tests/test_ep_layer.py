@@ -314,6 +314,116 @@ def test_dp_attention_global_view(results):
     assert all(d["dp/xshare_ep/phys_equal"] for d in res.values())
 
 
+def _uneven_rank(rank: int, port: int, queue) -> None:
+    """One of two EP ranks (gloo) with different token counts per step, ``0`` included, through
+    the dispatcher ``auto`` builds here (no DeepEP on gloo: padded NCCL/gloo)."""
+    from datetime import timedelta
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                timeout=timedelta(seconds=30))
+        pure = Placement.expert_parallel(E, 2)
+        w13, w2 = make_expert_weights(range(rank * (E // 2), (rank + 1) * (E // 2)), H, I, seed=7)
+        disp = make_dispatcher("auto", num_physical=E, hidden=H, top_k=K, max_tokens_per_rank=5)
+        layer = EPMoELayer(pure, disp, SwiGLUExperts(w13, w2, impl="torch"), selector=_selector("xshare", pure))
+        outs = []
+        for step, counts in enumerate(((3, 0), (5, 2), (0, 4))):
+            g = torch.Generator().manual_seed(100 * step + rank)
+            n = counts[rank]
+            outs.append(layer(torch.randn(n, H, generator=g).to(torch.bfloat16), torch.randn(n, E, generator=g) * 2))
+        queue.put((rank, (disp.name, disp.capacity, outs)))
+    except Exception as e:  # report, do not hang the parent
+        queue.put((rank, repr(e)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_auto_dispatch_takes_different_token_counts_per_rank():
+    """A rank may have fewer tokens than another, or none (DP attention, the last requests of a
+    batch): with DeepEP that works, so ``auto``'s NCCL/gloo fallback must too. It pads every rank's
+    block to ``max_tokens_per_rank`` (empty rows, ``-1`` slots); each rank gets the single-process
+    output of its own tokens. Equal-split padded blocks of ``T`` rows failed here (gloo: size
+    mismatch; NCCL: undefined)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_uneven_rank, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(queue.get(timeout=150) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():  # a rank stuck in a collective: leave nothing behind
+                p.kill()
+    assert not isinstance(got[0], str) and not isinstance(got[1], str), got
+    w13_all, w2_all = make_expert_weights(range(E), H, I, seed=7)
+    for rank in (0, 1):
+        name, capacity, outs = got[rank]
+        assert (name, capacity) == ("nccl-padded", 5)
+        for step, counts in enumerate(((3, 0), (5, 2), (0, 4))):
+            n = counts[rank]
+            g = torch.Generator().manual_seed(100 * step + rank)
+            x, logits = torch.randn(n, H, generator=g).to(torch.bfloat16), torch.randn(n, E, generator=g) * 2
+            assert outs[step].shape == (n, H)
+            if n:
+                sel = _selector("xshare", Placement.expert_parallel(E, 2))(logits)
+                assert _rel(outs[step], reference_moe(x, sel.topk_ids, sel.topk_weights, w13_all, w2_all)) < TOL
+
+
+def _dp_empty_rank(rank: int, port: int, backend: str, queue) -> None:
+    """One of two DP-attention ranks (gloo); rank 1 has no tokens in either of two steps."""
+    from datetime import timedelta
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                timeout=timedelta(seconds=30))
+        sel = Selector(RoutingSpec(num_experts=E, top_k=K),
+                       SelectionConfig(policy="xshare", k0=1, budget=BudgetSchedule.parse("0.5")),
+                       placement=Placement.expert_parallel(E, 2), backend=backend)
+        dp = DPAttentionSelector(sel, "global")
+        logits = torch.randn(6 if rank == 0 else 0, E, generator=torch.Generator().manual_seed(8))
+        outs = [dp(logits).topk_ids for _ in range(2)]
+        dist.barrier()
+        queue.put((rank, outs))
+    except Exception as e:  # report, do not hang the parent
+        queue.put((rank, repr(e)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernel"])
+def test_dp_attention_rank_without_tokens_joins_the_collective(monkeypatch, backend):
+    """DP attention, global view: a rank with no tokens this step must still join the statistics
+    all-reduce, on the Triton path too (its statistics are ``[2, BLOCK_E]``, the reference's
+    ``[3, E]``), else the ranks with tokens wait in it, or pair it with the rank's next collective.
+    The rank with tokens then selects from its own tokens alone (the other rank added zeros)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned ranks run the kernel on the CPU
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_dp_empty_rank, args=(r, port, backend, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(queue.get(timeout=150) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():  # a rank stuck in a collective: leave nothing behind
+                p.kill()
+    assert not isinstance(got[0], str) and not isinstance(got[1], str), got
+    mine = torch.randn(6, E, generator=torch.Generator().manual_seed(8))
+    ref = Selector(RoutingSpec(num_experts=E, top_k=K), SelectionConfig(policy="xshare", k0=1, budget=BudgetSchedule.parse("0.5")),
+                   placement=Placement.expert_parallel(E, 2), backend="reference")(mine).topk_ids
+    for step in (0, 1):
+        assert torch.equal(got[0][step].to(torch.int32), ref.to(torch.int32))
+        assert got[1][step].shape == (0, K)
+
+
 def test_backend_choice_is_explained(results):
     R, res = results
     for d in res.values():

@@ -6,7 +6,8 @@
   GPU, gloo on CPU) in padded (graph-capturable) or exact (only useful rows travel) mode;
 * ``"deepep"`` / ``"deepep-normal"`` / ``"deepep-ll"`` -- :class:`~.deepep.DeepEPDispatcher`
   (auto / normal / low-latency); ``deep_ep`` must import;
-* ``"auto"`` -- DeepEP when it imports and the group is NCCL on CUDA, else NCCL/gloo padded.
+* ``"auto"`` -- DeepEP when it imports and the group is NCCL on CUDA, else NCCL/gloo padded to
+  ``max_tokens_per_rank`` rows (like DeepEP, any ``T <= max`` per rank, ranks may differ).
   A DeepEP low-latency refusal (e.g. ``hidden % 128 != 0``) falls back to DeepEP normal mode.
   Every such fallback is also in :attr:`Dispatcher.fallback`, which the EP layer logs as a warning.
 """
@@ -34,7 +35,8 @@ def make_dispatcher(backend: str, *, num_physical: int, hidden: int, top_k: int,
     Args:
         backend: one of :data:`BACKENDS` (flag ``--dispatch-backend``).
         num_physical: physical expert slots ``P``. hidden: ``H``. top_k: ``k``.
-        max_tokens_per_rank: largest ``T`` a rank passes (DeepEP buffer sizing).
+        max_tokens_per_rank: largest ``T`` a rank passes (DeepEP buffer sizing; the block of the
+            ``auto`` fallback to padded NCCL; explicit ``nccl`` sends ``T`` rows, equal on every rank).
         group: EP process group (default world). cuda_graph: DeepEP normal mode without host sync.
 
     Returns:
@@ -51,7 +53,7 @@ def make_dispatcher(backend: str, *, num_physical: int, hidden: int, top_k: int,
     if backend == "auto":
         ok, why = deepep_available()
         if not ok or dist.get_backend(group) != "nccl":
-            d = NcclDispatcher(rank, size, num_physical, hidden, top_k, "padded", group)
+            d = NcclDispatcher(rank, size, num_physical, hidden, top_k, "padded", group, max_tokens_per_rank)
             why_not = why if not ok else f"process group is {dist.get_backend(group)}, not NCCL"
             d.reason = f"auto -> {d.reason} (DeepEP not used: {why_not})"
             d.fallback = f"DeepEP -> {d.name}: {why_not}"
@@ -61,7 +63,7 @@ def make_dispatcher(backend: str, *, num_physical: int, hidden: int, top_k: int,
     try:
         d = DeepEPDispatcher(rank, size, num_physical, hidden, top_k, max_tokens_per_rank, mode, group, cuda_graph)
     except Exception as exc:  # noqa: BLE001 - e.g. NVSHMEM cannot start: NCCL carries the layer
-        d = NcclDispatcher(rank, size, num_physical, hidden, top_k, "padded", group)
+        d = NcclDispatcher(rank, size, num_physical, hidden, top_k, "padded", group, max_tokens_per_rank)
         failed = f"DeepEP failed to start: {type(exc).__name__}: {str(exc)[:200]}"
         d.reason = f"auto -> {d.reason} ({failed})"
         d.fallback = f"DeepEP -> {d.name}: {failed}"

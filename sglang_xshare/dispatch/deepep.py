@@ -123,7 +123,7 @@ class DeepEPDispatcher(Dispatcher):
         if mode == "low_latency":
             self.format = ExpertsFormat.BATCHED
             self.graph_capturable = True
-            self.buffer = self._ll_buffer()
+            self._buffer_key = self._ll_buffer()
         else:
             self.format = ExpertsFormat.STANDARD
             deep_ep.Buffer.set_num_sms(num_sms)
@@ -131,11 +131,21 @@ class DeepEPDispatcher(Dispatcher):
             # runs normal mode eagerly (prefill) and low-latency mode in graphs (decode).
             self.num_worst = num_ranks * self.max_tokens if cuda_graph else 0
             self.graph_capturable = False
-            self.buffer = self._normal_buffer()
+            self._buffer_key = self._normal_buffer()
         self.reason = f"DeepEP {mode} mode: {why_mode}"
 
     # ------------------------------------------------------------------ buffers (cached per group)
-    def _normal_buffer(self) -> Any:
+    @property
+    def buffer(self) -> Any:
+        """This group's cached ``deep_ep.Buffer`` of this mode, looked up on every use: a later
+        dispatcher of the group that needs a larger normal-mode buffer replaces (and destroys) the
+        cached one, and every dispatcher of the group then uses the new one."""
+        buf = _BUFFERS.get(self._buffer_key)
+        if buf is None:
+            raise RuntimeError("the DeepEP buffers were destroyed (destroy_buffers()); build a new dispatcher")
+        return buf
+
+    def _normal_buffer(self) -> tuple:
         B = self._deep_ep.Buffer
         nbytes = 0
         for cfg in (B.get_dispatch_config(self.num_ranks), B.get_combine_config(self.num_ranks)):
@@ -147,9 +157,9 @@ class DeepEPDispatcher(Dispatcher):
                 buf.destroy()
             buf = B(self.group, num_nvl_bytes=nbytes, num_rdma_bytes=0, low_latency_mode=False, explicitly_destroy=True)
             _BUFFERS[key] = buf
-        return buf
+        return key
 
-    def _ll_buffer(self) -> Any:
+    def _ll_buffer(self) -> tuple:
         B = self._deep_ep.Buffer
         nbytes = B.get_low_latency_rdma_size_hint(self.max_tokens, self.hidden, self.num_ranks, self.num_physical)
         key = (_group_key(self.group), True)
@@ -165,7 +175,7 @@ class DeepEPDispatcher(Dispatcher):
                 f"shape needs ({nbytes} B); build the largest low-latency dispatcher first")
         else:
             buf.clean_low_latency_buffer(self.max_tokens, self.hidden, self.num_physical)
-        return buf
+        return key
 
     # ------------------------------------------------------------------ dispatch / combine
     def dispatch(self, hidden: torch.Tensor, physical_ids: torch.Tensor,

@@ -7,7 +7,10 @@ Two modes (:class:`NcclDispatcher`, ``mode=``):
   destination does not hold are ``-1`` in the metadata, so it computes nothing for them.
   Static shapes, no host sync: CUDA-graph capturable. Wire bytes are fixed
   (``(R - 1) * T * H * 2`` per rank and direction) whatever the selection; the *useful* rows are
-  counted in :class:`~.base.DispatchStats`.
+  counted in :class:`~.base.DispatchStats`. With ``capacity=C`` the block is always ``[C, H]``
+  (the batch padded with empty rows, as DeepEP's low-latency buffers hold ``max_tokens``), so
+  ranks may pass different ``T <= C``, ``0`` included; without it, unequal ``T`` across ranks is a
+  caller error the collective cannot report (gloo raises, NCCL may hang or read garbage).
 * ``"exact"`` -- each rank sends each destination only the tokens with a kept slot there (once per
   token), after exchanging counts. Tokens whose every slot is local never leave the rank. Needs
   the counts on the host (one sync per dispatch), so it is not graph-capturable; ``T`` may differ
@@ -60,22 +63,27 @@ class NcclDispatcher(Dispatcher):
         hidden: hidden size ``H``. top_k: slots per token ``k``.
         mode: ``"padded"`` (graph-capturable) or ``"exact"`` (only useful rows travel).
         group: the EP process group (default: the world group).
+        capacity: padded mode: rows per rank pair on every call (``T <= capacity`` on each rank,
+            any mix across ranks); ``None``: ``T`` rows, equal on every rank.
     """
 
     format = ExpertsFormat.STANDARD
 
     def __init__(self, rank: int, num_ranks: int, num_physical: int, hidden: int, top_k: int,
-                 mode: str = "padded", group: dist.ProcessGroup | None = None) -> None:
+                 mode: str = "padded", group: dist.ProcessGroup | None = None, capacity: int | None = None) -> None:
         super().__init__(rank, num_ranks, num_physical, hidden, top_k)
         if mode not in ("padded", "exact"):
             raise DispatchConfigError(f"--nccl-mode: expected 'padded' or 'exact', got {mode!r}")
+        if capacity is not None and capacity < 1:
+            raise DispatchConfigError(f"max tokens per rank must be >= 1, got {capacity}")
         self.mode = mode
+        self.capacity = capacity if mode == "padded" else None
         self.group = group
         self.name = f"nccl-{mode}"
         self.graph_capturable = mode == "padded"
         backend = dist.get_backend(group) if dist.is_initialized() else "none"
         self.reason = (f"torch.distributed all_to_all_single ({backend}), {mode} mode: "
-                       + ("fixed [T, H] block per rank pair, CUDA-graph capturable"
+                       + (f"fixed [{self.capacity or 'T'}, H] block per rank pair, CUDA-graph capturable"
                           if mode == "padded" else "only rows with a slot on the destination travel; one host sync per call"))
 
     # ------------------------------------------------------------------ helpers
@@ -104,6 +112,15 @@ class NcclDispatcher(Dispatcher):
         return self._dispatch_exact(hidden, physical_ids, topk_weights)
 
     def _dispatch_padded(self, hidden, ids, w):
+        n = hidden.shape[0]
+        if self.capacity is not None:  # pad to the fixed block: empty rows (-1 slots) compute nothing
+            C = self.capacity
+            if n > C:
+                raise ValueError(f"{n} tokens > max_tokens_per_rank={C} this dispatcher was built for")
+            if n < C:
+                hidden = torch.cat([hidden, hidden.new_zeros(C - n, hidden.shape[1])])
+                ids = torch.cat([ids, ids.new_full((C - n, ids.shape[1]), -1)])
+                w = torch.cat([w, w.new_zeros(C - n, w.shape[1])])
         R, T, H, k = self.num_ranks, hidden.shape[0], self.hidden, self.top_k
         dest = torch.arange(R, device=ids.device).view(R, 1).expand(R, T)
         local = self._local_ids_for(ids.unsqueeze(0).expand(R, T, k), dest)          # [R, T, k]
@@ -114,7 +131,7 @@ class NcclDispatcher(Dispatcher):
         rh, rids, rw = _unpack_rows(recv, H, k)
         wire = torch.full((R,), T, dtype=torch.int64, device=ids.device)
         self._record_stats(ids, wire)
-        return DispatchedTokens(ExpertsFormat.STANDARD, rh, rids, rw), ("padded", T)
+        return DispatchedTokens(ExpertsFormat.STANDARD, rh, rids, rw), ("padded", T, n)
 
     def _dispatch_exact(self, hidden, ids, w):
         R, k = self.num_ranks, self.top_k
@@ -138,10 +155,10 @@ class NcclDispatcher(Dispatcher):
     # ------------------------------------------------------------------ combine
     def combine(self, expert_out: torch.Tensor, handle: Any) -> torch.Tensor:
         if handle[0] == "padded":
-            T = handle[1]
+            _, T, n = handle
             back = torch.empty_like(expert_out)
             self._a2a(back, expert_out.contiguous())
-            return back.view(self.num_ranks, T, self.hidden).float().sum(dim=0).to(expert_out.dtype)
+            return back.view(self.num_ranks, T, self.hidden)[:, :n].float().sum(dim=0).to(expert_out.dtype)
         _, T, tok, in_splits, out_splits = handle
         back = expert_out.new_empty((tok.numel(), self.hidden))
         self._a2a(back, expert_out.contiguous(), in_splits, out_splits)

@@ -238,9 +238,9 @@ def _setup_ep_global(lp: LayerPolicy, tc: Any, device: torch.device) -> None:
     # an idle call's zeros must match what a selecting call reduces, shape and dtype (the collective
     # of one rank meets another rank's): the kernel's [2, BLOCK_E] int64, the reference's [3, E] int64
     if device.type == "cuda" and lp.selector.uses_kernel(torch.empty(0, device=device)):
-        from ..kernels.workspace import plan
+        from ..kernels.workspace import idle_stats
 
-        lp.idle_stats = torch.zeros(2, plan(1, lp.num_experts).block_e, dtype=torch.int64, device=device)
+        lp.idle_stats = idle_stats(lp.num_experts, device)
     else:
         lp.idle_stats = torch.zeros(3, lp.num_experts, dtype=torch.int64, device=device)
     logger.info("xshare: layer %d: EP-global selection over %d ranks", lp.layer_id, size)
