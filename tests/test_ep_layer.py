@@ -436,6 +436,32 @@ def test_backend_choice_is_explained(results):
         assert d["bogus"].startswith("--dispatch-backend")
 
 
+def test_layer_refuses_an_xshare_ep_selector_of_another_placement():
+    """``xshare_ep`` names physical slots of its own placement; the EP layer dispatches them as its
+    own. A selector built without the layer's placement, or with another map, would route tokens
+    to other experts silently (0.6-1.1 relative output error): refused at construction and when
+    set later. Other policies select logical experts (the layer maps them). The dispatcher moves
+    bf16 rows as bytes: another dtype is refused before anything is sent."""
+    pl = Placement.from_map(9, 2, [0, 1, 2, 3, 4, 0, 5, 6, 7, 8])  # a copy of expert 0 at slot 5
+    other = Placement.from_map(9, 2, [0, 1, 2, 3, 4, 5, 6, 7, 8, 0])
+    w13, w2 = make_expert_weights(pl.physical_to_logical[:5], H, I, seed=7)
+
+    def sel(policy, placement):
+        cfg = SelectionConfig(policy=policy, k0=1, budget=BudgetSchedule.parse("0.8") if policy == "xshare_ep" else None)
+        return Selector(RoutingSpec(num_experts=9, top_k=2), cfg, placement=placement, backend="reference")
+
+    disp = NcclDispatcher(0, 2, pl.num_physical, H, 2, "exact")
+    layer = EPMoELayer(pl, disp, SwiGLUExperts(w13, w2, impl="torch"), selector=sel("xshare_ep", pl))
+    for bad, why in ((None, "has no placement"), (other, "is not the layer's")):
+        with pytest.raises(ValueError, match=why):
+            EPMoELayer(pl, disp, SwiGLUExperts(w13, w2, impl="torch"), selector=sel("xshare_ep", bad))
+        with pytest.raises(ValueError, match=why):
+            layer.selector = DPAttentionSelector(sel("xshare_ep", bad), "local")
+    layer.selector = sel("oea", None)  # logical ids: the layer's replica map places them
+    with pytest.raises(ValueError, match="bfloat16"):
+        disp.dispatch(torch.zeros(3, H), torch.zeros(3, 2, dtype=torch.int32), torch.ones(3, 2))
+
+
 def test_low_latency_refusal():
     assert "% 128" in low_latency_refusal(2880, 4, 64)          # GPT-OSS hidden: normal mode instead
     assert low_latency_refusal(7168, 8, 256) is None              # DeepSeek-V3 hidden

@@ -105,6 +105,8 @@ class NcclDispatcher(Dispatcher):
                  topk_weights: torch.Tensor) -> tuple[DispatchedTokens, Any]:
         if hidden.dim() != 2 or hidden.shape[1] != self.hidden:
             raise ValueError(f"hidden must be [T, {self.hidden}], got {tuple(hidden.shape)}")
+        if hidden.dtype != torch.bfloat16:  # rows travel as bytes: another dtype would be cut at 2H bytes
+            raise ValueError(f"hidden must be bfloat16, got {hidden.dtype}")
         if physical_ids.shape != (hidden.shape[0], self.top_k):
             raise ValueError(f"physical_ids must be [T, {self.top_k}], got {tuple(physical_ids.shape)}")
         if self.mode == "padded":

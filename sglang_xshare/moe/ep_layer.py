@@ -95,6 +95,7 @@ class EPMoELayer(torch.nn.Module):
         self.placement = placement
         self.dispatcher = dispatcher
         self.experts = experts
+        self._selector = None
         self.selector = selector
         self.layer_id = layer_id
         self.replicas = ReplicaMap(placement, replica_mode, experts.w13.device)
@@ -104,6 +105,26 @@ class EPMoELayer(torch.nn.Module):
         else:
             logger.info("EP MoE layer %s, rank %d/%d: dispatch %s -- %s", layer_id, dispatcher.rank,
                         dispatcher.num_ranks, dispatcher.name, dispatcher.reason)
+
+    @property
+    def selector(self) -> Callable[..., Selection] | None:
+        """The select stage (set at construction or later; checked against the layer's placement)."""
+        return self._selector
+
+    @selector.setter
+    def selector(self, selector: Callable[..., Selection] | None) -> None:
+        policy = getattr(selector, "policy", None) or getattr(getattr(selector, "config", None), "policy", None)
+        if policy == "xshare_ep":  # its physical ids name slots of *its* placement: it must be this layer's
+            sp = getattr(selector, "placement", None)
+            if sp is None or sp.num_ranks != self.placement.num_ranks or not torch.equal(
+                    sp.physical_to_logical.cpu(), self.placement.physical_to_logical.cpu()):
+                mine = f"({self.placement.num_ranks} ranks, {self.placement.num_physical} slots)"
+                raise ValueError(
+                    (f"the xshare_ep selector has no placement, the layer has {mine}" if sp is None else
+                     f"the xshare_ep selector's placement ({sp.num_ranks} ranks, {sp.num_physical} slots) is not the "
+                     f"layer's {mine}")
+                    + ": its physical ids would name other experts; build the Selector with the layer's placement")
+        self._selector = selector
 
     # ------------------------------------------------------------------ stages
     def physical_ids(self, sel: Selection) -> torch.Tensor:
