@@ -25,6 +25,7 @@ REPLAY_FLAGS = {
     "--xshare-warmup-k0": "--k0",
     "--xshare-cap": "--cap",
     "--xshare-hard-cap": "--hard-cap",
+    "--xshare-warmup-p": "--warmup-p",
 }
 
 
@@ -93,6 +94,8 @@ def _replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if unknown:
         raise XShareConfigError("--layer-budgets", f"layer(s) {unknown} are not MoE layers of the trace "
                                                    f"(its layers: {layers})")
+    if args.ep_size < 1:
+        raise XShareConfigError("--ep-size", f"must be >= 1, got {args.ep_size}")
     placement = Placement.expert_parallel(routing.num_experts, args.ep_size) if args.ep_size > 1 else None
     extra = [x.strip() for x in args.also.split(",") if x.strip()]
     for x in extra:

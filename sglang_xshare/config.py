@@ -16,6 +16,7 @@ Two objects:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
@@ -52,7 +53,10 @@ class XShareConfigError(ValueError):
     def renamed(self, names: Mapping[str, str]) -> "XShareConfigError":
         """The same error naming the flag as a front-end spells it (``names``: core -> front-end,
         e.g. ``{"--xshare-budget": "--budget"}``); flags not in ``names`` are kept."""
-        return XShareConfigError(names.get(self.flag, self.flag), self.detail)
+        detail = self.detail
+        for core, front in names.items():  # flags named inside the message too ("--xshare-budget auto sets ...")
+            detail = re.sub(re.escape(core) + r"(?![\w-])", front, detail)
+        return XShareConfigError(names.get(self.flag, self.flag), detail)
 
 
 @dataclass(frozen=True)
@@ -94,8 +98,11 @@ class Budget:
             return Budget("mass", v)
         if s.startswith("frac:"):
             return Budget._fraction(Budget._number(s[5:], flag), flag)
-        if s.startswith("count:"):
-            s = s[6:]
+        if s.startswith("count:"):  # an explicit count: an integer, never a fraction
+            v = Budget._number(s[6:], flag)
+            if not v.is_integer():
+                raise XShareConfigError(flag, f"count:N needs an integer number of experts, got {s[6:]!r}")
+            return Budget._count(int(v), flag)
         v = Budget._number(s, flag)
         if v.is_integer() and ("." not in s and "e" not in s):
             return Budget._count(int(v), flag)
@@ -224,6 +231,10 @@ class BudgetSchedule:
                     lid = int(layer)
                 except ValueError:
                     raise XShareConfigError(override_flag, f"layer id must be an integer, got {layer!r}") from None
+                if lid < 0:
+                    raise XShareConfigError(override_flag, f"layer id must be >= 0, got {lid}")
+                if lid in per:
+                    raise XShareConfigError(override_flag, f"layer {lid} is given twice")
                 per[lid] = Budget.parse(value, override_flag)
         elif isinstance(overrides, Mapping):
             per = {int(k): Budget.parse(v, override_flag) for k, v in overrides.items()}

@@ -134,6 +134,10 @@ def test_replay_cli_errors(tmp_path, capsys):
     assert "error: --layer-budgets:" in err and "[9]" in err
     err = _error([*base, "--device", "nodevice"], capsys)
     assert "error: --device:" in err
+    assert "error: --ep-size: must be >= 1" in _error([*base, "--ep-size", "0"], capsys)
+    # flags named inside the message are this front-end's too
+    err = _error([*base, "--budget", "auto", "--warmup-p", "0.5"], capsys)
+    assert "error: --warmup-p: --budget auto sets warmup_p" in err and "--xshare" not in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")

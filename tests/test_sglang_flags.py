@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("sglang")
 pytestmark = pytest.mark.sglang
 
-from sglang_xshare.config import XShareConfigError  # noqa: E402
+from sglang_xshare.config import Budget, XShareConfigError  # noqa: E402
 from sglang_xshare.serving.api import disable, enable  # noqa: E402
 from sglang_xshare.serving.flags import (  # noqa: E402
     ENV_VAR,
@@ -76,6 +76,13 @@ def test_split_keeps_order_and_values():
       "policy=xshare,budget=lots"], "--xshare-ab-arm", "cannot parse budget"),
     (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-ab-switch", "/tmp/arm", "--xshare-ab-arm",
       "policy=cap"], "--xshare-ab-arm", "needs --xshare-cap"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-min-tokens", "\u00b2"], "--xshare-min-tokens",
+     "integer >= 1"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "count:1.5"], "--xshare-budget", "count:N needs an integer"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-layer-budgets=-1:4"], "--xshare-layer-budgets",
+     ">= 0"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-layer-budgets", "3:4,3:30"],
+     "--xshare-layer-budgets", "given twice"),
 ])
 def test_rejects_bad_values_naming_the_flag(argv, flag, fragment):
     with pytest.raises(XShareConfigError) as e:
@@ -102,6 +109,41 @@ def test_budget_checked_against_local_model_config(tmp_path):
                            "--xshare-warmup-k0", "5"])
     _, cfg = parse_server_argv(["--model-path", str(tmp_path), "--xshare-policy", "xshare", "--xshare-budget", "8"])
     assert cfg.budget == "8"
+
+
+@pytest.mark.parametrize("arm,fragment", [
+    ("policy=xshare,budget=24", "exceeds the model's 16 experts"),
+    ("policy=oea,warmup-k0=9", "top_k=4"),
+    ("policy=cap,cap=9", "top_k=4"),
+    ("policy=xshare_spec,budget=8,request-budget=4", "--speculative-algorithm"),
+])
+def test_ab_arms_checked_against_the_model_and_the_server(tmp_path, arm, fragment):
+    """Every A/B arm meets the checks the main policy meets: against the local model's
+    ``config.json`` and against SGLang's server arguments, at start-up, not at model load inside
+    the scheduler."""
+    (tmp_path / "config.json").write_text(json.dumps({"num_experts": 16, "num_experts_per_tok": 4}))
+    argv = ["--model-path", str(tmp_path), "--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-ab-switch",
+            str(tmp_path / "arm")]
+    with pytest.raises(XShareConfigError, match=fragment) as e:
+        parse_server_argv(argv + ["--xshare-ab-arm", arm])
+    assert e.value.flag == "--xshare-ab-arm"
+    parse_server_argv(argv + ["--xshare-ab-arm", "policy=oea,warmup-k0=4"])
+
+
+def test_xshare_ep_experts_not_divisible_by_ep_size_without_a_map(tmp_path):
+    """``xshare_ep`` places experts on EP ranks: with the model's expert count known, an EP size
+    that does not divide it and no placement map is refused at start-up naming ``--ep-size`` (main
+    policy or arm); a placement map (redundant experts) makes it valid; other policies do not care."""
+    (tmp_path / "config.json").write_text(json.dumps({"num_experts": 64, "num_experts_per_tok": 4}))
+    base = ["--model-path", str(tmp_path), "--tp-size", "6", "--ep-size", "6"]
+    with pytest.raises(XShareConfigError, match="64 experts are not divisible by EP size 6") as e:
+        parse_server_argv(base + ["--xshare-policy", "xshare_ep", "--xshare-budget", "0.7"])
+    assert e.value.flag == "--ep-size"
+    with pytest.raises(XShareConfigError, match="not divisible"):
+        parse_server_argv(base + ["--xshare-policy", "xshare", "--xshare-budget", "0.7", "--xshare-ab-switch",
+                                  str(tmp_path / "arm"), "--xshare-ab-arm", "policy=xshare_ep,budget=0.7"])
+    parse_server_argv(base + ["--xshare-policy", "xshare", "--xshare-budget", "0.7"])
+    parse_server_argv(base + ["--xshare-policy", "xshare_ep", "--xshare-budget", "0.7", "--ep-num-redundant-experts", "2"])
 
 
 def test_sglang_own_errors_stay_sglang_errors():
@@ -176,6 +218,12 @@ def test_ab_arms_take_the_policy_flags_and_inherit_the_rest():
     assert XShareServerConfig.from_json(cfg.to_json()) == cfg
     flags = ["--xshare-policy", "xshare_ep", "--xshare-budget", "0.7", "--xshare-hard-cap"]
     assert arm_spec(flags) == "policy=xshare_ep,budget=0.7,hard-cap" and arm_spec_argv(arm_spec(flags)) == flags
+    # a value with commas (per-layer budgets) stays one value, both ways
+    flags = ["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-layer-budgets", "0:4,1:6", "--xshare-hard-cap"]
+    assert arm_spec_argv(arm_spec(flags)) == flags
+    _, cfg = parse_server_argv(["--model-path", "dummy", "--xshare-policy", "oea", "--xshare-ab-switch", "/tmp/arm",
+                                "--xshare-ab-arm", arm_spec(flags[:6])])
+    assert cfg.arm_configs()[1].budget_schedule().per_layer == {0: Budget("count", 4), 1: Budget("count", 6)}
 
 
 def test_ab_idle_arms_flag_defaults_to_skip_travels_and_rejects_other_values():
@@ -189,3 +237,17 @@ def test_ab_idle_arms_flag_defaults_to_skip_travels_and_rejects_other_values():
     assert cfg.ab_idle_arms == "compute" and XShareServerConfig.from_json(cfg.to_json()).ab_idle_arms == "compute"
     with pytest.raises(XShareConfigError, match="--xshare-ab-idle-arms"):
         XShareServerConfig(policy="xshare", budget="0.7", ab_switch="/tmp/arm", ab_idle_arms="lazy").validate()
+
+
+def test_ab_switch_path_with_a_tilde_is_the_one_validated(tmp_path, monkeypatch):
+    """``--xshare-ab-switch=~/arm`` (the ``=`` form, the Ray launcher: no shell expands the ``~``)
+    is validated as ``$HOME/arm``; the switch must read that file too, not ``./~/arm`` (it would stay
+    on SGLang's routing for the whole run: an A/B of SGLang against itself, with no error)."""
+    from sglang_xshare.serving.abswitch import ABSwitch
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "arm").write_text("1")
+    cfg = parse_xshare_argv(["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-ab-switch=~/arm"])
+    sw = ABSwitch(cfg.ab_switch, len(cfg.arm_configs()))
+    assert sw.arm == 1 and sw.path == tmp_path / "arm"

@@ -71,7 +71,7 @@ class ABSwitch:
     """
 
     def __init__(self, path: str | os.PathLike, num_arms: int = 1) -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser()  # as validated (the shell may not have expanded a '~')
         self.num_arms = int(num_arms)
         self.arm = read_arm(self.path, self.num_arms)
         self._mtime = self._stat()

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -184,10 +185,11 @@ class XShareServerConfig:
         )
         return cfg.validate(routing) if routing is not None else cfg
 
-    def arm_configs(self) -> list["XShareServerConfig"]:
+    def arm_configs(self, routing: RoutingSpec | None = None) -> list["XShareServerConfig"]:
         """The switch's policy arms: ``[self]`` then one config per ``--xshare-ab-arm`` (its policy
         flags over this config's other flags; ``--xshare-ep-global`` kept where the arm's policy has
-        batch statistics). Raises :class:`XShareConfigError` naming ``--xshare-ab-arm``."""
+        batch statistics), each validated (against the model too, given ``routing``). Raises
+        :class:`XShareConfigError` naming ``--xshare-ab-arm``."""
         out = [self]
         for spec in self.ab_arms:
             argv = arm_spec_argv(spec)
@@ -202,7 +204,7 @@ class XShareServerConfig:
             merged = dataclasses.replace(self, ab_arms=(), record_trace=None, **fields,
                                          ep_global=self.ep_global and arm.policy in GLOBAL_POLICIES)
             try:
-                out.append(merged.validate())
+                out.append(merged.validate(routing))
             except XShareConfigError as e:
                 raise XShareConfigError("--xshare-ab-arm", f"{spec!r}: {e}") from None
         return out
@@ -228,7 +230,8 @@ class XShareServerConfig:
             raise XShareConfigError("--xshare-mass-source", f"must be 'topk' or 'full', got {self.mass_source!r}")
         if self.empty_slots not in ("auto", "minus_one", "fill", "distinct"):
             raise XShareConfigError("--xshare-empty-slots", f"must be auto, minus_one, fill or distinct, got {self.empty_slots!r}")
-        if self.min_tokens != "auto" and not (str(self.min_tokens).isdigit() and int(self.min_tokens) >= 1):
+        mt = str(self.min_tokens)
+        if self.min_tokens != "auto" and not (mt.isascii() and mt.isdigit() and int(mt) >= 1):
             raise XShareConfigError("--xshare-min-tokens", f"must be 'auto' or an integer >= 1, got {self.min_tokens!r}")
         if self.ep_global and self.policy not in GLOBAL_POLICIES:
             raise XShareConfigError("--xshare-ep-global", f"policy {self.policy} has no batch statistics to share "
@@ -255,7 +258,7 @@ class XShareServerConfig:
         if self.ab_arms:
             if self.ab_switch is None:
                 raise XShareConfigError("--xshare-ab-arm", "arms are picked by the A/B switch: add --xshare-ab-switch PATH")
-            self.arm_configs()
+            self.arm_configs(routing)
         # Flags that mean nothing for the chosen policy are an error, not silently ignored.
         budgeted = self.policy in ("xshare", "xshare_ep", "xshare_spec")
         if self.policy == "off":
@@ -431,7 +434,9 @@ def arm_spec_argv(spec: str) -> list[str]:
     key is a switch: ``hard-cap`` -> ``--xshare-hard-cap``). Only the policy flags (:data:`ARM_FIELDS`)."""
     allowed = {"--xshare-" + f.replace("_", "-") for f in ARM_FIELDS if f != "fill_to_peak"} | {"--xshare-no-fill-to-peak"}
     argv: list[str] = []
-    for part in (p.strip() for p in spec.split(",")):
+    # split at the commas that start a key (``key=`` or a bare switch): a value may hold commas
+    # (``layer-budgets=0:4,1:6``)
+    for part in (p.strip() for p in re.split(r",(?=\s*[a-z][a-z0-9-]*\s*(?:=|,|$))", spec)):
         if not part:
             continue
         key, eq, value = part.partition("=")
@@ -536,29 +541,40 @@ def parse_server_argv(argv: Sequence[str]) -> tuple[Any, XShareServerConfig]:
     from sglang.srt.server_args import prepare_server_args
 
     server_args = prepare_server_args(sg_argv)
+    routing = None
     if cfg.selects:
         routing = routing_from_model_config(getattr(server_args, "model_path", None))
         if routing is not None:
             cfg.validate(routing)
-    check_against_server_args(cfg, server_args)
+    check_against_server_args(cfg, server_args, routing)
     return server_args, cfg
 
 
-def check_against_server_args(cfg: XShareServerConfig, server_args: Any) -> None:
-    """Reject flag combinations that cannot work with the SGLang configuration (raw ``ServerArgs``)."""
+def check_against_server_args(cfg: XShareServerConfig, server_args: Any, routing: RoutingSpec | None = None) -> None:
+    """Reject flag combinations that cannot work with the SGLang configuration (raw ``ServerArgs``),
+    for the policy and every A/B arm; ``routing``: the model's, when known."""
     spec = getattr(server_args, "speculative_algorithm", None)
-    if cfg.policy == "xshare_spec" and not spec:
-        raise XShareConfigError(
-            "--xshare-policy",
-            "xshare_spec groups the draft tokens of each request in target-verify batches; "
-            "it needs speculative decoding (--speculative-algorithm EAGLE|EAGLE3|NEXTN|...)",
-        )
     if cfg.apply_to_draft and not spec:
         raise XShareConfigError("--xshare-apply-to-draft", "there is no draft model without --speculative-algorithm")
-    if cfg.policy == "xshare_ep":
+    for i, c in enumerate(cfg.arm_configs() if cfg.ab_arms else [cfg]):
+        flag = "--xshare-policy" if i == 0 else "--xshare-ab-arm"
+        if c.policy == "xshare_spec" and not spec:
+            raise XShareConfigError(
+                flag,
+                "xshare_spec groups the draft tokens of each request in target-verify batches; "
+                "it needs speculative decoding (--speculative-algorithm EAGLE|EAGLE3|NEXTN|...)",
+            )
+        if c.policy != "xshare_ep":
+            continue
         ep = getattr(server_args, "ep_size", 1) or 1
         if ep <= 1:
-            logger.warning("--xshare-policy xshare_ep with --ep-size 1: one balance group, it behaves like xshare")
+            logger.warning("xshare_ep with --ep-size 1: one balance group, it behaves like xshare")
+        mapped = (getattr(server_args, "ep_num_redundant_experts", 0) or 0) > 0 \
+            or getattr(server_args, "init_expert_location", "trivial") not in (None, "trivial")
+        if routing is not None and ep > 1 and routing.num_experts % ep and not mapped:
+            raise XShareConfigError("--ep-size", f"{routing.num_experts} experts are not divisible by EP size {ep} and "
+                                    "no placement map is given (--init-expert-location / --ep-num-redundant-experts): "
+                                    "xshare_ep cannot place the experts on ranks")
 
 
 _EXPERT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
