@@ -129,7 +129,9 @@ def parse_args(argv: Sequence[str]) -> LaunchArgs:
 
         ns.sglang_flags, ns.xshare_flags = split_xshare_argv(ns.sglang_flags)
         check_no_launcher_flags(ns.sglang_flags)
-        parse_xshare_argv(ns.xshare_flags)  # bad --xshare-* values fail here, before any node starts
+        # bad --xshare-* values fail here, before any node starts; paths are the nodes' (relative to
+        # --cwd there), each node checks them when its server starts
+        parse_xshare_argv(ns.xshare_flags, check_paths=False)
         if ns.tp_size is None:
             ns.tp_size = ns.nnodes * ns.gpus_per_node
         if ns.tp_size < ns.nnodes or ns.tp_size % ns.nnodes:

@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 from sglang_xshare.config import XShareConfigError
 
 __all__ = [
+    "LAUNCHER_SET_FLAGS",
     "NodeContext",
     "LAUNCH_SERVER_MODULE",
     "PLACEHOLDERS",
@@ -52,6 +53,9 @@ _LAUNCHER_SET = {
     "--expert-parallel-size": "--ep-size",
     "--ep": "--ep-size",
 }
+
+#: Every spelling of the SGLang flags the launcher sets itself.
+LAUNCHER_SET_FLAGS = tuple(_LAUNCHER_SET)
 
 #: Placeholders a ``--command`` template may use, with what they stand for.
 PLACEHOLDERS: dict[str, str] = {
@@ -115,17 +119,34 @@ def find_flag(args: Sequence[str], names: Sequence[str]) -> str | None:
     return value
 
 
+def _as_sglang_reads(name: str) -> str:
+    """The launcher flag SGLang's parser takes ``name`` for (argparse's ``allow_abbrev``: ``--tp``
+    is ``--tp-size``, ``--node-r`` is ``--node-rank``), else ``name``. A prefix of exactly one of
+    the launcher's flags is read as that flag (no SGLang import here: the launcher stays light;
+    ``tests/test_ray_launcher.py`` checks against SGLang's own parser that no SGLang option is such
+    a prefix, so nothing SGLang takes as another option is refused)."""
+    if name in _LAUNCHER_SET or len(name) < 4:
+        return name
+    hits = {o for o in _LAUNCHER_SET if o.startswith(name)}
+    return hits.pop() if len(hits) == 1 else name
+
+
 def check_no_launcher_flags(sglang_flags: Sequence[str]) -> None:
-    """Refuse SGLang flags the launcher computes itself (they would contradict its own)."""
+    """Refuse SGLang flags the launcher computes itself (they would contradict its own), also as
+    the abbreviations SGLang's parser accepts (``--tp 2``, ``--node-r 1``)."""
     for tok in sglang_flags:
-        name = _flag_name(tok)
+        if not tok.startswith("--"):
+            continue
+        typed = _flag_name(tok)
+        name = _as_sglang_reads(typed)
         if name in _LAUNCHER_SET:
             own = _LAUNCHER_SET[name]
             if own in ("--tp-size", "--ep-size"):
                 hint = f"pass {own} to sglang-xshare-ray itself (before the SGLang flags)"
             else:
                 hint = "the launcher sets it from the placement group"
-            raise XShareConfigError(name, f"is set by sglang-xshare-ray for every node; {hint}")
+            alias = "" if typed == name else f" (SGLang reads it as {name})"
+            raise XShareConfigError(typed, f"is set by sglang-xshare-ray for every node{alias}; {hint}")
 
 
 def build_sglang_argv(

@@ -38,6 +38,7 @@ psutil = pytest.importorskip("psutil", reason="process checks need psutil (a Ray
 from sglang_xshare.config import XShareConfigError  # noqa: E402
 from sglang_xshare.launch import commands as C  # noqa: E402
 from sglang_xshare.launch.args import parse_args  # noqa: E402
+from sglang_xshare.serving.flags import parse_xshare_argv  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -347,8 +348,20 @@ def test_flag_errors_name_the_flag():
         parse_args(["--nnodes", "2", "--", "--model-path", "m", "--node-rank", "1"])
     with pytest.raises(XShareConfigError, match=r"^--tensor-parallel-size: .*pass --tp-size to sglang-xshare-ray"):
         parse_args(["--nnodes", "2", "--", "--model-path", "m", "--tensor-parallel-size", "16"])
+    # SGLang's parser takes abbreviations (argparse allow_abbrev): the launcher's own flags would win
+    # on the node command line and the user's value would vanish
+    for typed, full in (("--tp", "--tp-size"), ("--node-r", "--node-rank"), ("--dist-init", "--dist-init-addr"),
+                        ("--nnode", "--nnodes")):
+        with pytest.raises(XShareConfigError, match=rf"^{typed}: .*SGLang reads it as {full}"):
+            parse_args(["--nnodes", "2", "--", "--model-path", "m", typed, "1"])
     with pytest.raises(XShareConfigError, match=r"^--xshare-budget"):
         parse_args(["--nnodes", "2", "--", "--model-path", "m", "--xshare-policy", "xshare", "--xshare-budget", "lots"])
+    # a path is the node's (relative to --cwd there; each node checks it at start), not the launcher's
+    trace = ["--xshare-record-trace", "no/such/dir/t.npz"]
+    a = parse_args(["--nnodes", "2", "--cwd", "/srv/x", "--", "--model-path", "m", *trace])
+    assert a.xshare_flags == trace
+    with pytest.raises(XShareConfigError, match=r"^--xshare-record-trace: directory .* does not exist"):
+        parse_xshare_argv(trace)  # what the node's own launch_server runs
     with pytest.raises(XShareConfigError, match=r"^--command"):
         parse_args(["--nnodes", "2", "--command", "true", "--", "--model-path", "m"])
     with pytest.raises(XShareConfigError, match=r"^--command: unknown placeholder \{rank\}"):
@@ -362,6 +375,30 @@ def test_flag_errors_name_the_flag():
                     "--xshare-budget=0.6", "--port", "1"])
     assert a.tp_size == 16 and a.ep_size is None
     assert (a.sglang_flags, a.xshare_flags) == (["--model-path", "m", "--port", "1"], ["--xshare-policy", "xshare", "--xshare-budget=0.6"])
+
+
+def test_launcher_flag_abbreviations_match_sglangs_parser():
+    """The launcher refuses abbreviations of the flags it sets without importing SGLang (it stays
+    light): checked here against SGLang's own parser. Every prefix SGLang reads as one of those
+    flags is refused as that flag, and no option SGLang has is taken for one it is not."""
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    options = {o for a in parser._actions for o in a.option_strings if o.startswith("--")}
+    assert set(C.LAUNCHER_SET_FLAGS) <= options
+    for o in options:
+        assert (C._as_sglang_reads(o) in C.LAUNCHER_SET_FLAGS) == (o in C.LAUNCHER_SET_FLAGS), o
+    checked = 0
+    for flag in C.LAUNCHER_SET_FLAGS:
+        for n in range(4, len(flag)):
+            hits = [o for o in options if o.startswith(flag[:n])]
+            if flag[:n] not in options and len(hits) == 1:  # argparse reads the prefix as hits[0]
+                assert C._as_sglang_reads(flag[:n]) == hits[0], flag[:n]
+                checked += 1
+    assert checked > 20
 
 
 def _plan(*argv: str) -> subprocess.CompletedProcess:

@@ -83,6 +83,16 @@ def test_split_keeps_order_and_values():
      ">= 0"),
     (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-layer-budgets", "3:4,3:30"],
      "--xshare-layer-budgets", "given twice"),
+    # flags that would be silently ignored
+    (["--xshare-policy", "oea", "--xshare-hard-cap"], "--xshare-hard-cap", "only policy xshare_ep"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-no-fill-to-peak"], "--xshare-no-fill-to-peak",
+     "only policy xshare_ep"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-metrics-interval", "5"], "--xshare-metrics-interval",
+     "without --xshare-metrics"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-record-trace-steps", "5"],
+     "--xshare-record-trace-steps", "without --xshare-record-trace"),
+    (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-ab-idle-arms", "compute"], "--xshare-ab-idle-arms",
+     "without --xshare-ab-switch"),
 ])
 def test_rejects_bad_values_naming_the_flag(argv, flag, fragment):
     with pytest.raises(XShareConfigError) as e:

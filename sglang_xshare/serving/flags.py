@@ -185,7 +185,7 @@ class XShareServerConfig:
         )
         return cfg.validate(routing) if routing is not None else cfg
 
-    def arm_configs(self, routing: RoutingSpec | None = None) -> list["XShareServerConfig"]:
+    def arm_configs(self, routing: RoutingSpec | None = None, *, check_paths: bool = True) -> list["XShareServerConfig"]:
         """The switch's policy arms: ``[self]`` then one config per ``--xshare-ab-arm`` (its policy
         flags over this config's other flags; ``--xshare-ep-global`` kept where the arm's policy has
         batch statistics), each validated (against the model too, given ``routing``). Raises
@@ -204,14 +204,16 @@ class XShareServerConfig:
             merged = dataclasses.replace(self, ab_arms=(), record_trace=None, **fields,
                                          ep_global=self.ep_global and arm.policy in GLOBAL_POLICIES)
             try:
-                out.append(merged.validate(routing))
+                out.append(merged.validate(routing, check_paths=check_paths))
             except XShareConfigError as e:
                 raise XShareConfigError("--xshare-ab-arm", f"{spec!r}: {e}") from None
         return out
 
     # ---- validation ---------------------------------------------------------------------
-    def validate(self, routing: RoutingSpec | None = None) -> "XShareServerConfig":
-        """Check every flag (and, with ``routing``, against the model); return ``self``."""
+    def validate(self, routing: RoutingSpec | None = None, *, check_paths: bool = True) -> "XShareServerConfig":
+        """Check every flag (and, with ``routing``, against the model); return ``self``.
+        ``check_paths=False``: skip the checks of directories on this machine (a launcher whose
+        nodes resolve the paths in their own working directory, and check them at start)."""
         if self.policy not in SERVER_POLICIES:
             raise XShareConfigError("--xshare-policy", f"unknown policy {self.policy!r}; choose from {', '.join(SERVER_POLICIES)}")
         if self.warmup_k0 < 1:
@@ -240,7 +242,7 @@ class XShareServerConfig:
             raise XShareConfigError("--xshare-metrics-interval", f"must be >= 1, got {self.metrics_interval}")
         if self.record_trace_steps < 1:
             raise XShareConfigError("--xshare-record-trace-steps", f"must be >= 1, got {self.record_trace_steps}")
-        if self.record_trace is not None:
+        if self.record_trace is not None and check_paths:
             parent = Path(self.record_trace).expanduser().resolve().parent
             if not parent.is_dir():
                 raise XShareConfigError("--xshare-record-trace", f"directory {str(parent)!r} does not exist")
@@ -251,15 +253,28 @@ class XShareServerConfig:
                 raise XShareConfigError("--xshare-ab-switch", f"compares a policy with SGLang's routing; policy "
                                         f"{self.policy} routes like SGLang")
             parent = Path(self.ab_switch).expanduser().resolve().parent
-            if not parent.is_dir():
+            if check_paths and not parent.is_dir():
                 raise XShareConfigError("--xshare-ab-switch", f"directory {str(parent)!r} does not exist")
         if self.ab_idle_arms not in AB_IDLE_ARMS:
             raise XShareConfigError("--xshare-ab-idle-arms", f"{self.ab_idle_arms!r}: choose one of {', '.join(AB_IDLE_ARMS)}")
         if self.ab_arms:
             if self.ab_switch is None:
                 raise XShareConfigError("--xshare-ab-arm", "arms are picked by the A/B switch: add --xshare-ab-switch PATH")
-            self.arm_configs(routing)
-        # Flags that mean nothing for the chosen policy are an error, not silently ignored.
+            self.arm_configs(routing, check_paths=check_paths)
+        # Flags that mean nothing for the chosen policy (or without their feature) are an error, not
+        # silently ignored.
+        for flag, given, needs, present in (
+                ("--xshare-ab-idle-arms", self.ab_idle_arms != "skip", "--xshare-ab-switch", self.ab_switch is not None),
+                ("--xshare-metrics-interval", self.metrics_interval != _default("metrics_interval"), "--xshare-metrics",
+                 self.metrics),
+                ("--xshare-record-trace-steps", self.record_trace_steps != _default("record_trace_steps"),
+                 "--xshare-record-trace",
+                 self.record_trace is not None)):
+            if given and not present:
+                raise XShareConfigError(flag, f"has no effect without {needs}")
+        for flag, given in (("--xshare-hard-cap", self.hard_cap), ("--xshare-no-fill-to-peak", not self.fill_to_peak)):
+            if given and self.policy != "xshare_ep":
+                raise XShareConfigError(flag, f"only policy xshare_ep balances EP ranks; policy {self.policy} ignores it")
         budgeted = self.policy in ("xshare", "xshare_ep", "xshare_spec")
         if self.policy == "off":
             for flag, value in (("--xshare-budget", self.budget), ("--xshare-request-budget", self.request_budget),
@@ -424,6 +439,11 @@ def _config_from_namespace(ns: argparse.Namespace) -> XShareServerConfig:
     )
 
 
+def _default(field_name: str) -> Any:
+    """A flag's default (the :class:`XShareServerConfig` field's)."""
+    return XShareServerConfig.__dataclass_fields__[field_name].default
+
+
 #: The fields an arm (``--xshare-ab-arm``) sets; the others come from the server's own flags.
 ARM_FIELDS = ("policy", "budget", "warmup_k0", "request_budget", "cap", "layer_budgets", "min_score", "mass_source",
               "fill_to_peak", "hard_cap", "warmup_p", "min_tokens")
@@ -513,10 +533,11 @@ def split_xshare_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return sg, xs
 
 
-def parse_xshare_argv(xshare_argv: Sequence[str]) -> XShareServerConfig:
-    """Parse and validate ``--xshare-*`` flags only (no model known yet)."""
+def parse_xshare_argv(xshare_argv: Sequence[str], *, check_paths: bool = True) -> XShareServerConfig:
+    """Parse and validate ``--xshare-*`` flags only (no model known yet); ``check_paths``: see
+    :meth:`XShareServerConfig.validate`."""
     ns = _xshare_parser().parse_args(list(xshare_argv))
-    return _config_from_namespace(ns).validate()
+    return _config_from_namespace(ns).validate(check_paths=check_paths)
 
 
 def build_parser(prog: str = "sglang-xshare-launch-server") -> argparse.ArgumentParser:
