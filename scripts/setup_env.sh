@@ -27,11 +27,35 @@ retry() {  # retry CMD...: up to SETUP_TRIES attempts (default 4), 15 s, 30 s, 4
     n=$((n + 1))
   done
 }
+# pip's own download of a large wheel can also break at the same byte on every try (seen: a 373 MB
+# wheel, every attempt cut at 355.5 MB, resumes getting nothing, while one plain HTTP transfer of
+# the same file took 3 s). Then the file pip names in its error is fetched again in one piece into
+# $WHEELS (curl, resumable; kept only if it is a sound zip) and the next attempt takes it from there.
+WHEELS="$VENV/.wheels"
+mkdir -p "$WHEELS"
+pip_install() {  # pip_install ARGS...: pip install with $WHEELS as a source; after a broken download, refetch it
+  local log status url f
+  log=$(mktemp)
+  status=0
+  python -m pip install --find-links "$WHEELS" "$@" 2>"$log" || status=$?
+  cat "$log" >&2
+  if [ "$status" -ne 0 ]; then
+    for url in $(grep -o 'URL: [^ ]*\.whl' "$log" | cut -c6- | sort -u); do
+      f="$WHEELS/${url##*/}"
+      echo "setup_env: fetching ${url##*/} again in one piece" >&2
+      if curl -fsSL -C - --retry 5 --retry-all-errors -o "$f.part" "$url"; then
+        if python -m zipfile -t "$f.part" >/dev/null 2>&1; then mv "$f.part" "$f"; else rm -f "$f.part"; fi
+      fi
+    done
+  fi
+  rm -f "$log"
+  return "$status"
+}
 retry python -m pip install -q --upgrade pip
 # torch first: 2.13.0 resolves to the local CPU wheel where the machine provides one;
 # sglang==0.5.23 then brings the torch build it pins.
-python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0" || retry python -m pip install -q torch
-retry python -m pip install -q -e ".[sglang,ray,quality,dev]"
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0" || retry pip_install -q torch
+retry pip_install -q -e ".[sglang,ray,quality,dev]"
 python - <<'PY'
 import importlib
 for m in ("torch", "sglang", "ray", "transformers", "pytest", "hypothesis", "scipy", "sglang_xshare"):
