@@ -6,14 +6,21 @@ set -euo pipefail
 VENV=${1:-.venv}
 PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
+  # a new environment takes ~11 GiB (SGLang's CUDA wheels among it); too little room shows up
+  # as broken downloads, so say it first
+  free_kib=$(df -Pk "$(dirname "$(readlink -f "$VENV")")" | awk 'NR == 2 {print $4}')
+  if [ "${free_kib:-0}" -lt $((14 * 1024 * 1024)) ]; then
+    echo "setup_env: warning: only $((free_kib / 1024 / 1024)) GiB free where $VENV goes; the set-up needs about 11 GiB" >&2
+  fi
   "$PY" -m venv "$VENV"
 fi
 . "$VENV/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# A dropped connection must not fail the set-up: CI once died on a 373 MB wheel
-# (sglang-kernel) whose download broke at the same byte six times in one pip run.
-# pip resumes within a run (--resume-retries, pip >= 25.1; older pips ignore the
-# variable) and the whole step is retried from scratch after a pause.
+# A broken download must not fail the set-up: CI once died on a 373 MB wheel
+# (sglang-kernel) whose download broke at the same byte six times in one pip run (the
+# disk was nearly full then, which pip can report as a broken connection: see the
+# free-space warning below). pip resumes within a run (--resume-retries, pip >= 25.1;
+# older pips ignore the variable) and the whole step is retried after a pause.
 export PIP_RETRIES=${PIP_RETRIES:-10} PIP_RESUME_RETRIES=${PIP_RESUME_RETRIES:-20}
 retry() {  # retry CMD...: up to SETUP_TRIES attempts (default 4), 15 s, 30 s, 45 s apart
   local n=1 tries=${SETUP_TRIES:-4}
@@ -27,10 +34,10 @@ retry() {  # retry CMD...: up to SETUP_TRIES attempts (default 4), 15 s, 30 s, 4
     n=$((n + 1))
   done
 }
-# pip's own download of a large wheel can also break at the same byte on every try (seen: a 373 MB
-# wheel, every attempt cut at 355.5 MB, resumes getting nothing, while one plain HTTP transfer of
-# the same file took 3 s). Then the file pip names in its error is fetched again in one piece into
-# $WHEELS (curl, resumable; kept only if it is a sound zip) and the next attempt takes it from there.
+# If pip's download of a wheel breaks on every try (seen once: every attempt cut at the same
+# byte of a 373 MB wheel, resumes getting nothing, while curl fetched the file whole), the file
+# pip names in its error is fetched again in one piece into $WHEELS (curl, resumable; kept only
+# if it is a sound zip) and the next attempt takes it from there.
 WHEELS="$VENV/.wheels"
 mkdir -p "$WHEELS"
 pip_install() {  # pip_install ARGS...: pip install with $WHEELS as a source; after a broken download, refetch it
