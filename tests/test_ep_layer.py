@@ -314,29 +314,58 @@ def test_dp_attention_global_view(results):
     assert all(d["dp/xshare_ep/phys_equal"] for d in res.values())
 
 
-def _uneven_rank(rank: int, port: int, queue) -> None:
-    """One of two EP ranks (gloo) with different token counts per step, ``0`` included, through
-    the dispatcher ``auto`` builds here (no DeepEP on gloo: padded NCCL/gloo)."""
+def _gloo_rank(rank: int, port: int, body, args: tuple, queue) -> None:
+    """One of two spawned gloo ranks: ``body(rank, *args)``'s result (or the error) goes to ``queue``."""
     from datetime import timedelta
 
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                                 timeout=timedelta(seconds=30))
-        pure = Placement.expert_parallel(E, 2)
-        w13, w2 = make_expert_weights(range(rank * (E // 2), (rank + 1) * (E // 2)), H, I, seed=7)
-        disp = make_dispatcher("auto", num_physical=E, hidden=H, top_k=K, max_tokens_per_rank=5)
-        layer = EPMoELayer(pure, disp, SwiGLUExperts(w13, w2, impl="torch"), selector=_selector("xshare", pure))
-        outs = []
-        for step, counts in enumerate(((3, 0), (5, 2), (0, 4))):
-            g = torch.Generator().manual_seed(100 * step + rank)
-            n = counts[rank]
-            outs.append(layer(torch.randn(n, H, generator=g).to(torch.bfloat16), torch.randn(n, E, generator=g) * 2))
-        queue.put((rank, (disp.name, disp.capacity, outs)))
+        queue.put((rank, body(rank, *args)))
     except Exception as e:  # report, do not hang the parent
         queue.put((rank, repr(e)))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _two_ranks(body, *args) -> dict[int, object]:
+    """Run ``body(rank, *args)`` on two gloo ranks; ``{rank: result}``. A rank stuck in a collective
+    is killed (nothing is left behind); a rank's error fails the test."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_gloo_rank, args=(r, port, body, args, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(queue.get(timeout=150) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert not isinstance(got[0], str) and not isinstance(got[1], str), got
+    return got
+
+
+_UNEVEN = ((3, 0), (5, 2), (0, 4))  # tokens per rank, per step
+
+
+def _uneven_inputs(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = _UNEVEN[step][rank]
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(n, H, generator=g).to(torch.bfloat16), torch.randn(n, E, generator=g) * 2
+
+
+def _uneven_body(rank: int):
+    """Different token counts per rank and step, ``0`` included, through the dispatcher ``auto``
+    builds here (no DeepEP on gloo: padded NCCL/gloo)."""
+    pure = Placement.expert_parallel(E, 2)
+    w13, w2 = make_expert_weights(range(rank * (E // 2), (rank + 1) * (E // 2)), H, I, seed=7)
+    disp = make_dispatcher("auto", num_physical=E, hidden=H, top_k=K, max_tokens_per_rank=5)
+    layer = EPMoELayer(pure, disp, SwiGLUExperts(w13, w2, impl="torch"), selector=_selector("xshare", pure))
+    return disp.name, disp.capacity, [layer(*_uneven_inputs(step, rank)) for step in range(len(_UNEVEN))]
 
 
 def test_auto_dispatch_takes_different_token_counts_per_rank():
@@ -345,54 +374,31 @@ def test_auto_dispatch_takes_different_token_counts_per_rank():
     block to ``max_tokens_per_rank`` (empty rows, ``-1`` slots); each rank gets the single-process
     output of its own tokens. Equal-split padded blocks of ``T`` rows failed here (gloo: size
     mismatch; NCCL: undefined)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_uneven_rank, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(queue.get(timeout=150) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():  # a rank stuck in a collective: leave nothing behind
-                p.kill()
-    assert not isinstance(got[0], str) and not isinstance(got[1], str), got
+    got = _two_ranks(_uneven_body)
     w13_all, w2_all = make_expert_weights(range(E), H, I, seed=7)
     for rank in (0, 1):
         name, capacity, outs = got[rank]
         assert (name, capacity) == ("nccl-padded", 5)
-        for step, counts in enumerate(((3, 0), (5, 2), (0, 4))):
-            n = counts[rank]
-            g = torch.Generator().manual_seed(100 * step + rank)
-            x, logits = torch.randn(n, H, generator=g).to(torch.bfloat16), torch.randn(n, E, generator=g) * 2
-            assert outs[step].shape == (n, H)
-            if n:
+        for step in range(len(_UNEVEN)):
+            x, logits = _uneven_inputs(step, rank)
+            assert outs[step].shape == (x.shape[0], H)
+            if x.shape[0]:
                 sel = _selector("xshare", Placement.expert_parallel(E, 2))(logits)
                 assert _rel(outs[step], reference_moe(x, sel.topk_ids, sel.topk_weights, w13_all, w2_all)) < TOL
 
 
-def _dp_empty_rank(rank: int, port: int, backend: str, queue) -> None:
-    """One of two DP-attention ranks (gloo); rank 1 has no tokens in either of two steps."""
-    from datetime import timedelta
+def _xshare_selector(backend: str) -> Selector:
+    return Selector(RoutingSpec(num_experts=E, top_k=K), SelectionConfig(policy="xshare", k0=1, budget=BudgetSchedule.parse("0.5")),
+                    placement=Placement.expert_parallel(E, 2), backend=backend)
 
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                                timeout=timedelta(seconds=30))
-        sel = Selector(RoutingSpec(num_experts=E, top_k=K),
-                       SelectionConfig(policy="xshare", k0=1, budget=BudgetSchedule.parse("0.5")),
-                       placement=Placement.expert_parallel(E, 2), backend=backend)
-        dp = DPAttentionSelector(sel, "global")
-        logits = torch.randn(6 if rank == 0 else 0, E, generator=torch.Generator().manual_seed(8))
-        outs = [dp(logits).topk_ids for _ in range(2)]
-        dist.barrier()
-        queue.put((rank, outs))
-    except Exception as e:  # report, do not hang the parent
-        queue.put((rank, repr(e)))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+def _dp_empty_body(rank: int, backend: str):
+    """A DP-attention rank; rank 1 has no tokens in either of two steps."""
+    dp = DPAttentionSelector(_xshare_selector(backend), "global")
+    logits = torch.randn(6 if rank == 0 else 0, E, generator=torch.Generator().manual_seed(8))
+    outs = [dp(logits).topk_ids for _ in range(2)]
+    dist.barrier()
+    return outs
 
 
 @pytest.mark.parametrize("backend", ["reference", "kernel"])
@@ -402,23 +408,8 @@ def test_dp_attention_rank_without_tokens_joins_the_collective(monkeypatch, back
     ``[3, E]``), else the ranks with tokens wait in it, or pair it with the rank's next collective.
     The rank with tokens then selects from its own tokens alone (the other rank added zeros)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned ranks run the kernel on the CPU
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_dp_empty_rank, args=(r, port, backend, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(queue.get(timeout=150) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():  # a rank stuck in a collective: leave nothing behind
-                p.kill()
-    assert not isinstance(got[0], str) and not isinstance(got[1], str), got
-    mine = torch.randn(6, E, generator=torch.Generator().manual_seed(8))
-    ref = Selector(RoutingSpec(num_experts=E, top_k=K), SelectionConfig(policy="xshare", k0=1, budget=BudgetSchedule.parse("0.5")),
-                   placement=Placement.expert_parallel(E, 2), backend="reference")(mine).topk_ids
+    got = _two_ranks(_dp_empty_body, backend)
+    ref = _xshare_selector("reference")(torch.randn(6, E, generator=torch.Generator().manual_seed(8))).topk_ids
     for step in (0, 1):
         assert torch.equal(got[0][step].to(torch.int32), ref.to(torch.int32))
         assert got[1][step].shape == (0, K)

@@ -498,9 +498,11 @@ def _general(st: _State, lp: LayerPolicy, post: Callable, topk_ids: torch.Tensor
         P = lp.placement.num_physical if lp.placement is not None else routing.num_experts
         if P != router_logits.shape[1]:  # only its width is read (per-rank shared-slot layout)
             call_logits = router_logits[:, :1].expand(T, P)
-        if getattr(tc, "allow_routed_experts_capture", False):  # SGLang would capture physical ids: ours, logical
+        topk_mod = sys.modules[TOPK_MODULE]
+        if getattr(tc, "allow_routed_experts_capture", False) and topk_mod.get_global_experts_capturer() is not None:
+            # SGLang would capture these physical ids: it captures nothing, the hook the logical ones
             call_tc = dc_replace(tc, allow_routed_experts_capture=False)
-            _capture(sys.modules[TOPK_MODULE], tc, layer_id, lp, filled, physical=True)
+            _capture(topk_mod, tc, layer_id, lp, filled, physical=True)
     new_ids, new_w, rec = post(filled, filled_w, call_tc, call_logits, layer_id, ntnp, call_info, False)
     routed = new_ids[:, :k]
     if lp.empty_mode == "minus_one":
