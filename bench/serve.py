@@ -47,6 +47,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -61,7 +62,7 @@ from sglang_xshare.benchio import markdown_table, md_cell, run_metadata, write_r
 from sglang_xshare.servebench.client import (bench_serving_argv, counter_delta, run_bench_serving,  # noqa: E402
                                              scrape, sglang_counters, spec_accept_length, xshare_counters)
 from sglang_xshare.servebench.configs import ServeConfig, one_server, parse_configs  # noqa: E402
-from sglang_xshare.servebench.models import PRESETS, write_model  # noqa: E402
+from sglang_xshare.servebench.models import PRESETS, ZERO_ROUTER_BIAS, write_model  # noqa: E402
 from sglang_xshare.servebench.server import Server, ServerDied, http_get  # noqa: E402
 from sglang_xshare.serving.flags import AB_IDLE_ARMS  # noqa: E402
 
@@ -105,6 +106,18 @@ def server_command(cfg: ServeConfig, model: str, port: int, args: argparse.Names
                "--gpus-per-node", str(args.tp), *par, "--health-timeout", "900"]
         return [*ray, "--", *sg, *xs]
     return [py, "-m", "sglang_xshare.launch_server", *par, *sg, *xs]
+
+
+def server_env(args: argparse.Namespace) -> dict[str, str]:
+    """Environment variables of every server of a run (on top of this process's own)."""
+    env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    if getattr(args, "zero_router_bias", False):  # see bench/dummy_routing/sitecustomize.py
+        env["XSHARE_BENCH_ROUTER_BIAS"] = "zero"
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "bench" / "dummy_routing"),
+                                                        os.environ.get("PYTHONPATH")) if p)
+    if args.profile_steps:  # SGLang's profiler traces decode steps once the batch holds this many requests
+        env["SGLANG_PROFILE_BY_STAGE_DECODE_MIN_BS"] = str(min(args.profile_concurrency or [max(args.concurrency)]))
+    return env
 
 
 def poke(base_url: str) -> None:
@@ -304,10 +317,8 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
         switch.write_text("0")
     cmd = server_command(cfg, model, port, args, extra, None if switch is None else str(switch))
     log = out_dir / f"{args.name}_{safe}_s{start}.log"
-    env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-    prof_c = (args.profile_concurrency or max(args.concurrency)) if args.profile_steps else None
-    if prof_c is not None:  # SGLang's profiler traces decode steps once the batch holds prof_c requests
-        env["SGLANG_PROFILE_BY_STAGE_DECODE_MIN_BS"] = str(prof_c)
+    env = server_env(args)
+    prof_cs = (args.profile_concurrency or [max(args.concurrency)]) if args.profile_steps else []
     rec: dict = {"config": cfg.label, "start": start, "command": " ".join(cmd), "levels": [], "log": str(log),
                  "gpu_before": gpu_state()}
     if cfg.arms:
@@ -378,7 +389,7 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
             if progress is not None:  # the measured runs are kept before the (slower) profiled ones
                 progress(dict(rec, error=f"incomplete: the run stopped after concurrency {c}",
                               wall_s=round(time.time() - t0, 1)))
-            if c == prof_c:
+            if c in prof_cs:
                 lvl["profile"] = profile_arms(server.base_url, switch, order, level_argv(args.seed + c, "_profile"),
                                               args.profile_steps, args.tp,
                                               out_dir / f"{args.name}_profiles", f"{args.name}_{safe}_s{start}_c{c}")
@@ -788,8 +799,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="after the measured runs at --profile-concurrency, one more run per arm under SGLang's "
                          "profiler (/start_profile by stage): this many decode steps at full batch, GPU kernel time "
                          "per step by category (MoE experts, selection, routing, communication, attention, ...)")
-    ap.add_argument("--profile-concurrency", type=int, default=None,
-                    help="the level profiled (default: the largest --concurrency)")
+    ap.add_argument("--profile-concurrency", default=None, type=lambda s: [int(x) for x in s.split(",")],
+                    help="the levels profiled, comma-separated (default: the largest --concurrency); SGLang traces "
+                         "decode steps whose batch holds at least the smallest of them")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--settle", type=float, default=1.1, help="seconds between the two metric-flushing requests")
     ap.add_argument("--name", default="serve")
@@ -803,6 +815,9 @@ def main(argv: list[str] | None = None) -> int:
         print(replot(Path(args.replot)))
         return 0
     t_start = time.monotonic()
+    # a SIGTERM (e.g. from `timeout`) unwinds like an exception: the running server is stopped and
+    # what was measured so far is written, instead of a server left running without its benchmark
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.starts < 1:
         ap.error("--starts must be >= 1")
     configs = parse_configs(args.configs)
@@ -816,6 +831,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     args.dummy = args.preset is not None
+    # a router bias drawn by SGLang's dummy loader would decide every token's experts alone
+    args.zero_router_bias = args.dummy and args.preset in ZERO_ROUTER_BIAS
     model = str(write_model(work / f"{args.preset}-{args.layers}", args.preset, args.layers)) if args.dummy else args.model
     meta = run_metadata()
     try:

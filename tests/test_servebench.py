@@ -413,7 +413,7 @@ def test_one_server_runs_every_policy_as_an_arm_and_reports_each(tmp_path, monke
     monkeypatch.setattr(serve, "Server", _fake_server(arm_file, servers))
     monkeypatch.setattr(serve, "profile_arms", lambda url, sw, names, argv, steps, ranks, tdir, tag:
                         profiled.append((names, steps, ranks, len(saved[-1]["levels"]))) or {"sglang": {}})
-    args.profile_steps, args.profile_concurrency = 7, 4
+    args.profile_steps, args.profile_concurrency = 7, [4]
     rec = serve.run_config(cfg, "m", args, [], tmp_path, progress=saved.append)
     assert profiled == [([(0, "sglang"), (1, "xshare@0.7"), (2, "oea+k0=4"), (3, "cap+cap=6")], 7, 2, 1)]
     assert rec["levels"][0]["profile"] == {"sglang": {}} and "profile" in saved[-1]["levels"][0]

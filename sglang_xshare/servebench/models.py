@@ -8,6 +8,14 @@ the random model emits decodes. Presets:
 ``qwen3-30b-a3b``   Qwen3-30B-A3B's MoE shape: hidden 2048, 128 experts, top-8, expert
                     intermediate 768, 32 heads / 4 KV heads of 128, vocab 151936 (48 layers; ``layers``
                     cuts it).
+``gpt-oss-120b``    GPT-OSS-120B's shape: hidden 2880, 128 experts, top-4 (softmax over the top-4 logits),
+                    expert intermediate 2880 with SGLang's clamped SwiGLU (``swiglu_limit`` 7, alpha
+                    1.702) and biases, 64 query / 8 KV heads of 64 with attention sinks, sliding
+                    window 128 on every other layer, YaRN rope, vocab 201088 (36 layers). Weights in
+                    bf16 (49.8 MB per expert, 6.4 GB of experts per layer), not the released MXFP4:
+                    one 80 GB GPU holds about 10 layers, a 141 GB one about 18. Its router has a
+                    bias, which the serving benchmark zeroes after SGLang's dummy initialisation
+                    (:data:`ZERO_ROUTER_BIAS`).
 ``deepseek-v3-mini`` a DeepSeek-V3 layout scaled to hidden 2048 (``% 512 == 0`` for DeepEP's
                     low-latency kernels): MLA attention, 256 routed experts in 8 groups (top-4
                     groups), top-8 sigmoid routing, routed scaling 2.5, expert intermediate 512,
@@ -31,7 +39,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRESETS", "write_model", "write_tokenizer"]
+__all__ = ["PRESETS", "ZERO_ROUTER_BIAS", "write_model", "write_tokenizer"]
+
+#: Presets whose router has a bias (GPT-OSS): SGLang's dummy loader draws it in +-1e-3 against
+#: router logits of ~2e-5, so the bias alone would pick every token's experts (all tokens the same
+#: top-k). The serving benchmark zeroes it in its servers (``bench/dummy_routing/sitecustomize.py``).
+ZERO_ROUTER_BIAS = frozenset({"gpt-oss-120b"})
 
 #: What every preset shares: bf16 weights, untied LM head, SiLU experts, token 0 as EOS.
 _COMMON: dict[str, Any] = {"rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False,
@@ -58,6 +71,33 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 40960,
         "rope_theta": 1000000.0,
         **_COMMON,
+    },
+    "gpt-oss-120b": {
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "hidden_size": 2880,
+        "intermediate_size": 2880,
+        "num_local_experts": 128,
+        "num_experts_per_tok": 4,
+        "experts_per_token": 4,
+        "num_hidden_layers": 36,
+        "layer_types": None,  # filled per layer count by write_model: sliding, full, sliding, ...
+        "sliding_window": 128,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "swiglu_limit": 7.0,
+        "vocab_size": 201088,
+        "max_position_embeddings": 131072,
+        "initial_context_length": 4096,
+        "rope_theta": 150000,
+        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "original_max_position_embeddings": 4096, "truncate": False},
+        "router_aux_loss_coef": 0.9,
+        "output_router_logits": False,
+        **_COMMON,
+        "rms_norm_eps": 1e-5,
+        "attention_bias": True,
     },
     "deepseek-v3-mini": {
         "architectures": ["DeepseekV3ForCausalLM"],
@@ -126,6 +166,8 @@ def write_model(folder: str | Path, preset: str, layers: int | None = None) -> P
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
         cfg["num_hidden_layers"] = int(layers)
+    if "layer_types" in cfg:  # GPT-OSS alternates sliding-window and full attention, sliding first
+        cfg["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(cfg["num_hidden_layers"])]
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 0}) + "\n")
     if not (out / "tokenizer.json").is_file():
