@@ -14,6 +14,10 @@ done
 source scripts/gpu/env.sh || exit 1
 export PYTHONUNBUFFERED=1
 NAME=${NAME:-serve_1gpu}
+# LAYERS=fit: as many GPT-OSS layers as the GPU holds in bf16 (6.4 GB of experts each): 18 on 141 GB, 10 on 80 GB
+if [ "$LAYERS" = fit ]; then
+  LAYERS=$(python3 -c "import torch; print(18 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 10)")
+fi
 ab=""; [ -n "$ONE_SERVER" ] && ab="--ab --ab-one-server"
 timeout 560 python3 bench/serve.py --preset ${PRESET:-qwen3-30b-a3b} ${LAYERS:+--layers $LAYERS} --tp 1 $ab \
   --configs ${CONFIGS:-auto} --concurrency ${LEVELS:-1,4,16,32,64} --reps ${REPS:-2} --waves ${WAVES:-2} \
