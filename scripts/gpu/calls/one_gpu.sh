@@ -4,6 +4,7 @@
 #   ONE_SERVER=1: in-server A/B, every configuration an arm of one server (--ab --ab-one-server);
 #   PROFILE=N with PROFILE_C=16,64: N decode steps per arm under SGLang's profiler at those levels;
 #   NO_METRICS=1: without xshare's live metrics; STARTS=N (separate servers): N interleaved starts each.
+# TMO: seconds before the benchmark is stopped (default 560; what was measured by then is written).
 # Repeat the same call to continue: --state keeps the finished servers.
 # Processes an earlier call of this benchmark left (its servers carry XSHARE_SERVE_BENCH_RUN in their
 # environment, see sglang_xshare/servebench/server.py) are ended by process id first.
@@ -19,7 +20,7 @@ if [ "$LAYERS" = fit ]; then
   LAYERS=$(python3 -c "import torch; print(18 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 10)")
 fi
 ab=""; [ -n "$ONE_SERVER" ] && ab="--ab --ab-one-server"
-timeout 560 python3 bench/serve.py --preset ${PRESET:-qwen3-30b-a3b} ${LAYERS:+--layers $LAYERS} --tp 1 $ab \
+timeout ${TMO:-560} python3 bench/serve.py --preset ${PRESET:-qwen3-30b-a3b} ${LAYERS:+--layers $LAYERS} --tp 1 $ab \
   --configs ${CONFIGS:-auto} --concurrency ${LEVELS:-1,4,16,32,64} --reps ${REPS:-2} --waves ${WAVES:-2} \
   ${NO_METRICS:+--no-metrics} ${STARTS:+--starts $STARTS} --output-len ${OUTLEN:-256} --min-prompts 2 --max-bs 128 \
   --graph-bs ${GRAPH_BS:-1,2,4,8,16,32,64,128} --mem-fraction ${MEM:-0.88} --state /root/${NAME}_state.json \
