@@ -152,8 +152,9 @@ def main() -> int:
     from sglang.srt.runtime_context import SpawnRanks, publish
     from sglang.srt.server_args import ServerArgs
 
-    from sglang_xshare.serving import hook
-    from sglang_xshare.serving.flags import XShareServerConfig
+    from sglang_xshare.serving import install as hook
+    from sglang_xshare.serving import runtime
+    from sglang_xshare.serving.config import XShareServerConfig
 
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
@@ -183,7 +184,7 @@ def main() -> int:
                 hook.install(XShareServerConfig(empty_slots="minus_one", min_tokens="1", **kw))
                 try:
                     k, us = measure(build_layers(topk_mod, shape, args.layers, device), T, shape["E"], args.iters, device)
-                    paths = sorted({p for lp in hook._STATE.layers.values() for p in lp.paths.values()})
+                    paths = sorted({p for lp in runtime.current().layers.values() for p in lp.paths.values()})
                 except Exception as e:  # report and go on
                     print(f"{sname} T={T} {name}: {type(e).__name__}: {e}", flush=True)
                     k, us, paths = float("nan"), float("nan"), ["error"]

@@ -17,7 +17,7 @@ the finished servers' records so a run cut by a time limit (``--time-budget``) c
 stopped when called again with the same arguments.
 
 ``--ab`` measures inside one server: each policy server also computes SGLang's routing in every
-MoE layer (``--xshare-ab-switch``, :mod:`sglang_xshare.serving.abswitch`) and every rep runs both
+MoE layer (``--xshare-ab-switch``, :mod:`sglang_xshare.serving.measure`) and every rep runs both
 arms, the policy's and SGLang's, in ABBA order; the policy's TPOT speed-up over its own server's
 SGLang arm is free of the server-to-server spread. By default (``--ab-idle-arms skip``) an arm the
 switch does not route by skips its selection kernel, so the speed-up is net of the policy's
@@ -64,7 +64,7 @@ from sglang_xshare.servebench.client import (bench_serving_argv, counter_delta, 
 from sglang_xshare.servebench.configs import ServeConfig, one_server, parse_configs  # noqa: E402
 from sglang_xshare.servebench.models import PRESETS, ZERO_ROUTER_BIAS, write_model  # noqa: E402
 from sglang_xshare.servebench.server import Server, ServerDied, http_get  # noqa: E402
-from sglang_xshare.serving.flags import AB_IDLE_ARMS  # noqa: E402
+from sglang_xshare.serving.config import AB_IDLE_ARMS  # noqa: E402
 
 #: Flags every server of a run gets (the combination seen to start on the H200 hosts).
 BASE_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--grammar-backend", "none",

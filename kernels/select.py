@@ -36,6 +36,7 @@ import triton
 from sglang_xshare.config import RoutingSpec
 from sglang_xshare.select.contract import BatchContext, SelectionOutput
 from sglang_xshare.select.output import OutputSpec
+from sglang_xshare.select.registry import get_policy
 
 from ._batch import MAX_SPINS, batch_kernel
 from ._refine import refine_kernel
@@ -181,7 +182,7 @@ def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, polic
                   allow: int, group: int = 0, output: OutputSpec | None = None) -> SelectionOutput:
     """The batch policies: one :func:`batch_kernel` launch (+ a refine launch under the interpreter)."""
     k = ctx.top_k
-    want_phys = policy == "xshare_ep"
+    want_phys = get_policy(policy).uses_placement
     if router_logits.shape[0] == 0:
         if ctx.stats_reduce is not None:  # no tokens here: still join the collective the other ranks run
             ctx.stats_reduce(idle_stats(router_logits.shape[1], router_logits.device))

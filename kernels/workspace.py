@@ -32,6 +32,7 @@ from sglang_xshare.placement import Placement, PlacementTables
 from sglang_xshare.placement import placement_tables as _device_tables
 from sglang_xshare.select.common import MASS_SLACK
 from sglang_xshare.select.policies.xshare_ep import tensor_parallel
+from sglang_xshare.select.registry import get_policy
 
 __all__ = ["Plan", "plan", "Buffers", "buffers", "budget_args", "placement_tables", "routing_constexprs",
            "fault_counter", "MAX_PROGRAMS", "TILE_ELEMS", "TILE_ELEMS_MAX", "TWO_STAGE_ELEMS", "max_programs", "interpreting"]
@@ -255,7 +256,7 @@ def buffers(workspace: dict, policy: str, T: int, E: int, k: int, device: torch.
         forced = knobs[2] if spin or knobs[3] == 1 else None  # a one-program barrier also runs in the interpreter
         p = plan(T, E, group=group, spin=spin, programs=programs, tile_elems=knobs[1],
                  num_warps=knobs[0], sync=forced, pair_chunk=knobs[4], two_stage=knobs[5],
-                 heavy_pick=policy == "xshare_ep")
+                 heavy_pick=get_policy(policy).uses_placement)
         buf = Buffers(p, T, k, device, general_spec, spec_groups=group > 0)
         workspace[key] = buf
     return buf

@@ -4,7 +4,7 @@
 (raising :class:`~sglang_xshare.config.XShareConfigError` naming the flag): the launcher's
 numbers, ``--env`` pairs, ``--tp-size``/``--ep-size`` against the reserved GPUs, SGLang flags
 the launcher sets itself, and the ``--xshare-*`` values (through the project's own parser,
-:mod:`sglang_xshare.serving.flags`). :func:`node_commands` turns the parsed flags and the
+:mod:`sglang_xshare.serving.cli_flags`). :func:`node_commands` turns the parsed flags and the
 placed nodes into each node's argv and environment.
 """
 
@@ -125,7 +125,7 @@ def parse_args(argv: Sequence[str]) -> LaunchArgs:
             raise XShareConfigError("--command", "--tp-size/--ep-size are server flags; put them in the command")
     else:
         # The project's own --xshare-* parser (imported here: it pulls in torch, --command does not need it).
-        from sglang_xshare.serving.flags import parse_xshare_argv, split_xshare_argv
+        from sglang_xshare.serving.cli_flags import parse_xshare_argv, split_xshare_argv
 
         ns.sglang_flags, ns.xshare_flags = split_xshare_argv(ns.sglang_flags)
         check_no_launcher_flags(ns.sglang_flags)

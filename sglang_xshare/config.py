@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
 __all__ = [
-    "GLOBAL_POLICIES",
     "XShareConfigError",
     "Budget",
     "BudgetSchedule",
@@ -35,9 +34,6 @@ __all__ = [
 
 #: Every policy the registry knows, in the order tables print them.
 POLICY_NAMES: tuple[str, ...] = ("topk", "cap", "oea", "oea_simple", "xshare", "xshare_ep", "xshare_spec")
-#: Policies whose expert set is a batch decision over statistics that can be summed across ranks
-#: (``--xshare-ep-global``, DP attention's global mode).
-GLOBAL_POLICIES: tuple[str, ...] = ("oea", "oea_simple", "xshare", "xshare_ep")
 
 BudgetMode = Literal["count", "fraction", "mass"]
 
@@ -333,26 +329,29 @@ class SelectionConfig:
         """Check this config against the model; return ``self``. Raises :class:`XShareConfigError`."""
         if self.policy not in POLICY_NAMES:
             raise XShareConfigError("--xshare-policy", f"unknown policy {self.policy!r}; choose from {', '.join(POLICY_NAMES)}")
+        from .select.traits import policy_traits  # the traits module imports this one
+
+        entry = policy_traits(self.policy)
         k = routing.top_k
         if not (1 <= self.k0 <= k):
             raise XShareConfigError("--xshare-warmup-k0", f"k0 must be in [1, top_k={k}], got {self.k0}")
-        if self.policy in ("xshare", "xshare_ep", "xshare_spec"):
+        if entry.budgeted:
             if self.budget is None:
                 raise XShareConfigError("--xshare-budget", f"policy {self.policy} needs a batch budget")
             self.budget.validate(routing.num_experts)
-        if self.policy == "xshare_spec":
+        if entry.uses_requests:
             if self.request_budget is None:
-                raise XShareConfigError("--xshare-request-budget", "policy xshare_spec needs a per-request budget")
+                raise XShareConfigError("--xshare-request-budget", f"policy {self.policy} needs a per-request budget")
             self.request_budget.validate(routing.num_experts, "--xshare-request-budget")
-        if self.policy == "cap":
+        if entry.per_token_cap:
             if self.cap is None or not (1 <= self.cap <= k):
-                raise XShareConfigError("--xshare-cap", f"cap needs 1 <= k' <= top_k={k}, got {self.cap}")
+                raise XShareConfigError("--xshare-cap", f"{self.policy} needs 1 <= k' <= top_k={k}, got {self.cap}")
         if not (0.0 <= self.min_score < 1.0) or math.isnan(self.min_score):
             raise XShareConfigError("--xshare-min-score", f"must be in [0, 1), got {self.min_score}")
         if self.mass_source not in ("topk", "full"):
             raise XShareConfigError("--xshare-mass-source", f"must be 'topk' or 'full', got {self.mass_source!r}")
         if not (0.0 <= self.warmup_p <= 1.0) or math.isnan(self.warmup_p):
             raise XShareConfigError("--xshare-warmup-p", f"must be in [0, 1], got {self.warmup_p}")
-        if self.warmup_p > 0 and self.policy in ("topk", "cap"):
+        if self.warmup_p > 0 and not entry.warmup:
             raise XShareConfigError("--xshare-warmup-p", f"policy {self.policy} has no warm-up")
         return self

@@ -1,12 +1,12 @@
 """``python -m sglang_xshare.launch_server`` / ``sglang-xshare-launch-server``: SGLang's server with xshare.
 
 Accepts every ``sglang.launch_server`` / ``sglang serve`` flag plus the ``--xshare-*`` flags
-(:mod:`sglang_xshare.serving.flags`), validates them, then starts SGLang's own ``run_server``
+(:mod:`sglang_xshare.serving.cli_flags`), validates them, then starts SGLang's own ``run_server``
 unchanged with the routing hook active in this process and in every process SGLang spawns:
 
 * primary: SGLang's plugin loader (``load_plugins()`` runs at the start of every scheduler /
   TP / EP / DP-controller process) loads the ``sglang.srt.plugins`` entry point ``xshare``
-  (:func:`sglang_xshare.serving.hook.sglang_plugin`), which reads the config from the
+  (:func:`sglang_xshare.serving.install.sglang_plugin`), which reads the config from the
   environment variable ``SGLANG_XSHARE_CONFIG`` this launcher exports;
 * fallback when the entry point is not installed: ``multiprocessing``'s ``spawn`` re-imports the
   parent's main module (this one) as ``__mp_main__`` in every child, and the module body below
@@ -22,7 +22,7 @@ import sys
 from typing import Sequence
 
 from sglang_xshare.config import XShareConfigError
-from sglang_xshare.serving.flags import XShareServerConfig
+from sglang_xshare.serving.config import XShareServerConfig
 
 PROG = "sglang-xshare-launch-server"
 
@@ -31,7 +31,7 @@ def _install_in_spawned_child() -> None:
     """The ``__mp_main__`` fallback: install from the environment if SGLang's plugin did not."""
     cfg = XShareServerConfig.from_env()
     if cfg is not None and cfg.active:
-        from sglang_xshare.serving.hook import install
+        from sglang_xshare.serving.install import install
 
         install(cfg)
 
@@ -40,11 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse, validate, export the config, start SGLang. Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
-        from sglang_xshare.serving.flags import build_parser
+        from sglang_xshare.serving.cli_flags import build_parser
 
         build_parser(PROG).print_help()
         return 0
-    from sglang_xshare.serving.flags import parse_server_argv
+    from sglang_xshare.serving.cli_flags import parse_server_argv
 
     try:
         server_args, cfg = parse_server_argv(argv)

@@ -17,7 +17,7 @@ from .benchio import markdown_table
 from .config import Budget, BudgetSchedule, RoutingSpec, SelectionConfig, resolve_preset
 from .metrics import METRIC_NAMES, selection_metrics
 from .placement import Placement
-from .select import Selector, compute_scores
+from .select import Selector, compute_scores, get_policy
 from .trace import Trace
 
 __all__ = ["PolicyRun", "ReplayResult", "standard_runs", "replay"]
@@ -98,7 +98,7 @@ def standard_runs(routing: RoutingSpec, policy: str, budget: str, k0: int = 1, c
             r = rb or Budget.parse(max(k, routing.top_k), "--xshare-request-budget")
             cfg = SelectionConfig(policy=name, k0=k0_r, budget=sched, request_budget=r, warmup_p=p_r)
             return PolicyRun(f"{name}(m_r={r}, m_l={sched.default}, k0={k0_r}{nucleus})", cfg.validate(routing))
-        if name == "xshare_ep" and hard_cap:
+        if get_policy(name).uses_placement and hard_cap:
             cfg = SelectionConfig(policy=name, k0=k0_r, budget=sched, hard_cap=True, warmup_p=p_r)
             return PolicyRun(f"{name}(m={sched.default}, k0={k0_r}{nucleus}, hard cap)", cfg.validate(routing))
         cfg = SelectionConfig(policy=name, k0=k0_r, budget=sched, warmup_p=p_r)

@@ -10,7 +10,8 @@ import torch
 
 from sglang_xshare import RoutingSpec, Selector, XShareConfigError
 from sglang_xshare.config import PRESETS, BudgetSchedule, SelectionConfig, resolve_preset
-from sglang_xshare.serving.flags import XShareServerConfig, parse_xshare_argv
+from sglang_xshare.serving.cli_flags import parse_xshare_argv
+from sglang_xshare.serving.config import XShareServerConfig
 
 AUTO = PRESETS["auto"]
 

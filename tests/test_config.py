@@ -105,7 +105,7 @@ def test_launcher_and_flag_parsing_do_not_import_torch():
         "import sys\n"
         "import sglang_xshare.launch_server\n"
         "from sglang_xshare.serving import split_xshare_argv, XShareServerConfig\n"
-        "from sglang_xshare.serving.flags import parse_xshare_argv\n"
+        "from sglang_xshare.serving.cli_flags import parse_xshare_argv\n"
         "sg, xs = split_xshare_argv(['--model-path', 'm', '--xshare-policy', 'xshare_ep', '--xshare-budget', '0.6'])\n"
         "parse_xshare_argv(xs).selection_config()\n"
         "from sglang_xshare.launch.args import parse_args\n"

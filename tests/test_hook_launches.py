@@ -47,8 +47,9 @@ def _child(names: list[str]) -> None:
     from sglang.srt.server_args import ServerArgs
 
     from sglang_xshare.kernels import _batch, _refine
-    from sglang_xshare.serving import hook
-    from sglang_xshare.serving.flags import XShareServerConfig
+    from sglang_xshare.serving import context, install, runtime
+    from sglang_xshare.serving.config import XShareServerConfig
+    from sglang_xshare.serving.measure.arms import arm_configs
 
     publish(ServerArgs(model_path="dummy", device="cpu"), role="test", ranks=SpawnRanks(world_rank=0, dp_rank=None))
     launches = [0]
@@ -77,7 +78,7 @@ def _child(names: list[str]) -> None:
         g = torch.Generator().manual_seed(T)
         x, logits = torch.randn(T, 16, generator=g), torch.randn(T, 32, generator=g)
         nv = torch.tensor(n)
-        with hook.batch_scope(hook.BatchInfo("decode", batch_size=n)):
+        with context.batch_scope(context.BatchInfo("decode", batch_size=n)):
             tk.forward_native(x, logits.clone(), num_token_non_padded=nv)  # warm-up: workspace allocation
             launches[0] = 0
             lg = logits.clone()
@@ -95,7 +96,7 @@ def _child(names: list[str]) -> None:
                 print("RESULT " + json.dumps(dict(name=name, error=repr(e))), flush=True)
             continue
         try:
-            hook.uninstall()
+            install.uninstall()
             plain_one, plain_launch = routed(topk.TopK(top_k=4, layer_id=3), 1, 1)
             plain8, _ = routed(topk.TopK(top_k=4, layer_id=3), 8, 6)
             kw = dict(CASES[name])
@@ -103,13 +104,13 @@ def _child(names: list[str]) -> None:
                 arm = Path(tempfile.mkdtemp()) / "arm"
                 arm.write_text("1")
                 kw["ab_switch"] = str(arm)
-            hook.install(XShareServerConfig(empty_slots="minus_one", **kw))
+            install.install(XShareServerConfig(empty_slots="minus_one", **kw))
             tk = topk.TopK(top_k=4, layer_id=3)
             ops, n = routed(tk, 8, 6)
             one, n_one = routed(tk, 1, 1)
             print("RESULT " + json.dumps(dict(name=name, ops=ops, launches=n, one=one, one_launches=n_one,
                                               plain_one=plain_one, plain_launch=plain_launch, plain8=plain8,
-                                              paths=next(iter(hook._STATE.layers.values())).paths)), flush=True)
+                                              paths=next(iter(runtime.current().layers.values())).paths)), flush=True)
         except Exception as e:  # report, do not stop the others
             print("RESULT " + json.dumps(dict(name=name, error=repr(e))), flush=True)
 
@@ -124,8 +125,9 @@ def _ab_arms(compute: bool) -> dict:
     import torch
 
     from sglang.srt.layers.moe import topk
-    from sglang_xshare.serving import hook
-    from sglang_xshare.serving.flags import XShareServerConfig
+    from sglang_xshare.serving import context, install, runtime
+    from sglang_xshare.serving.config import XShareServerConfig
+    from sglang_xshare.serving.measure.arms import arm_configs
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(8, 16, generator=g)
@@ -136,34 +138,34 @@ def _ab_arms(compute: bool) -> dict:
     base = dict(empty_slots="minus_one", min_tokens="1")
 
     def route(tk):
-        with hook.batch_scope(hook.BatchInfo("decode", batch_size=8)):
+        with context.batch_scope(context.BatchInfo("decode", batch_size=8)):
             return tk.forward_native(x, logits.clone(), num_token_non_padded=nv)
 
     alone = []
-    for c in XShareServerConfig(policy="xshare", budget="8", ab_arms=arms, ab_switch="/tmp/x", **base).arm_configs():
-        hook.uninstall()
-        hook.install(XShareServerConfig(**{**c.__dict__, "ab_switch": None, "ab_arms": ()}))
+    for c in arm_configs(XShareServerConfig(policy="xshare", budget="8", ab_arms=arms, ab_switch="/tmp/x", **base)):
+        install.uninstall()
+        install.install(XShareServerConfig(**{**c.__dict__, "ab_switch": None, "ab_arms": ()}))
         alone.append(route(topk.TopK(top_k=4, layer_id=3)).topk_ids.tolist())
-    hook.uninstall()
+    install.uninstall()
     sw = Path(tempfile.mkdtemp()) / "arm"
     sw.write_text("0")
-    hook.install(XShareServerConfig(policy="xshare", budget="8", ab_arms=arms, ab_switch=str(sw), metrics=True,
+    install.install(XShareServerConfig(policy="xshare", budget="8", ab_arms=arms, ab_switch=str(sw), metrics=True,
                                     metrics_interval=1000, ab_idle_arms="compute" if compute else "skip", **base))
     tk = topk.TopK(top_k=4, layer_id=3)
     plain = route(topk.TopK(top_k=4, layer_id=3)).topk_ids.tolist()
     out = dict(alone=alone, plain=plain, routed={}, counted={})
     route(tk)  # builds the layer and its arms
-    lp = next(iter(hook._STATE.layers.values()))
-    rows = [lp.metrics_row, *(a.metrics_row for a in lp.arms)]
+    lp = next(iter(runtime.current().layers.values()))
+    rows = [lp.metrics_row, *(a.metrics_row for a in runtime.current().ab.arms_of(lp))]
     for arm in (0, 1, 2, 3):
         sw.write_text(str(arm))
         st = os.stat(sw)
         os.utime(sw, ns=(st.st_mtime_ns + 1000 * (arm + 1), st.st_mtime_ns + 1000 * (arm + 1)))
-        hook._STATE.switch.poll()
+        runtime.current().ab.switch.poll()
         before = [int(r[0]) for r in rows]
         out["routed"][arm] = route(tk).topk_ids.tolist()
         out["counted"][arm] = [int(r[0]) - b for r, b in zip(rows, before)]
-    hook.uninstall()
+    install.uninstall()
     return out
 
 

@@ -17,7 +17,7 @@ pytest.importorskip("safetensors")
 from sglang_xshare.config import PRESETS  # noqa: E402
 from sglang_xshare.hf import evaluate_point, load_eval_set, load_model, make_batches, routing_spec_of, sequence_ce  # noqa: E402
 from sglang_xshare.select import Selector  # noqa: E402
-from sglang_xshare.serving.flags import XShareServerConfig  # noqa: E402
+from sglang_xshare.serving.config import XShareServerConfig  # noqa: E402
 
 #: batch size -> batches of the slice (the first windows of the shipped held-out set, 64 positions)
 SLICE = {1: 12, 4: 6, 16: 3, 64: 1}

@@ -38,7 +38,7 @@ psutil = pytest.importorskip("psutil", reason="process checks need psutil (a Ray
 from sglang_xshare.config import XShareConfigError  # noqa: E402
 from sglang_xshare.launch import commands as C  # noqa: E402
 from sglang_xshare.launch.args import parse_args  # noqa: E402
-from sglang_xshare.serving.flags import parse_xshare_argv  # noqa: E402
+from sglang_xshare.serving.cli_flags import parse_xshare_argv  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -463,7 +463,7 @@ def test_dry_run_sglang_commands_parse_with_sglang_server_args(launch, cluster):
     # SGLang's parser is slow to import: overlap it with the launcher's run.
     from sglang.srt.server_args import prepare_server_args
 
-    from sglang_xshare.serving.flags import parse_xshare_argv, split_xshare_argv
+    from sglang_xshare.serving.cli_flags import parse_xshare_argv, split_xshare_argv
 
     assert la.finish() == 0, la.text
     nodes = _node_lines(la.text)

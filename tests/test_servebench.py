@@ -37,7 +37,7 @@ def test_config_grammar_maps_to_server_flags():
 
 def test_every_config_flag_is_a_real_server_flag():
     """The flags a configuration produces parse and validate with the server's own flag parser."""
-    from sglang_xshare.serving.flags import parse_xshare_argv
+    from sglang_xshare.serving.cli_flags import parse_xshare_argv
 
     for text in ("xshare@0.7", "xshare_ep@0.7+global", "oea+k0=4", "cap+cap=6", "xshare@0.7+min=1",
                  "xshare_spec@0.7+rb=0.75"):
@@ -52,7 +52,7 @@ def test_preset_folder_is_a_loadable_model_config(tmp_path, preset):
     from transformers import AutoConfig, AutoTokenizer
 
     from sglang_xshare.servebench.models import PRESETS, write_model
-    from sglang_xshare.serving.flags import routing_from_model_config
+    from sglang_xshare.serving.cli_flags import routing_from_model_config
 
     folder = write_model(tmp_path / preset, preset, layers=4)
     cfg = AutoConfig.from_pretrained(folder)
@@ -263,7 +263,7 @@ def test_rounds_interleave_resume_and_pair_ratios_within_a_round(tmp_path, monke
 def test_ab_mode_pairs_each_policy_run_with_its_own_servers_sglang_arm(tmp_path):
     """``--ab``: the policy server gets the switch flag (a real server flag), and the summary pairs
     rep i's policy run with rep i's SGLang run of the same server."""
-    from sglang_xshare.serving.flags import parse_xshare_argv
+    from sglang_xshare.serving.cli_flags import parse_xshare_argv
 
     serve = _serve_module()
     args = SimpleNamespace(graph_bs=[1, 2], max_bs=2, tp=2, ep=2, mem_fraction=0.8, dummy=True, ray=False,
@@ -368,7 +368,7 @@ def test_one_server_runs_every_policy_as_an_arm_and_reports_each(tmp_path, monke
     policy, the others ``--xshare-ab-arm`` flags SGLang's launcher parses back to the same policies);
     each rep runs SGLang's arm and every policy's, in order then reversed; each policy's runs keep its
     own live-metric counts (rank ``0`` / ``0/armN``) and pair with the server's SGLang runs."""
-    from sglang_xshare.serving.flags import parse_xshare_argv
+    from sglang_xshare.serving.cli_flags import parse_xshare_argv
     from sglang_xshare.servebench.configs import one_server
 
     serve = _serve_module()
@@ -380,8 +380,10 @@ def test_one_server_runs_every_policy_as_an_arm_and_reports_each(tmp_path, monke
                            output_len=16, settle=0.0, min_prompts=1, waves=2, seed=1, name="t", stop_grace=1.0,
                            profile_steps=0, profile_concurrency=None, level_warmup=False)
     cmd = serve.server_command(cfg, "m", 1, args, [], str(tmp_path / "arm"))
+    from sglang_xshare.serving.measure.arms import arm_configs
+
     xs = parse_xshare_argv(cmd[cmd.index("--xshare-policy"):])
-    assert [(a.policy, a.budget, a.warmup_k0, a.cap) for a in xs.arm_configs()] == [
+    assert [(a.policy, a.budget, a.warmup_k0, a.cap) for a in arm_configs(xs)] == [
         ("xshare", "0.7", 1, None), ("oea", None, 4, None), ("cap", None, 1, 6)]
     seen, arm_file, n = [], [], [0]
 
@@ -433,8 +435,8 @@ def test_result_records_say_which_path_the_hook_took(tmp_path):
     from sglang.srt.runtime_context import SpawnRanks, get_model, publish, reset_context
     from sglang.srt.server_args import ServerArgs
 
-    from sglang_xshare.serving import hook
-    from sglang_xshare.serving.flags import XShareServerConfig
+    from sglang_xshare.serving import context, install, route, runtime
+    from sglang_xshare.serving.config import XShareServerConfig
 
     serve = _serve_module()
     lines: list[str] = []
@@ -450,16 +452,16 @@ def test_result_records_say_which_path_the_hook_took(tmp_path):
     reset_context()
     publish(ServerArgs(model_path="dummy", device="cpu"), role="test", ranks=SpawnRanks(world_rank=0, dp_rank=None))
     try:
-        hook.install(XShareServerConfig(policy="xshare", budget="6", empty_slots="minus_one"))
+        install.install(XShareServerConfig(policy="xshare", budget="6", empty_slots="minus_one"))
         with get_model().override(shared_experts=SharedExpertsConfig(num_fused_shared_experts=1)):
             fused = topk.TopK(top_k=4, layer_id=5)
         plain = topk.TopK(top_k=4, layer_id=3)
         g = torch.Generator().manual_seed(0)
         for tk, n in ((plain, 8), (plain, 1), (fused, 8)):
-            with hook.batch_scope(hook.BatchInfo("decode", batch_size=n)):
+            with context.batch_scope(context.BatchInfo("decode", batch_size=n)):
                 tk.forward_native(torch.randn(n, 16), torch.randn(n, 32, generator=g))
     finally:
-        hook.uninstall()
+        install.uninstall()
         reset_context()
         log.removeHandler(handler)
         log.setLevel(level)
@@ -667,7 +669,7 @@ def test_live_metrics_exported_and_read_back():
 
     from sglang_xshare.select.output import METRIC_FIELDS
     from sglang_xshare.servebench.client import counter_delta, xshare_counters
-    from sglang_xshare.serving.metrics import LiveMetrics
+    from sglang_xshare.serving.telemetry.metrics import LiveMetrics
 
     m = LiveMetrics(interval=1, rank=7)  # its own series: other tests in this process export rank 0
     m.row(2, torch.device("cpu")).add_(torch.tensor([3, 40, 30, 45, 9, 14, 240, 2]))
@@ -769,8 +771,8 @@ def test_hook_overhead_variants_are_valid_server_configs_with_metrics_and_the_ab
     ``+ab/sglang-arm`` SGLang's arm (the policy's kernel skipped), ``/compute`` selects anyway."""
     import importlib.util
 
-    from sglang_xshare.serving.abswitch import read_arm
-    from sglang_xshare.serving.flags import XShareServerConfig
+    from sglang_xshare.serving.measure.switch import read_arm
+    from sglang_xshare.serving.config import XShareServerConfig
 
     spec = importlib.util.spec_from_file_location("bench_hook_overhead", ROOT / "bench" / "hook_overhead.py")
     mod = importlib.util.module_from_spec(spec)

@@ -20,7 +20,7 @@ def test_gpt_oss_folder_matches_the_released_shape(tmp_path):
     from transformers import AutoConfig
 
     from sglang_xshare.servebench.models import PRESETS, ZERO_ROUTER_BIAS, write_model
-    from sglang_xshare.serving.flags import routing_from_model_config
+    from sglang_xshare.serving.cli_flags import routing_from_model_config
 
     folder = write_model(tmp_path / "g", "gpt-oss-120b", layers=5)
     cfg = AutoConfig.from_pretrained(folder)

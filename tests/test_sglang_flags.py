@@ -12,9 +12,9 @@ pytestmark = pytest.mark.sglang
 
 from sglang_xshare.config import Budget, XShareConfigError  # noqa: E402
 from sglang_xshare.serving.api import disable, enable  # noqa: E402
-from sglang_xshare.serving.flags import (  # noqa: E402
-    ENV_VAR,
-    XShareServerConfig,
+from sglang_xshare.serving.config import ENV_VAR, XShareServerConfig  # noqa: E402
+from sglang_xshare.serving.measure.arms import arm_configs  # noqa: E402
+from sglang_xshare.serving.cli_flags import (  # noqa: E402
     build_parser,
     parse_server_argv,
     parse_xshare_argv,
@@ -194,7 +194,7 @@ def test_enable_exports_env_for_children(monkeypatch):
         cfg = enable(policy="xshare", budget=0.5, warmup_k0=1, layer_budgets={2: "mass:0.9"}, metrics=True)
         assert XShareServerConfig.from_json(os.environ[ENV_VAR]) == cfg
         assert os.environ["SGLANG_PLUGINS"] == "other,xshare"
-        from sglang_xshare.serving.hook import installed_config
+        from sglang_xshare.serving.install import installed_config
 
         assert installed_config() == cfg
         with pytest.raises(XShareConfigError, match="--xshare-budget"):
@@ -215,13 +215,13 @@ def test_ab_arms_take_the_policy_flags_and_inherit_the_rest():
     """``--xshare-ab-arm SPEC``: the policy flags of one more A/B arm; the server's other flags (empty
     slots, metrics, ...) are the arm's too, ``--xshare-ep-global`` where the arm's policy has batch
     statistics; the config survives the trip to SGLang's child processes (JSON)."""
-    from sglang_xshare.serving.flags import arm_spec, arm_spec_argv
+    from sglang_xshare.serving.measure.arms import arm_spec, arm_spec_argv
 
     argv = ["--xshare-policy", "xshare_ep", "--xshare-budget", "0.7", "--xshare-ep-global", "--xshare-empty-slots",
             "minus_one", "--xshare-ab-switch", "/tmp/arm", "--xshare-ab-arm", "policy=oea,warmup-k0=4",
             "--xshare-ab-arm", "policy=cap,cap=6,min-tokens=2"]
     _, cfg = parse_server_argv(["--model-path", "dummy"] + argv)
-    main, oea, cap = cfg.arm_configs()
+    main, oea, cap = arm_configs(cfg)
     assert main is cfg and (oea.policy, oea.warmup_k0, oea.ep_global, oea.empty_slots) == ("oea", 4, True, "minus_one")
     assert (cap.policy, cap.cap, cap.min_tokens, cap.ep_global, cap.budget) == ("cap", 6, "2", False, None)
     assert oea.ab_arms == () and oea.ab_switch == cfg.ab_switch
@@ -233,7 +233,7 @@ def test_ab_arms_take_the_policy_flags_and_inherit_the_rest():
     assert arm_spec_argv(arm_spec(flags)) == flags
     _, cfg = parse_server_argv(["--model-path", "dummy", "--xshare-policy", "oea", "--xshare-ab-switch", "/tmp/arm",
                                 "--xshare-ab-arm", arm_spec(flags[:6])])
-    assert cfg.arm_configs()[1].budget_schedule().per_layer == {0: Budget("count", 4), 1: Budget("count", 6)}
+    assert arm_configs(cfg)[1].budget_schedule().per_layer == {0: Budget("count", 4), 1: Budget("count", 6)}
 
 
 def test_ab_idle_arms_flag_defaults_to_skip_travels_and_rejects_other_values():
@@ -253,11 +253,11 @@ def test_ab_switch_path_with_a_tilde_is_the_one_validated(tmp_path, monkeypatch)
     """``--xshare-ab-switch=~/arm`` (the ``=`` form, the Ray launcher: no shell expands the ``~``)
     is validated as ``$HOME/arm``; the switch must read that file too, not ``./~/arm`` (it would stay
     on SGLang's routing for the whole run: an A/B of SGLang against itself, with no error)."""
-    from sglang_xshare.serving.abswitch import ABSwitch
+    from sglang_xshare.serving.measure.switch import ABSwitch
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "arm").write_text("1")
     cfg = parse_xshare_argv(["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-ab-switch=~/arm"])
-    sw = ABSwitch(cfg.ab_switch, len(cfg.arm_configs()))
+    sw = ABSwitch(cfg.ab_switch, len(arm_configs(cfg)))
     assert sw.arm == 1 and sw.path == tmp_path / "arm"

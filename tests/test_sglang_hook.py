@@ -7,6 +7,7 @@ needs a CPU build of ``sgl_kernel``, which no wheel ships) and ends in the same
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import textwrap
 
@@ -18,8 +19,9 @@ pytest.importorskip("sglang")
 pytestmark = pytest.mark.sglang
 
 from sglang_xshare import Placement, RoutingSpec, Selector  # noqa: E402
-from sglang_xshare.serving import hook  # noqa: E402
-from sglang_xshare.serving.flags import ENV_VAR, XShareServerConfig  # noqa: E402
+from sglang_xshare.serving import context, install, route, runtime  # noqa: E402
+from sglang_xshare.serving.config import ENV_VAR, XShareServerConfig  # noqa: E402
+from sglang_xshare.serving.measure.arms import arm_configs  # noqa: E402
 from sglang_xshare.serving.slots import (  # noqa: E402
     backend_takes_minus_one,
     fill_empty_slots,
@@ -54,10 +56,10 @@ def installed():
     """Install a config for one test; always uninstall."""
     def _install(**kw):
         cfg = XShareServerConfig(**kw)
-        hook.install(cfg)
+        install.install(cfg)
         return cfg
     yield _install
-    hook.uninstall()
+    install.uninstall()
 
 
 def _topk(sg, **kw):
@@ -86,16 +88,16 @@ def test_hooked_topk_gives_policy_output(sg, installed, kw):
     cfg = installed(empty_slots="minus_one", **kw)
     tk = _topk(sg)
     x, logits = torch.randn(T, HIDDEN), _logits(1)
-    info = hook.BatchInfo("verify", num_draft_tokens=4, batch_size=T // 4) if kw["policy"] == "xshare_spec" \
-        else hook.BatchInfo("decode", batch_size=T)
-    with hook.batch_scope(info):
+    info = context.BatchInfo("verify", num_draft_tokens=4, batch_size=T // 4) if kw["policy"] == "xshare_spec" \
+        else context.BatchInfo("decode", batch_size=T)
+    with context.batch_scope(info):
         out = tk.forward_native(x, logits.clone())
     rid = torch.arange(T) // 4 if kw["policy"] == "xshare_spec" else None
     ref = _selector(cfg)(logits, layer_id=3, request_ids=rid)
     assert torch.equal(out.topk_ids.to(torch.int32), ref.topk_ids)
     torch.testing.assert_close(out.topk_weights, ref.topk_weights, rtol=0, atol=0)
     if kw["policy"] in ("cap", "xshare"):  # the hook really changed SGLang's routing
-        hook.uninstall()
+        install.uninstall()
         plain = tk.forward_native(x, logits.clone())
         assert not torch.equal(plain.topk_ids.to(torch.int32), ref.topk_ids)
 
@@ -116,9 +118,9 @@ def test_target_verify_batch_groups_tokens_by_request(sg, installed):
     tk = _topk(sg)
     logits = _logits(13)
     with forward_context(ForwardContext(attn_backend=None), forward_batch=fb):
-        assert hook.current_batch() == hook.BatchInfo("verify", num_draft_tokens=ndt, batch_size=bs)
+        assert context.current_batch() == context.BatchInfo("verify", num_draft_tokens=ndt, batch_size=bs)
         out = tk.forward_native(torch.randn(T, HIDDEN), logits.clone())
-    assert hook.current_batch() is None
+    assert context.current_batch() is None
     ref = _selector(cfg)(logits, layer_id=3, request_ids=torch.arange(T) // ndt)
     assert torch.equal(out.topk_ids.to(torch.int32), ref.topk_ids)
     for r in range(bs):
@@ -143,7 +145,7 @@ def test_topk_policy_is_sglang_routing_bit_for_bit(sg, installed, router):
     x, logits = torch.randn(T, HIDDEN), _logits(14)
     plain = _topk(sg, **ROUTERS[router]).forward_native(x, logits.clone())
     installed(policy="topk", empty_slots="minus_one")
-    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+    with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
         out = _topk(sg, **ROUTERS[router]).forward_native(x, logits.clone())
     assert torch.equal(plain.topk_ids, out.topk_ids) and torch.equal(plain.topk_weights, out.topk_weights)
 
@@ -156,9 +158,9 @@ def test_policy_translates_sglang_routing(sg, installed, router):
     x, logits = torch.randn(T, HIDDEN), _logits(14)
     plain = _topk(sg, **ROUTERS[router]).forward_native(x, logits.clone())
     installed(policy="cap", cap=K, empty_slots="minus_one")
-    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+    with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
         out = _topk(sg, **ROUTERS[router]).forward_native(x, logits.clone())
-    assert next(iter(hook._STATE.layers.values())).paths == {T: "fast"}
+    assert next(iter(runtime.current().layers.values())).paths == {T: "fast"}
     for a, b in zip(plain.topk_ids.tolist(), out.topk_ids.tolist()):
         assert set(a) == set(b)
     torch.testing.assert_close(plain.topk_weights.sort(-1).values, out.topk_weights.sort(-1).values, rtol=1e-5, atol=1e-6)
@@ -185,7 +187,7 @@ def test_off_installs_nothing_and_is_bit_identical(sg, installed):
     tk = _topk(sg)
     x, logits = torch.randn(T, HIDDEN), _logits(2)
     before = tk.forward_native(x, logits.clone())
-    assert hook.install(XShareServerConfig(policy="off")) is False
+    assert install.install(XShareServerConfig(policy="off")) is False
     assert sg._post_process_topk_ids is orig
     after = tk.forward_native(x, logits.clone())
     assert torch.equal(before.topk_ids, after.topk_ids) and torch.equal(before.topk_weights, after.topk_weights)
@@ -196,12 +198,12 @@ def test_metrics_only_passes_routing_through_bit_identical(sg, installed):
     x, logits = torch.randn(T, HIDDEN), _logits(3)
     before = tk.forward_native(x, logits.clone())
     installed(policy="off", metrics=True, metrics_interval=2)
-    assert sg.select_experts is not hook._PATCHES[3].original
+    assert sg.select_experts is not install.installed_patches()[3].original
     for _ in range(2):
-        with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+        with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
             after = tk.forward_native(x, logits.clone())
         assert torch.equal(before.topk_ids, after.topk_ids) and torch.equal(before.topk_weights, after.topk_weights)
-    assert hook._STATE.metrics.steps == 2 and hook._STATE.metrics.flush() == {}  # nothing selected, nothing counted
+    assert runtime.current().metrics.steps == 2 and runtime.current().metrics.flush() == {}  # nothing selected, nothing counted
 
 
 def test_live_metrics_count_what_was_dispatched(sg, installed):
@@ -216,7 +218,7 @@ def test_live_metrics_count_what_was_dispatched(sg, installed):
     for step in range(3):
         logits = _logits(40 + step)
         n = T - 3 * step
-        with hook.batch_scope(hook.BatchInfo("decode", batch_size=n)):
+        with context.batch_scope(context.BatchInfo("decode", batch_size=n)):
             out = tk.forward_native(torch.randn(T, HIDDEN), logits.clone(), num_token_non_padded=torch.tensor(n))
         ids = out.topk_ids[:n]
         used = sorted(set(ids[ids >= 0].tolist()))
@@ -227,18 +229,18 @@ def test_live_metrics_count_what_was_dispatched(sg, installed):
         short = int(((ids >= 0).sum(-1) < K).sum())
         want += torch.tensor([1, n, len(used), len(top), peak, tpeak, int((ids >= 0).sum()), short])
         assert (out.topk_ids[n:] == -1).all()
-    got = hook._STATE.metrics.flush()
+    got = runtime.current().metrics.flush()
     assert list(got) == [3]
     assert [got[3][f] for f in ("calls", "valid_tokens", "distinct", "topk_distinct", "peak", "topk_peak", "pairs",
                                 "short_tokens")] == want.tolist()
-    assert hook._STATE.metrics.path_steps == {"policy": 3} and hook._STATE.metrics.steps == 3
+    assert runtime.current().metrics.path_steps == {"policy": 3} and runtime.current().metrics.steps == 3
 
 
 def test_uninstall_restores_sglang(sg, installed):
     orig = (sg._post_process_topk_ids, sg.select_experts, sg.TopK.__init__)
     installed(policy="xshare", budget="0.5")
     assert sg._post_process_topk_ids is not orig[0]
-    hook.uninstall()
+    install.uninstall()
     assert (sg._post_process_topk_ids, sg.select_experts, sg.TopK.__init__) == orig
 
 
@@ -294,7 +296,7 @@ def test_eplb_redundant_mapping_is_honoured(sg, installed, algorithm, mode):
     tk = _topk(sg)
     logits = _logits(5)
     out = tk.forward_native(torch.randn(T, HIDDEN), logits.clone(), expert_location_dispatch_info=info)
-    assert next(iter(hook._STATE.layers.values())).paths == {T: "fast" if algorithm == "static" else "general"}
+    assert next(iter(runtime.current().layers.values())).paths == {T: "fast" if algorithm == "static" else "general"}
     ref = _selector(cfg)(logits, layer_id=3)
     kept = ref.topk_ids >= 0
     assert not torch.equal(out.topk_ids[kept].long(), ref.topk_ids[kept].long())  # remapped: not the logical ids
@@ -351,7 +353,7 @@ def test_xshare_ep_chooses_physical_copies_of_sglang_placement(sg, installed, ep
     ref = _selector(cfg, placement)(logits, layer_id=3)
     assert ref.physical_ids is not None
     assert torch.equal(out.topk_ids.to(torch.int32), ref.physical_ids)  # xshare_ep's copies, not SGLang's remap
-    lp = next(iter(hook._STATE.layers.values()))
+    lp = next(iter(runtime.current().layers.values()))
     assert lp.placement.physical_to_logical.data_ptr() == md.physical_to_logical_map[3].data_ptr()  # a live view
     kept = ref.topk_ids >= 0
     assert torch.equal(md.physical_to_logical_map[3][out.topk_ids[kept].long()], ref.topk_ids[kept].long())
@@ -401,11 +403,11 @@ def test_routed_experts_capture_gets_logical_ids_under_eplb(sg, installed, eplb_
     cap, prev = _RoutedExpertsCapture(), get_global_experts_capturer()
     set_global_experts_capturer(cap)
     try:
-        with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+        with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
             out = _topk(sg).forward_native(torch.randn(T, HIDDEN), _logits(26).clone(), expert_location_dispatch_info=info)
     finally:
         set_global_experts_capturer(prev)
-    assert next(iter(hook._STATE.layers.values())).paths == {T: path}
+    assert next(iter(runtime.current().layers.values())).paths == {T: path}
     assert cap.calls == 1
     got = cap.cache.buffer[:T, 3].long()
     p2l = md.physical_to_logical_map[3]
@@ -436,7 +438,7 @@ def test_eplb_rebalance_reaches_xshare_ep(sg, installed, eplb_metadata):
 
     tk = _topk(sg)
     logits = _logits(19)
-    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+    with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
         tk.forward_native(torch.randn(T, HIDDEN), logits.clone(), expert_location_dispatch_info=info())
     old = md.physical_to_logical_map[3].clone()
     g = torch.Generator().manual_seed(5)
@@ -452,7 +454,7 @@ def test_eplb_rebalance_reaches_xshare_ep(sg, installed, eplb_metadata):
                                              logical_to_all_physical_map=l2all)
     md.update(other, update_layer_ids=[3])  # SGLang's own rebalance path (the patched method)
     assert torch.equal(md.physical_to_logical_map[3], new_map) and not torch.equal(old, new_map)
-    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+    with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
         out = tk.forward_native(torch.randn(T, HIDDEN), logits.clone(), expert_location_dispatch_info=info())
     kept = out.topk_ids >= 0
     logical = new_map[out.topk_ids[kept].long()]
@@ -476,7 +478,7 @@ def test_xshare_ep_against_independent_expectation(sg, installed, eplb_metadata)
         partial_logical_to_all_physical_map_num_valid=md.logical_to_all_physical_map_num_valid[3],
         num_physical_experts=md.num_physical_experts)
     logits = _logits(16)
-    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+    with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
         out = _topk(sg).forward_native(torch.randn(T, HIDDEN), logits.clone(), expert_location_dispatch_info=info)
     p2l = md.physical_to_logical_map[3]
     per_rank = md.num_physical_experts // R
@@ -502,18 +504,18 @@ def test_single_token_batches_step_aside(sg, installed):
     tk = _topk(sg)
     plain = tk.forward_native(x, logits.clone())
     installed(policy="xshare", budget="0.5", empty_slots="minus_one")
-    with hook.batch_scope(hook.BatchInfo("decode", batch_size=1)):
+    with context.batch_scope(context.BatchInfo("decode", batch_size=1)):
         one = tk.forward_native(x, logits.clone())
     assert torch.equal(one.topk_ids, plain.topk_ids) and torch.equal(one.topk_weights, plain.topk_weights)
     two = torch.cat([logits, _logits(18, n=1)])
-    with hook.batch_scope(hook.BatchInfo("decode", batch_size=2)):
+    with context.batch_scope(context.BatchInfo("decode", batch_size=2)):
         out = tk.forward_native(torch.randn(2, HIDDEN), two.clone())
     union = set(torch.topk(two, K, dim=-1).indices.flatten().tolist())
     assert len(set(out.topk_ids[out.topk_ids >= 0].tolist())) == -(-len(union) // 2)  # half of top-k's experts
-    assert next(iter(hook._STATE.layers.values())).paths == {1: "sglang", 2: "fast"}
-    hook.uninstall()
+    assert next(iter(runtime.current().layers.values())).paths == {1: "sglang", 2: "fast"}
+    install.uninstall()
     installed(policy="xshare", budget="0.5", empty_slots="minus_one", min_tokens="1")
-    with hook.batch_scope(hook.BatchInfo("decode", batch_size=1)):
+    with context.batch_scope(context.BatchInfo("decode", batch_size=1)):
         forced = _topk(sg).forward_native(x, logits.clone())
     assert (forced.topk_ids == -1).any()
 
@@ -551,7 +553,7 @@ def test_ep_global_selects_from_every_ranks_tokens(sg, installed, monkeypatch, p
     cfg = installed(policy=policy, empty_slots="minus_one", ep_global=True, **kw)
     tk = _topk(sg)
     mine, theirs = _logits(41, n=T // 2), _logits(42, n=T // 2)
-    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T // 2)):
+    with context.batch_scope(context.BatchInfo("decode", batch_size=T // 2)):
         tk.forward_native(torch.randn(T // 2, HIDDEN), theirs.clone())  # the peer's statistics
         grp.peer = grp.sent[-1]
         out = tk.forward_native(torch.randn(T // 2, HIDDEN), mine.clone())
@@ -561,14 +563,14 @@ def test_ep_global_selects_from_every_ranks_tokens(sg, installed, monkeypatch, p
     local = _selector(cfg)(mine.clone(), layer_id=3)
     assert not torch.equal(local.topk_ids, ref.topk_ids[: T // 2])  # the peer's tokens changed the choice
     grp.peer = None
-    with hook.batch_scope(hook.BatchInfo("prefill", batch_size=T)):
+    with context.batch_scope(context.BatchInfo("prefill", batch_size=T)):
         tk.forward_native(torch.randn(T, HIDDEN), _logits(43).clone())  # SGLang's routing, still the collective
-    with hook.batch_scope(hook.BatchInfo("decode", batch_size=1)):
+    with context.batch_scope(context.BatchInfo("decode", batch_size=1)):
         one = tk.forward_native(torch.randn(1, HIDDEN), _logits(44, n=1).clone())
     assert len(grp.sent) == 4
     assert {(t.dtype, tuple(t.shape)) for t in grp.sent} == {(grp.sent[0].dtype, tuple(grp.sent[0].shape))}
     assert torch.count_nonzero(grp.sent[2]) == 0  # the idle call adds nothing
-    assert next(iter(hook._STATE.layers.values())).paths[1] == "fast" and (one.topk_ids >= 0).any()
+    assert next(iter(runtime.current().layers.values())).paths[1] == "fast" and (one.topk_ids >= 0).any()
 
 
 @pytest.mark.parametrize("force", [None, "legacy"])
@@ -587,7 +589,7 @@ def test_ep_global_joins_each_collective_once_per_call_on_every_path(sg, install
     monkeypatch.setattr(rc, "get_parallel", lambda: par)
     monkeypatch.setattr(sg, "get_parallel", lambda: par)
     if force:
-        monkeypatch.setenv(hook.FORCE_PATH_ENV, force)
+        monkeypatch.setenv(runtime.FORCE_PATH_ENV, force)
     sw = tmp_path / "arm"
     sw.write_text("1")
     installed(policy="xshare", budget="0.5", empty_slots="minus_one", ep_global=True, ab_switch=str(sw),
@@ -597,10 +599,10 @@ def test_ep_global_joins_each_collective_once_per_call_on_every_path(sg, install
     outs = []
     for n in (T, 1):
         before = len(grp.sent)
-        with hook.batch_scope(hook.BatchInfo("decode", batch_size=n)):
+        with context.batch_scope(context.BatchInfo("decode", batch_size=n)):
             outs.append(tk.forward_native(torch.randn(n, HIDDEN), logits[:n].clone()))
         assert len(grp.sent) - before == 2, (n, len(grp.sent) - before)  # xshare's and the oea arm's
-    assert next(iter(hook._STATE.layers.values())).paths == {T: force or "fast", 1: force or "fast"}
+    assert next(iter(runtime.current().layers.values())).paths == {T: force or "fast", 1: force or "fast"}
     before = len(grp.sent)
     tk.empty_topk_output(torch.device("cpu"))  # what the other rank runs when it has no tokens
     assert len(grp.sent) - before == 2
@@ -615,7 +617,7 @@ def test_legacy_path_drops_the_routers_stale_packed_ids(sg, installed, monkeypat
     pack added as the kernel writes it: ``expert << 16 | bf16 weight bits``). On the ``legacy`` path
     the policy rewrites ids and weights at the post-processing seam, after the pack: a consumer of
     the packed ids would run SGLang's routing. The hook must hand on the seam's routing only."""
-    monkeypatch.setenv(hook.FORCE_PATH_ENV, "legacy")
+    monkeypatch.setenv(runtime.FORCE_PATH_ENV, "legacy")
     real = sg.select_experts
 
     def packing_router(*args, **kw):
@@ -625,18 +627,18 @@ def test_legacy_path_drops_the_routers_stale_packed_ids(sg, installed, monkeypat
                                            (out.topk_ids.to(torch.int32) << 16) | bits)
 
     cfg = installed(policy="xshare", budget="6", empty_slots="minus_one")
-    select = hook._make_select_experts_wrapper(packing_router)
+    select = functools.partial(route.select_experts, packing_router)
     tc = _topk(sg).topk_config
     tc.torch_native = True  # what TopK.forward_native sets (the CPU router)
     logits = _logits(28)
-    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+    with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
         out = select(torch.randn(T, HIDDEN), logits.clone(), tc, layer_id=3)
-    assert next(iter(hook._STATE.layers.values())).paths == {T: "legacy"}
+    assert next(iter(runtime.current().layers.values())).paths == {T: "legacy"}
     ref = _selector(cfg)(logits, layer_id=3)
     assert torch.equal(out.topk_ids.to(torch.int32), ref.topk_ids)
     assert getattr(out, "packed_topk_ids", None) is None and type(out) is sg.StandardTopKOutput
-    hook.uninstall()
-    plain = hook._make_select_experts_wrapper(packing_router)(torch.randn(T, HIDDEN), logits.clone(), tc, layer_id=3)
+    install.uninstall()
+    plain = functools.partial(route.select_experts, packing_router)(torch.randn(T, HIDDEN), logits.clone(), tc, layer_id=3)
     assert plain.packed_topk_ids is not None  # without the hook SGLang's pack stays (it is SGLang's routing)
 
 
@@ -664,12 +666,12 @@ def test_ep_global_rank_without_tokens_joins_the_all_reduce(sg, installed, monke
     out = fresh.empty_topk_output(torch.device("cpu"))
     assert out.topk_ids.shape == (0, K) and len(grp.sent) == 1 and torch.count_nonzero(grp.sent[0]) == 0
     tk = _topk(sg)
-    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+    with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
         tk.forward_native(torch.randn(T, HIDDEN), _logits(45).clone())  # a selecting call: what the peer sends
-    with hook.batch_scope(hook.BatchInfo("idle", batch_size=0)):
+    with context.batch_scope(context.BatchInfo("idle", batch_size=0)):
         tk.empty_topk_output(torch.device("cpu"))
         tk.empty_topk_output(torch.device("cpu"), layer_id=3)
-    assert len(grp.sent) == 4 and len(hook._STATE.layers) == 2
+    assert len(grp.sent) == 4 and len(runtime.current().layers) == 2
     assert {(t.dtype, tuple(t.shape)) for t in grp.sent} == {(grp.sent[1].dtype, tuple(grp.sent[1].shape))}
     assert torch.count_nonzero(grp.sent[2]) == 0 and torch.count_nonzero(grp.sent[3]) == 0
     _topk(sg, layer_id=7, is_draft=True).empty_topk_output(torch.device("cpu"))
@@ -713,19 +715,19 @@ def _ep_global_rank(rank: int, port: int, queue) -> None:
         par = SimpleNamespace(moe_ep_group=Group(), moe_ep_size=2, tp_group=SimpleNamespace(world_size=1))
         moe_utils.is_moe_input_scattered_across_dp_ranks = lambda: True
         rc.get_parallel = sg_topk.get_parallel = lambda: par
-        hook.install(XShareServerConfig(policy="xshare", budget="0.5", empty_slots="minus_one", ep_global=True))
+        install.install(XShareServerConfig(policy="xshare", budget="0.5", empty_slots="minus_one", ep_global=True))
         layers = [sg_topk.TopK(top_k=K, renormalize=True, layer_id=i) for i in (3, 4)]
         mine = _logits(51 + rank, n=T // 2)
         outs = []
 
         def decode():
-            with hook.batch_scope(hook.BatchInfo("decode", batch_size=T // 2)):
+            with context.batch_scope(context.BatchInfo("decode", batch_size=T // 2)):
                 outs.append([tk.forward_native(torch.randn(T // 2, HIDDEN), mine.clone()).topk_ids for tk in layers[:1]])
 
         decode()
         # rank 0 prefills while rank 1 has no request: SGLang's model calls empty_topk_output there;
         # layer 4 has never routed on rank 1
-        with hook.batch_scope(hook.BatchInfo("prefill" if rank == 0 else "idle", batch_size=T if rank == 0 else 0)):
+        with context.batch_scope(context.BatchInfo("prefill" if rank == 0 else "idle", batch_size=T if rank == 0 else 0)):
             for tk in layers:
                 if rank == 0:
                     tk.forward_native(torch.randn(T, HIDDEN), _logits(60).clone())
@@ -775,13 +777,13 @@ def test_ab_arms_compare_several_policies_in_one_server(sg, installed, tmp_path)
     (min tokens 1) still selects. A number beyond the arms reads as SGLang's."""
     import os
 
-    from sglang_xshare.serving.flags import parse_xshare_argv
+    from sglang_xshare.serving.cli_flags import parse_xshare_argv
 
     sw = tmp_path / "arm"
     sw.write_text("0")
     cfg = installed(policy="xshare", budget="8", empty_slots="minus_one", ab_switch=str(sw), metrics=True,
                     metrics_interval=1000, ab_arms=("policy=oea,warmup-k0=2", "policy=cap,cap=2"))
-    main, oea, cap = cfg.arm_configs()
+    main, oea, cap = arm_configs(cfg)
     assert (oea.policy, oea.warmup_k0, cap.policy, cap.cap) == ("oea", 2, "cap", 2)
     assert parse_xshare_argv(["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-ab-switch", str(sw),
                               "--xshare-ab-arm", "policy=oea,warmup-k0=2", "--xshare-ab-arm", "policy=cap,cap=2",
@@ -797,7 +799,7 @@ def test_ab_arms_compare_several_policies_in_one_server(sg, installed, tmp_path)
     mtime = [sw.stat().st_mtime_ns]
 
     def step(n=T):
-        with hook.batch_scope(hook.BatchInfo("decode", batch_size=n)):
+        with context.batch_scope(context.BatchInfo("decode", batch_size=n)):
             return tk.forward_native(x[:n], logits[:n].clone())
 
     def write(text):
@@ -812,17 +814,17 @@ def test_ab_arms_compare_several_policies_in_one_server(sg, installed, tmp_path)
     assert torch.equal(step().topk_ids, plain.topk_ids)
     for arm, ref in ((1, refs[0]), (2, refs[1]), (3, refs[2])):
         write(str(arm))
-        assert hook._STATE.switch.arm == arm and routed_by(step(), ref), arm
+        assert runtime.current().ab.switch.arm == arm and routed_by(step(), ref), arm
     write("9")  # no such arm
     out = step()
-    assert hook._STATE.switch.arm == 0 and torch.equal(out.topk_ids, plain.topk_ids)
+    assert runtime.current().ab.switch.arm == 0 and torch.equal(out.topk_ids, plain.topk_ids)
     one_plain = _topk(sg).forward_native(x[:1], logits[:1].clone())
     write("3")
     assert routed_by(step(1), _selector(cap)(logits[:1], layer_id=3))  # cap selects one token
     write("1")
     assert torch.equal(step(1).topk_ids, one_plain.topk_ids)  # xshare steps aside at one token
-    counts = [m.flush()[3] for m in (hook._STATE.metrics, *hook._STATE.arm_metrics)]
-    assert [m.rank for m in hook._STATE.arm_metrics] == ["0/arm2", "0/arm3"]
+    counts = [m.flush()[3] for m in (runtime.current().metrics, *runtime.current().ab.arm_metrics)]
+    assert [m.rank for m in runtime.current().ab.arm_metrics] == ["0/arm2", "0/arm3"]
     calls = [c["calls"] for c in counts]
     assert calls[0] == calls[1] and calls[2] > calls[1]  # every arm ran every batch; cap also the one-token ones
     per_call = [c["distinct"] / c["calls"] for c in counts[:2]]
@@ -842,10 +844,10 @@ def test_experts_not_divisible_by_ep_size_without_a_map(sg, installed, monkeypat
     par = SimpleNamespace(moe_ep_size=3, tp_group=SimpleNamespace(world_size=1))
     monkeypatch.setattr(rc, "get_parallel", lambda: par)
     installed(policy="xshare_ep", budget="8", empty_slots="minus_one")
-    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)), \
+    with context.batch_scope(context.BatchInfo("decode", batch_size=T)), \
             pytest.raises(XShareConfigError, match="--ep-size.*32 experts are not divisible by EP size 3"):
         _topk(sg).forward_native(torch.randn(T, HIDDEN), _logits(29).clone())
-    hook.uninstall()
+    install.uninstall()
     cfg = installed(policy="xshare", budget="8", empty_slots="minus_one")
     seen: list[str] = []
     handler = logging.Handler(logging.WARNING)
@@ -853,18 +855,18 @@ def test_experts_not_divisible_by_ep_size_without_a_map(sg, installed, monkeypat
     log = logging.getLogger("sglang_xshare.serving")
     log.addHandler(handler)
     try:
-        with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+        with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
             out = _topk(sg).forward_native(torch.randn(T, HIDDEN), _logits(29).clone())
     finally:
         log.removeHandler(handler)
     assert torch.equal(out.topk_ids.to(torch.int32), _selector(cfg)(_logits(29), layer_id=3).topk_ids)
     assert any("not divisible by the MoE EP size 3" in m for m in seen), seen
     par.moe_ep_size = 4
-    hook.uninstall()
+    install.uninstall()
     installed(policy="xshare_ep", budget="8", empty_slots="minus_one")
-    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+    with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
         _topk(sg).forward_native(torch.randn(T, HIDDEN), _logits(29).clone())
-    assert next(iter(hook._STATE.layers.values())).placement.num_ranks == 4
+    assert next(iter(runtime.current().layers.values())).placement.num_ranks == 4
 
 
 def test_ab_switch_gives_the_experts_the_arm_the_file_names(sg, installed, tmp_path):
@@ -872,7 +874,8 @@ def test_ab_switch_gives_the_experts_the_arm_the_file_names(sg, installed, tmp_p
     the experts get; the device flag is flipped in place (captured graphs keep reading it)."""
     import os
 
-    from sglang_xshare.serving.flags import XShareConfigError, parse_xshare_argv
+    from sglang_xshare.config import XShareConfigError
+    from sglang_xshare.serving.cli_flags import parse_xshare_argv
 
     x, logits = torch.randn(T, HIDDEN), _logits(21)
     plain = _topk(sg).forward_native(x, logits.clone())
@@ -886,7 +889,7 @@ def test_ab_switch_gives_the_experts_the_arm_the_file_names(sg, installed, tmp_p
     mtime = [sw.stat().st_mtime_ns]
 
     def step():
-        with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+        with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
             return tk.forward_native(x, logits.clone())
 
     def write(text):
@@ -901,14 +904,14 @@ def test_ab_switch_gives_the_experts_the_arm_the_file_names(sg, installed, tmp_p
         return torch.equal(out.topk_ids.to(torch.int32), ref.topk_ids) and torch.equal(out.topk_weights, ref.topk_weights)
 
     assert is_sglang(step())
-    flag = hook._STATE.switch.on_flag(logits.device)
+    flag = runtime.current().ab.switch.on_flag(logits.device)
     write("1")
     assert is_sglang(step())  # read at that step's end ...
-    assert is_policy(step()) and bool(flag) and hook._STATE.switch.on_flag(logits.device) is flag  # ... in place
+    assert is_policy(step()) and bool(flag) and runtime.current().ab.switch.on_flag(logits.device) is flag  # ... in place
     write("policy")
     assert is_policy(step())  # same arm: nothing flips
     write("0")
-    with hook.batch_scope(hook.BatchInfo("idle", batch_size=0)):  # a DP rank without requests reads it too
+    with context.batch_scope(context.BatchInfo("idle", batch_size=0)):  # a DP rank without requests reads it too
         pass
     assert not bool(flag)
     write("1")
@@ -916,8 +919,8 @@ def test_ab_switch_gives_the_experts_the_arm_the_file_names(sg, installed, tmp_p
     assert is_policy(step())
     write("0")
     step()
-    assert is_sglang(step()) and not bool(flag) and hook._STATE.switch.flips == 4
-    assert hook._STATE.metrics.path_steps == {"ab_sglang": 4, "policy": 4}  # steps 1, 2, 5, 8 / 3, 4, 6, 7
+    assert is_sglang(step()) and not bool(flag) and runtime.current().ab.switch.flips == 4
+    assert runtime.current().metrics.path_steps == {"ab_sglang": 4, "policy": 4}  # steps 1, 2, 5, 8 / 3, 4, 6, 7
     sw.unlink()
     assert is_sglang(step())  # no file: SGLang's routing
     with pytest.raises(XShareConfigError, match="--xshare-ab-switch"):
@@ -963,14 +966,14 @@ def test_ab_switch_and_arms_at_the_post_processing_seam(sg, installed, tmp_path)
     sw.write_text("0")
     cfg = installed(policy="xshare", budget="6", empty_slots="minus_one", ab_switch=str(sw),
                     ab_arms=("policy=cap,cap=2",))
-    refs = [_selector(c)(logits, layer_id=3).topk_ids for c in cfg.arm_configs()]
+    refs = [_selector(c)(logits, layer_id=3).topk_ids for c in arm_configs(cfg)]
 
     def step():
-        with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+        with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
             return tk.forward_native(x, logits.clone())
 
     out = step()
-    assert next(iter(hook._STATE.layers.values())).paths[T] == "legacy"
+    assert next(iter(runtime.current().layers.values())).paths[T] == "legacy"
     assert torch.equal(out.topk_ids, plain.topk_ids) and torch.equal(out.topk_weights, plain.topk_weights)
     for arm, ref in ((1, refs[0]), (2, refs[1])):
         sw.write_text(str(arm))
@@ -1002,7 +1005,7 @@ def test_draft_layers_keep_sglang_routing_unless_asked(sg, installed):
     draft = _topk(sg, is_draft=True)
     out = draft.forward_native(x, logits.clone())
     assert torch.equal(out.topk_ids, plain.topk_ids) and torch.equal(out.topk_weights, plain.topk_weights)
-    hook.uninstall()
+    install.uninstall()
     cfg = installed(policy="xshare", budget="4", apply_to_draft=True, empty_slots="minus_one")
     out = _topk(sg, is_draft=True).forward_native(x, logits.clone())
     assert torch.equal(out.topk_ids.to(torch.int32), _selector(cfg)(logits, layer_id=3).topk_ids)
@@ -1013,10 +1016,10 @@ def test_prefill_batches_keep_sglang_routing_by_default(sg, installed):
     plain = _topk(sg).forward_native(x, logits.clone())
     installed(policy="xshare", budget="4")
     tk = _topk(sg)
-    with hook.batch_scope(hook.BatchInfo("prefill", batch_size=2)):
+    with context.batch_scope(context.BatchInfo("prefill", batch_size=2)):
         out = tk.forward_native(x, logits.clone())
     assert torch.equal(out.topk_ids, plain.topk_ids)
-    with hook.batch_scope(hook.BatchInfo("decode", batch_size=T)):
+    with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
         out = tk.forward_native(x, logits.clone())
     assert not torch.equal(out.topk_ids, plain.topk_ids)
 
@@ -1031,7 +1034,7 @@ def test_trace_recorder_writes_trace_format(sg, installed, tmp_path):
     for s, n in enumerate((5, 7, 6)):
         logits = [_logits(20 + 2 * s + j, n=8) for j in range(2)]
         steps.append((n, logits))
-        with hook.batch_scope(hook.BatchInfo("decode", batch_size=n)):
+        with context.batch_scope(context.BatchInfo("decode", batch_size=n)):
             for tk, lg in zip(layers, logits):
                 tk.forward_native(torch.randn(8, HIDDEN), lg.clone())
     tr = Trace.load(path)
@@ -1091,7 +1094,7 @@ def _child_probe(queue) -> None:
         from sglang.srt.plugins import load_plugins
 
         load_plugins()
-        from sglang_xshare.serving import hook as child_hook
+        from sglang_xshare.serving import install as child_hook
 
         cfg = child_hook.installed_config()
         from sglang.srt.model_executor import forward_context as fc
@@ -1125,7 +1128,7 @@ def test_hook_reaches_spawned_child_through_sglang_plugin_loader(tmp_path, monke
     p.join(timeout=60)
     assert got[0] != "error", got
     assert got[0] == cfg.to_json()
-    assert got[1] == "sglang_xshare.serving.hook"  # SGLang's module, imported after the plugin ran, is patched
+    assert got[1] == "sglang_xshare.serving.patches"  # SGLang's module, imported after the plugin ran, is patched
 
 
 @pytest.fixture(scope="module")
@@ -1173,7 +1176,7 @@ def test_moe_layer_forward_with_policy(sg, installed, moe_layer):
     tk = _topk(sg)
     cfg = installed(policy="cap", cap=2)  # auto on CPU: SGLang's torch-native MoE -> distinct fillers
     out = tk.forward_native(x, logits.clone())
-    lp = next(iter(hook._STATE.layers.values()))
+    lp = next(iter(runtime.current().layers.values()))
     assert lp.empty_mode == "distinct" and (out.topk_ids >= 0).all()
     assert all(len(set(r.tolist())) == K for r in out.topk_ids)  # no duplicate ids in a row
     ref = _selector(cfg)(logits, layer_id=3)

@@ -31,9 +31,9 @@ import torch.distributed as dist
 
 from ..placement import Placement
 from ..select import Selector, SelectionOutput
-from ..select.selector import GLOBAL_POLICIES
+from ..select.registry import get_policy
 
-__all__ = ["DPAttentionSelector", "GLOBAL_POLICIES"]
+__all__ = ["DPAttentionSelector"]
 
 
 class DPAttentionSelector:
@@ -56,7 +56,7 @@ class DPAttentionSelector:
         self.mode = mode
         self.group = group
         self.policy = selector.config.policy
-        self.is_global = mode == "global" and self.policy in GLOBAL_POLICIES
+        self.is_global = mode == "global" and get_policy(self.policy).ep_global
         self.last_stats: torch.Tensor | None = None
 
     @property

@@ -21,6 +21,7 @@ import torch
 
 from ..dispatch.base import DispatchedTokens, Dispatcher, ExpertsFormat
 from ..placement import Placement
+from ..select.registry import get_policy
 from .experts import SwiGLUExperts
 
 __all__ = ["EPMoELayer", "ReplicaMap", "Selection"]
@@ -114,7 +115,7 @@ class EPMoELayer(torch.nn.Module):
     @selector.setter
     def selector(self, selector: Callable[..., Selection] | None) -> None:
         policy = getattr(selector, "policy", None) or getattr(getattr(selector, "config", None), "policy", None)
-        if policy == "xshare_ep":  # its physical ids name slots of *its* placement: it must be this layer's
+        if policy is not None and get_policy(policy).uses_placement:  # its physical ids name slots of *its* placement: it must be this layer's
             sp = getattr(selector, "placement", None)
             if sp is None or sp.num_ranks != self.placement.num_ranks or not torch.equal(
                     sp.physical_to_logical.cpu(), self.placement.physical_to_logical.cpu()):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Protocol
 
 import torch
@@ -18,6 +18,7 @@ from ..config import POLICY_NAMES, RoutingSpec
 from .output import OutputSpec  # noqa: F401  (type of KernelFn's output)
 from .contract import BatchContext, Scores, SelectionOutput
 from .policies import cap, oea, topk, xshare, xshare_ep, xshare_spec
+from .traits import TRAITS, PolicyTraits
 
 __all__ = ["PolicyEntry", "KernelFn", "get_policy", "register_kernel"]
 
@@ -45,24 +46,16 @@ class KernelFn(Protocol):
 
 
 @dataclass(frozen=True)
-class PolicyEntry:
-    """A policy's two implementations and what it needs.
+class PolicyEntry(PolicyTraits):
+    """A policy's capabilities (:class:`~.traits.PolicyTraits`) and its two implementations.
 
     Attributes:
-        name: registry name.
         reference: the PyTorch oracle ``(Scores, BatchContext) -> SelectionOutput``.
         kernel_path: ``"module:function"`` of the Triton path, imported on first use, or ``None``.
-        budgeted: whether it takes a batch budget ``m_l``.
-        uses_requests: whether it reads ``request_ids``.
-        uses_placement: whether it reads the placement (and returns ``physical_ids``).
     """
 
-    name: str
-    reference: ReferenceFn
+    reference: ReferenceFn | None = None
     kernel_path: str | None = None
-    budgeted: bool = False
-    uses_requests: bool = False
-    uses_placement: bool = False
 
     def kernel(self) -> KernelFn | None:
         """The fast path, or ``None`` when it is not registered or cannot be imported (no Triton)."""
@@ -82,19 +75,15 @@ class PolicyEntry:
 
 _KERNELS: dict[str, str | None] = {}
 
+_IMPLEMENTATIONS: dict[str, ReferenceFn] = {
+    "topk": topk.reference, "cap": cap.reference, "oea": oea.reference, "oea_simple": oea.reference_simple,
+    "xshare": xshare.reference, "xshare_ep": xshare_ep.reference, "xshare_spec": xshare_spec.reference,
+}
+
 _REGISTRY: dict[str, PolicyEntry] = {
-    e.name: e
-    for e in (
-        PolicyEntry("topk", topk.reference, "sglang_xshare.kernels.select:topk_kernel"),
-        PolicyEntry("cap", cap.reference, "sglang_xshare.kernels.select:cap_kernel"),
-        PolicyEntry("oea", oea.reference, "sglang_xshare.kernels.select:oea_kernel"),
-        PolicyEntry("oea_simple", oea.reference_simple, "sglang_xshare.kernels.select:oea_simple_kernel"),
-        PolicyEntry("xshare", xshare.reference, "sglang_xshare.kernels.select:xshare_kernel", budgeted=True),
-        PolicyEntry("xshare_ep", xshare_ep.reference, "sglang_xshare.kernels.select:xshare_ep_kernel",
-                    budgeted=True, uses_placement=True),
-        PolicyEntry("xshare_spec", xshare_spec.reference, "sglang_xshare.kernels.select:xshare_spec_kernel",
-                    budgeted=True, uses_requests=True),
-    )
+    name: PolicyEntry(**{f.name: getattr(t, f.name) for f in fields(PolicyTraits)}, reference=_IMPLEMENTATIONS[name],
+                      kernel_path=f"sglang_xshare.kernels.select:{name}_kernel")
+    for name, t in TRAITS.items()
 }
 assert tuple(_REGISTRY) == POLICY_NAMES
 

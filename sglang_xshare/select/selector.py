@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from ..config import GLOBAL_POLICIES, RoutingSpec, SelectionConfig, XShareConfigError
+from ..config import RoutingSpec, SelectionConfig, XShareConfigError
 from ..placement import Placement
 from .common import membership, token_order
 from .contract import BatchContext, SelectionOutput
@@ -20,7 +20,7 @@ from .output import OutputSpec, apply_output, metrics_counts
 from .registry import get_policy
 from .scoring import compute_scores
 
-__all__ = ["Selector", "valid_mask", "reference_only_knobs", "GLOBAL_POLICIES"]
+__all__ = ["Selector", "valid_mask", "reference_only_knobs"]
 
 
 Backend = Literal["auto", "reference", "kernel"]
@@ -114,7 +114,7 @@ class Selector:
             valid = valid_mask(num_tokens, num_token_non_padded, device)
         return BatchContext(
             top_k=self.routing.top_k,
-            k0=cfg.k0 if cfg.policy not in ("topk", "cap") else (self.routing.top_k if cfg.policy == "topk" else cfg.cap or 1),
+            k0=cfg.k0 if self.entry.warmup else (self.routing.top_k if self.entry.plain_topk else cfg.cap or 1),
             renormalize=self.routing.renormalize,
             valid=valid,
             budget=cfg.budget.for_layer(layer_id) if cfg.budget is not None else None,
@@ -168,9 +168,10 @@ class Selector:
         """
         if router_logits.dim() != 2 or router_logits.shape[1] != self.routing.num_experts:
             raise ValueError(f"router_logits must be [T, {self.routing.num_experts}], got {tuple(router_logits.shape)}")
-        if output is not None and output.ids == "physical" and self.config.policy != "xshare_ep":
-            raise ValueError("OutputSpec(ids='physical') needs policy xshare_ep")
-        if stats_reduce is not None and self.config.policy not in GLOBAL_POLICIES:
+        if output is not None and output.ids == "physical" and not self.entry.uses_placement:
+            raise ValueError(f"OutputSpec(ids='physical') needs a policy that chooses physical copies (xshare_ep), "
+                             f"not {self.config.policy}")
+        if stats_reduce is not None and not self.entry.ep_global:
             raise ValueError(f"policy {self.config.policy} has no batch statistics to reduce over ranks")
         kernel = self.uses_kernel(router_logits)
         ctx = self.context(router_logits.shape[0], router_logits.device, layer_id, num_token_non_padded, request_ids,

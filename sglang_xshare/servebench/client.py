@@ -5,7 +5,7 @@ process -- its own argument parser, dataset generation (``random-ids``: prompts 
 ids, varied; ``ignore_eos`` is its default, so every request decodes its full output length) and
 metrics -- once per load level, without paying its import for every level.
 :func:`xshare_counters` reads this package's live metrics from a ``/metrics`` scrape
-(:mod:`sglang_xshare.serving.metrics`), summed over layers, per rank.
+(:mod:`sglang_xshare.serving.telemetry.metrics`), summed over layers, per rank.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Sequence
 
-from ..serving.metrics import parse_prometheus
+from ..serving.telemetry.metrics import parse_prometheus
 from .server import http_get
 
 __all__ = ["bench_serving_argv", "run_bench_serving", "scrape", "xshare_counters", "sglang_counters", "counter_delta",

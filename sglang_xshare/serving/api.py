@@ -5,9 +5,9 @@
 >>> import sglang as sgl
 >>> llm = sgl.Engine(model_path="Qwen/Qwen3-30B-A3B", tp_size=2, ep_size=2)
 
-``enable`` validates the flags, exports them in :data:`~.flags.ENV_VAR` (inherited by the
+``enable`` validates the flags, exports them in :data:`~.config.ENV_VAR` (inherited by the
 scheduler / TP / EP processes ``sgl.Engine`` spawns, where SGLang's plugin loader runs
-:func:`~.hook.sglang_plugin`) and installs the hook in the calling process too.
+:func:`~.install.sglang_plugin`) and installs the hook in the calling process too.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import os
 from importlib.metadata import entry_points
 from typing import Any
 
-from .flags import ENV_VAR, XShareServerConfig
-from .hook import install, uninstall
+from .config import ENV_VAR, XShareServerConfig
+from .install import install, uninstall
 
 __all__ = ["enable", "disable", "plugin_registered", "PLUGIN_GROUP", "PLUGIN_NAME"]
 
@@ -81,7 +81,7 @@ def enable(policy: str = "xshare", budget: str | int | float | None = None, warm
     ``oea_simple`` | ``xshare`` | ``xshare_ep`` | ``xshare_spec``), ``budget`` (``24``, ``0.6``,
     ``"mass:0.9"``), ``warmup_k0``, ``request_budget``, ``cap``, ``layer_budgets``
     (``"0:32,5:mass:0.95"`` or ``{0: 32}``) and, as keywords, every other
-    :class:`~.flags.XShareServerConfig` field (``metrics=True``, ``record_trace="t.npz"``,
+    :class:`~.config.XShareServerConfig` field (``metrics=True``, ``record_trace="t.npz"``,
     ``apply_to_draft=True``, ``empty_slots="fill"``, ...).
 
     Returns:

@@ -1,15 +1,15 @@
 """One SGLang MoE layer under xshare: its policy, and which path a batch of ``T`` tokens takes.
 
 Built once per SGLang ``TopK`` (at its first routing call) from SGLang's own ``TopKConfig`` and
-the server's placement. Per call the hook asks :meth:`LayerPolicy.path` which of four paths a
-batch takes -- a pure function of the batch *shape* and configuration (Python ints), so under
-CUDA graphs it is decided once per captured batch size, at capture time:
+the server's placement. Per call :func:`~.route.decide` picks which of four paths a batch takes
+-- a pure function of the batch *shape* and configuration (Python ints), so under CUDA graphs it
+is decided once per captured batch size, at capture time:
 
 ``"sglang"``   SGLang routes, untouched (policy ``off`` / ``topk``, draft or prefill layers,
                batches too small to share experts, per-token dynamic bias, routing simulation).
 ``"fast"``     the policy *replaces* SGLang's routing: one kernel launch writes the final
                ``topk_ids`` / ``topk_weights`` (dispatched ids, ``-1`` or filled empty slots,
-               routed scale, EPLB static map or xshare_ep's physical copies, fused metrics); SGLang's
+               routed scale, EPLB static map or the policy's own physical copies, fused metrics); SGLang's
                own top-k does not run.
 ``"general"``  the policy replaces SGLang's router, then SGLang's own post-processing runs on its
                output (EPLB dynamic / LP dispatch, a torch-native CPU MoE): empty slots are filled
@@ -35,7 +35,7 @@ from ..select import Selector
 from ..select.output import MetricsSink, OutputSpec
 from .slots import resolve_empty_slot_mode
 
-__all__ = ["LayerPolicy", "build_layer", "routing_from_topk_config", "BATCH_POLICIES", "DRAFT_ATTR"]
+__all__ = ["LayerPolicy", "build_layer", "routing_from_topk_config", "DRAFT_ATTR"]
 
 logger = logging.getLogger("sglang_xshare.serving")
 
@@ -45,10 +45,6 @@ DRAFT_ATTR = "_xshare_is_draft"
 #: Environment variable forcing the selection backend of every layer (``auto`` | ``reference`` |
 #: ``kernel``): ``kernel`` with ``TRITON_INTERPRET=1`` runs the GPU path on a CPU (tests).
 BACKEND_ENV = "SGLANG_XSHARE_SELECT_BACKEND"
-
-#: Policies whose choice depends on the other tokens of the batch (they step aside where a batch
-#: has nothing to share, under ``--xshare-min-tokens auto``).
-BATCH_POLICIES = ("oea", "oea_simple", "xshare", "xshare_ep", "xshare_spec")
 
 
 def routing_from_topk_config(tc: Any, num_experts: int) -> tuple[RoutingSpec | None, str | None]:
@@ -98,7 +94,7 @@ def _sglang_placement(num_experts: int, layer_id: int, device: torch.device, is_
     With EPLB metadata the placement's ``physical_to_logical`` is a view of SGLang's device
     tensor (updated in place on rebalance); otherwise plain EP over ``moe_ep_size`` ranks. Experts
     not divisible by the EP size (and no EPLB map): :class:`XShareConfigError` when ``strict``
-    (the policy balances ranks: ``xshare_ep``), else one balance group and a warning (only the
+    (the policy balances ranks: ``uses_placement``), else one balance group and a warning (only the
     live metrics' busiest-rank column reads the placement then).
     """
     md = None
@@ -155,12 +151,11 @@ class LayerPolicy:
         metrics_row: ``[8] int64`` row of the live metrics table (fused into the kernel) or ``None``.
         stats_reduce: ``--xshare-ep-global``: the all-reduce (sum over the MoE EP group) of the batch
             statistics, or ``None``; every call of the layer then joins it exactly once (a rank
-            with no MoE tokens joins in ``TopK.empty_topk_output``, :meth:`hook._State.join_ep_global`).
+            with no MoE tokens joins in ``TopK.empty_topk_output``, :meth:`.runtime.Runtime.join_ep_global`).
         idle_stats: zeros of the statistics' shape, all-reduced by calls that do not select (so that
             every rank joins the collective on every call, whatever its batch).
         topk_config: SGLang's ``TopKConfig`` (kept alive: the cache is keyed by its id).
         paths: the path taken per batch size so far (``T -> path``; logged once per size).
-        arms: ``--xshare-ab-arm``: the other policies' layers, computed beside this one (switch arms 2, 3, ...).
     """
 
     layer_id: int
@@ -178,8 +173,12 @@ class LayerPolicy:
     idle_stats: torch.Tensor | None = None
     topk_config: Any = field(repr=False, default=None)
     paths: dict[int, str] = field(default_factory=dict, repr=False)
-    arms: list["LayerPolicy"] = field(default_factory=list, repr=False)
     _specs: dict[tuple, OutputSpec] = field(default_factory=dict, repr=False)
+
+    @property
+    def chooses_copies(self) -> bool:
+        """Whether the layer's policy picks physical expert copies itself (``uses_placement``)."""
+        return self.selector is not None and self.selector.entry.uses_placement
 
     def reduce_idle(self) -> None:
         """``--xshare-ep-global``: join the layer's all-reduce with zeros (a call that does not select,
@@ -208,7 +207,7 @@ def _min_tokens(cfg: Any) -> int:
     the policy would only cut the token's own experts), 1 otherwise; or the given number."""
     if cfg.min_tokens != "auto":
         return int(cfg.min_tokens)
-    return 2 if cfg.policy in BATCH_POLICIES else 1
+    return 2 if cfg.entry is not None and cfg.entry.batch_aware else 1
 
 
 def _setup_ep_global(lp: LayerPolicy, tc: Any, device: torch.device) -> None:
@@ -254,7 +253,7 @@ def build_layer(cfg: Any, tc: Any, layer_id: int, router_logits: torch.Tensor, m
     E = int(router_logits.shape[-1])
     is_draft = bool(getattr(tc, DRAFT_ATTR, False))
     routing, reason = routing_from_topk_config(tc, E)
-    strict = cfg.selects and cfg.policy == "xshare_ep" and (not is_draft or cfg.apply_to_draft)
+    strict = cfg.selects and cfg.entry.uses_placement and (not is_draft or cfg.apply_to_draft)
     placement = _sglang_placement(E, layer_id, router_logits.device, is_draft, strict)[0] if routing is not None else None
     a2a, runner = _backend_names(tc, is_draft)
     empty_mode = resolve_empty_slot_mode(cfg.empty_slots, a2a, runner, router_logits.device.type)
@@ -267,8 +266,8 @@ def build_layer(cfg: Any, tc: Any, layer_id: int, router_logits: torch.Tensor, m
     selector = None
     if not cfg.selects:
         reason = reason or "policy off"
-    elif cfg.policy == "topk":
-        reason = reason or "policy topk is SGLang's own routing"
+    elif cfg.entry.plain_topk:
+        reason = reason or f"policy {cfg.policy} is SGLang's own routing"
     elif is_draft and not cfg.apply_to_draft:
         reason = "draft-model layer (use --xshare-apply-to-draft)"
     elif routing is not None:
@@ -285,7 +284,7 @@ def build_layer(cfg: Any, tc: Any, layer_id: int, router_logits: torch.Tensor, m
         logger.info("xshare: %s layer %d: policy %s (E=%d, top_k=%d, shared slots=%d, empty slots=%s, a2a=%s, "
                     "runner=%s, min tokens=%d)", "draft" if is_draft else "target", layer_id, cfg.policy, E,
                     routing.top_k, tc.num_shared_topk_slots, empty_mode, a2a, runner, lp.min_tokens)
-    elif cfg.selects and reason and cfg.policy != "topk":
+    elif cfg.selects and reason and not cfg.entry.plain_topk:
         logger.log(logging.INFO if "draft" in reason else logging.WARNING,
                    "xshare: %s layer %d keeps SGLang's routing: %s", "draft" if is_draft else "target", layer_id, reason)
     return lp

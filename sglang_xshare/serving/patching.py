@@ -1,7 +1,7 @@
 """Reversible monkey-patching of SGLang attributes, applied when their module is imported.
 
 SGLang's files are never edited. A :class:`Patch` replaces ``module.attr`` (or
-``module.Class.attr``) by a wrapper, also rebinds every ``from module import attr`` copy other
+``module.Class.attr``) by a wrapper function (whose ``__wrapped__`` it sets to the original), also rebinds every ``from module import attr`` copy other
 modules already hold (as SGLang's own ``HookRegistry`` does), and can be undone.
 :class:`PostImportHooks` defers a patch until its module is imported, so that a process that
 never imports SGLang's MoE code (detokenizer, tokenizer manager) never pays for it.
@@ -26,13 +26,12 @@ class Patch:
     Args:
         module: dotted module name (``"sglang.srt.layers.moe.topk"``).
         attr: ``"name"`` or ``"Class.name"``.
-        make_wrapper: ``original -> replacement``.
+        wrapper: the replacement, a function that calls ``wrapper.__wrapped__`` (the original).
     """
 
-    def __init__(self, module: str, attr: str, make_wrapper: Callable[[Any], Any]) -> None:
-        self.module, self.attr, self.make_wrapper = module, attr, make_wrapper
+    def __init__(self, module: str, attr: str, wrapper: Callable[..., Any]) -> None:
+        self.module, self.attr, self.wrapper = module, attr, wrapper
         self.original: Any = None
-        self.wrapper: Any = None
         self._rebound: list[tuple[Any, str]] = []
         self.applied = False
 
@@ -53,7 +52,7 @@ class Patch:
         if raw is None:
             raise AttributeError(f"{self.module}.{self.attr} not found (SGLang version mismatch?)")
         self.original = raw
-        self.wrapper = self.make_wrapper(raw)
+        self.wrapper.__wrapped__ = raw
         setattr(owner, name, self.wrapper)
         self._rebound = []
         if not isinstance(owner, type) and callable(raw):

@@ -1,4 +1,4 @@
-"""In-server A/B switch (``--xshare-ab-switch PATH``): the policy and SGLang's routing in one server.
+"""The in-server A/B switch (``--xshare-ab-switch PATH``): the policy and SGLang's routing in one server.
 
 Servers differ from start to start by as much as the policy's gain (``bench/results/serve_*``),
 so comparing two servers cannot tell a few percent apart. With the switch, every MoE layer the
@@ -15,7 +15,7 @@ What each arm pays (``--xshare-ab-idle-arms``):
                     slightly conservative: the policy's arm also runs SGLang's top-k, which a server
                     with only the policy would not).
 ``compute``         every arm selects in every layer, whichever routes the experts: all arms pay every
-                    selection, so the ratio is the expert cut alone (the runs before the flag existed).
+                    selection, so the ratio is the expert cut alone.
                     What the selection costs is then measured separately (``bench/hook_overhead.py``).
 
 The flag follows the file ``PATH``: ``1`` / ``on`` / ``policy`` -> the policy's routing, ``2``, ``3``,
@@ -132,7 +132,7 @@ class ABSwitch:
         Returns:
             ``(ids, weights)`` in SGLang's dtypes, ``[T, k]``.
         """
-        if len(arms) == 1:  # two where (what the committed A/B runs measured)
+        if len(arms) == 1:  # two where on a bool flag
             on = self.on_flag(sglang_ids.device)[:, None]
             return (torch.where(on, arms[0][0].to(sglang_ids.dtype), sglang_ids),
                     torch.where(on, arms[0][1].to(sglang_w.dtype), sglang_w))

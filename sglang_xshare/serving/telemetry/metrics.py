@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from ..select.output import METRIC_FIELDS
+from ...select.output import METRIC_FIELDS
 
-__all__ = ["LiveMetrics", "MAX_LAYERS", "parse_prometheus"]
+__all__ = ["LiveMetrics", "MAX_LAYERS", "parse_prometheus", "process_rank"]
 
 logger = logging.getLogger("sglang_xshare.serving")
 
@@ -215,7 +215,7 @@ def parse_prometheus(text: str, prefix: str = "sglang_xshare_") -> list[tuple[st
     return out
 
 
-def _rank() -> int:
+def process_rank() -> int:
     try:
         from sglang.srt.runtime_context import get_parallel
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..trace import Trace
+from ...trace import Trace
 
 __all__ = ["TraceRecorder", "rank_path"]
 
