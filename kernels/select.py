@@ -21,7 +21,8 @@ xshare_spec with ``request_ids``       3 (:mod:`._spec`, arbitrary request ids)
 No host synchronisation, no data-dependent Python branching, static shapes: every call of a
 shape launches the same kernels with the same grids, so it can be captured in a CUDA graph.
 
-``ctx.gate = (flag, arm)`` makes the batch and refine launches return at once unless the
+The launch condition ``gate=(flag, arm)`` (a keyword of every kernel entry point, not part of the
+selection contract) makes the batch and refine launches return at once unless the
 ``[1] int64`` device flag holds ``arm`` (read on the device, so a captured graph follows the flag):
 an A/B arm that is not routed by costs empty launches only. Its outputs are then left as they
 were (unwritten memory), and its fused metrics do not count the call. The general
@@ -114,12 +115,12 @@ def _coop(p, x: torch.Tensor, workspace: dict) -> dict:
     return {}
 
 
-def _gate(ctx: BatchContext, buf: Buffers) -> dict:
-    """Kernel arguments of ``ctx.gate`` (``(flag [1] int64, arm)``): the launch returns at once
-    unless the flag holds ``arm`` (the in-server A/B's arms the switch does not route by)."""
-    if ctx.gate is None:
+def _gate(gate: tuple[torch.Tensor, int] | None, buf: Buffers) -> dict:
+    """Kernel arguments of the launch condition ``gate = (flag [1] int64, arm)``: the launch returns
+    at once unless the flag holds ``arm``; ``None``: always run."""
+    if gate is None:
         return dict(gate_ptr=buf.dummy, gate_arm=0, GATE=False)
-    flag, arm = ctx.gate
+    flag, arm = gate
     if flag.dtype != torch.int64 or flag.numel() != 1 or flag.device != buf.dummy.device:
         raise TypeError(f"gate flag must be a [1] int64 tensor on {buf.dummy.device}, got {flag.dtype} "
                         f"{tuple(flag.shape)} on {flag.device}")
@@ -149,7 +150,7 @@ def _bias(correction_bias: torch.Tensor | None, buf: Buffers) -> torch.Tensor:
 
 
 def _refine_launch(x, bias, valid, vmode: int, buf: Buffers, ids, w, ph, ctx: BatchContext, rc: dict, allow: int,
-                   keep_n: int, want_phys: bool, epi: dict) -> None:
+                   keep_n: int, want_phys: bool, epi: dict, gate: tuple[torch.Tensor, int] | None = None) -> None:
     """One :func:`refine_kernel` launch over ``T`` tokens, ``BT`` per program."""
     T, E = x.shape
     k = ctx.top_k
@@ -157,7 +158,7 @@ def _refine_launch(x, bias, valid, vmode: int, buf: Buffers, ids, w, ph, ctx: Ba
     bt = max(1, min(p.bt, 2048 // p.block_e))
     refine_kernel[(triton.cdiv(T, bt),)](
         x, x.stride(0), bias, valid, T, E, buf.sel, buf.req, ids, w, ph if ph is not None else ids,
-        float(ctx.min_score), **epi, **rc, **_gate(ctx, buf), ALLOW=allow, K=k, K0=ctx.k0, KEEP_N=keep_n,
+        float(ctx.min_score), **epi, **rc, **_gate(gate, buf), ALLOW=allow, K=k, K0=ctx.k0, KEEP_N=keep_n,
         HAS_MIN=ctx.min_score > 0,
         RENORM=ctx.renormalize, WANT_PHYS=want_phys, BT=bt, BLOCK_E=p.block_e,
         BLOCK_K=max(2, triton.next_power_of_2(k)), VALID=vmode, num_warps=p.num_warps,
@@ -165,7 +166,7 @@ def _refine_launch(x, bias, valid, vmode: int, buf: Buffers, ids, w, ph, ctx: Ba
 
 
 def _refine_only(router_logits, routing, ctx, correction_bias, workspace, policy: str, keep_n: int,
-                 output: OutputSpec | None = None) -> SelectionOutput:
+                 output: OutputSpec | None = None, gate: tuple[torch.Tensor, int] | None = None) -> SelectionOutput:
     """``topk`` / ``cap``: one refine launch over every expert."""
     k = ctx.top_k
     if router_logits.shape[0] == 0:
@@ -174,12 +175,13 @@ def _refine_only(router_logits, routing, ctx, correction_bias, workspace, policy
     ids, w, _ = _outputs(buf, x.shape[0], k, x.device, workspace, False)
     _refine_launch(x, _bias(correction_bias, buf), valid, vmode, buf, ids, w, None, ctx,
                    routing_constexprs(routing, correction_bias is not None), 0, keep_n, False,
-                   _epilogue(output, buf, x.shape[1], False))
+                   _epilogue(output, buf, x.shape[1], False), gate)
     return SelectionOutput(ids, w)
 
 
 def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, policy: str, pick: int,
-                  allow: int, group: int = 0, output: OutputSpec | None = None) -> SelectionOutput:
+                  allow: int, group: int = 0, output: OutputSpec | None = None,
+                  gate: tuple[torch.Tensor, int] | None = None) -> SelectionOutput:
     """The batch policies: one :func:`batch_kernel` launch (+ a refine launch under the interpreter)."""
     k = ctx.top_k
     want_phys = get_policy(policy).uses_placement
@@ -217,7 +219,7 @@ def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, polic
             b_count, b_frac, b_eps, b_mass, b_mass_c,
             rb_count, rb_frac, rb_eps, rb_mass, rb_mass_c,
             ids, w, ph, float(ctx.min_score), **epi_l, okv_ptr=buf.okv, fault_ptr=fault_counter(x.device),
-            max_spins=int(workspace.get("max_spins", MAX_SPINS)), stats_ptr=buf.stats, **_gate(ctx, buf),
+            max_spins=int(workspace.get("max_spins", MAX_SPINS)), stats_ptr=buf.stats, **_gate(gate, buf),
             **rc, K=k, K0=ctx.k0, MASS_FULL=ctx.mass_source == "full",
             PICK=pick, ALLOW=allow, MODE=mode, RMODE=rmode, FILL=bool(ctx.fill_to_peak), HAS_MIN=ctx.min_score > 0,
             RENORM=ctx.renormalize, WANT_PHYS=want_phys, SYNC=sync, TWO_STAGE=p.two_stage, CW=p.cw, RB2=p.rb2,
@@ -237,62 +239,66 @@ def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, polic
     launch(p.sync if p.sync else 0, epi if p.sync != 2 else {**epi, "METRICS": False})  # sync 2: the refine launch counts
     if p.sync == 2:
         _refine_launch(x, bias, valid, vmode, buf, ids, w, ph if want_phys else None, ctx, rc,
-                       3 if group else allow, k, want_phys, epi)
+                       3 if group else allow, k, want_phys, epi, gate)
     return SelectionOutput(ids, w, ph if want_phys and output is None else None)
 
 
 def topk_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext,
                 correction_bias: torch.Tensor | None, workspace: dict,
-                output: OutputSpec | None = None) -> SelectionOutput:
+                output: OutputSpec | None = None, gate: tuple[torch.Tensor, int] | None = None) -> SelectionOutput:
     """``topk``: every valid token's own top-k (SGLang's ``select_experts``), fused scoring."""
-    return _refine_only(router_logits, routing, ctx, correction_bias, workspace, "topk", ctx.top_k, output)
+    return _refine_only(router_logits, routing, ctx, correction_bias, workspace, "topk", ctx.top_k, output, gate)
 
 
 def cap_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext,
                correction_bias: torch.Tensor | None, workspace: dict,
-               output: OutputSpec | None = None) -> SelectionOutput:
+               output: OutputSpec | None = None, gate: tuple[torch.Tensor, int] | None = None) -> SelectionOutput:
     """``cap``: each token's top-``ctx.cap``; slots ``cap..k-1`` are -1."""
     if ctx.cap is None:
         raise ValueError("cap policy needs ctx.cap")
-    return _refine_only(router_logits, routing, ctx, correction_bias, workspace, "cap", int(ctx.cap), output)
+    return _refine_only(router_logits, routing, ctx, correction_bias, workspace, "cap", int(ctx.cap), output, gate)
 
 
 def oea_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext,
                correction_bias: torch.Tensor | None, workspace: dict,
-               output: OutputSpec | None = None) -> SelectionOutput:
+               output: OutputSpec | None = None, gate: tuple[torch.Tensor, int] | None = None) -> SelectionOutput:
     """``oea``: best ``<= k`` experts of each token inside the union of all top-``k0`` sets."""
-    return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "oea", _PICK_OEA, 1, output=output)
+    return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "oea", _PICK_OEA, 1,
+                         output=output, gate=gate)
 
 
 def oea_simple_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext,
                       correction_bias: torch.Tensor | None, workspace: dict,
-                      output: OutputSpec | None = None) -> SelectionOutput:
+                      output: OutputSpec | None = None, gate: tuple[torch.Tensor, int] | None = None) -> SelectionOutput:
     """``oea_simple``: each token keeps those of its own top-k that are in the top-``k0`` union."""
-    return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "oea_simple", _PICK_OEA, 2, output=output)
+    return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "oea_simple", _PICK_OEA, 2,
+                         output=output, gate=gate)
 
 
 def xshare_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext,
                   correction_bias: torch.Tensor | None, workspace: dict,
-                  output: OutputSpec | None = None) -> SelectionOutput:
+                  output: OutputSpec | None = None, gate: tuple[torch.Tensor, int] | None = None) -> SelectionOutput:
     """``xshare``: warm-up + budgeted greedy pick over the batch mass, then refinement."""
     if ctx.budget is None:
         raise ValueError("xshare needs ctx.budget")
-    return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "xshare", _PICK_XSHARE, 1, output=output)
+    return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "xshare", _PICK_XSHARE, 1,
+                         output=output, gate=gate)
 
 
 def xshare_ep_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext,
                      correction_bias: torch.Tensor | None, workspace: dict,
-                     output: OutputSpec | None = None) -> SelectionOutput:
+                     output: OutputSpec | None = None, gate: tuple[torch.Tensor, int] | None = None) -> SelectionOutput:
     """``xshare_ep``: per-rank-capacity pick under ``ctx.placement`` (pure TP when ``None``);
     returns ``physical_ids`` too."""
     if ctx.budget is None:
         raise ValueError("xshare_ep needs ctx.budget")
-    return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "xshare_ep", _PICK_EP, 1, output=output)
+    return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "xshare_ep", _PICK_EP, 1,
+                         output=output, gate=gate)
 
 
 def xshare_spec_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext,
                        correction_bias: torch.Tensor | None, workspace: dict,
-                       output: OutputSpec | None = None) -> SelectionOutput:
+                       output: OutputSpec | None = None, gate: tuple[torch.Tensor, int] | None = None) -> SelectionOutput:
     """``xshare_spec``: two-level (per request, then batch) XShare.
 
     ``ctx.request_group = g`` (requests are runs of ``g`` consecutive tokens: SGLang's verify
@@ -303,7 +309,7 @@ def xshare_spec_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: B
         raise ValueError("xshare_spec needs ctx.budget and ctx.request_budget")
     if ctx.request_ids is None:
         return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "xshare_spec", _PICK_SPEC, 1,
-                             group=int(ctx.request_group or 1), output=output)
+                             group=int(ctx.request_group or 1), output=output, gate=gate)
     k = ctx.top_k
     if router_logits.shape[0] == 0:
         return _empty(router_logits, k, False)
@@ -331,5 +337,6 @@ def xshare_spec_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: B
         RMODE=rmode, MODE=mode, SCAN=min(_SCAN, triton.next_power_of_2(T)), RB=p.rb, CH=p.ch, BLOCK_E=p.block_e,
         num_warps=p.num_warps,
     )
-    _refine_launch(x, bias, valid, vmode, buf, ids, w, None, ctx, rc, 3, k, False, _epilogue(output, buf, E, False))
+    _refine_launch(x, bias, valid, vmode, buf, ids, w, None, ctx, rc, 3, k, False, _epilogue(output, buf, E, False),
+                   gate)
     return SelectionOutput(ids, w)

@@ -87,18 +87,19 @@ def standard_runs(routing: RoutingSpec, policy: str, budget: str, k0: int = 1, c
     rb = Budget.parse(request_budget, "--xshare-request-budget") if request_budget is not None else None
 
     def make(name: str) -> PolicyRun:
-        if name == "topk":
-            return PolicyRun("topk", SelectionConfig(policy="topk").validate(routing))
-        if name == "cap":
-            return PolicyRun(f"cap(k'={cap})", SelectionConfig(policy="cap", cap=cap).validate(routing))
-        if name in ("oea", "oea_simple"):
+        traits = get_policy(name)
+        if traits.plain_topk:
+            return PolicyRun(name, SelectionConfig(policy=name).validate(routing))
+        if traits.per_token_cap:
+            return PolicyRun(f"{name}(k'={cap})", SelectionConfig(policy=name, cap=cap).validate(routing))
+        if not traits.budgeted:
             return PolicyRun(f"{name}(k0={k0})", SelectionConfig(policy=name, k0=k0).validate(routing))
         nucleus = f", p={p_r:g}" if p_r else ""
-        if name == "xshare_spec":
+        if traits.uses_requests:
             r = rb or Budget.parse(max(k, routing.top_k), "--xshare-request-budget")
             cfg = SelectionConfig(policy=name, k0=k0_r, budget=sched, request_budget=r, warmup_p=p_r)
             return PolicyRun(f"{name}(m_r={r}, m_l={sched.default}, k0={k0_r}{nucleus})", cfg.validate(routing))
-        if get_policy(name).uses_placement and hard_cap:
+        if traits.uses_placement and hard_cap:
             cfg = SelectionConfig(policy=name, k0=k0_r, budget=sched, hard_cap=True, warmup_p=p_r)
             return PolicyRun(f"{name}(m={sched.default}, k0={k0_r}{nucleus}, hard cap)", cfg.validate(routing))
         cfg = SelectionConfig(policy=name, k0=k0_r, budget=sched, warmup_p=p_r)

@@ -100,11 +100,6 @@ class BatchContext:
         hard_cap: ``xshare_ep``: never more than ``max(m_l, |warm|)`` distinct experts.
         warmup_p: nucleus warm-up (0 = off): each valid token keeps its best experts until they
             hold this fraction of its top-k gate weight (at least ``k0``, at most ``k``).
-        gate: ``(flag, arm)``, ``flag`` a ``[1] int64`` device tensor: the kernel path does nothing
-            unless ``flag[0] == arm`` (its outputs are then unwritten memory and its fused metrics
-            do not count the call; read on the device, so a CUDA graph follows the flag). The
-            in-server A/B switch sets it so that an arm it does not route by costs empty launches.
-            The reference computes regardless. ``None``: always compute.
     """
 
     top_k: int
@@ -124,7 +119,6 @@ class BatchContext:
     stats_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     hard_cap: bool = False
     warmup_p: float = 0.0
-    gate: tuple[torch.Tensor, int] | None = None
 
 
 class SelectionOutput(NamedTuple):

@@ -38,11 +38,15 @@ class KernelFn(Protocol):
             device) so that a CUDA-graph-captured call allocates nothing.
         output: :class:`~.output.OutputSpec` epilogue (dispatched ids, empty slots, scale,
             fused metrics) or ``None`` (the plain contract).
+        gate: launch condition ``(flag [1] int64, arm)``: the launches return at once unless
+            ``flag[0] == arm`` (read on the device, so a captured CUDA graph follows the flag; the
+            outputs are then unwritten memory and fused metrics do not count the call), or ``None``.
     """
 
     def __call__(self, router_logits: torch.Tensor, routing: RoutingSpec, ctx: BatchContext,
                  correction_bias: torch.Tensor | None, workspace: dict,
-                 output: "OutputSpec | None" = None) -> SelectionOutput: ...
+                 output: "OutputSpec | None" = None,
+                 gate: "tuple[torch.Tensor, int] | None" = None) -> SelectionOutput: ...
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 import torch
 
@@ -93,8 +93,7 @@ class Selector:
     def context(self, num_tokens: int, device: torch.device, layer_id: int | None = None,
                 num_token_non_padded: int | torch.Tensor | None = None,
                 request_ids: torch.Tensor | None = None, request_group: int | None = None,
-                mask: bool = True, stats_reduce=None,
-                gate: tuple[torch.Tensor, int] | None = None) -> BatchContext:
+                mask: bool = True, stats_reduce=None) -> BatchContext:
         """The :class:`BatchContext` of one call (no host sync: ``valid`` is computed on device).
 
         ``mask=False`` (the kernel path) leaves a tensor ``num_token_non_padded`` as
@@ -130,7 +129,6 @@ class Selector:
             stats_reduce=stats_reduce,
             hard_cap=cfg.hard_cap,
             warmup_p=cfg.warmup_p,
-            gate=gate,
         )
 
     def uses_kernel(self, router_logits: torch.Tensor) -> bool:
@@ -141,7 +139,7 @@ class Selector:
                  num_token_non_padded: int | torch.Tensor | None = None,
                  request_ids: torch.Tensor | None = None, request_group: int | None = None,
                  output: OutputSpec | None = None, stats_reduce=None,
-                 gate: tuple[torch.Tensor, int] | None = None) -> SelectionOutput:
+                 launch: Mapping[str, Any] | None = None) -> SelectionOutput:
         """Select experts for one layer of one batch.
 
         Args:
@@ -157,9 +155,8 @@ class Selector:
                 statistics, so that ``oea`` / ``xshare`` / ``xshare_ep`` choose from every rank's
                 tokens (see :class:`~.contract.BatchContext`); the kernel path is then two launches
                 around the collective.
-            gate: ``(flag [1] int64, arm)``: the kernel path computes only while ``flag[0] == arm``
-                (else its outputs are unwritten memory: the caller picks another arm's routing);
-                the reference ignores it (see :class:`~.contract.BatchContext`).
+            launch: extra keywords of the kernel launch (e.g. the launch condition ``gate``, see
+                :mod:`sglang_xshare.kernels.select`); the reference path ignores them.
 
         Returns:
             :class:`SelectionOutput` (``[T, k]`` int32 ids with -1, float32 weights, physical ids
@@ -175,10 +172,10 @@ class Selector:
             raise ValueError(f"policy {self.config.policy} has no batch statistics to reduce over ranks")
         kernel = self.uses_kernel(router_logits)
         ctx = self.context(router_logits.shape[0], router_logits.device, layer_id, num_token_non_padded, request_ids,
-                           request_group, mask=not kernel, stats_reduce=stats_reduce,
-                           gate=gate)
+                           request_group, mask=not kernel, stats_reduce=stats_reduce)
         if kernel:
-            return self._kernel(router_logits, self.routing, ctx, self.correction_bias, self.workspace, output)
+            return self._kernel(router_logits, self.routing, ctx, self.correction_bias, self.workspace, output,
+                                **(launch or {}))
         scores = compute_scores(router_logits, self.routing, self.correction_bias)
         out = self.entry.reference(scores, ctx)
         if output is None:

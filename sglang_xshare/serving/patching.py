@@ -1,8 +1,9 @@
 """Reversible monkey-patching of SGLang attributes, applied when their module is imported.
 
 SGLang's files are never edited. A :class:`Patch` replaces ``module.attr`` (or
-``module.Class.attr``) by a wrapper function (whose ``__wrapped__`` it sets to the original), also rebinds every ``from module import attr`` copy other
-modules already hold (as SGLang's own ``HookRegistry`` does), and can be undone.
+``module.Class.attr``) by a wrapper function (whose ``__wrapped__`` it sets to the original), also
+rebinds every ``from module import attr`` copy other modules already hold (as SGLang's own
+``HookRegistry`` does), and can be undone.
 :class:`PostImportHooks` defers a patch until its module is imported, so that a process that
 never imports SGLang's MoE code (detokenizer, tokenizer manager) never pays for it.
 """

@@ -37,7 +37,7 @@ class GatedSelector:
         self.selector, self.gate = selector, (flag, int(arm))
 
     def __call__(self, router_logits: torch.Tensor, **kwargs: Any) -> Any:
-        return self.selector(router_logits, gate=self.gate, **kwargs)
+        return self.selector(router_logits, launch={"gate": self.gate}, **kwargs)
 
 
 class Measurement:
