@@ -51,6 +51,7 @@ from sglang_xshare.benchio import markdown_table, run_metadata, write_results  #
 from sglang_xshare.config import Budget, BudgetSchedule, RoutingSpec, SelectionConfig  # noqa: E402
 from sglang_xshare.placement import Placement  # noqa: E402
 from sglang_xshare.select import Selector, compute_scores  # noqa: E402
+from sglang_xshare.select.traits import policy_traits  # noqa: E402
 from sglang_xshare.select.inputs import make_logits  # noqa: E402
 from sglang_xshare.select.scoring import _mask_groups  # noqa: E402
 
@@ -101,15 +102,16 @@ def make_selector(model: str, policy: str, device) -> tuple[Selector, torch.Tens
     bias = (torch.randn(E, generator=torch.Generator().manual_seed(7)) * 0.05).to(device) if has_bias else None
     name = {"xshare_ep_rep": "xshare_ep", "xshare_spec_ids": "xshare_spec"}.get(policy, policy)
     kw: dict = {}
-    if name == "cap":
+    traits = policy_traits(name)
+    if traits.per_token_cap:
         kw["cap"] = max(1, k // 2)
-    if name in ("xshare", "xshare_ep", "xshare_spec"):
+    if traits.budgeted:
         kw["budget"] = BudgetSchedule.parse("0.6")
-    if name == "xshare_spec":
+    if traits.uses_requests:
         kw["request_budget"] = Budget.parse("0.8", "--xshare-request-budget")
     cfg = SelectionConfig(policy=name, k0=1, **kw)
     placement = None
-    if name == "xshare_ep":
+    if traits.uses_placement:
         if policy == "xshare_ep_rep":  # one redundant copy per rank (EPLB-style)
             per = E // EP
             g = torch.Generator().manual_seed(11)
@@ -296,7 +298,7 @@ def _time_case(model: str, policy: str, T: int, dev, args, plain_cache: dict, kn
         if (model, T) not in plain_cache:
             plain_cache[(model, T)] = time_graph(c.run_plain, args.graph_calls, args.reps)[0]
         rec["plain_topk_us"] = plain_cache[(model, T)]
-        if c.sel.config.policy == "xshare_ep":  # builds its placement tables on the host per call
+        if c.sel.entry.uses_placement:  # builds its placement tables on the host per call
             rec["reference_us"], rec["reference_mode"] = time_eager(c.run_reference), "eager"
         else:
             try:

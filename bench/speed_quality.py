@@ -41,6 +41,7 @@ from pathlib import Path
 
 from sglang_xshare.benchio import markdown_table, run_metadata, write_results
 from sglang_xshare.config import PRESETS
+from sglang_xshare.select.traits import TRAITS
 from sglang_xshare.servebench.configs import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def family_and_setting(label: str) -> tuple[str | None, str | None]:
         return None, None
     flags = dict(zip(cfg.flags[::2], cfg.flags[1::2]))
     pol = cfg.policy
-    if pol in ("xshare", "xshare_ep", "xshare_spec"):
+    if pol in TRAITS and TRAITS[pol].budgeted:
         budget = flags.get("--xshare-budget")
         k0 = int(flags.get("--xshare-warmup-k0", 1))
         if budget in PRESETS:
