@@ -2,7 +2,7 @@
 
 The plugin is written against SGLang 0.5.23 (:data:`SGLANG_VERSION`). :data:`SURFACE` lists each
 SGLang function it wraps (with its parameter names: the wrappers forward arguments by position
-and name), each module flag, helper and class field it reads. :func:`check_module` runs when an
+and name), each module flag, function and class field it reads. :func:`check_module` runs when an
 SGLang module of the list is imported (or at install, if it already is), before the module's
 patches are applied: a missing name or changed signature raises :class:`SGLangSurfaceError`
 naming the installed SGLang version and the name -- or, with ``--xshare-sglang-mismatch fallback``,

@@ -148,7 +148,7 @@ class TraceRecorder:
             "scoring": routing.scoring,
             "renormalize": bool(routing.renormalize),
             "layer_ids": sorted(self.slots)[:L],
-            "source": "sglang_xshare.serving.recorder",
+            "source": "sglang_xshare.serving.telemetry.recorder",
         }
         if routing.num_expert_group is not None:
             meta["num_expert_group"] = routing.num_expert_group
