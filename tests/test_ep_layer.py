@@ -387,6 +387,51 @@ def test_auto_dispatch_takes_different_token_counts_per_rank():
                 assert _rel(outs[step], reference_moe(x, sel.topk_ids, sel.topk_weights, w13_all, w2_all)) < TOL
 
 
+_PAD_TOKENS, _PAD_CAPACITY = (3, 1), 4  # tokens per rank, rows per rank pair
+
+
+def _pad_inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = _PAD_TOKENS[rank]
+    g = torch.Generator().manual_seed(40 + rank)
+    ids = torch.randint(0, E, (n, K), generator=g, dtype=torch.int32)
+    return torch.randn(n, H, generator=g).to(torch.bfloat16), ids, torch.rand(n, K, generator=g)
+
+
+def _pad_body(rank: int):
+    """One padded dispatch of fewer tokens than the capacity, then combine of expert rows that are
+    the received hidden states on real rows and ``1000`` on the padding rows."""
+    disp = NcclDispatcher(rank, 2, E, H, K, "padded", capacity=_PAD_CAPACITY)
+    got, handle = disp.dispatch(*_pad_inputs(rank))
+    real = torch.zeros(2 * _PAD_CAPACITY, dtype=torch.bool)
+    for src, n in enumerate(_PAD_TOKENS):
+        real[src * _PAD_CAPACITY: src * _PAD_CAPACITY + n] = True
+    expert_out = torch.where(real[:, None], got.hidden, torch.full_like(got.hidden, 1000.0))
+    return got.local_ids, got.weights, disp.combine(expert_out, handle)
+
+
+def test_padded_capacity_rows_are_empty_and_skipped_by_combine():
+    """Padded mode with a capacity: a rank with ``T < C`` tokens fills its block with empty rows.
+    Every received padding row has slot ``-1`` on every destination (a ``0`` would make the rank
+    compute expert 0 for it) and weight 0; combine returns ``[T, H]``, the real rows only (each
+    token's two returned rows are its own hidden state: ``2 x``), whatever the padding rows hold."""
+    got = _two_ranks(_pad_body)
+    C = _PAD_CAPACITY
+    for rank in (0, 1):
+        local_ids, weights, out = got[rank]
+        assert local_ids.shape == (2 * C, K)
+        for src, n in enumerate(_PAD_TOKENS):
+            pad = slice(src * C + n, (src + 1) * C)
+            assert (local_ids[pad] == -1).all(), f"rank {rank}: padding rows from rank {src}: {local_ids[pad].tolist()}"
+            assert (weights[pad] == 0).all()
+            x, ids, _ = _pad_inputs(src)
+            lo = rank * (E // 2)
+            want = torch.where((ids >= lo) & (ids < lo + E // 2), ids - lo, -1)
+            assert torch.equal(local_ids[src * C: src * C + n], want.to(torch.int32))
+        x, _, _ = _pad_inputs(rank)
+        assert out.shape == (_PAD_TOKENS[rank], H)
+        assert torch.equal(out, (x.float() * 2).to(torch.bfloat16))
+
+
 def _xshare_selector(backend: str) -> Selector:
     return Selector(RoutingSpec(num_experts=E, top_k=K), SelectionConfig(policy="xshare", k0=1, budget=BudgetSchedule.parse("0.5")),
                     placement=Placement.expert_parallel(E, 2), backend=backend)
