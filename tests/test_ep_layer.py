@@ -19,6 +19,7 @@ Plus one single-process check of the Triton grouped GEMM in Triton's CPU interpr
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
@@ -315,13 +316,16 @@ def test_dp_attention_global_view(results):
 
 
 def _gloo_rank(rank: int, port: int, body, args: tuple, queue) -> None:
-    """One of two spawned gloo ranks: ``body(rank, *args)``'s result (or the error) goes to ``queue``."""
+    """One of two spawned gloo ranks: ``body(rank, *args)``'s result (``torch.save`` bytes; or the
+    error, a string) goes to ``queue``."""
     from datetime import timedelta
 
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                                 timeout=timedelta(seconds=30))
-        queue.put((rank, body(rank, *args)))
+        buf = io.BytesIO()
+        torch.save(body(rank, *args), buf)  # by value: a shared-memory tensor dies with this process
+        queue.put((rank, buf.getvalue()))
     except Exception as e:  # report, do not hang the parent
         queue.put((rank, repr(e)))
     finally:
@@ -346,7 +350,7 @@ def _two_ranks(body, *args) -> dict[int, object]:
             if p.is_alive():
                 p.kill()
     assert not isinstance(got[0], str) and not isinstance(got[1], str), got
-    return got
+    return {r: torch.load(io.BytesIO(b), weights_only=False) for r, b in got.items()}
 
 
 _UNEVEN = ((3, 0), (5, 2), (0, 4))  # tokens per rank, per step
