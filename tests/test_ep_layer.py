@@ -416,8 +416,10 @@ def _pad_body(rank: int):
 def test_padded_capacity_rows_are_empty_and_skipped_by_combine():
     """Padded mode with a capacity: a rank with ``T < C`` tokens fills its block with empty rows.
     Every received padding row has slot ``-1`` on every destination (a ``0`` would make the rank
-    compute expert 0 for it) and weight 0; combine returns ``[T, H]``, the real rows only (each
-    token's two returned rows are its own hidden state: ``2 x``), whatever the padding rows hold."""
+    compute expert 0 for it) and weight 0; real rows carry the local slot ids and the sender's
+    weights (0 on slots another rank holds, as :class:`DispatchedTokens` says); combine returns
+    ``[T, H]``, the real rows only (each token's two returned rows are its own hidden state:
+    ``2 x``), whatever the padding rows hold."""
     got = _two_ranks(_pad_body)
     C = _PAD_CAPACITY
     for rank in (0, 1):
@@ -427,10 +429,12 @@ def test_padded_capacity_rows_are_empty_and_skipped_by_combine():
             pad = slice(src * C + n, (src + 1) * C)
             assert (local_ids[pad] == -1).all(), f"rank {rank}: padding rows from rank {src}: {local_ids[pad].tolist()}"
             assert (weights[pad] == 0).all()
-            x, ids, _ = _pad_inputs(src)
+            x, ids, w = _pad_inputs(src)
             lo = rank * (E // 2)
-            want = torch.where((ids >= lo) & (ids < lo + E // 2), ids - lo, -1)
-            assert torch.equal(local_ids[src * C: src * C + n], want.to(torch.int32))
+            here = (ids >= lo) & (ids < lo + E // 2)
+            real = slice(src * C, src * C + n)
+            assert torch.equal(local_ids[real], torch.where(here, ids - lo, -1).to(torch.int32))
+            assert torch.equal(weights[real], torch.where(here, w, 0.0))  # 0 on slots held elsewhere
         x, _, _ = _pad_inputs(rank)
         assert out.shape == (_PAD_TOKENS[rank], H)
         assert torch.equal(out, (x.float() * 2).to(torch.bfloat16))
