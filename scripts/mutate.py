@@ -75,6 +75,7 @@ class Outcome:
     seconds: float
     detail: str = ""
     note: str = ""
+    run: str = ""  # revision and date of the run that produced it (``--merge`` mixes runs)
 
 
 def load_mutations(path: Path) -> list[Mutation]:
@@ -194,7 +195,8 @@ def write_reports(outcomes: list[Outcome], md: Path, js: Path, header: dict) -> 
         "# Mutation report", "",
         f"Command: `{header['command']}`  ",
         f"Revision: `{header['revision']}`; date {header['date']}; {header['machine']}; "
-        f"per mutation timeout {header['timeout_s']} s, per test {header['per_test_s']} s.", "",
+        f"per mutation timeout {header['timeout_s']} s, per test {header['per_test_s']} s. "
+        "Rows kept from an earlier run (`--merge`) name their run in the JSON (`run`).", "",
         f"**{caught} caught** (timeouts included), **{counts.get('survived', 0)} survived**, "
         f"{counts.get('stale', 0)} stale, {counts.get('error', 0)} error, "
         f"{counts.get('baseline-fails', 0)} baseline fails, {counts.get('skipped', 0)} skipped "
@@ -208,6 +210,14 @@ def write_reports(outcomes: list[Outcome], md: Path, js: Path, header: dict) -> 
         lines.append(f"| {o.id} | {o.group} | {where} | {_cell(o.original)} | {_cell(o.replacement)} | "
                      f"{_cell(' '.join(o.tests), 70)} | {o.result} | {o.seconds:.1f} | {extra} |")
     md.write_text("\n".join(lines) + "\n")
+
+
+def load_earlier(path: Path, ids: set[str]) -> dict[str, Outcome]:
+    """The outcomes of an earlier JSON report still in the list (``--merge``), by id."""
+    if not path.exists():
+        return {}
+    rows = json.loads(path.read_text()).get("mutations", [])
+    return {r["id"]: Outcome(**r) for r in rows if r["id"] in ids}
 
 
 def _revision() -> str:
@@ -228,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per mutation's test run (default 300)")
     p.add_argument("--per-test-timeout", type=int, default=120, help="pytest-timeout per test, seconds (default 120)")
     p.add_argument("--no-baseline", action="store_true", help="do not run each test selection unmutated first")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other mutations' results of an earlier --json report (re-run a few ids)")
     p.add_argument("--md", type=Path, default=ROOT / "scripts" / "mutation_report.md", help="Markdown report")
     p.add_argument("--json", type=Path, default=ROOT / "scripts" / "mutation_report.json", help="JSON report")
     return p
@@ -250,7 +262,15 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
         "timeout_s": args.timeout, "per_test_s": args.per_test_timeout,
     }
+    earlier = load_earlier(args.json, {m.id for m in load_mutations(args.list)}) if args.merge else {}
     outcomes: list[Outcome] = []
+
+    def report() -> None:
+        done = {o.id: o for o in outcomes}
+        merged = [done.get(i) or earlier[i] for i in order if i in done or i in earlier]
+        write_reports(merged, args.md, args.json, header)
+
+    order = [m.id for m in load_mutations(args.list)]
     with tempfile.TemporaryDirectory(prefix="mutate-") as tmp:
         tree = Path(tmp)
         copy_tree(ROOT, tree)
@@ -258,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in muts:
             if m.group in args.skip_group:
                 outcomes.append(Outcome(m.id, m.group, m.file, None, m.original, m.replacement, m.tests, "skipped",
-                                        0.0, f"group {m.group} skipped (--skip-group)", m.note))
+                                        0.0, f"group {m.group} skipped (--skip-group)", m.note,
+                                        f"{header['revision']} {header['date']}"))
                 continue
             key = tuple(m.tests)
             if not args.no_baseline and key not in baseline:
@@ -271,10 +292,11 @@ def main(argv: list[str] | None = None) -> int:
                             baseline[key][1], m.note)
             else:
                 o = mutate_one(tree, m, args.timeout, args.per_test_timeout, args.skip_missing)
+            o.run = f"{header['revision']} {header['date']}"
             outcomes.append(o)
             print(f"{o.result:>9}  {o.seconds:6.1f} s  {o.id}  {o.detail[:100]}", flush=True)
-            write_reports(outcomes, args.md, args.json, header)
-    write_reports(outcomes, args.md, args.json, header)
+            report()
+    report()
     return 0
 
 

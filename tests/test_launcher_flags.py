@@ -82,3 +82,38 @@ def test_node_command_passes_sglangs_own_checks():
         ("10.1.0.1", 31001, 2, 1, 4, 2, f"{IPS[0]}:5000")
     assert (sa.model_path, sa.trust_remote_code, sa.mem_fraction_static, sa.context_length) == \
         ("/models/m", True, 0.71, 4096)
+
+
+def test_ipv6_rendezvous_address_is_bracketed(sglang_parser):
+    """Node 0 at an IPv6 address: ``--dist-init-addr [ADDR]:PORT`` (SGLang splits host and port at
+    the last colon inside the brackets)."""
+    args = parse_args([*LAUNCHER[:-4], "--node-ips", "fd00::1,fd00::2", "--master-port", "5000", *BEFORE])
+    argvs, _ = node_commands(args, planned_contexts(args, "python"))
+    for argv in argvs:
+        assert vars(sglang_parser.parse_args(argv[3:]))["dist_init_addr"] == "[fd00::1]:5000"
+
+
+def test_health_url_follows_the_users_host_and_port():
+    """The launcher polls node 0's server where the user's ``--host`` / ``--port`` put it; a
+    wildcard host (``0.0.0.0``, ``::``) or none means node 0's own address."""
+    from sglang_xshare.launch.commands import health_url
+
+    assert health_url("10.1.0.1", ["--host", "10.9.9.9", "--port", "31001"]) == "http://10.9.9.9:31001/health"
+    for wildcard in (["--host", "0.0.0.0"], ["--host", "::"], ["--host="], []):
+        assert health_url("10.1.0.1", [*wildcard, "--port=31002"]) == "http://10.1.0.1:31002/health", wildcard
+    assert health_url("fd00::1", []) == "http://[fd00::1]:30000/health"
+
+
+def test_user_env_reaches_every_node_and_wins():
+    args = parse_args([*LAUNCHER, "--env", "FOO=bar", "--env", "PYTHONUNBUFFERED=0", *BEFORE])
+    _, envs = node_commands(args, planned_contexts(args, "python"))
+    for rank, env in enumerate(envs):
+        assert (env["FOO"], env["PYTHONUNBUFFERED"], env["SGLANG_XSHARE_NODE_RANK"]) == ("bar", "0", str(rank))
+
+
+def test_ep_size_must_divide_tp_size():
+    from sglang_xshare.config import XShareConfigError
+
+    for ep in ("3", "0", "8"):
+        with pytest.raises(XShareConfigError, match=r"^--ep-size"):
+            parse_args(["--nnodes", "2", "--gpus-per-node", "2", "--tp-size", "4", "--ep-size", ep, *BEFORE])
