@@ -222,8 +222,8 @@ def load_earlier(path: Path, ids: set[str]) -> dict[str, Outcome]:
 
 def _revision() -> str:
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":!scripts/mutation_report.*"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return rev + ("+local changes" if dirty else "")
 
 
