@@ -19,6 +19,7 @@ Plus one single-process check of the Triton grouped GEMM in Triton's CPU interpr
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
@@ -315,13 +316,16 @@ def test_dp_attention_global_view(results):
 
 
 def _gloo_rank(rank: int, port: int, body, args: tuple, queue) -> None:
-    """One of two spawned gloo ranks: ``body(rank, *args)``'s result (or the error) goes to ``queue``."""
+    """One of two spawned gloo ranks: ``body(rank, *args)``'s result (``torch.save`` bytes; or the
+    error, a string) goes to ``queue``."""
     from datetime import timedelta
 
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                                 timeout=timedelta(seconds=30))
-        queue.put((rank, body(rank, *args)))
+        buf = io.BytesIO()
+        torch.save(body(rank, *args), buf)  # by value: a shared-memory tensor dies with this process
+        queue.put((rank, buf.getvalue()))
     except Exception as e:  # report, do not hang the parent
         queue.put((rank, repr(e)))
     finally:
@@ -346,7 +350,7 @@ def _two_ranks(body, *args) -> dict[int, object]:
             if p.is_alive():
                 p.kill()
     assert not isinstance(got[0], str) and not isinstance(got[1], str), got
-    return got
+    return {r: torch.load(io.BytesIO(b), weights_only=False) for r, b in got.items()}
 
 
 _UNEVEN = ((3, 0), (5, 2), (0, 4))  # tokens per rank, per step
@@ -385,6 +389,55 @@ def test_auto_dispatch_takes_different_token_counts_per_rank():
             if x.shape[0]:
                 sel = _selector("xshare", Placement.expert_parallel(E, 2))(logits)
                 assert _rel(outs[step], reference_moe(x, sel.topk_ids, sel.topk_weights, w13_all, w2_all)) < TOL
+
+
+_PAD_TOKENS, _PAD_CAPACITY = (3, 1), 4  # tokens per rank, rows per rank pair
+
+
+def _pad_inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = _PAD_TOKENS[rank]
+    g = torch.Generator().manual_seed(40 + rank)
+    ids = torch.randint(0, E, (n, K), generator=g, dtype=torch.int32)
+    return torch.randn(n, H, generator=g).to(torch.bfloat16), ids, torch.rand(n, K, generator=g)
+
+
+def _pad_body(rank: int):
+    """One padded dispatch of fewer tokens than the capacity, then combine of expert rows that are
+    the received hidden states on real rows and ``1000`` on the padding rows."""
+    disp = NcclDispatcher(rank, 2, E, H, K, "padded", capacity=_PAD_CAPACITY)
+    got, handle = disp.dispatch(*_pad_inputs(rank))
+    real = torch.zeros(2 * _PAD_CAPACITY, dtype=torch.bool)
+    for src, n in enumerate(_PAD_TOKENS):
+        real[src * _PAD_CAPACITY: src * _PAD_CAPACITY + n] = True
+    expert_out = torch.where(real[:, None], got.hidden, torch.full_like(got.hidden, 1000.0))
+    return got.local_ids, got.weights, disp.combine(expert_out, handle)
+
+
+def test_padded_capacity_rows_are_empty_and_skipped_by_combine():
+    """Padded mode with a capacity: a rank with ``T < C`` tokens fills its block with empty rows.
+    Every received padding row has slot ``-1`` on every destination (a ``0`` would make the rank
+    compute expert 0 for it) and weight 0; real rows carry the local slot ids and the sender's
+    weights (0 on slots another rank holds, as :class:`DispatchedTokens` says); combine returns
+    ``[T, H]``, the real rows only (each token's two returned rows are its own hidden state:
+    ``2 x``), whatever the padding rows hold."""
+    got = _two_ranks(_pad_body)
+    C = _PAD_CAPACITY
+    for rank in (0, 1):
+        local_ids, weights, out = got[rank]
+        assert local_ids.shape == (2 * C, K)
+        for src, n in enumerate(_PAD_TOKENS):
+            pad = slice(src * C + n, (src + 1) * C)
+            assert (local_ids[pad] == -1).all(), f"rank {rank}: padding rows from rank {src}: {local_ids[pad].tolist()}"
+            assert (weights[pad] == 0).all()
+            x, ids, w = _pad_inputs(src)
+            lo = rank * (E // 2)
+            here = (ids >= lo) & (ids < lo + E // 2)
+            real = slice(src * C, src * C + n)
+            assert torch.equal(local_ids[real], torch.where(here, ids - lo, -1).to(torch.int32))
+            assert torch.equal(weights[real], torch.where(here, w, 0.0))  # 0 on slots held elsewhere
+        x, _, _ = _pad_inputs(rank)
+        assert out.shape == (_PAD_TOKENS[rank], H)
+        assert torch.equal(out, (x.float() * 2).to(torch.bfloat16))
 
 
 def _xshare_selector(backend: str) -> Selector:

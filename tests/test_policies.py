@@ -343,8 +343,22 @@ def test_masses_do_not_depend_on_token_order():
     rid = torch.randint(0, 40, (257,), generator=g)
     assert torch.equal(group_mass(contrib, rid, 257), group_mass(contrib[perm], rid[perm], 257))
     assert torch.equal(exact_sum(contrib, 0), exact_sum(contrib.flip(0), 0))
-    # floor(gate * 2^40): gates below 2^-40 contribute nothing, 1.0 contributes 2^40
-    assert mass_units(torch.tensor([2.0**-41, 2.0**-40, 0.75, 1.0])).tolist() == [0, 1, 3 << 38, 1 << MASS_BITS]
+    # floor(gate * 2^40), not rounding: gates below 2^-40 contribute nothing, 1.0 contributes 2^40
+    units = torch.tensor([2.0**-41, 0.75 * 2.0**-40, 2.0**-40, 2.75 * 2.0**-40, 0.75, 1.0])
+    assert mass_units(units).tolist() == [0, 0, 1, 2, 3 << 38, 1 << MASS_BITS]
+
+
+def test_an_expert_below_one_unit_is_never_chosen():
+    """An expert in every token's top-k whose gates are all below one mass unit (``2**-40``) has
+    zero mass: ``xshare`` never chooses it, however large the budget (no token needs it)."""
+    logits = torch.full((4, 8), -100.0)
+    logits[:, 0] = 0.0
+    logits[:, 1] = -28.3  # gate ~5e-13: 0.5 to 1 unit
+    gate = compute_scores(logits, RoutingSpec(8, 2)).gate[:, 1]
+    assert bool(((gate * 2.0**40 > 0.5) & (gate * 2.0**40 < 1.0)).all()), gate
+    sel = Selector(RoutingSpec(8, 2), SelectionConfig(policy="xshare", k0=1, budget=BudgetSchedule.parse("8")),
+                   backend="reference")
+    assert sel(logits).topk_ids.tolist() == [[0, -1]] * 4
 
 
 def _midpoint_selector(policy: str, budget: str = "3") -> Selector:

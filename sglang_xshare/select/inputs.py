@@ -20,6 +20,15 @@
   ``E >= 8``, top-2, experts 6 / 7 first): expert 1 gets two gates of ``~1e-10`` (~112 units
   each), expert 0 two of ``~5e-12`` (5 units each), expert 3 two of ``~9e-14`` (0 units: never
   picked, though a float sum would rank it next).
+* ``"swapties"`` -- exact ties at the budget boundary, made of *different* gates (``E >= 16``):
+  two tied pairs ``(0, s)`` and ``(1, s + 1)`` (``s = 8`` for ``E < 32``, else 16) and two warm
+  experts ``2`` / ``3`` (logit 0, every token's top-1). Each row holds its warm expert and one
+  pair with logits ``(u, v)`` in ``[-4, -0.5]`` (every other logit ``-200``: gate 0); its twin row
+  holds ``(v, u)``. Both experts of a pair get the same gates in another token order, so their
+  masses tie exactly while a float sum of them depends on the order. The paired columns meet
+  first in a 8- or 16-lane row sum, so a twin's softmax denominator is the same float. Rows in
+  random order. With ``k0 = 1`` a count budget of 3 (5) puts the boundary inside the heavier
+  (lighter) pair.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import torch
 
 __all__ = ["KINDS", "make_logits"]
 
-KINDS = ("randn", "ties", "nonfinite", "range", "underflow", "midpoint", "dust")
+KINDS = ("randn", "ties", "nonfinite", "range", "underflow", "midpoint", "dust", "swapties")
 
 
 def make_logits(kind: str, T: int, E: int, seed: int, dtype: torch.dtype = torch.float32,
@@ -49,6 +58,8 @@ def make_logits(kind: str, T: int, E: int, seed: int, dtype: torch.dtype = torch
         x = _midpoint(T, E)
     elif kind == "dust":
         x = _dust(T, E)
+    elif kind == "swapties":
+        x = _swapped_pairs(T, E, g)
     elif kind == "underflow":
         x[::2] = x[::2] - 130.0
     elif kind == "nonfinite" and T >= 6:
@@ -121,3 +132,19 @@ def _dust(T: int, E: int) -> torch.Tensor:
     x[2:4, 0] = -26.0  # ~5.1e-12: 5 units
     x[4:6, 3] = -30.0  # ~9.4e-14: 0 units
     return x
+
+
+def _swapped_pairs(T: int, E: int, g: torch.Generator) -> torch.Tensor:
+    if E < 16 or T % 2:
+        raise ValueError("the 'swapties' inputs need E >= 16 and an even T")
+    s = 8 if E < 32 else 16
+    pairs, warm = ((0, s), (1, s + 1)), (2, 3)
+    x = torch.full((T, E), -200.0)
+    uv = -0.5 - 3.5 * torch.rand(T // 2, 2, generator=g)
+    for r in range(T // 2):
+        i, j = pairs[r % 2]
+        u, v = uv[r].tolist()
+        x[2 * r, warm[r % 2]] = x[2 * r + 1, warm[r % 2]] = 0.0
+        x[2 * r, i], x[2 * r, j] = u, v
+        x[2 * r + 1, i], x[2 * r + 1, j] = v, u
+    return x[torch.randperm(T, generator=g)]
