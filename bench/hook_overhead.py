@@ -33,11 +33,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from sglang_xshare.benchio import markdown_table, run_metadata, write_results  # noqa: E402
+from sglang_xshare.benchio import markdown_table, run_metadata, write_results
 
 SHAPES = {
     "qwen3 (E=128, k=8, softmax)": dict(E=128, k=8, kw={}),

@@ -214,7 +214,7 @@ def sweep(args: argparse.Namespace) -> dict:
                        "shard": list(args.shard), "device": args.device, "output_error": args.output_error,
                        "threads": args.threads},
             "text": text, "model": {"num_experts": routing.num_experts, "top_k": routing.top_k,
-                                    "path": str(args.model or "sglang_xshare/data/model")},
+                                    "path": str(args.model or "bench/data/model")},
             "elapsed_s": time.perf_counter() - t0, "raw": raw}
 
 

@@ -742,7 +742,7 @@ def test_real_launcher_failure_is_reported_and_cleaned_up(tmp_path):
     the bench reports it as a failed start and nothing of it survives."""
     pytest.importorskip("sglang")
     port = _port()
-    cmd = [sys.executable, "-m", "sglang_xshare.launch_server", "--model-path", str(ROOT / "sglang_xshare/data/model"),
+    cmd = [sys.executable, "-m", "sglang_xshare.launch_server", "--model-path", str(ROOT / "bench/data/model"),
            "--port", str(port), "--xshare-policy", "xshare", "--xshare-budget", "0.7"]
     srv = Server(cmd, port, tmp_path / "s.log")
     srv.start()

@@ -32,7 +32,7 @@ and, with ``--eval-out``, the small held-out evaluation set shipped with the pac
 Usage (from the repository root)::
 
     .venv/bin/python bench/quality/prepare_data.py --out .dev/quality_data \\
-        --eval-out sglang_xshare/data/model
+        --eval-out bench/data/model
 """
 from __future__ import annotations
 

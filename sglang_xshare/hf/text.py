@@ -2,7 +2,7 @@
 
 ``load_text_eval_set(["pydoc=/usr/share/doc/python3.11/html/_sources", ...])`` reads every
 source (one dataset each), tokenises it with the shipped byte-level BPE tokenizer
-(``sglang_xshare/data/model/tokenizer.json``; ``<|endoftext|>`` after every document), cuts the
+(``bench/data/model/tokenizer.json``; ``<|endoftext|>`` after every document), cuts the
 dataset's token stream into non-overlapping windows of ``seq_len + 1`` tokens and shuffles them so
 that two neighbouring windows of the stream (one document's consecutive text) are at least
 ``min_gap`` places apart: a batch of up to ``min_gap`` windows per dataset never holds both.

@@ -4,7 +4,7 @@
 # configuration is an arm of one server (--ab-one-server: one start-up for the whole comparison);
 # PROFILE=N: N decode steps per arm under SGLang's profiler at c=PROFILE_C (default 64); NO_METRICS=1: without
 # xshare's live metrics (what a production server pays; no experts columns); WAVES: requests per run / concurrency.
-pkill -9 -f 'sglang|raylet|gcs_server' 2>/dev/null; sleep 1  # nothing left from an earlier call
+bash scripts/gpu/end_marked.sh  # what an earlier call left, by process id
 source scripts/gpu/env.sh || exit 1
 export PYTHONUNBUFFERED=1
 NAME=${NAME:-serve_qwen3_tp2ep2_ab}

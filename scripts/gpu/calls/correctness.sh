@@ -1,7 +1,7 @@
 # Issue 12, 2 x H200, shipped model: token for token at TP 2 / EP 2 -- plain SGLang, the hook with
 # off / topk, and xshare@0.7 for in-server quality -- four servers side by side on both GPUs
 # (capped KV pools: --kv-tokens), the report rewritten after every server.
-pkill -9 -f 'sglang|raylet|gcs_server' 2>/dev/null; sleep 1  # nothing left from an earlier call
+bash scripts/gpu/end_marked.sh  # what an earlier call left, by process id
 source scripts/gpu/env.sh || exit 1
 export PYTHONUNBUFFERED=1
 timeout 480 python3 bench/serve_correctness.py --tp 2 --ep 2 --parallel 4 --configs plain,off,topk,xshare@0.7 \

@@ -3,7 +3,7 @@
 # LEVELS; ONE_SERVER=1: the configurations as arms of one server (+global on all or none, e.g.
 # CONFIGS=xshare_ep@0.7+global,xshare@0.7+global,oea+k0=4+global,cap+cap=6+global: cap selects per rank);
 # PROFILE=N: N decode steps per arm under SGLang's profiler at c=PROFILE_C (default 64).
-pkill -9 -f 'sglang|raylet|gcs_server' 2>/dev/null; sleep 1  # nothing left from an earlier call
+bash scripts/gpu/end_marked.sh  # what an earlier call left, by process id
 source scripts/gpu/env.sh || exit 1
 export PYTHONUNBUFFERED=1
 NAME=${NAME:-serve_qwen3_dp2_deepep}

@@ -6,12 +6,7 @@
 #   NO_METRICS=1: without xshare's live metrics; STARTS=N (separate servers): N interleaved starts each.
 # TMO: seconds before the benchmark is stopped (default 560; what was measured by then is written).
 # Repeat the same call to continue: --state keeps the finished servers.
-# Processes an earlier call of this benchmark left (its servers carry XSHARE_SERVE_BENCH_RUN in their
-# environment, see sglang_xshare/servebench/server.py) are ended by process id first.
-for d in /proc/[0-9]*; do
-  [ "${d#/proc/}" = "$$" ] && continue
-  tr '\0' '\n' < "$d/environ" 2>/dev/null | grep -q '^XSHARE_SERVE_BENCH_RUN=' && kill -9 "${d#/proc/}" 2>/dev/null
-done
+bash scripts/gpu/end_marked.sh  # what an earlier call left, by process id
 source scripts/gpu/env.sh || exit 1
 export PYTHONUNBUFFERED=1
 NAME=${NAME:-serve_1gpu}
