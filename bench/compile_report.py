@@ -1,5 +1,5 @@
 """Compile selection-kernel variants for Hopper (sm_90) on a machine without a GPU and report
-registers, spills, shared memory and the SASS instruction mix -- what costs no device time.
+registers, spills, shared memory and the SASS instruction mix -- no GPU needed.
 
 Triton compiles for a target it is told (a stand-in driver answers "CUDA, sm_90"), using the
 ``ptxas`` / ``cuobjdump`` / ``nvdisasm`` its wheel ships; nothing is launched. The kernels are

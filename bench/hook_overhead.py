@@ -18,7 +18,7 @@ layer: the kernels in the graph (counted by the profiler over one replay) and th
                    ``bench/serve.py --ab``.
 
 The last two say how much of a policy's cost inside ``bench/serve.py``'s servers is the measurement
-itself (the 5th session's profile saw ~1.7x this script's fast-path figures there).
+itself (the server profile of `serve_qwen3_tp2ep2_arms.md` saw ~1.7x this script's fast-path figures there).
 
 Writes ``bench/results/<name>.{json,md}``; the table's "added" column is (config - plain) per layer.
 

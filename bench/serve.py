@@ -659,7 +659,7 @@ def report(records: list[dict], skipped: list[tuple[str, int, str]], args: argpa
 
 
 def merge_results(files: list[Path], out_dir: Path, name: str) -> str:
-    """Join result files of earlier runs (e.g. two sessions): every file's starts become rounds of
+    """Join result files of earlier runs (e.g. two runs on different days): every file's starts become rounds of
     their own, so each ratio to ``off`` stays paired with the ``off`` of its own run. Writes
     ``<out_dir>/<name>.{json,md,png}``; returns the Markdown table."""
     records: list[dict] = []

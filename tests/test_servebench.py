@@ -594,7 +594,7 @@ def test_flush_cache_retries_while_sglang_refuses_with_requests_running():
 
 
 def test_merged_runs_keep_each_ratio_paired_with_its_own_off(tmp_path):
-    """Two earlier result files (e.g. two sessions): each file's starts become rounds of their own."""
+    """Two earlier result files (e.g. two separate runs): each file's starts become rounds of their own."""
     import json
 
     serve = _serve_module()
