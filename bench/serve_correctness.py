@@ -2,7 +2,7 @@
 
 1. **Token for token.** The same prompts, greedy, through ``plain`` (``python -m sglang.launch_server``),
    ``off`` and ``topk`` (the hook installed, SGLang's routing): the generated ids must be equal.
-   Prompts are the shipped model's held-out windows (real text), all sent at once so the server
+   Prompts are the evaluation model's held-out windows (real text), all sent at once so the server
    decodes them as one batch.
 2. **EOS.** The same prompts without ``ignore_eos``: how many answers stop at the first token.
 3. **Quality in the server.** The held-out windows (``eval_tokens.npy``, 129 tokens each) go

@@ -1,4 +1,4 @@
-"""Record the shipped routing traces of the trained MoE (default data of ``sglang-xshare replay``).
+"""Record the routing traces of the trained MoE (default data of ``sglang-xshare replay``).
 
 Three traces (``sglang_xshare.trace`` format, fp16 logits), from held-out text, under the model's
 own top-k routing:

@@ -33,7 +33,7 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float3
     """Load the MoE causal LM (eval mode, eager experts on CPU so runs are deterministic).
 
     Args:
-        path: checkpoint folder (default: the shipped model).
+        path: checkpoint folder (default: the evaluation model).
         dtype: compute dtype (``float32`` on CPU: bf16 matmuls are slow there).
         device: where to put it.
     """
@@ -95,7 +95,7 @@ class EvalSet:
 
 
 def load_eval_set(path: str | Path | None = None) -> EvalSet:
-    """Load ``eval_tokens.npy`` + ``eval_meta.json`` (default: the shipped held-out set)."""
+    """Load ``eval_tokens.npy`` + ``eval_meta.json`` (default: the committed held-out set)."""
     p = Path(path) if path is not None else default_model_dir()
     meta = json.loads((p / "eval_meta.json").read_text())
     arr = np.load(p / "eval_tokens.npy").astype(np.int64)
