@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make demo   -- set up .venv (first time) and replay the shipped routing trace through every policy
+#   make demo   -- set up .venv (first time) and replay the repository's routing trace through every policy
 #   make test   -- set up .venv (first time) and run the test suite (fails when no test ran)
 VENV ?= .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml scripts/setup_env.sh | sha1sum | cut -c1-12)

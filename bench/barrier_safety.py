@@ -25,16 +25,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import torch
+import triton
+import triton.language as tl
 
-from sglang_xshare import BudgetSchedule, RoutingSpec, SelectionConfig, Selector  # noqa: E402
-from sglang_xshare.benchio import markdown_table, run_metadata, write_results  # noqa: E402
-from sglang_xshare.kernels.workspace import buffers, fault_counter  # noqa: E402
-from sglang_xshare.select import compute_scores  # noqa: E402
+from sglang_xshare import BudgetSchedule, RoutingSpec, SelectionConfig, Selector
+from sglang_xshare.benchio import markdown_table, run_metadata, write_results
+from sglang_xshare.kernels.workspace import buffers, fault_counter
+from sglang_xshare.select import compute_scores
 
 
 @triton.jit

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -42,18 +41,16 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from sglang_xshare.benchio import markdown_table, run_metadata, write_results  # noqa: E402
-from sglang_xshare.config import Budget, BudgetSchedule, RoutingSpec, SelectionConfig  # noqa: E402
-from sglang_xshare.placement import Placement  # noqa: E402
-from sglang_xshare.select import Selector, compute_scores  # noqa: E402
-from sglang_xshare.select.traits import policy_traits  # noqa: E402
-from sglang_xshare.select.inputs import make_logits  # noqa: E402
-from sglang_xshare.select.scoring import _mask_groups  # noqa: E402
+from sglang_xshare.benchio import markdown_table, run_metadata, write_results
+from sglang_xshare.config import Budget, BudgetSchedule, RoutingSpec, SelectionConfig
+from sglang_xshare.placement import Placement
+from sglang_xshare.select import Selector, compute_scores
+from sglang_xshare.select.traits import policy_traits
+from sglang_xshare.select.inputs import make_logits
+from sglang_xshare.select.scoring import _mask_groups
 
 # name -> (E, k, scoring, n_group, topk_group, correction bias, logits dtype)
 MODELS = {
@@ -81,17 +78,8 @@ SWEEP_T = (1, 16, 64, 256)
 
 
 def import_kernels():
-    """``sglang_xshare.kernels.select``, also when the package is not pip-installed (device runs)."""
-    try:
-        return importlib.import_module("sglang_xshare.kernels.select")
-    except ModuleNotFoundError:
-        init = ROOT / "kernels" / "__init__.py"
-        spec = importlib.util.spec_from_file_location("sglang_xshare.kernels", init,
-                                                      submodule_search_locations=[str(init.parent)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["sglang_xshare.kernels"] = mod
-        spec.loader.exec_module(mod)
-        return importlib.import_module("sglang_xshare.kernels.select")
+    """``sglang_xshare.kernels.select`` (imported on first use: it needs Triton)."""
+    return importlib.import_module("sglang_xshare.kernels.select")
 
 
 def make_selector(model: str, policy: str, device) -> tuple[Selector, torch.Tensor | None]:

@@ -1,5 +1,5 @@
 """Compile selection-kernel variants for Hopper (sm_90) on a machine without a GPU and report
-registers, spills, shared memory and the SASS instruction mix -- what costs no device time.
+registers, spills, shared memory and the SASS instruction mix -- no GPU needed.
 
 Triton compiles for a target it is told (a stand-in driver answers "CUDA, sm_90"), using the
 ``ptxas`` / ``cuobjdump`` / ``nvdisasm`` its wheel ships; nothing is launched. The kernels are
@@ -22,18 +22,16 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 OPS = ("BAR", "SHFL", "LDS", "STS", "LDG", "STG", "ATOMG", "ISETP", "SEL", "MUFU", "BRA")

@@ -44,18 +44,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sglang_xshare.benchio import markdown_table, run_metadata, write_results  # noqa: E402
-from sglang_xshare.config import BudgetSchedule, RoutingSpec, SelectionConfig  # noqa: E402
-from sglang_xshare.dispatch import BACKENDS, make_dispatcher  # noqa: E402
-from sglang_xshare.metrics import selection_metrics  # noqa: E402
-from sglang_xshare.moe import EPMoELayer, SwiGLUExperts, make_expert_weights  # noqa: E402
-from sglang_xshare.moe.dp_attention import DPAttentionSelector  # noqa: E402
-from sglang_xshare.moe.reference import expert_weight_fn, reference_moe_lazy  # noqa: E402
-from sglang_xshare.moe.routing_source import RoutingSource  # noqa: E402
-from sglang_xshare.placement import Placement  # noqa: E402
-from sglang_xshare.select import SelectionOutput, Selector, compute_scores  # noqa: E402
+from sglang_xshare.benchio import markdown_table, run_metadata, write_results
+from sglang_xshare.config import BudgetSchedule, RoutingSpec, SelectionConfig
+from sglang_xshare.dispatch import BACKENDS, make_dispatcher
+from sglang_xshare.metrics import selection_metrics
+from sglang_xshare.moe import EPMoELayer, SwiGLUExperts, make_expert_weights
+from sglang_xshare.moe.dp_attention import DPAttentionSelector
+from sglang_xshare.moe.reference import expert_weight_fn, reference_moe_lazy
+from sglang_xshare.moe.routing_source import RoutingSource
+from sglang_xshare.placement import Placement
+from sglang_xshare.select import SelectionOutput, Selector, compute_scores
 
 SHAPES = {
     "gptoss": dict(experts=128, top_k=4, hidden=2880, intermediate=2880),     # GPT-OSS-120B-like

@@ -26,14 +26,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sglang_xshare.benchio import markdown_table, run_metadata, write_results  # noqa: E402
-from sglang_xshare.config import BudgetSchedule, RoutingSpec, SelectionConfig  # noqa: E402
-from sglang_xshare.metrics import selection_metrics  # noqa: E402
-from sglang_xshare.moe.routing_source import RoutingSource  # noqa: E402
-from sglang_xshare.placement import Placement  # noqa: E402
-from sglang_xshare.select import SelectionOutput, Selector, compute_scores  # noqa: E402
+from sglang_xshare.benchio import markdown_table, run_metadata, write_results
+from sglang_xshare.config import BudgetSchedule, RoutingSpec, SelectionConfig
+from sglang_xshare.metrics import selection_metrics
+from sglang_xshare.moe.routing_source import RoutingSource
+from sglang_xshare.placement import Placement
+from sglang_xshare.select import SelectionOutput, Selector, compute_scores
 
 BATCH_AWARE = ("xshare", "xshare_ep")
 

@@ -18,7 +18,7 @@ layer: the kernels in the graph (counted by the profiler over one replay) and th
                    ``bench/serve.py --ab``.
 
 The last two say how much of a policy's cost inside ``bench/serve.py``'s servers is the measurement
-itself (the 5th session's profile saw ~1.7x this script's fast-path figures there).
+itself (the server profile of `serve_qwen3_tp2ep2_arms.md` saw ~1.7x this script's fast-path figures there).
 
 Writes ``bench/results/<name>.{json,md}``; the table's "added" column is (config - plain) per layer.
 
@@ -33,11 +33,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from sglang_xshare.benchio import markdown_table, run_metadata, write_results  # noqa: E402
+from sglang_xshare.benchio import markdown_table, run_metadata, write_results
 
 SHAPES = {
     "qwen3 (E=128, k=8, softmax)": dict(E=128, k=8, kw={}),

@@ -1,13 +1,13 @@
 """Quality frontier: CE cost vs activated experts of every selection policy on the trained MoE.
 
-The model is the project's own ``Qwen3MoeForCausalLM`` (6 layers, 64 experts, top-8; see
-``bench/quality/README.md``), evaluated teacher-forced. At each position the ``B`` sequences of a
+The model is the project's own ``Qwen3MoeForCausalLM`` (6 layers, 64 experts, top-8, in
+``bench/data/model``; see ``docs/quality.md``), evaluated teacher-forced. At each position the ``B`` sequences of a
 batch form the decode batch the policy selects for (per layer); with ``g > 1`` (speculative
 verification) ``g`` consecutive positions of one sequence are one request. Reference: plain top-k
 on the same sequences (computed once per batch; every operating point then runs on that batch).
 
-Text: the shipped held-out eval set, or ``--eval-text SRC ...`` (any plain text, ``NAME=PATH``,
-one dataset per source; :mod:`sglang_xshare.hf.text`): tokenised with the shipped tokenizer,
+Text: the committed held-out eval set, or ``--eval-text SRC ...`` (any plain text, ``NAME=PATH``,
+one dataset per source; :mod:`sglang_xshare.hf.text`): tokenised with the evaluation model's tokenizer,
 windows shuffled across documents, ``--split heldout|train|all`` by the training run's document
 split. The three training corpora::
 
@@ -31,8 +31,8 @@ frontiers drawn). ``--shard i/n`` runs every n-th batch; ``--merge`` joins shard
 
 Usage::
 
-    .venv/bin/python bench/quality.py --quick                           # smoke run (shipped eval set)
-    .venv/bin/python bench/quality.py --eval-text ... --split heldout   # see bench/quality/README.md
+    .venv/bin/python bench/quality.py --quick                           # smoke run (the eval set in bench/data/model)
+    .venv/bin/python bench/quality.py --eval-text ... --split heldout   # see docs/quality.md
 """
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def sweep(args: argparse.Namespace) -> dict:
                 raise SystemExit(0)
     else:
         ev = load_eval_set()
-        text = {"sources": ["shipped eval set (held-out)"], "split": "heldout", "windows_per_dataset": int(ev.tokens.shape[1])}
+        text = {"sources": ["evaluation set (held-out)"], "split": "heldout", "windows_per_dataset": int(ev.tokens.shape[1])}
     specs = [s for name in args.grid for s in grid(name)] + [s for s in (args.points or "").split(";") if s.strip()]
     points = [parse_point(s) for s in dict.fromkeys(specs)]
     spec_b = set(args.spec_batch_sizes)
@@ -214,7 +214,7 @@ def sweep(args: argparse.Namespace) -> dict:
                        "shard": list(args.shard), "device": args.device, "output_error": args.output_error,
                        "threads": args.threads},
             "text": text, "model": {"num_experts": routing.num_experts, "top_k": routing.top_k,
-                                    "path": str(args.model or "sglang_xshare/data/model")},
+                                    "path": str(args.model or "bench/data/model")},
             "elapsed_s": time.perf_counter() - t0, "raw": raw}
 
 
@@ -552,7 +552,7 @@ def report(payload: dict, args: argparse.Namespace, meta: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: shipped model)")
+    ap.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: evaluation model)")
     ap.add_argument("--eval-text", nargs="+", default=None, metavar="[NAME=]PATH",
                     help="plain-text sources, one dataset each ('default': the three training corpora)")
     ap.add_argument("--split", default="heldout", choices=["heldout", "train", "all"])
@@ -589,7 +589,7 @@ def main() -> None:
     ap.add_argument("--layer-plan", type=Path, default=None,
                     help="print per-layer budget points from a one-layer-at-a-time sensitivity JSON (--targets)")
     ap.add_argument("--targets", type=lambda s: [float(x) for x in s.split(",")], default=[0.7, 0.8])
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run (shipped eval set, B=4,16, 2 batches)")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run (evaluation set, B=4,16, 2 batches)")
     args = ap.parse_args()
     if args.eval_text == ["default"]:
         args.eval_text = DEFAULT_TEXT

@@ -20,17 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from multiprocessing import get_context
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-import bench_select as bs  # noqa: E402
+import bench_select as bs
 
 MODELS = {"dsv3": "dsv3-256x8-grp-bias", "olmoe": "olmoe-64x8"}
 

@@ -56,15 +56,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from sglang_xshare.benchio import markdown_table, md_cell, run_metadata, write_results  # noqa: E402
-from sglang_xshare.servebench.client import (bench_serving_argv, counter_delta, run_bench_serving,  # noqa: E402
+from sglang_xshare.benchio import markdown_table, md_cell, run_metadata, write_results
+from sglang_xshare.servebench.client import (bench_serving_argv, counter_delta, run_bench_serving,
                                              scrape, sglang_counters, spec_accept_length, xshare_counters)
-from sglang_xshare.servebench.configs import ServeConfig, one_server, parse_configs  # noqa: E402
-from sglang_xshare.servebench.models import PRESETS, ZERO_ROUTER_BIAS, write_model  # noqa: E402
-from sglang_xshare.servebench.server import Server, ServerDied, http_get  # noqa: E402
-from sglang_xshare.serving.config import AB_IDLE_ARMS  # noqa: E402
+from sglang_xshare.servebench.configs import ServeConfig, one_server, parse_configs
+from sglang_xshare.servebench.models import PRESETS, ZERO_ROUTER_BIAS, write_model
+from sglang_xshare.servebench.server import MARK_ENV, Server, ServerDied, http_get
+from sglang_xshare.serving.config import AB_IDLE_ARMS
 
 #: Flags every server of a run gets (the combination seen to start on the H200 hosts).
 BASE_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--grammar-backend", "none",
@@ -660,7 +659,7 @@ def report(records: list[dict], skipped: list[tuple[str, int, str]], args: argpa
 
 
 def merge_results(files: list[Path], out_dir: Path, name: str) -> str:
-    """Join result files of earlier runs (e.g. two sessions): every file's starts become rounds of
+    """Join result files of earlier runs (e.g. two runs on different days): every file's starts become rounds of
     their own, so each ratio to ``off`` stays paired with the ``off`` of its own run. Writes
     ``<out_dir>/<name>.{json,md,png}``; returns the Markdown table."""
     records: list[dict] = []
@@ -742,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         argv, extra = argv[:i], argv[i + 1:]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="model folder with real weights (e.g. sglang_xshare/data/model)")
+    src.add_argument("--model", help="model folder with real weights (e.g. bench/data/model)")
     src.add_argument("--preset", choices=sorted(PRESETS), help="MoE shape with random weights (--load-format dummy)")
     src.add_argument("--merge", nargs="+", metavar="JSON",
                      help="no server: join earlier result files, each file's starts as rounds of their own "
@@ -847,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ray:
         subprocess.run(["ray", "stop", "--force"], capture_output=True)
         subprocess.run(["ray", "start", "--head", "--num-gpus", str(args.tp), "--disable-usage-stats"], check=True,
-                       env=dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0"))
+                       env=dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", **{MARK_ENV: "ray-head"}))
     records, skipped = run_rounds(configs, model, args, extra, work, t_start,
                                   on_record=lambda recs: report(recs, [], args, extra, meta))
     if args.ray:

@@ -2,7 +2,7 @@
 
 1. **Token for token.** The same prompts, greedy, through ``plain`` (``python -m sglang.launch_server``),
    ``off`` and ``topk`` (the hook installed, SGLang's routing): the generated ids must be equal.
-   Prompts are the shipped model's held-out windows (real text), all sent at once so the server
+   Prompts are the evaluation model's held-out windows (real text), all sent at once so the server
    decodes them as one batch.
 2. **EOS.** The same prompts without ``ignore_eos``: how many answers stop at the first token.
 3. **Quality in the server.** The held-out windows (``eval_tokens.npy``, 129 tokens each) go
@@ -32,15 +32,14 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from sglang_xshare.benchio import markdown_table, run_metadata, write_results  # noqa: E402
-from sglang_xshare.servebench.configs import parse_configs  # noqa: E402
-from sglang_xshare.servebench.server import Server  # noqa: E402
+from sglang_xshare.benchio import markdown_table, run_metadata, write_results
+from sglang_xshare.servebench.configs import parse_configs
+from sglang_xshare.servebench.server import Server
 
-MODEL = ROOT / "sglang_xshare" / "data" / "model"
+MODEL = ROOT / "bench" / "data" / "model"
 BASE = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--grammar-backend", "none",
         "--disable-custom-all-reduce", "--enforce-disable-flashinfer-allreduce-fusion", "--disable-prefill-cuda-graph",
         "--disable-radix-cache", "--skip-server-warmup", "--random-seed", "0"]
@@ -226,7 +225,7 @@ def report(res: dict[str, dict], configs, args, extra: list[str], harness: dict,
                        "-" if h is None else f"{h['distinct']:.1f} / {h['distinct_topk']:.1f}"])
     eos_rows = [[n, r.get("first_token_eos"), r.get("mean_len_no_ignore_eos")] for n, r in res.items()]
     errors = [f"- `{n}` failed: `{r['error'].splitlines()[0]}`" for n, r in res.items() if r.get("error")]
-    md = (f"Shipped model (`sglang_xshare/data/model`), TP {args.tp} / EP {args.ep}, SGLang server per configuration "
+    md = (f"Shipped model (`bench/data/model`), TP {args.tp} / EP {args.ep}, SGLang server per configuration "
           f"({' '.join(BASE + extra)}; --mem-fraction-static {args.mem_fraction}"
           f"{'' if not args.kv_tokens else f', --max-total-tokens {args.kv_tokens}'}; {args.parallel} at a time).\n\n"
           + (f"**Partial: still running when written: {', '.join(pending)}.**\n\n" if pending else "")

@@ -8,15 +8,15 @@ and writes ``<name>.{json,md,png}``:
   rep by rep against the same server's SGLang arm; separate servers: paired within rounds), its
   95 % t interval over the pairs, the output tok/s ratio, the distinct-expert ratio the server
   measured (xshare's live metrics: the policy's experts per MoE layer call / plain top-k's on the
-  same batches), and the cross-entropy cost on the shipped model at that expert ratio and batch size;
+  same batches), and the cross-entropy cost on the evaluation model at that expert ratio and batch size;
 * where the run was profiled (``--profile-steps``): the decode step's GPU time by category, the
   expert kernels' time ratio, the *conversion* and the speed-up the profile implies.
 
 Quality mapping. The serving presets have random weights (their routing says nothing about
-quality), and the shipped evaluation model has 64 experts and top-8, not the served shapes. A
+quality), and the evaluation model has 64 experts and top-8, not the served shapes. A
 serving point is therefore mapped *by expert ratio and batch size*: the batch size is the
 concurrency, rounded up to the next batch size the sweep measured (1, 4, 16, 64; conservative,
-the cost of a given ratio grows with the batch); the cost is that of the shipped model's setting of
+the cost of a given ratio grows with the batch); the cost is that of the evaluation model's setting of
 the same policy family that activates at most the same ratio (+0.005) with the smallest CE delta
 (``at ratio``), and, where the sweep has it, the same setting itself (``same setting``: e.g.
 ``auto`` is ``xshare k0=3 budget=0.8``). dCE % = CE delta / top-k's CE, held-out text.
@@ -96,7 +96,7 @@ def _spec_norm(spec: str) -> str:
 
 
 def quality_cost(rows: list[dict], family: str | None, setting: str | None, ratio: float | None, B: int) -> dict:
-    """The shipped model's cost at batch ``B``: the same ``setting`` and the best of ``family`` at ``ratio``."""
+    """The evaluation model's cost at batch ``B``: the same ``setting`` and the best of ``family`` at ``ratio``."""
     out: dict = {"B": B}
     at_b = [r for r in rows if r["B"] == B and r.get("g", 1) == 1]
     if setting is not None:
@@ -195,7 +195,7 @@ def markdown(shapes: list[dict]) -> str:
                   f"SGLang {s['meta'].get('sglang')}, {s['meta'].get('date')}).", ""]
         lines.append(markdown_table(
             ["config", "conc.", "method", "TPOT speed-up (mean ± 95 % CI)", "tok/s ratio", "TPOT ms (SGLang arm)",
-             "experts / layer (top-k)", "expert ratio", "quality B", "dCE at ratio (shipped model)", "dCE same setting"],
+             "experts / layer (top-k)", "expert ratio", "quality B", "dCE at ratio (evaluation model)", "dCE same setting"],
             [[r["config"], r["concurrency"], f"{r['method']} ({r['pairs']} pairs)",
               f"{_f(r['speedup'])} ± {_f(r['speedup_ci'])}" if r["speedup_ci"] is not None else _f(r["speedup"]),
               _f(r["tok_ratio"]), f"{_f(r['tpot_ms'], 2)} ({_f(r['sglang_tpot_ms'], 2)})",
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                        "rows": rows, "profile": profile_rows(serve, speed)})
     note = ("Speed: TPOT speed-up over SGLang's own routing, mean ± 95 % t interval over the pairs (in-server A/B: each "
             "rep's policy arm against the same server's SGLang arm; separate servers: paired within rounds). Expert "
-            "ratio: measured in the server. Quality: CE cost on the shipped model (64 experts, top-8, held-out text, "
+            "ratio: measured in the server. Quality: CE cost on the evaluation model (64 experts, top-8, held-out text, "
             f"`{args.quality.name}`), mapped by expert ratio and batch size (module docstring of "
             "`bench/speed_quality.py`).\n\n")
     md = note + markdown(shapes) + f"\n![speed-up against concurrency]({args.name}.png)\n"

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._checkout import map_subpackages
 from ._lazy import lazy_attributes
+
+map_subpackages()
 
 __version__ = "0.1.0"
 

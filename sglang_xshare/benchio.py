@@ -18,7 +18,7 @@ __all__ = ["run_metadata", "write_results", "markdown_table", "md_cell", "GIT_RE
 #: The repository this package sits in (the revision is read there, whatever the cwd).
 _ROOT = Path(__file__).resolve().parents[1]
 #: Environment variable naming the revision of a copy without (or with a foreign) ``.git`` --
-#: e.g. a working tree shipped to a GPU machine: the caller exports its ``git rev-parse --short HEAD``.
+#: e.g. a working tree copied to a GPU machine: the caller exports its ``git rev-parse --short HEAD``.
 GIT_REV_ENV = "XSHARE_GIT_REV"
 
 

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt,
                        description="Replay a routing trace through the policies and print one comparison table "
                                    "(written to files only with --out).")
-    r.add_argument("--trace", type=Path, default=None, help="trace .npz (None: the trace shipped with the package)")
+    r.add_argument("--trace", type=Path, default=None, help="trace .npz (None: bench/data/model/trace_mixed_b16.npz of the repository checkout)")
     r.add_argument("--policy", default="xshare", choices=[n for n in POLICY_NAMES if n not in ("topk",)],
                    help="our policy, compared with topk, cap and oea")
     r.add_argument("--also", default="", help="more policies to add to the table, comma separated")
@@ -78,6 +78,7 @@ def _check_device(name: str) -> None:
 
 
 def _replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from ._checkout import data_hint
     from .benchio import run_metadata, write_results
     from .placement import Placement
     from .replay import replay, standard_runs
@@ -85,7 +86,8 @@ def _replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     path = args.trace or default_trace_path()
     if not Path(path).exists():
-        raise XShareConfigError("--trace", f"no trace file at {path}")
+        hint = "" if args.trace else f" ({data_hint('the default trace', '--trace PATH')})"
+        raise XShareConfigError("--trace", f"no trace file at {path}{hint}")
     _check_device(args.device)
     trace = Trace.load(path)
     routing = trace.routing
@@ -106,8 +108,12 @@ def _replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
                          hard_cap=args.hard_cap, warmup_p=args.warmup_p)
     result = replay(trace, runs, placement, device=args.device, progress=not args.no_progress)
     info = result.info
+    try:  # the trace as the user would type it: relative to the working directory when under it
+        shown = Path(path).resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        shown = path
     md = (
-        f"Trace: `{path}` ({info['model']}; {info['trace_steps']} steps x {info['layers']} layers, "
+        f"Trace: `{shown}` ({info['model']}; {info['trace_steps']} steps x {info['layers']} layers, "
         f"{info['batch_slots']} slots, E={info['num_experts']}, k={info['top_k']}), EP ranks: {info['ep_ranks']}; "
         f"{result.batches} batches. Means over (step, layer) batches; ratios to topk.\n\n" + result.table()
     )

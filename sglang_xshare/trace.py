@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
+from ._checkout import DATA_DIR
 from .config import RoutingSpec
 
 __all__ = ["Trace", "TraceStep", "default_trace_path", "dense_request_ids", "contiguous_group"]
@@ -204,5 +204,8 @@ def contiguous_group(dense_ids: np.ndarray) -> int | None:
 
 
 def default_trace_path() -> Path:
-    """The trace shipped with the package: 16 mixed-dataset sequences decoding on the project's trained MoE."""
-    return Path(str(resources.files("sglang_xshare") / "data" / "model" / "trace_mixed_b16.npz"))
+    """The repository's default trace: 16 mixed-dataset sequences decoding on the project's trained MoE.
+
+    It is in the checkout (``bench/data/model``), not in the wheel; the path may not exist in an install.
+    """
+    return DATA_DIR / "model" / "trace_mixed_b16.npz"

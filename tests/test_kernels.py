@@ -135,7 +135,7 @@ CASES = {
     "oea_simple-dsv3-rowtiles": _case("oea_simple", "dsv3", 12, knobs={"tile_elems": 256}, seed=51),
     "ep-dsv3-ep4-rowtiles-mass": _case("xshare_ep", "dsv3", 9, budget="mass:0.8", ep=4, knobs={"tile_elems": 256},
                                        seed=52),
-    # exact masses (issue 13): the float64 counter-example and gates from 1e-30 to 1, in any token order
+    # exact masses: the float64 counter-example and gates from 1e-30 to 1, in any token order
     "xshare-midpoint-perms": _case("xshare", "e8k2", 6, inputs="midpoint", budget="3", perms=6, seed=53),
     "xshare-midpoint-multi-perms": _case("xshare", "e8k2", 6, inputs="midpoint", budget="3", perms=3,
                                          knobs={"tile_elems": 16}, seed=54),

@@ -372,7 +372,7 @@ def _midpoint_selector(policy: str, budget: str = "3") -> Selector:
 
 @pytest.mark.parametrize("policy", ["xshare", "xshare_ep", "xshare_spec"])
 def test_midpoint_counter_example_is_order_independent(policy):
-    """Issue 13's counter-example: experts 2 and 5 tie but for two gates of ~5e-17 on 5. A
+    """The float64 counter-example: experts 2 and 5 tie but for two gates of ~5e-17 on 5. A
     float64 sum rounded to float32 picked {2, 6, 7} or {5, 6, 7} depending on the token order;
     fixed-point masses drop the 5e-17 gates and keep the tie (lower id: expert 2), in every order
     -- and count gates down to 2^-40 (the "dust" inputs), in every order."""

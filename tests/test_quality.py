@@ -1,4 +1,4 @@
-"""Quality yardstick on the shipped trained MoE (CPU, a few small batches).
+"""Quality yardstick on the trained evaluation MoE (CPU, a few small batches).
 
 * plain top-k through the Selector hook vs itself: CE delta exactly 0, and equal to the unhooked model;
 * a budgeted xshare run: finite, non-zero CE delta, fewer activated experts than top-k;
@@ -35,7 +35,7 @@ def setup():
     return model, ev, routing_spec_of(model.config), batches, ref
 
 
-def test_shipped_model_and_eval_set(setup):
+def test_evaluation_model_and_eval_set(setup):
     model, ev, routing, batches, ref = setup
     assert routing.num_experts == 64 and routing.top_k == 8
     assert ev.tokens.shape[0] == len(ev.datasets) == 3
@@ -110,7 +110,7 @@ def test_recorder_round_trips(setup, tmp_path):
     assert step.logits.shape == (6, 8, 64) and step.num_valid == 8
 
 
-def test_shipped_traces_load():
+def test_repository_traces_load():
     from sglang_xshare.hf import default_model_dir
 
     for name in ("trace_mixed_b16.npz", "trace_homog_b16.npz", "trace_spec_b8_g4.npz"):

@@ -1,6 +1,6 @@
-"""The shipped ``auto`` preset keeps its documented quality bound on a fixed held-out slice.
+"""The ``auto`` preset keeps its documented quality bound on a fixed held-out slice.
 
-The trained model, the shipped held-out eval windows (never trained on), mixed batches at every
+The trained model, the committed held-out eval windows (never trained on), mixed batches at every
 batch size the preset was chosen for; the policy is ``--xshare-budget auto`` exactly as the server
 flags resolve it. Fails when a change to the preset, the reference policy or the harness pushes
 the CE delta above ``PRESETS["auto"].bound_rel`` of top-k's CE at any batch size, or when the
@@ -19,7 +19,7 @@ from sglang_xshare.hf import evaluate_point, load_eval_set, load_model, make_bat
 from sglang_xshare.select import Selector  # noqa: E402
 from sglang_xshare.serving.config import XShareServerConfig  # noqa: E402
 
-#: batch size -> batches of the slice (the first windows of the shipped held-out set, 64 positions)
+#: batch size -> batches of the slice (the first windows of the committed held-out set, 64 positions)
 SLICE = {1: 12, 4: 6, 16: 3, 64: 1}
 
 

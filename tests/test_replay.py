@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,12 +180,34 @@ def test_replay_hard_cap_and_replicas():
     assert over > 0, "the default should exceed the count on some batch (else the case tests nothing)"
 
 
-def test_default_trace_ships():
+def test_default_trace_in_checkout():
     path = default_trace_path()
     if not path.exists():
-        pytest.fail(f"the package must ship its default trace at {path}")
+        pytest.fail(f"the repository must keep its default trace at {path}")
+    assert path.parent == Path(__file__).resolve().parents[1] / "bench" / "data" / "model"
     tr = Trace.load(path)
     assert tr.num_steps > 0 and tr.routing.num_experts >= 8
+
+
+def test_replay_without_checkout_data_names_trace_flag(tmp_path, monkeypatch, capsys):
+    """Installed from a wheel (no bench/data next to the package), ``replay`` says to pass ``--trace``."""
+    import sglang_xshare.trace as trace_mod
+
+    monkeypatch.setattr(trace_mod, "DATA_DIR", tmp_path / "no-data")
+    err = _error(["replay", "--no-progress"], capsys)
+    assert "--trace PATH" in err and "bench/data/model" in err, err
+
+
+def test_subpackages_come_from_top_level_folders():
+    """``sglang_xshare.kernels`` / ``.launch`` are the checkout's top-level ``kernels/`` and ``launch/``
+    (one copy; pyproject's package-dir for installs, the checkout finder for ``PYTHONPATH=<checkout>``)."""
+    import sglang_xshare.kernels
+    import sglang_xshare.launch
+
+    root = Path(__file__).resolve().parents[1]
+    assert Path(sglang_xshare.kernels.__file__).resolve() == root / "kernels" / "__init__.py"
+    assert Path(sglang_xshare.launch.__file__).resolve() == root / "launch" / "__init__.py"
+    assert not (root / "sglang_xshare" / "kernels").exists() and not (root / "sglang_xshare" / "launch").exists()
 
 
 def test_contiguous_group():

@@ -596,7 +596,7 @@ def test_flush_cache_retries_while_sglang_refuses_with_requests_running():
 
 
 def test_merged_runs_keep_each_ratio_paired_with_its_own_off(tmp_path):
-    """Two earlier result files (e.g. two sessions): each file's starts become rounds of their own."""
+    """Two earlier result files (e.g. two separate runs): each file's starts become rounds of their own."""
     import json
 
     serve = _serve_module()
@@ -744,7 +744,7 @@ def test_real_launcher_failure_is_reported_and_cleaned_up(tmp_path):
     the bench reports it as a failed start and nothing of it survives."""
     pytest.importorskip("sglang")
     port = _port()
-    cmd = [sys.executable, "-m", "sglang_xshare.launch_server", "--model-path", str(ROOT / "sglang_xshare/data/model"),
+    cmd = [sys.executable, "-m", "sglang_xshare.launch_server", "--model-path", str(ROOT / "bench/data/model"),
            "--port", str(port), "--xshare-policy", "xshare", "--xshare-budget", "0.7"]
     srv = Server(cmd, port, tmp_path / "s.log")
     srv.start()

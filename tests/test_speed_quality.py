@@ -1,4 +1,4 @@
-"""bench/speed_quality.py: every serving point gets the shipped model's quality cost at its expert
+"""bench/speed_quality.py: every serving point gets the evaluation model's quality cost at its expert
 ratio and batch size, and the profile's conversion / ideal speed-up are computed from the arms."""
 
 from __future__ import annotations

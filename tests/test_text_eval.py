@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import sys
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ from sglang_xshare.hf import make_batches  # noqa: E402
 from sglang_xshare.hf.text import (is_heldout, iter_documents, load_text_eval_set, load_windows,  # noqa: E402
                                    save_windows, shuffled_windows, tokenize_documents)
 
+ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the quick brown fox jumps over a lazy dog while experts route tokens in batches".split()
 
 
@@ -39,8 +40,9 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def test_split_rule_is_the_training_runs():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "quality"))
-    import prepare_data
+    spec = importlib.util.spec_from_file_location("prepare_data", ROOT / "bench" / "quality" / "prepare_data.py")
+    prepare_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare_data)
 
     for name in ("library/os.txt", "gcide/000017", "admin-guide/README.rst.gz", "x"):
         h = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "little")

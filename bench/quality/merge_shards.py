@@ -1,6 +1,6 @@
 """Join a sharded safetensors checkpoint (``model.safetensors.index.json``) into one file.
 
-The device tool returns files below 16 MiB only, so ``train.py`` saves shards; this joins them
+``train.py`` saves shards below 16 MiB (easy to copy off a GPU host); this joins them
 into ``model.safetensors`` without touching tensor names, dtypes or values.
 
 Usage::

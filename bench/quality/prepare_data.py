@@ -23,7 +23,7 @@ by the ``<|endoftext|>`` token.  Outputs (``--out``)::
     {name}_heldout.npy [n_tokens] uint16
     data_meta.json     sizes, sources, split rule
 
-and, with ``--eval-out``, the small held-out evaluation set shipped with the package::
+and, with ``--eval-out``, the small held-out evaluation set (bench/data/model)::
 
     eval_tokens.npy  [n_datasets, n_seq, seq_len + 1] uint16  (non-overlapping held-out windows)
     eval_meta.json   dataset names in row order, seq_len, provenance
@@ -32,7 +32,7 @@ and, with ``--eval-out``, the small held-out evaluation set shipped with the pac
 Usage (from the repository root)::
 
     .venv/bin/python bench/quality/prepare_data.py --out .dev/quality_data \\
-        --eval-out sglang_xshare/data/model
+        --eval-out bench/data/model
 """
 from __future__ import annotations
 
@@ -148,14 +148,14 @@ def encode_stream(tok: "object", docs: list[str], eos_id: int) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for tokenizer + token streams")
-    ap.add_argument("--eval-out", type=Path, default=None, help="folder for the shipped eval set")
+    ap.add_argument("--eval-out", type=Path, default=None, help="folder for the evaluation set")
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--heldout-frac", type=float, default=0.05)
     ap.add_argument("--gcide-entries", type=int, default=200)
     ap.add_argument("--max-train-tokens", type=int, default=7_000_000,
                     help="cap per dataset (keeps the carried data small)")
     ap.add_argument("--eval-seq-len", type=int, default=128)
-    ap.add_argument("--eval-seqs", type=int, default=256, help="held-out windows per dataset shipped")
+    ap.add_argument("--eval-seqs", type=int, default=256, help="held-out windows per dataset in the evaluation set")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Record the shipped routing traces of the trained MoE (default data of ``sglang-xshare replay``).
+"""Record the routing traces of the trained MoE (default data of ``sglang-xshare replay``).
 
 Three traces (``sglang_xshare.trace`` format, fp16 logits), from held-out text, under the model's
 own top-k routing:
@@ -9,7 +9,7 @@ own top-k routing:
 
 Usage::
 
-    .venv/bin/python bench/quality/record_traces.py [--out sglang_xshare/data/model]
+    .venv/bin/python bench/quality/record_traces.py [--out bench/data/model]
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def main() -> None:
     model = load_model()
     model.config._experts_implementation = "eager"
     ev = load_eval_set()
-    name = "sglang-xshare Qwen3MoE 6L-64E-top8 (sglang_xshare/data/model)"
+    name = "sglang-xshare Qwen3MoE 6L-64E-top8 (bench/data/model)"
     # use sequences the quality sweep's first batches do not start with: offset by taking later rows
     jobs = [
         ("trace_mixed_b16.npz", make_batches(ev, 16, 2, "mixed", args.seq_len), StepLayout(1)),

@@ -353,7 +353,7 @@ def main() -> None:
             f"mixed {r['distinct_mixed']:.1f} unif {r['distinct_uniform']:.1f} "
             f"spec{ec['spec_group']} {r['distinct_spec']:.1f} JS {r['js_divergence_bits']:.3f}")
     (args.out / "stats.json").write_text(json.dumps(stats, indent=2))
-    # shards < 16 MiB: the device tool returns no larger file; merge_shards.py joins them
+    # shards < 16 MiB (easy to copy off the GPU host); merge_shards.py joins them
     model.to(torch.bfloat16).save_pretrained(args.out / "model", max_shard_size=tc.get("max_shard_size", "14MB"))
     eos_id = json.loads((args.data / "data_meta.json").read_text()).get("eos_id")
     patch_config(args.out / "model" / "config.json", cfg["model"], eos_id)

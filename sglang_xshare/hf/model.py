@@ -1,6 +1,6 @@
 """The project's trained MoE (transformers ``Qwen3MoeForCausalLM``) and its held-out eval set.
 
-Shipped in ``sglang_xshare/data/model/`` (see ``bench/quality/README.md`` for how it is built):
+Kept in the repository under ``bench/data/model/`` (not in the wheel; see ``docs/quality.md`` for how it is built):
 
 * ``config.json`` + ``model.safetensors`` -- 6 layers, 64 experts, top-8, hidden 256, bf16
 * ``tokenizer.json`` -- byte-level BPE (8192), trained with ``tokenizers``
@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .._checkout import DATA_DIR, data_hint
 from ..config import RoutingSpec
 
 __all__ = ["default_model_dir", "load_model", "routing_spec_of", "EvalSet", "load_eval_set", "moe_blocks"]
 
 
 def default_model_dir() -> Path:
-    """Folder of the shipped checkpoint, tokenizer, eval set and traces."""
-    return Path(str(resources.files("sglang_xshare") / "data" / "model"))
+    """Folder of the evaluation checkpoint, tokenizer, eval set and traces (``bench/data/model`` of the checkout)."""
+    return DATA_DIR / "model"
 
 
 def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
@@ -33,7 +33,7 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float3
     """Load the MoE causal LM (eval mode, eager experts on CPU so runs are deterministic).
 
     Args:
-        path: checkpoint folder (default: the shipped model).
+        path: checkpoint folder (default: the evaluation model).
         dtype: compute dtype (``float32`` on CPU: bf16 matmuls are slow there).
         device: where to put it.
     """
@@ -41,7 +41,8 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float3
 
     p = Path(path) if path is not None else default_model_dir()
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in {p}")
+        raise FileNotFoundError(f"no config.json in {p}" + ("" if path is not None else
+                                f": {data_hint('the evaluation model', 'its folder')}"))
     model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
     model.to(device).eval()
     if not moe_blocks(model):
@@ -94,7 +95,7 @@ class EvalSet:
 
 
 def load_eval_set(path: str | Path | None = None) -> EvalSet:
-    """Load ``eval_tokens.npy`` + ``eval_meta.json`` (default: the shipped held-out set)."""
+    """Load ``eval_tokens.npy`` + ``eval_meta.json`` (default: the committed held-out set)."""
     p = Path(path) if path is not None else default_model_dir()
     meta = json.loads((p / "eval_meta.json").read_text())
     arr = np.load(p / "eval_tokens.npy").astype(np.int64)

@@ -1,13 +1,13 @@
-"""Evaluation windows from any plain text: documents -> shipped tokenizer -> shuffled windows.
+"""Evaluation windows from any plain text: documents -> evaluation model's tokenizer -> shuffled windows.
 
 ``load_text_eval_set(["pydoc=/usr/share/doc/python3.11/html/_sources", ...])`` reads every
-source (one dataset each), tokenises it with the shipped byte-level BPE tokenizer
-(``sglang_xshare/data/model/tokenizer.json``; ``<|endoftext|>`` after every document), cuts the
+source (one dataset each), tokenises it with the byte-level BPE tokenizer of the evaluation model
+(``bench/data/model/tokenizer.json``; ``<|endoftext|>`` after every document), cuts the
 dataset's token stream into non-overlapping windows of ``seq_len + 1`` tokens and shuffles them so
 that two neighbouring windows of the stream (one document's consecutive text) are at least
 ``min_gap`` places apart: a batch of up to ``min_gap`` windows per dataset never holds both.
 
-Train / held-out split: the rule of ``bench/quality/prepare_data.py``, which trained the shipped
+Train / held-out split: the rule of ``bench/quality/prepare_data.py``, which trained the evaluation
 model -- a document is held out when ``sha1(name) % 10000 < frac * 10000`` (``frac`` = 0.05),
 the name being its path relative to the source folder (GCIDE: ``gcide/NNNNNN``, 200 entries per
 document). Documents of the ``train`` split are text the model was trained on (up to the
@@ -43,7 +43,7 @@ _TEXT = re.compile(r"\.(txt|rst|md)(\.gz)?$")
 
 
 def is_heldout(doc_name: str, frac: float = 0.05) -> bool:
-    """The shipped model's document-level split: ``True`` for about ``frac`` of all names."""
+    """The evaluation model's document-level split: ``True`` for about ``frac`` of all names."""
     h = int.from_bytes(hashlib.sha1(doc_name.encode()).digest()[:8], "little")
     return (h % 10_000) < int(frac * 10_000)
 

@@ -4,7 +4,7 @@
 Per layer ``l`` it draws an expert popularity bias ``b_l ~ N(0, 1.2^2) [E]`` and ``C = 8`` topic
 centroids ``c_{l,j} ~ N(0, 1) [E]``; a token of topic ``j ~ U{0..C-1}`` gets logits
 ``b_l + c_{l,j} + N(0, 1) [E]``. The constants were fitted (``seed 0``, 200 batches) to what the
-project measured on its small trained MoE (32 experts, top-4; ``shared/README.md``): a decode batch
+routing of a small trained MoE (32 experts, top-4) measured: a decode batch
 of 16 tokens activates 19.0 distinct experts (measured 16.6-20.9; independent uniform routing: 28.2)
 and the expert-load entropy is 0.84 of uniform (measured 0.78-0.88). For other ``E`` the same
 constants are used (an extrapolation: per-expert statistics are kept, not batch statistics).

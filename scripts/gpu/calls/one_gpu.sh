@@ -6,12 +6,7 @@
 #   NO_METRICS=1: without xshare's live metrics; STARTS=N (separate servers): N interleaved starts each.
 # TMO: seconds before the benchmark is stopped (default 560; what was measured by then is written).
 # Repeat the same call to continue: --state keeps the finished servers.
-# Processes an earlier call of this benchmark left (its servers carry XSHARE_SERVE_BENCH_RUN in their
-# environment, see sglang_xshare/servebench/server.py) are ended by process id first.
-for d in /proc/[0-9]*; do
-  [ "${d#/proc/}" = "$$" ] && continue
-  tr '\0' '\n' < "$d/environ" 2>/dev/null | grep -q '^XSHARE_SERVE_BENCH_RUN=' && kill -9 "${d#/proc/}" 2>/dev/null
-done
+bash scripts/gpu/end_marked.sh  # what an earlier call left, by process id
 source scripts/gpu/env.sh || exit 1
 export PYTHONUNBUFFERED=1
 NAME=${NAME:-serve_1gpu}
@@ -23,10 +18,10 @@ ab=""; [ -n "$ONE_SERVER" ] && ab="--ab --ab-one-server"
 timeout ${TMO:-560} python3 bench/serve.py --preset ${PRESET:-qwen3-30b-a3b} ${LAYERS:+--layers $LAYERS} --tp 1 $ab \
   --configs ${CONFIGS:-auto} --concurrency ${LEVELS:-1,4,16,32,64} --reps ${REPS:-2} --waves ${WAVES:-2} \
   ${NO_METRICS:+--no-metrics} ${STARTS:+--starts $STARTS} --output-len ${OUTLEN:-256} --min-prompts 2 --max-bs 128 \
-  --graph-bs ${GRAPH_BS:-1,2,4,8,16,32,64,128} --mem-fraction ${MEM:-0.88} --state /root/${NAME}_state.json \
+  --graph-bs ${GRAPH_BS:-1,2,4,8,16,32,64,128} --mem-fraction ${MEM:-0.88} --state $XS_HOME/${NAME}_state.json \
   --time-budget ${BUDGET:-500} ${PROFILE:+--profile-steps $PROFILE --profile-concurrency ${PROFILE_C:-16,64}} \
-  --name $NAME --out $OUT --work /root/w_$NAME -- --moe-runner-backend triton > $OUT/run.log 2>&1
+  --name $NAME --out $OUT --work $XS_HOME/w_$NAME -- --moe-runner-backend triton > $OUT/run.log 2>&1
 echo "serve rc=$?"
 grep -v "^\[20" $OUT/run.log | tail -40
-(cd /root/w_$NAME && tar czf $OUT/logs.tgz *.log) 2>/dev/null; cp /root/${NAME}_state.json $OUT/ 2>/dev/null
+(cd $XS_HOME/w_$NAME && tar czf $OUT/logs.tgz *.log) 2>/dev/null; cp $XS_HOME/${NAME}_state.json $OUT/ 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
