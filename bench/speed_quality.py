@@ -95,6 +95,10 @@ def _spec_norm(spec: str) -> str:
     return " ".join(p if not p.startswith("budget=") or ":" in p else f"budget={float(p[7:]):g}" for p in spec.split())
 
 
+#: An expert ratio at or above this is no cut (top-k's own experts, up to rounding of the live means).
+NO_CUT_RATIO = 0.995
+
+
 def quality_cost(rows: list[dict], family: str | None, setting: str | None, ratio: float | None, B: int) -> dict:
     """The evaluation model's cost at batch ``B``: the same ``setting`` and the best of ``family`` at ``ratio``."""
     out: dict = {"B": B}
@@ -104,7 +108,10 @@ def quality_cost(rows: list[dict], family: str | None, setting: str | None, rati
         if same is not None:
             out["same"] = {"spec": same["spec"], "ratio": same["ratio"], "dce_pct": 100 * same["delta_rel"],
                            "ci_pct": 100 * same["ci95"] / same["ce_ref"]}
-    if family is not None and ratio is not None:
+    if ratio is not None and ratio >= NO_CUT_RATIO:
+        # the server ran top-k's own experts: nothing was cut, so there is no cost to map
+        out["at_ratio"] = {"spec": None, "note": f"none: no cut (ratio {ratio:.3f})"}
+    elif family is not None and ratio is not None:
         cand = [r for r in at_b if r["family"] == family and r["ratio"] <= ratio + 0.005]
         if cand:
             b = min(cand, key=lambda r: r["delta_rel"])

@@ -59,6 +59,17 @@ def test_rows_carry_speed_ratio_and_cost():
     assert q["at_ratio"]["spec"] == best["spec"] and q["at_ratio"]["ratio"] <= 0.705
 
 
+def test_no_cut_has_no_mapped_cost():
+    """A point that ran top-k's own experts (ratio 1) costs nothing, not the cheapest swept cut."""
+    sq = _mod()
+    qrows = json.loads(QUALITY.read_text())["rows"]
+    (r,) = sq.speed_rows(_serve([1.0, 1.0], 100.0, 100.0), qrows)
+    assert r["expert_ratio"] == pytest.approx(1.0)
+    assert r["quality"]["at_ratio"]["spec"] is None and "no cut" in r["quality"]["at_ratio"]["note"]
+    (r,) = sq.speed_rows(_serve([1.0, 1.0], 98.0, 100.0), qrows)  # a real (small) cut still maps
+    assert r["quality"]["at_ratio"]["spec"] is not None
+
+
 def test_profile_conversion_and_ideal():
     sq = _mod()
     serve = _serve([1.2, 1.3], 70.0, 100.0)
