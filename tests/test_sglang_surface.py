@@ -89,12 +89,27 @@ def test_changed_method_and_missing_flag_are_named(topk, monkeypatch):
     assert "sglang.srt.layers.moe.topk._use_aiter (read by sglang_xshare) is missing" in msg
 
 
-def test_fallback_warns_and_keeps_sglangs_routing(topk, monkeypatch, caplog):
+class _Collect(logging.Handler):
+    """The records of one logger (pytest's caplog is off under ``-p no:logging``, as ``make test`` runs)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_fallback_warns_and_keeps_sglangs_routing(topk, monkeypatch):
     original = topk.select_experts
     monkeypatch.setattr(topk, "_post_process_topk_ids", _seven_argument_post_process)
-    with caplog.at_level(logging.WARNING, logger="sglang_xshare.serving"):
+    log, handler = logging.getLogger("sglang_xshare.serving"), _Collect()
+    log.addHandler(handler)
+    try:
         assert install.install(XShareServerConfig(**CFG, sglang_mismatch="fallback")) is False
-    text = caplog.text
+    finally:
+        log.removeHandler(handler)
+    text = "\n".join(handler.lines)
     assert "_post_process_topk_ids" in text and "SGLang's own routing serves" in text
     assert topk.select_experts is original and runtime.current() is None
 
