@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Expert-parallel MoE layer benchmark: what each selection policy costs on the busiest EP rank.
 
-Run under torchrun, one process per GPU (``launch/torchrun_ep_bench.sh`` sets the environment)::
+Run under torchrun, one process per GPU (``bench/torchrun_ep_bench.sh`` sets the environment)::
 
     torchrun --nproc-per-node 2 bench/ep_moe.py --shape gptoss --policy topk,xshare,xshare_ep,oea \\
         --tokens 1,16,64,256 --backend nccl,deepep

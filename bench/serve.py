@@ -1,7 +1,7 @@
 """Serving benchmark: a real SGLang server per configuration, SGLang's own load generator, ratios vs off.
 
 For each configuration (``off``, ``xshare@0.7``, ``xshare_ep@0.7``, ``oea+k0=4``, ``cap+cap=6`` ...,
-see :mod:`sglang_xshare.servebench.configs`) this starts the server through
+see :mod:`servebench.configs`) this starts the server through
 ``sglang-xshare-launch-server`` (or ``sglang-xshare-ray`` with ``--ray``), waits until it
 generates, drives a decode-heavy workload with ``sglang.bench_serving`` at each concurrency
 (``--reps`` runs, prompts of random token ids, every request decodes ``--output-len`` tokens),
@@ -58,12 +58,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 from sglang_xshare.benchio import markdown_table, md_cell, run_metadata, write_results
-from sglang_xshare.servebench.client import (bench_serving_argv, counter_delta, run_bench_serving,
-                                             scrape, sglang_counters, spec_accept_length, xshare_counters)
-from sglang_xshare.servebench.configs import ServeConfig, one_server, parse_configs
-from sglang_xshare.servebench.models import PRESETS, ZERO_ROUTER_BIAS, write_model
-from sglang_xshare.servebench.server import MARK_ENV, Server, ServerDied, http_get
 from sglang_xshare.serving.config import AB_IDLE_ARMS
+
+from servebench.client import (bench_serving_argv, counter_delta, run_bench_serving, scrape, sglang_counters,
+                               spec_accept_length, xshare_counters)
+from servebench.configs import ServeConfig, one_server, parse_configs
+from servebench.models import PRESETS, ZERO_ROUTER_BIAS, write_model
+from servebench.server import MARK_ENV, Server, ServerDied, http_get
 
 #: Flags every server of a run gets (the combination seen to start on the H200 hosts).
 BASE_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--grammar-backend", "none",
@@ -163,7 +164,7 @@ def profile_arms(base_url: str, switch: Path | None, arms: list[tuple[int, str]]
     """One more run per arm under SGLang's profiler (``/start_profile``, by stage): ``steps`` decode
     steps at full batch traced on every rank, then :func:`kernel_breakdown` of the decode traces.
     Returns ``{arm: {rank: breakdown}}`` (``{"error": ...}`` for an arm whose traces did not come)."""
-    from sglang_xshare.servebench.profile import kernel_breakdown, profile_request, trace_files
+    from servebench.profile import kernel_breakdown, profile_request, trace_files
 
     out: dict = {}
     for idx, arm in arms:
@@ -196,7 +197,7 @@ def profile_lines(records: list[dict]) -> list[str]:
     """Markdown: GPU kernel time per decode step by category, per configuration arm (rank 0), and
     the MoE experts' and the communication kernels' time on every rank (an all-reduce waits for the
     slowest rank, so one rank's fewer expert-ms can show up as its communication-ms)."""
-    from sglang_xshare.servebench.profile import CATEGORIES
+    from servebench.profile import CATEGORIES
 
     cats = [c for c, _ in CATEGORIES] + ["other"]
     lines = []
@@ -229,10 +230,10 @@ def profile_lines(records: list[dict]) -> list[str]:
 
 def _selection_lines(records: list[dict]) -> list[str]:
     """Markdown: each policy's selection kernel, µs per MoE layer call, in the trace of every
-    profiled arm (:func:`~sglang_xshare.servebench.profile.selection_per_arm`). Under
+    profiled arm (:func:`~servebench.profile.selection_per_arm`). Under
     ``--ab-idle-arms skip`` the arm routed by runs its selection in full and the others' kernels
     return at once (an empty launch each); under ``compute`` every trace holds every selection."""
-    from sglang_xshare.servebench.profile import selection_per_arm
+    from servebench.profile import selection_per_arm
 
     rows = []
     for rec in records:

@@ -36,8 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 import numpy as np
 
 from sglang_xshare.benchio import markdown_table, run_metadata, write_results
-from sglang_xshare.servebench.configs import parse_configs
-from sglang_xshare.servebench.server import Server
+
+from servebench.configs import parse_configs
+from servebench.server import Server
 
 MODEL = ROOT / "bench" / "data" / "model"
 BASE = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--grammar-backend", "none",

@@ -42,7 +42,8 @@ from pathlib import Path
 from sglang_xshare.benchio import markdown_table, run_metadata, write_results
 from sglang_xshare.config import PRESETS
 from sglang_xshare.select.traits import TRAITS
-from sglang_xshare.servebench.configs import parse_config
+
+from servebench.configs import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUALITY_BS = (1, 4, 16, 64)

@@ -1,7 +1,10 @@
 """sglang-xshare: batch-aware expert selection for SGLang's expert-parallel MoE decode.
 
-Pipeline: router logits -> **select** (:mod:`sglang_xshare.select`) -> dispatch
-(:mod:`sglang_xshare.dispatch`: DeepEP | NCCL) -> experts -> combine.
+Pipeline: router logits -> **select** (:mod:`sglang_xshare.select`) -> dispatch -> experts -> combine.
+Served through SGLang (:mod:`sglang_xshare.serving`, the ``sglang.srt.plugins`` entry point), the
+package adds the select stage and SGLang's MoE layer does the rest. :mod:`sglang_xshare.moe` and
+:mod:`sglang_xshare.dispatch` are a standalone EP MoE layer (DeepEP | NCCL) that the EP benchmark
+(``bench/ep_moe.py``) and its tests run; serving does not use them.
 
 Names are imported lazily so that light entry points (the Ray launcher, flag parsing) do not
 pay for importing torch.

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import POLICY_NAMES, BudgetSchedule, XShareConfigError
+from .select.traits import policy_traits
 
 __all__ = ["main", "build_parser", "REPLAY_FLAGS"]
 
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Replay a routing trace through the policies and print one comparison table "
                                    "(written to files only with --out).")
     r.add_argument("--trace", type=Path, default=None, help="trace .npz (None: bench/data/model/trace_mixed_b16.npz of the repository checkout)")
-    r.add_argument("--policy", default="xshare", choices=[n for n in POLICY_NAMES if n not in ("topk",)],
+    r.add_argument("--policy", default="xshare", choices=[n for n in POLICY_NAMES if not policy_traits(n).plain_topk],
                    help="our policy, compared with topk, cap and oea")
     r.add_argument("--also", default="", help="more policies to add to the table, comma separated")
     r.add_argument("--budget", default="0.7",

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sglang_xshare.servebench.configs import parse_config, parse_configs
-from sglang_xshare.servebench.server import MARK_ENV, Server, ServerDied, http_get, marked_processes
+from servebench.configs import parse_config, parse_configs
+from servebench.server import MARK_ENV, Server, ServerDied, http_get, marked_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_every_config_flag_is_a_real_server_flag():
 def test_preset_folder_is_a_loadable_model_config(tmp_path, preset):
     from transformers import AutoConfig, AutoTokenizer
 
-    from sglang_xshare.servebench.models import PRESETS, write_model
+    from servebench.models import PRESETS, write_model
     from sglang_xshare.serving.cli_flags import routing_from_model_config
 
     folder = write_model(tmp_path / preset, preset, layers=4)
@@ -76,7 +76,7 @@ def test_preset_routes_tokens_apart_under_sglangs_dummy_weights(preset):
     from sglang.srt.model_loader.weight_utils import initialize_dummy_weights
 
     from sglang_xshare import RoutingSpec, SelectionConfig, Selector
-    from sglang_xshare.servebench.models import PRESETS
+    from servebench.models import PRESETS
 
     c = PRESETS[preset]
     E, H, k = c.get("num_experts", c.get("n_routed_experts")), c["hidden_size"], c["num_experts_per_tok"]
@@ -102,7 +102,7 @@ def test_preset_routes_tokens_apart_under_sglangs_dummy_weights(preset):
 @pytest.mark.sglang
 def test_bench_serving_arguments_parse_with_sglangs_parser(tmp_path):
     pytest.importorskip("sglang")
-    from sglang_xshare.servebench.client import _parsed, bench_serving_argv
+    from servebench.client import _parsed, bench_serving_argv
 
     argv = bench_serving_argv("http://127.0.0.1:1", "tok", concurrency=16, num_prompts=32, input_len=32,
                               output_len=256, seed=3, output_file=str(tmp_path / "o.jsonl"))
@@ -369,7 +369,7 @@ def test_one_server_runs_every_policy_as_an_arm_and_reports_each(tmp_path, monke
     each rep runs SGLang's arm and every policy's, in order then reversed; each policy's runs keep its
     own live-metric counts (rank ``0`` / ``0/armN``) and pair with the server's SGLang runs."""
     from sglang_xshare.serving.cli_flags import parse_xshare_argv
-    from sglang_xshare.servebench.configs import one_server
+    from servebench.configs import one_server
 
     serve = _serve_module()
     cfg = one_server(parse_configs("xshare@0.7,oea+k0=4,cap+cap=6"))
@@ -482,7 +482,7 @@ def test_profile_request_is_sglangs_and_decode_traces_break_down_by_category(tmp
     pytest.importorskip("sglang")
     from sglang.srt.managers.io_struct import ProfileReq
 
-    from sglang_xshare.servebench.profile import category, kernel_breakdown, profile_request, trace_files
+    from servebench.profile import category, kernel_breakdown, profile_request, trace_files
 
     body = profile_request(tmp_path, 20, "run_c64_policy")
     req = ProfileReq(**body)
@@ -542,7 +542,7 @@ def test_profile_request_is_sglangs_and_decode_traces_break_down_by_category(tmp
 
     # one server, three policy arms: per layer SGLang's routing, then each arm's one selection launch in
     # arm order, then the experts; numbered by position in the layer (time order, not file order)
-    from sglang_xshare.servebench.profile import selection_per_arm
+    from servebench.profile import selection_per_arm
 
     layer = [("topkGatingSoftmax", 1.0), ("batch_kernel", 4.0), ("batch_kernel", 7.0), ("refine_kernel", 2.0),
              ("elementwise_kernel", 0.5), ("fused_moe_kernel", 30.0), ("_fwd_kernel_stage1", 5.0)]
@@ -631,7 +631,7 @@ def test_spec_accept_length_per_run_from_sglangs_own_counters():
     from sglang.srt.runtime_context import SpawnRanks, publish, reset_context
     from sglang.srt.server_args import ServerArgs
 
-    from sglang_xshare.servebench.client import sglang_counters, spec_accept_length
+    from servebench.client import sglang_counters, spec_accept_length
 
     reset_context()
     publish(ServerArgs(model_path="dummy", device="cpu"), role="test", ranks=SpawnRanks(world_rank=0, dp_rank=None))
@@ -668,7 +668,7 @@ def test_live_metrics_exported_and_read_back():
     from prometheus_client import REGISTRY, generate_latest
 
     from sglang_xshare.select.output import METRIC_FIELDS
-    from sglang_xshare.servebench.client import counter_delta, xshare_counters
+    from servebench.client import counter_delta, xshare_counters
     from sglang_xshare.serving.telemetry.metrics import LiveMetrics
 
     m = LiveMetrics(interval=1, rank=7)  # its own series: other tests in this process export rank 0

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpt_oss_folder_matches_the_released_shape(tmp_path):
     from transformers import AutoConfig
 
-    from sglang_xshare.servebench.models import PRESETS, ZERO_ROUTER_BIAS, write_model
+    from servebench.models import PRESETS, ZERO_ROUTER_BIAS, write_model
     from sglang_xshare.serving.cli_flags import routing_from_model_config
 
     folder = write_model(tmp_path / "g", "gpt-oss-120b", layers=5)
@@ -41,7 +41,7 @@ def test_sglang_reads_the_gpt_oss_folder(tmp_path):
     pytest.importorskip("sglang")
     from sglang.srt.configs.model_config import ModelConfig
 
-    from sglang_xshare.servebench.models import write_model
+    from servebench.models import write_model
 
     m = ModelConfig(str(write_model(tmp_path / "g", "gpt-oss-120b", layers=4)))
     assert m.hf_config.architectures == ["GptOssForCausalLM"] and m.num_hidden_layers == 4

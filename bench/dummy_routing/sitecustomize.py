@@ -8,7 +8,7 @@ top-k, so no batch has experts to share and a benchmark measures nothing. With t
 the ranking follows the hidden state, as with trained weights.
 
 This file is put on ``PYTHONPATH`` of the benchmark's servers only (``bench/serve.py`` does it for
-the presets in ``sglang_xshare.servebench.models.ZERO_ROUTER_BIAS``) and acts only when
+the presets in ``servebench.models.ZERO_ROUTER_BIAS``) and acts only when
 ``XSHARE_BENCH_ROUTER_BIAS=zero`` is set: when SGLang's model loader is imported, its
 ``initialize_dummy_weights`` is wrapped so that parameters named ``*router.bias`` are zeroed after
 SGLang's own initialisation. Every server process (SGLang spawns its schedulers) runs this at

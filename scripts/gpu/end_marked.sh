@@ -1,6 +1,6 @@
 # Ends, by process id, what an earlier benchmark call left running: the serving bench marks every
 # process it starts (its servers, their workers, the Ray head of --ray) with XSHARE_SERVE_BENCH_RUN in
-# the environment (sglang_xshare/servebench/server.py); nothing else on the machine is touched.
+# the environment (bench/servebench/server.py); nothing else on the machine is touched.
 #   bash scripts/gpu/end_marked.sh
 n=0
 for d in /proc/[0-9]*; do

@@ -1,4 +1,8 @@
-"""The dispatch stage: token all-to-all of the EP MoE layer (DeepEP or torch.distributed).
+"""The dispatch stage of the standalone EP MoE layer (:mod:`sglang_xshare.moe`): DeepEP or torch.distributed.
+
+Not the serving path: under SGLang, SGLang's own ``--moe-a2a-backend`` dispatches the experts xshare
+chose. This token all-to-all serves :class:`~sglang_xshare.moe.EPMoELayer` only, i.e. ``bench/ep_moe.py``
+(``bench/torchrun_ep_bench.sh``), ``tests/test_ep_layer.py`` and ``tests/test_deepep_buffers.py``.
 
 :func:`make_dispatcher` builds the backend a flag names and says which path runs and why:
 

@@ -1,4 +1,13 @@
-"""The expert-parallel MoE layer: local SwiGLU experts, the EP layer, its reference, DP-attention selection.
+"""A standalone expert-parallel MoE layer for the benchmarks and tests; SGLang serving does not use it.
+
+Served through SGLang (:mod:`sglang_xshare.serving`), xshare only chooses the experts: SGLang's own
+MoE layer dispatches the tokens, runs the experts and combines. This package, with
+:mod:`sglang_xshare.dispatch`, is a self-contained EP MoE layer on ``torch.distributed`` (DeepEP or
+NCCL all-to-all) that measures the selection policies end to end outside SGLang. Its users:
+``bench/ep_moe.py`` (started by ``bench/torchrun_ep_bench.sh``, one process per GPU),
+``bench/ep_sim.py`` (:class:`RoutingSource`, :class:`DPAttentionSelector`) and
+``tests/test_ep_layer.py``. Nothing in the SGLang plugin, the launchers or the ``sglang-xshare``
+command imports it.
 
 * :class:`EPMoELayer` -- select -> dispatch (:mod:`sglang_xshare.dispatch`) -> experts -> combine;
 * :class:`SwiGLUExperts` -- bf16 experts with a Triton grouped GEMM (torch on CPU);

@@ -1,4 +1,6 @@
-"""The expert-parallel MoE layer: select -> dispatch -> experts -> combine.
+"""The standalone expert-parallel MoE layer: select -> dispatch -> experts -> combine.
+
+Run by the EP benchmark (``bench/ep_moe.py``) and its tests; SGLang serving uses SGLang's own MoE layer.
 
 One instance per EP rank and layer. The select stage is :class:`sglang_xshare.select.Selector`
 (or any callable with its signature); this module only maps its output to physical slots:

@@ -2,10 +2,10 @@
 # Launch the expert-parallel MoE benchmark (bench/ep_moe.py) with torchrun, one process per GPU.
 #
 # Usage:
-#   launch/torchrun_ep_bench.sh [--nproc N] [bench/ep_moe.py arguments...]
+#   bench/torchrun_ep_bench.sh [--nproc N] [bench/ep_moe.py arguments...]
 # Examples:
-#   launch/torchrun_ep_bench.sh --shape gptoss --tokens 1,16,64,256 --backend nccl,deepep
-#   launch/torchrun_ep_bench.sh --nproc 2 --shape deepseek --backend auto --policy topk,xshare_ep,xshare_ep+global
+#   bench/torchrun_ep_bench.sh --shape gptoss --tokens 1,16,64,256 --backend nccl,deepep
+#   bench/torchrun_ep_bench.sh --nproc 2 --shape deepseek --backend auto --policy topk,xshare_ep,xshare_ep+global
 #
 # N defaults to the number of visible GPUs (or 2 CPU processes on gloo when there is none).
 # DeepEP: the `deepep*` backends need the `deep_ep` package importable (built for your torch/CUDA);

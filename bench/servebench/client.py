@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Sequence
 
-from ..serving.telemetry.metrics import parse_prometheus
+from sglang_xshare.serving.telemetry.metrics import parse_prometheus
 from .server import http_get
 
 __all__ = ["bench_serving_argv", "run_bench_serving", "scrape", "xshare_counters", "sglang_counters", "counter_delta",

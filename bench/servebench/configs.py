@@ -75,7 +75,7 @@ def one_server(configs: list[ServeConfig]) -> ServeConfig:
     """Policy configurations as the arms of one A/B server: the first is the server's policy (switch
     arm 1), each other one a ``--xshare-ab-arm`` (arms 2, 3, ...); arm 0 is SGLang's routing.
     ``+global`` must be on all of them or none (it is the server's flag)."""
-    from ..serving.measure.arms import arm_spec
+    from sglang_xshare.serving.measure.arms import arm_spec
 
     if not configs or any(not c.selects for c in configs):
         raise ValueError("one server's arms are policies; SGLang's routing (off / plain / topk) is arm 0 already")
