@@ -335,51 +335,57 @@ def _verdict(d: float, ci: float, better: str, worse: str) -> str:
     return better if d + ci < 0 else (worse if d - ci > 0 else "n.s.")
 
 
-def compare_spec(rows: list[dict], grid_r: tuple[float, ...] = (0.6, 0.7, 0.8, 0.9)) -> list[dict]:
-    """Speculative verification (``g > 1``): at every (B, g, request layout) and expert ratio ``r``, the best
-    ``xshare`` (batch budget over the union) vs the best ``xshare_spec`` (request budget, then batch budget)
-    configuration activating at most ``r`` (+0.005) of top-k's experts: CE delta paired per batch, and the
-    argmax agreement / oracle-draft acceptance of each (``xshare`` ignores requests: its points serve both
-    layouts)."""
+def _interp(lo: dict, hi: dict, x: float, key: str) -> dict[int, float]:
+    """Per-batch ``key`` of the segment ``lo``-``hi`` (two points of one family) at ratio ``x``."""
+    w = 0.0 if hi["ratio"] == lo["ratio"] else (x - lo["ratio"]) / (hi["ratio"] - lo["ratio"])
+    a, b = dict(zip(lo["batch_ids"], lo[key])), dict(zip(hi["batch_ids"], hi[key]))
+    return {i: (1 - w) * a[i] + w * b[i] for i in a if i in b}
+
+
+def compare_spec(rows: list[dict]) -> list[dict]:
+    """Speculative verification (``g > 1``): every ``xshare_spec`` point (request budget, then batch budget)
+    against the ``xshare`` frontier (batch budget over the union) at the SAME expert ratio: the xshare points of
+    the same (B, g) bracketing its ratio, interpolated linearly per batch (CE delta and oracle-draft acceptance),
+    differences paired per batch (``xshare`` ignores requests: its points serve both layouts). Points outside
+    the xshare points' ratio range are not compared."""
     out = []
     spec_rows = [r for r in rows if r["g"] > 1 and r["policy"] == "xshare_spec"]
-    for B, g, req in sorted({(r["B"], r["g"], r["req"]) for r in spec_rows}, key=lambda x: (x[1], x[0], x[2])):
-        ours = [r for r in rows if r["B"] == B and r["g"] == g and r["policy"] == "xshare"]
-        theirs = [r for r in spec_rows if r["B"] == B and r["g"] == g and r["req"] == req]
-        for rr in grid_r:
-            a, b = _best_below(ours, rr), _best_below(theirs, rr)
-            row = {"B": B, "g": g, "req": req, "r": rr}
-            for tag, x in (("xshare", a), ("spec", b)):
-                if x is not None:
-                    row.update({tag: x["spec"], f"{tag}_ratio": x["ratio"], f"{tag}_delta": x["delta"],
-                                f"{tag}_ci": x["ci95"], **{f"{tag}_{k}": x.get(k) for k in ("agree", "agree_first", "accept")}})
-            if a is not None and b is not None:
-                d, ci = paired(b, a)
-                row.update(diff=d, diff_ci=ci, verdict=_verdict(d, ci, "xshare_spec better", "xshare better"))
-                if "batch_accept" in a and "batch_accept" in b:
-                    da, cia = paired(b, a, "batch_accept")
-                    row.update(accept_diff=da, accept_diff_ci=cia)
-            else:
-                row["verdict"] = "only xshare reaches r" if a is not None else (
-                    "only xshare_spec reaches r" if b is not None else "nothing reaches r")
+    for b in sorted(spec_rows, key=lambda r: (r["g"], r["B"], r["req"], r["ratio"])):
+        xs = sorted((r for r in rows if r["B"] == b["B"] and r["g"] == b["g"] and r["policy"] == "xshare"),
+                    key=lambda r: r["ratio"])
+        row = {"B": b["B"], "g": b["g"], "req": b["req"], "spec": b["spec"], "ratio": b["ratio"], "delta": b["delta"],
+               "ci95": b["ci95"], **{k: b.get(k) for k in ("agree", "agree_first", "accept")}}
+        lo = [r for r in xs if r["ratio"] <= b["ratio"]]
+        hi = [r for r in xs if r["ratio"] >= b["ratio"]]
+        if not lo or not hi:
+            row["verdict"] = "outside the xshare points' ratios"
             out.append(row)
+            continue
+        lo, hi = lo[-1], hi[0]
+        row["xshare_between"] = f"{lo['spec']} .. {hi['spec']}"
+        mine = dict(zip(b["batch_ids"], b["batch_deltas"]))
+        ref = _interp(lo, hi, b["ratio"], "batch_deltas")
+        d, ci = _mean_ci([mine[i] - ref[i] for i in ref])
+        row.update(xshare_delta=sum(ref.values()) / len(ref), diff=d, diff_ci=ci,
+                   verdict=_verdict(d, ci, "xshare_spec better", "xshare better"))
+        if "batch_accept" in b and "batch_accept" in lo and "batch_accept" in hi:
+            ma, ra = dict(zip(b["batch_ids"], b["batch_accept"])), _interp(lo, hi, b["ratio"], "batch_accept")
+            da, cia = _mean_ci([ma[i] - ra[i] for i in ra])
+            row.update(xshare_accept=sum(ra.values()) / len(ra), accept_diff=da, accept_diff_ci=cia)
+        out.append(row)
     return out
 
 
 def spec_md(cr: list[dict]) -> str:
-    """The :func:`compare_spec` table (agreement columns: all rows / target rows / acceptance, as fractions)."""
-    def agr(c: dict, tag: str) -> str:
-        if c.get(f"{tag}_agree") is None:
-            return "-"
-        return f"{c[f'{tag}_agree']:.3f} / {c[f'{tag}_agree_first']:.3f} / {c[f'{tag}_accept']:.3f}"
+    """The :func:`compare_spec` table."""
     return markdown_table(
-        ["g", "B", "requests", "ratio <=", "best xshare", "its ratio", "its dCE", "agree / target / accept",
-         "best xshare_spec", "its ratio", "its dCE", "agree / target / accept", "spec - xshare dCE (paired)",
-         "95% CI", "spec - xshare accept", "95% CI", "verdict"],
-        [[c["g"], c["B"], c["req"], c["r"], c.get("xshare") or "-", c.get("xshare_ratio", "-"), c.get("xshare_delta", "-"),
-          agr(c, "xshare"), c.get("spec") or "-", c.get("spec_ratio", "-"), c.get("spec_delta", "-"), agr(c, "spec"),
-          c.get("diff", "-"), c.get("diff_ci", "-"), c.get("accept_diff", "-"), c.get("accept_diff_ci", "-"),
-          c["verdict"]] for c in cr])
+        ["g", "B", "requests", "xshare_spec point", "ratio", "dCE", "agree", "target rows", "accept",
+         "xshare at this ratio: dCE", "accept", "spec - xshare dCE (paired)", "95% CI", "spec - xshare accept",
+         "95% CI", "verdict"],
+        [[c["g"], c["B"], c["req"], c["spec"], c["ratio"], c["delta"], c.get("agree") or "-", c.get("agree_first") or "-",
+          c.get("accept") or "-", c.get("xshare_delta", "-"), c.get("xshare_accept", "-"), c.get("diff", "-"),
+          c.get("diff_ci", "-"), c.get("accept_diff", "-"), c.get("accept_diff_ci", "-"), c["verdict"]] for c in cr])
+
 
 
 def compare(rows: list[dict], select_rows: list[dict] | None = None,
@@ -670,8 +676,9 @@ def report(payload: dict, args: argparse.Namespace, meta: dict) -> None:
            "g rows per request (target + g - 1 drafts, teacher-forced: the drafts are the text, an oracle draft of "
            "plain top-k's greedy output); requests `consecutive` (g consecutive positions of one sequence) or "
            "`shuffled` (the row at offset i of sequence b joins request (b + i) mod B: the uncorrelated control). "
-           "At each (g, B, layout) and ratio r: the best configuration of each family activating at most r "
-           "(+0.005) of top-k's experts; dCE and acceptance differences paired per batch. agree = fraction of "
+           "Every xshare_spec point against the xshare frontier of the same (g, B) at its own expert ratio (the two "
+           "xshare points bracketing it, interpolated linearly per batch); dCE and acceptance differences paired "
+           "per batch. agree = fraction of "
            "verify rows whose greedy next token equals plain top-k's, target = the same over each request's first "
            "row, accept = mean leading unchanged rows / g (the acceptance length of the oracle draft).\n\n"
            + spec_md(spec_rows) + "\n\n" if spec_rows else "")

@@ -114,18 +114,19 @@ def _row(q, spec, B, deltas, accepts, ratio):
             "batch_accept": accepts}
 
 
-def test_compare_spec_pairs_the_best_of_each_family_at_equal_ratio(q):
+def test_compare_spec_interpolates_xshare_at_the_spec_points_ratio(q):
     rows = [_row(q, "xshare k0=1 budget=0.6 g=4", 4, [0.10, 0.12, 0.11], [0.6, 0.6, 0.6], 0.60),
-            _row(q, "xshare k0=1 budget=0.8 g=4", 4, [0.02, 0.03, 0.02], [0.8, 0.8, 0.8], 0.80),
+            _row(q, "xshare k0=1 budget=0.8 g=4", 4, [0.02, 0.04, 0.03], [0.8, 0.8, 0.8], 0.80),
             _row(q, "xshare_spec k0=1 budget=0.6 mr=frac:0.9 g=4", 4, [0.20, 0.21, 0.22], [0.5, 0.5, 0.6], 0.60),
-            _row(q, "xshare_spec k0=1 budget=1.0 mr=frac:0.8 g=4", 4, [0.01, 0.015, 0.01], [0.9, 0.9, 0.9], 0.79),
+            _row(q, "xshare_spec k0=1 budget=1.0 mr=frac:0.8 g=4", 4, [0.01, 0.015, 0.01], [0.9, 0.9, 0.9], 0.75),
             _row(q, "xshare_spec k0=1 budget=1.0 mr=frac:0.8 g=4 req=shuffled", 4, [0.3, 0.3, 0.3], [0.9] * 3, 0.85)]
-    out = {(c["req"], c["r"]): c for c in q.compare_spec(rows, (0.6, 0.8))}
-    c = out[("consecutive", 0.6)]
-    assert c["xshare"] == "xshare k0=1 budget=0.6 g=4" and c["verdict"] == "xshare better"
-    assert c["diff"] == pytest.approx(0.10, abs=1e-9)              # spec - xshare, paired per batch
+    out = {(c["spec"]): c for c in q.compare_spec(rows)}
+    c = out["xshare_spec k0=1 budget=0.6 mr=frac:0.9 g=4"]               # same ratio as an xshare point
+    assert c["verdict"] == "xshare better" and c["diff"] == pytest.approx(0.10, abs=1e-9)
     assert c["accept_diff"] == pytest.approx((0.5 + 0.5 + 0.6) / 3 - 0.6)
-    c = out[("consecutive", 0.8)]
-    assert c["spec"] == "xshare_spec k0=1 budget=1.0 mr=frac:0.8 g=4" and c["verdict"] == "xshare_spec better"
-    assert out[("shuffled", 0.6)]["verdict"] == "only xshare reaches r"  # the shuffled point needs 0.85
+    c = out["xshare_spec k0=1 budget=1.0 mr=frac:0.8 g=4"]               # 3/4 of the way from 0.6 to 0.8
+    assert c["xshare_delta"] == pytest.approx(0.25 * 0.11 + 0.75 * 0.03)
+    assert c["diff"] == pytest.approx(0.035 / 3 - (0.25 * 0.11 + 0.75 * 0.03))
+    assert c["verdict"] == "xshare_spec better"
+    assert out["xshare_spec k0=1 budget=1.0 mr=frac:0.8 g=4 req=shuffled"]["verdict"].startswith("outside")
     assert "xshare_spec better" in q.spec_md(list(out.values()))
