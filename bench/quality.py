@@ -18,7 +18,16 @@ split. The three training corpora::
 Operating points (``--grid`` names, or ``--points "SPEC;SPEC"``): a spec is ``POLICY key=value
 ...`` with keys ``k0``, ``budget`` (``0.7``, ``24``, ``mass:0.9``), ``layers`` (per-layer
 overrides, ``0:0.8/5:mass:0.95``), ``p`` (nucleus warm-up), ``min_score``, ``cap``, ``mr``
-(request budget), ``g`` (tokens per request), ``ep`` (xshare_ep ranks).
+(request budget), ``g`` (tokens per request), ``req`` (``consecutive``: a request is ``g``
+consecutive positions of one sequence, the correlation of target + draft rows; ``shuffled``: the
+uncorrelated control of :class:`~sglang_xshare.hf.StepLayout`), ``ep`` (xshare_ep ranks).
+
+Speculative points (``g > 1``) also measure argmax agreement, the acceptance proxy of greedy
+speculative decoding (:mod:`sglang_xshare.hf.agreement`): the fraction of verify rows (and of
+target rows) whose greedy next token is unchanged vs plain top-k, and the oracle-draft acceptance
+length. ``--grid specdepth`` sweeps g = 2, 4, 8 in both request layouts; the report then compares
+the xshare and xshare_spec frontiers at equal expert ratio per (B, g, layout) and draws
+``NAME.png``.
 
 Statistics: every point runs on the same batches, so differences are paired per batch; CIs are
 95 % t intervals over batches (a batch's sequences share routing decisions and are not
@@ -48,7 +57,8 @@ from tqdm import tqdm
 
 from sglang_xshare.benchio import markdown_table, run_metadata, write_results
 from sglang_xshare.config import Budget, BudgetSchedule, SelectionConfig
-from sglang_xshare.hf import RoutingHook, StepLayout, load_eval_set, load_model, make_batches, routing_spec_of, sequence_ce
+from sglang_xshare.hf import (RoutingHook, StepLayout, argmax_agreement, load_eval_set, load_model, make_batches,
+                              routing_spec_of, sequence_ce_argmax)
 from sglang_xshare.hf.evaluate import t_quantile_975
 from sglang_xshare.placement import Placement
 from sglang_xshare.select import Selector
@@ -70,6 +80,11 @@ class Point:
     cfg: SelectionConfig
     g: int = 1
     ep: int = 0
+    req: str = "consecutive"
+
+    @property
+    def layout(self) -> StepLayout:
+        return StepLayout(self.g, self.req)
 
     def selector(self, routing) -> Selector:
         pl = Placement.expert_parallel(routing.num_experts, self.ep) if self.ep > 1 else None
@@ -87,7 +102,7 @@ def parse_point(spec: str) -> Point:
         if not sep:
             raise ValueError(f"{spec!r}: expected key=value, got {w!r}")
         kv[k] = v
-    known = {"k0", "budget", "layers", "p", "min_score", "cap", "mr", "g", "ep"}
+    known = {"k0", "budget", "layers", "p", "min_score", "cap", "mr", "g", "ep", "req"}
     if set(kv) - known:
         raise ValueError(f"{spec!r}: unknown keys {sorted(set(kv) - known)}")
     budget = None
@@ -97,7 +112,10 @@ def parse_point(spec: str) -> Point:
                           request_budget=Budget.parse(kv["mr"], "mr") if "mr" in kv else None,
                           cap=int(kv["cap"]) if "cap" in kv else None, min_score=float(kv.get("min_score", 0)),
                           warmup_p=float(kv.get("p", 0)))
-    return Point(" ".join(words), policy, cfg, int(kv.get("g", 1)), int(kv.get("ep", 0)))
+    req = kv.get("req", "consecutive")
+    if req not in ("consecutive", "shuffled"):
+        raise ValueError(f"{spec!r}: req must be 'consecutive' or 'shuffled', got {req!r}")
+    return Point(" ".join(words), policy, cfg, int(kv.get("g", 1)), int(kv.get("ep", 0)), req)
 
 
 def grid(name: str) -> list[str]:
@@ -124,13 +142,22 @@ def grid(name: str) -> list[str]:
                 for mr in ("frac:0.9", "mass:0.95", "12", "16")]
         pts += [f"xshare_spec k0=2 budget=0.8 mr={mr} g=4" for mr in ("mass:0.95", "16")]
         return pts
+    if name == "specdepth":  # draft depth x request layout: the xshare vs xshare_spec frontiers
+        pts = []
+        for g in (2, 4, 8):
+            pts += [f"xshare k0=1 budget={f} g={g}" for f in (0.5, 0.6, 0.7, 0.8, 0.9)]
+            for req in ("", " req=shuffled"):  # xshare ignores requests: only xshare_spec needs both layouts
+                pts += [f"xshare_spec k0=1 budget=1.0 mr=frac:{f} g={g}{req}" for f in (0.6, 0.8)]
+                pts += [f"xshare_spec k0=1 budget={f} mr={mr} g={g}{req}" for f in (0.6, 0.8)
+                        for mr in ("frac:0.9", "mass:0.95")]
+        return pts
     raise ValueError(f"unknown grid {name!r}")
 
 
-def family(policy: str, g: int) -> str:
+def family(policy: str, g: int, req: str = "consecutive") -> str:
     if policy == "topk":
         return "topk"
-    return policy if g == 1 else f"{policy} (g={g})"
+    return policy if g == 1 else f"{policy} (g={g}{', shuffled' if req == 'shuffled' else ''})"
 
 
 # ---- the sweep -----------------------------------------------------------------------------------
@@ -143,13 +170,17 @@ def _batches_per_b(s: str) -> dict[int, int]:
     return {int(b): int(n) for b, _, n in (item.partition(":") for item in s.split(",") if item.strip())}
 
 
-def run_batch(model, sel: Selector | None, tok: torch.Tensor, ref: torch.Tensor, g: int, output_error: bool) -> dict:
-    """One point on one batch: CE delta, per-sequence deltas, distinct experts, kept mass."""
-    with RoutingHook(model, sel, StepLayout(g), measure_output_error=output_error) as hook:
-        ce = sequence_ce(model, tok)
+def run_batch(model, sel: Selector | None, tok: torch.Tensor, ref: torch.Tensor, layout: StepLayout,
+              output_error: bool, ref_argmax: torch.Tensor | None = None) -> dict:
+    """One point on one batch: CE delta, per-sequence deltas, distinct experts, kept mass; with
+    ``g > 1`` and ``ref_argmax [B, S]`` (plain top-k's greedy tokens) the argmax agreement too."""
+    with RoutingHook(model, sel, layout, measure_output_error=output_error) as hook:
+        ce, am = sequence_ce_argmax(model, tok)
         st = hook.stats
     L = len(st)
-    return {
+    agree = argmax_agreement(am, ref_argmax, layout.tokens_per_request) if (
+        ref_argmax is not None and layout.tokens_per_request > 1) else {}
+    return {**agree,
         "delta": float(ce.mean() - ref.mean()), "ce_ref": float(ref.mean()),
         "seq_deltas": [round(x, 7) for x in (ce - ref).tolist()],
         "distinct": sum(s.distinct / max(s.steps, 1) for s in st) / L,
@@ -189,8 +220,8 @@ def sweep(args: argparse.Namespace) -> dict:
     spec_b = set(args.spec_batch_sizes)
     shard_i, shard_n = args.shard
     plan = []  # (B, batch index, points)
-    for B in args.batch_sizes:
-        pts = [p for p in points if p.g == 1 or B in spec_b]
+    for B in args.batch_sizes:  # (one request: the shuffled layout is the consecutive one)
+        pts = [p for p in points if p.g == 1 or (B in spec_b and (B > 1 or p.req == "consecutive"))]
         for bi in range(args.num_batches[B]):
             if bi % shard_n == shard_i:
                 plan.append((B, bi, pts))
@@ -203,10 +234,10 @@ def sweep(args: argparse.Namespace) -> dict:
             if B not in cache:
                 cache = {B: make_batches(ev, B, args.num_batches[B], "mixed", seq_len=args.seq_len)}
             tok = cache[B][bi][0]
-            ref = sequence_ce(model, tok)  # plain top-k, once per batch
+            ref, ref_am = sequence_ce_argmax(model, tok)  # plain top-k, once per batch
             for p in pts:
                 bar.set_postfix_str(f"B={B} #{bi} {p.spec}")
-                r = run_batch(model, selectors[p.spec], tok, ref, p.g, args.output_error)
+                r = run_batch(model, selectors[p.spec], tok, ref, p.layout, args.output_error, ref_am)
                 raw.setdefault(str(B), {}).setdefault(p.spec, {})[str(bi)] = r
                 bar.update(1)
     return {"config": {"batch_sizes": args.batch_sizes, "num_batches": args.num_batches, "seq_len": args.seq_len,
@@ -255,8 +286,14 @@ def summarize(payload: dict) -> list[dict]:
             distinct = sum(r["distinct"] for r in rs) / len(rs)
             distinct_topk = sum(r["distinct_topk"] for r in rs) / len(rs)
             ref_sq = sum(r["ref_sq"] for r in rs)
+            agree = {}
+            for key in ("agree", "agree_first", "accept"):  # speculative points (older JSONs: absent)
+                if all(key in r for r in rs):
+                    m, c = _mean_ci([r[key] for r in rs])
+                    agree.update({key: m, f"{key}_ci95": c, f"batch_{key}": [r[key] for r in rs]})
             rows.append({
-                "B": int(B), "spec": spec, "policy": p.policy, "family": family(p.policy, p.g), "g": p.g,
+                **agree, "req": p.req,
+                "B": int(B), "spec": spec, "policy": p.policy, "family": family(p.policy, p.g, p.req), "g": p.g,
                 "batches": len(rs), "batch_ids": [int(i) for i in idx], "delta": delta, "ci95": ci, "ce_ref": ce_ref,
                 "delta_rel": delta / ce_ref, "distinct": distinct, "distinct_topk": distinct_topk,
                 "ratio": distinct / distinct_topk,
@@ -284,12 +321,71 @@ def _best_below(rows: list[dict], r: float, tol: float = 0.005) -> dict | None:
     return min(ok, key=lambda x: x["delta"]) if ok else None
 
 
-def paired(a: dict, b: dict) -> tuple[float, float]:
-    """Mean and 95 % CI of ``a - b`` over their common batches (paired)."""
+def paired(a: dict, b: dict, key: str = "batch_deltas") -> tuple[float, float]:
+    """Mean and 95 % CI of ``a - b`` over their common batches (paired), of the per-batch ``key``."""
     common = sorted(set(a["batch_ids"]) & set(b["batch_ids"]))
-    da = dict(zip(a["batch_ids"], a["batch_deltas"]))
-    db = dict(zip(b["batch_ids"], b["batch_deltas"]))
+    da = dict(zip(a["batch_ids"], a[key]))
+    db = dict(zip(b["batch_ids"], b[key]))
     return _mean_ci([da[i] - db[i] for i in common])
+
+
+def _verdict(d: float, ci: float, better: str, worse: str) -> str:
+    if d == 0 and ci == 0:
+        return "same selection"
+    return better if d + ci < 0 else (worse if d - ci > 0 else "n.s.")
+
+
+def _interp(lo: dict, hi: dict, x: float, key: str) -> dict[int, float]:
+    """Per-batch ``key`` of the segment ``lo``-``hi`` (two points of one family) at ratio ``x``."""
+    w = 0.0 if hi["ratio"] == lo["ratio"] else (x - lo["ratio"]) / (hi["ratio"] - lo["ratio"])
+    a, b = dict(zip(lo["batch_ids"], lo[key])), dict(zip(hi["batch_ids"], hi[key]))
+    return {i: (1 - w) * a[i] + w * b[i] for i in a if i in b}
+
+
+def compare_spec(rows: list[dict]) -> list[dict]:
+    """Speculative verification (``g > 1``): every ``xshare_spec`` point (request budget, then batch budget)
+    against the ``xshare`` frontier (batch budget over the union) at the SAME expert ratio: the xshare points of
+    the same (B, g) bracketing its ratio, interpolated linearly per batch (CE delta and oracle-draft acceptance),
+    differences paired per batch (``xshare`` ignores requests: its points serve both layouts). Points outside
+    the xshare points' ratio range are not compared."""
+    out = []
+    spec_rows = [r for r in rows if r["g"] > 1 and r["policy"] == "xshare_spec"]
+    for b in sorted(spec_rows, key=lambda r: (r["g"], r["B"], r["req"], r["ratio"])):
+        xs = sorted((r for r in rows if r["B"] == b["B"] and r["g"] == b["g"] and r["policy"] == "xshare"),
+                    key=lambda r: r["ratio"])
+        row = {"B": b["B"], "g": b["g"], "req": b["req"], "spec": b["spec"], "ratio": b["ratio"], "delta": b["delta"],
+               "ci95": b["ci95"], **{k: b.get(k) for k in ("agree", "agree_first", "accept")}}
+        lo = [r for r in xs if r["ratio"] <= b["ratio"]]
+        hi = [r for r in xs if r["ratio"] >= b["ratio"]]
+        if not lo or not hi:
+            row["verdict"] = "outside the xshare points' ratios"
+            out.append(row)
+            continue
+        lo, hi = lo[-1], hi[0]
+        row["xshare_between"] = f"{lo['spec']} .. {hi['spec']}"
+        mine = dict(zip(b["batch_ids"], b["batch_deltas"]))
+        ref = _interp(lo, hi, b["ratio"], "batch_deltas")
+        d, ci = _mean_ci([mine[i] - ref[i] for i in ref])
+        row.update(xshare_delta=sum(ref.values()) / len(ref), diff=d, diff_ci=ci,
+                   verdict=_verdict(d, ci, "xshare_spec better", "xshare better"))
+        if "batch_accept" in b and "batch_accept" in lo and "batch_accept" in hi:
+            ma, ra = dict(zip(b["batch_ids"], b["batch_accept"])), _interp(lo, hi, b["ratio"], "batch_accept")
+            da, cia = _mean_ci([ma[i] - ra[i] for i in ra])
+            row.update(xshare_accept=sum(ra.values()) / len(ra), accept_diff=da, accept_diff_ci=cia)
+        out.append(row)
+    return out
+
+
+def spec_md(cr: list[dict]) -> str:
+    """The :func:`compare_spec` table."""
+    return markdown_table(
+        ["g", "B", "requests", "xshare_spec point", "ratio", "dCE", "agree", "target rows", "accept",
+         "xshare at this ratio: dCE", "accept", "spec - xshare dCE (paired)", "95% CI", "spec - xshare accept",
+         "95% CI", "verdict"],
+        [[c["g"], c["B"], c["req"], c["spec"], c["ratio"], c["delta"], c.get("agree") or "-", c.get("agree_first") or "-",
+          c.get("accept") or "-", c.get("xshare_delta", "-"), c.get("xshare_accept", "-"), c.get("diff", "-"),
+          c.get("diff_ci", "-"), c.get("accept_diff", "-"), c.get("accept_diff_ci", "-"), c["verdict"]] for c in cr])
+
 
 
 def compare(rows: list[dict], select_rows: list[dict] | None = None,
@@ -484,6 +580,51 @@ def plot_b(rows: list[dict], B: int, path: Path, title: str, default: str | None
     plt.close(fig)
 
 
+def plot_spec(rows: list[dict], path: Path, title: str) -> None:
+    """Speculative frontiers: per draft depth g (row pairs) and B (columns), CE delta and oracle-draft
+    acceptance vs activated-expert ratio for xshare and xshare_spec (both request layouts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = [r for r in rows if r["g"] > 1 and "accept" in r]
+    gs, bs = sorted({r["g"] for r in rs}), sorted({r["B"] for r in rs})
+    fig, axes = plt.subplots(2 * len(gs), len(bs), figsize=(4.2 * len(bs), 3.0 * 2 * len(gs)), squeeze=False)
+    fams = (("xshare", "consecutive", "tab:blue", "o", "xshare"),
+            ("xshare_spec", "consecutive", "tab:red", "v", "xshare_spec (consecutive requests)"),
+            ("xshare_spec", "shuffled", "tab:orange", "^", "xshare_spec (shuffled requests)"))
+    for i, g in enumerate(gs):
+        for j, B in enumerate(bs):
+            ax_ce, ax_acc = axes[2 * i, j], axes[2 * i + 1, j]
+            for pol, req, c, m, label in fams:
+                pts = sorted((r for r in rs if r["g"] == g and r["B"] == B and r["policy"] == pol and r["req"] == req),
+                             key=lambda r: r["ratio"])
+                if not pts:
+                    continue
+                x = [r["ratio"] for r in pts]
+                ax_ce.errorbar(x, [r["delta"] for r in pts], yerr=[r["ci95"] for r in pts], color=c, marker=m,
+                               ls="none", ms=4, capsize=2, alpha=0.8, label=label)
+                front = pareto(pts)
+                ax_ce.step([r["ratio"] for r in front], [r["delta"] for r in front], where="post", color=c, lw=1.2)
+                ax_acc.errorbar(x, [r["accept"] for r in pts], yerr=[r["accept_ci95"] for r in pts], color=c,
+                                marker=m, ls="none", ms=4, capsize=2, alpha=0.8, label=label)
+            ax_ce.axhline(0, color="k", lw=0.5)
+            ax_ce.set_title(f"g = {g}, B = {B}", fontsize=9)
+            ax_ce.set_ylabel("CE delta (nats/token)", fontsize=8)
+            ax_acc.set_ylabel("oracle-draft acceptance", fontsize=8)
+            for ax in (ax_ce, ax_acc):
+                ax.set_xlim(0.4, 1.02)
+                ax.grid(alpha=0.3)
+                ax.tick_params(labelsize=7)
+            ax_acc.set_xlabel("expert ratio", fontsize=8)
+    axes[0, 0].legend(fontsize=6, loc="upper right")
+    fig.suptitle(f"speculative verification, {title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # ---- reporting -----------------------------------------------------------------------------------
 
 def report(payload: dict, args: argparse.Namespace, meta: dict) -> None:
@@ -500,12 +641,16 @@ def report(payload: dict, args: argparse.Namespace, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     text = payload["text"]
     title = f"{', '.join(Path(s.split('=')[0]).name for s in text['sources'])} ({text['split']})"
-    pngs = [out / f"{name}_B{B}.png" for B in sorted({r["B"] for r in rows})]
+    pngs = [out / f"{name}_B{B}.png" for B in sorted({r["B"] for r in rows if r["g"] == 1})]
+    spec_rows = compare_spec(rows)
+    spec_png = out / f"{name}.png" if spec_rows else None
     nb = {B: max(len(r["batch_ids"]) for r in rows if r["B"] == B) for B in sorted({r["B"] for r in rows})}
     table = markdown_table(
-        ["B", "point", "batches", "experts/layer", "top-k experts", "ratio", "dCE", "95% CI", "dCE %", "kept mass"],
+        ["B", "point", "batches", "experts/layer", "top-k experts", "ratio", "dCE", "95% CI", "dCE %", "kept mass",
+         "argmax agree (rows)", "target rows", "oracle-draft accept"],
         [[r["B"], r["spec"], r["batches"], r["distinct"], r["distinct_topk"], r["ratio"], r["delta"], r["ci95"],
-          100 * r["delta_rel"], r["retained_mass"]] for r in rows])
+          100 * r["delta_rel"], r["retained_mass"], r.get("agree", "-"), r.get("agree_first", "-"), r.get("accept", "-")]
+         for r in rows])
     def cmp_md(cr: list[dict]) -> str:
         return markdown_table(
             ["B", "ratio <=", "best xshare", "its ratio", "its dCE", "best OEA/cap", "its ratio", "its dCE",
@@ -526,26 +671,41 @@ def report(payload: dict, args: argparse.Namespace, meta: dict) -> None:
         + "".join(f"![B={p.stem.split('_B')[-1]}]({p.name}) " for p in pngs) + "\n\n"
         + "".join(f"Merged from: `{m['meta']['command']}` (git `{m['meta']['git']}`, {m['meta']['device']}, "
                   f"{m['meta']['date']}, {m['elapsed_s']:.0f} s)\n\n" for m in payload.get("merged_from") or [] if m.get("meta"))
-        + "## Frontier comparison\n\n"
+        + (f"![speculative frontiers]({spec_png.name})\n\n" if spec_png is not None else "")
+        + ("## Speculative verification: xshare vs xshare_spec at equal expert ratio\n\n"
+           "g rows per request (target + g - 1 drafts, teacher-forced: the drafts are the text, an oracle draft of "
+           "plain top-k's greedy output); requests `consecutive` (g consecutive positions of one sequence) or "
+           "`shuffled` (the row at offset i of sequence b joins request (b + i) mod B: the uncorrelated control). "
+           "Every xshare_spec point against the xshare frontier of the same (g, B) at its own expert ratio (the two "
+           "xshare points bracketing it, interpolated linearly per batch); dCE and acceptance differences paired "
+           "per batch. agree = fraction of "
+           "verify rows whose greedy next token equals plain top-k's, target = the same over each request's first "
+           "row, accept = mean leading unchanged rows / g (the acceptance length of the oracle draft).\n\n"
+           + spec_md(spec_rows) + "\n\n" if spec_rows else "")
+        + ("## Frontier comparison\n\n"
         "At each B and ratio r: the best xshare configuration activating at most r (+0.005) of top-k's experts vs "
         "the best OEA (any k0) or cap (any k') configuration doing the same; difference paired per batch "
         "(t interval). Configurations chosen and scored on this data (every point of the sweep; with many more "
         "xshare points than baseline points, picking the best on the data that scores it favours xshare a little).\n\n"
-        + cmp_table + "\n\n"
+        + cmp_table + "\n\n" if pngs else "")
         + ("### The same, configurations chosen on `" + str(args.select_on) + "`\n\nOnly points swept there "
            "too; scored here (no selection bias).\n\n" + cmp_md(cmp_train) + "\n\n" if cmp_train is not None else "")
         + "## Every point\n\n" + table + "\n")
     payload = dict(payload)
     payload["rows"] = [{k: v for k, v in r.items()} for r in rows]
     payload["comparison"] = cmp_rows
+    payload["comparison_spec"] = spec_rows
     payload["comparison_selected_on"] = {"file": str(args.select_on), "rows": cmp_train} if cmp_train is not None else None
     jp, mp = write_results(out, name, payload, md, meta)
-    print(cmp_table)
+    print(cmp_table if pngs else spec_md(spec_rows))
     print(f"wrote {jp}, {mp}")
     try:
         for png in pngs:
             plot_b(rows, int(png.stem.split("_B")[-1]), png, title, default)
             print(f"wrote {png}")
+        if spec_png is not None:
+            plot_spec(rows, spec_png, title)
+            print(f"wrote {spec_png}")
     except ImportError as e:  # e.g. no matplotlib on a GPU host: redraw later with --replot
         print(f"no plots ({e}); run --replot {jp}")
 
@@ -604,13 +764,13 @@ def main() -> None:
     if args.replot is not None:
         payload = json.loads(args.replot.read_text())
         meta = payload.pop("meta")
-        for k in ("rows", "comparison", "comparison_selected_on"):
+        for k in ("rows", "comparison", "comparison_selected_on", "comparison_spec"):
             payload.pop(k, None)
         report(payload, args, meta)
         return
     if args.merge is not None:
         payload = merge([json.loads(p.read_text()) for p in args.merge])
-        for k in ("rows", "comparison", "comparison_selected_on", "meta"):
+        for k in ("rows", "comparison", "comparison_selected_on", "comparison_spec", "meta"):
             payload.pop(k, None)
         report(payload, args, meta)
         return

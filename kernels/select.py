@@ -303,10 +303,13 @@ def xshare_spec_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: B
 
     ``ctx.request_group = g`` (requests are runs of ``g`` consecutive tokens: SGLang's verify
     batches) runs fused in one launch; ``ctx.request_ids`` (any grouping) runs three launches;
-    neither: every token is its own request (``g = 1``).
+    neither: every token is its own request (``g = 1``). Without ``ctx.request_budget``: no request
+    stage, :func:`xshare_kernel` (the batch budget over the union).
     """
-    if ctx.budget is None or ctx.request_budget is None:
-        raise ValueError("xshare_spec needs ctx.budget and ctx.request_budget")
+    if ctx.budget is None:
+        raise ValueError("xshare_spec needs ctx.budget")
+    if ctx.request_budget is None:
+        return xshare_kernel(router_logits, routing, ctx, correction_bias, workspace, output=output, gate=gate)
     if ctx.request_ids is None:
         return _batch_policy(router_logits, routing, ctx, correction_bias, workspace, "xshare_spec", _PICK_SPEC, 1,
                              group=int(ctx.request_group or 1), output=output, gate=gate)

@@ -294,7 +294,10 @@ class SelectionConfig:
         policy: one of :data:`POLICY_NAMES`.
         k0: warm-up floor -- every non-padded token keeps its own top-``k0`` experts (``1 <= k0 <= k``).
         budget: batch budget ``m_l`` per layer (``xshare``, ``xshare_ep``, ``xshare_spec``).
-        request_budget: per-request budget ``m_r`` (``xshare_spec`` only).
+        request_budget: per-request budget ``m_r`` (``xshare_spec`` only). ``None`` (the default): no
+            request stage -- ``xshare_spec`` is then ``xshare`` over the union of the requests' tokens
+            (measured: a request budget never beat the plain batch budget at equal expert ratio on the
+            evaluation model, ``docs/policies.md``).
         cap: per-token cap ``k'`` of the ``cap`` policy (``1 <= k' <= k``).
         min_score: refinement floor -- a slot beyond the first ``k0`` is kept only if its gate
             weight (probability before renormalisation) is at least this value. 0 keeps all.
@@ -339,9 +342,7 @@ class SelectionConfig:
             if self.budget is None:
                 raise XShareConfigError("--xshare-budget", f"policy {self.policy} needs a batch budget")
             self.budget.validate(routing.num_experts)
-        if entry.uses_requests:
-            if self.request_budget is None:
-                raise XShareConfigError("--xshare-request-budget", f"policy {self.policy} needs a per-request budget")
+        if entry.uses_requests and self.request_budget is not None:
             self.request_budget.validate(routing.num_experts, "--xshare-request-budget")
         if entry.per_token_cap:
             if self.cap is None or not (1 <= self.cap <= k):

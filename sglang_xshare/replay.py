@@ -96,9 +96,9 @@ def standard_runs(routing: RoutingSpec, policy: str, budget: str, k0: int = 1, c
             return PolicyRun(f"{name}(k0={k0})", SelectionConfig(policy=name, k0=k0).validate(routing))
         nucleus = f", p={p_r:g}" if p_r else ""
         if traits.uses_requests:
-            r = rb or Budget.parse(max(k, routing.top_k), "--xshare-request-budget")
-            cfg = SelectionConfig(policy=name, k0=k0_r, budget=sched, request_budget=r, warmup_p=p_r)
-            return PolicyRun(f"{name}(m_r={r}, m_l={sched.default}, k0={k0_r}{nucleus})", cfg.validate(routing))
+            cfg = SelectionConfig(policy=name, k0=k0_r, budget=sched, request_budget=rb, warmup_p=p_r)
+            m_r = rb if rb is not None else "none"  # none: the batch budget over the union (= xshare)
+            return PolicyRun(f"{name}(m_r={m_r}, m_l={sched.default}, k0={k0_r}{nucleus})", cfg.validate(routing))
         if traits.uses_placement and hard_cap:
             cfg = SelectionConfig(policy=name, k0=k0_r, budget=sched, hard_cap=True, warmup_p=p_r)
             return PolicyRun(f"{name}(m={sched.default}, k0={k0_r}{nucleus}, hard cap)", cfg.validate(routing))

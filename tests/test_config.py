@@ -63,8 +63,10 @@ def test_unknown_policy_and_missing_budget():
         SelectionConfig(policy="nope").validate(r)
     with pytest.raises(XShareConfigError, match="--xshare-budget"):
         SelectionConfig(policy="xshare").validate(r)
-    with pytest.raises(XShareConfigError, match="--xshare-request-budget"):
-        SelectionConfig(policy="xshare_spec", budget=BudgetSchedule.parse("8")).validate(r)
+    # xshare_spec needs its batch budget; the request budget is optional (none: xshare over the union)
+    with pytest.raises(XShareConfigError, match="--xshare-budget"):
+        SelectionConfig(policy="xshare_spec").validate(r)
+    assert SelectionConfig(policy="xshare_spec", budget=BudgetSchedule.parse("8")).validate(r).request_budget is None
 
 
 def test_placement_errors():

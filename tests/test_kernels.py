@@ -112,6 +112,10 @@ CASES = {
     "xshare-kimi-multi-fp16": _case("xshare", "kimi", 20, dtype="float16", budget="0.5", seed=36),
     "ep-kimi-ep8-replicas": _case("xshare_ep", "kimi", 9, budget="0.6", ep=8, replicas=1, seed=37),
     "ep-T0": _case("xshare_ep", "olmoe", 0, ep=8),
+    # xshare_spec without a request budget (the default): exactly xshare over the union, fused and general paths
+    "specdefault-olmoe-g4": _case("xshare_spec", "olmoe", 24, budget="0.7", request_budget=None, group=4, n_valid=21,
+                                  seed=61),
+    "specdefault-dsv3-rid-mass": _case("xshare_spec", "dsv3", 12, budget="mass:0.9", request_budget=None, seed=62),
     "spec-kimi-full-bf16": _case("xshare_spec", "kimi", 10, dtype="bfloat16", mass_source="full", seed=38),
     # xshare_spec fused path: requests are runs of `group` consecutive tokens (SGLang verify batches)
     "specg-olmoe-g4": _case("xshare_spec", "olmoe", 24, budget="0.7", request_budget="0.8", group=4, seed=39),
@@ -270,7 +274,7 @@ def build(case):
         kw["cap"] = max(1, k // 2)
     if policy in ("xshare", "xshare_ep", "xshare_spec"):
         kw["budget"] = BudgetSchedule.parse(case["budget"])
-    if policy == "xshare_spec":
+    if policy == "xshare_spec" and case["request_budget"] is not None:  # None: the default (no request stage)
         kw["request_budget"] = Budget.parse(case["request_budget"], "--xshare-request-budget")
     cfg = SelectionConfig(policy=policy, k0=case["k0"], min_score=case["min_score"], mass_source=case["mass_source"],
                           fill_to_peak=case["fill"], hard_cap=case["hard"], **kw)
@@ -572,6 +576,14 @@ def run_case(case) -> str:
     msg = compare(ref, out)
     if msg:
         return msg
+    if case["policy"] == "xshare_spec" and case["request_budget"] is None:  # the default is xshare, bit for bit
+        plain = build(dict(case, policy="xshare"))[0]
+        ref_x = plain.entry.reference(compute_scores(x, plain.routing, bias), plain.context(x.shape[0], x.device, 0, n_valid))
+        if not (torch.equal(ref_x.topk_ids, ref.topk_ids) and torch.equal(ref_x.topk_weights, ref.topk_weights)):
+            return "xshare_spec's reference without a request budget differs from xshare's"
+        msg = compare(ref_x, out)
+        if msg:
+            return "xshare_spec's kernel without a request budget vs xshare's reference: " + msg
     if case["expect"]:
         plans = [b.plan for key, b in sel.workspace.items() if isinstance(key, tuple) and key[0] == "buffers"]
         got = {k: getattr(plans[0], k) for k in case["expect"]} if len(plans) == 1 else plans

@@ -471,3 +471,24 @@ def test_xshare_ep_with_replicas_end_to_end(seed, hard):
         kept = out.topk_ids[t] >= 0
         assert out.topk_ids[t][kept].tolist() == want
         assert out.physical_ids[t][kept].tolist() == [copy[e] for e in want]
+
+
+@pytest.mark.parametrize("budget", ["0.6", "mass:0.9", "5"])
+@pytest.mark.parametrize("grouping", ["ids", "group", "none"])
+def test_xshare_spec_default_is_xshare_bit_for_bit(budget, grouping):
+    """No request budget (the default): no request stage, the batch budget over the union = xshare."""
+    E, k, T = 32, 4, 24
+    r = RoutingSpec(E, k)
+    spec = Selector(r, SelectionConfig(policy="xshare_spec", k0=1, budget=BudgetSchedule.parse(budget)).validate(r),
+                    backend="reference")
+    plain = Selector(r, SelectionConfig(policy="xshare", k0=1, budget=BudgetSchedule.parse(budget)), backend="reference")
+    logits = clustered_logits(T, E, seed=7)
+    kw = {"ids": {"request_ids": torch.arange(T) // 4}, "group": {"request_group": 4}, "none": {}}[grouping]
+    for n_valid in (T, T - 5):
+        a = spec(logits, num_token_non_padded=n_valid, **kw)
+        b = plain(logits, num_token_non_padded=n_valid)
+        assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.topk_weights, b.topk_weights)
+    # an explicit request budget is a real request stage (it changes the selection here)
+    tight = Selector(r, SelectionConfig(policy="xshare_spec", k0=1, budget=BudgetSchedule.parse(budget),
+                                        request_budget=Budget.parse("2")), backend="reference")
+    assert not torch.equal(tight(logits, request_ids=torch.arange(T) // 4).topk_ids, plain(logits).topk_ids)

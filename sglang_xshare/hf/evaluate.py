@@ -24,7 +24,7 @@ from ..select import Selector
 from .hook import RoutingHook, StepLayout
 from .model import EvalSet
 
-__all__ = ["Composition", "make_batches", "sequence_ce", "PointResult", "evaluate_point", "t_quantile_975"]
+__all__ = ["Composition", "make_batches", "sequence_ce", "sequence_ce_argmax", "PointResult", "evaluate_point", "t_quantile_975"]
 
 Composition = Literal["mixed", "homogeneous"]
 
@@ -65,12 +65,21 @@ def make_batches(ev: EvalSet, batch_size: int, num_batches: int, composition: Co
 
 
 @torch.inference_mode()
-def sequence_ce(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Per-sequence mean next-token CE (nats): ``tokens [B, S + 1]`` -> ``[B] float64``."""
+def sequence_ce_argmax(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence mean next-token CE and the greedy next token at every position.
+
+    ``tokens [B, S + 1]`` -> ``(ce [B] float64, argmax [B, S] int64)`` (the model's argmax over
+    the vocabulary at positions ``0 .. S-1``: what greedy decoding would emit there).
+    """
     tokens = tokens.to(next(model.parameters()).device)
     logits = model(input_ids=tokens[:, :-1]).logits.float()
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
-    return ce.view(tokens.shape[0], -1).double().mean(-1)
+    return ce.view(tokens.shape[0], -1).double().mean(-1), logits.argmax(-1)
+
+
+def sequence_ce(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean next-token CE (nats): ``tokens [B, S + 1]`` -> ``[B] float64``."""
+    return sequence_ce_argmax(model, tokens)[0]
 
 
 def t_quantile_975(dof: int) -> float:

@@ -25,7 +25,7 @@ were computed under the same policy, as they would have been in a real decode lo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -43,13 +43,30 @@ class StepLayout:
     Attributes:
         tokens_per_request: ``g`` consecutive positions of one sequence form one request of one
             step (1 = plain decoding, ``1 + num_draft`` = speculative verification).
+        requests: how the ``B*g`` tokens of a step form requests. ``"consecutive"``: request ``b``
+            is the ``g`` positions of sequence ``b`` (the correlation of a target + draft row
+            block). ``"shuffled"`` (the uncorrelated control): the row at offset ``i`` of sequence
+            ``b`` belongs to request ``(b + i) % B`` -- every request still has one row of each
+            offset, but from ``min(B, g)`` different sequences (with ``B = 1`` it is
+            ``"consecutive"``). The decode steps, hence the batch-level union, are unchanged.
     """
 
     tokens_per_request: int = 1
+    requests: Literal["consecutive", "shuffled"] = "consecutive"
 
     def __post_init__(self) -> None:
         if self.tokens_per_request < 1:
             raise ValueError(f"tokens_per_request must be >= 1, got {self.tokens_per_request}")
+        if self.requests not in ("consecutive", "shuffled"):
+            raise ValueError(f"requests must be 'consecutive' or 'shuffled', got {self.requests!r}")
+
+    def request_ids(self, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Request of each token of one decode step: ``[batch * g] int64`` (token ``b*g + i``)."""
+        g = self.tokens_per_request
+        b = torch.arange(batch, device=device).repeat_interleave(g)
+        if self.requests == "consecutive":
+            return b
+        return (b + torch.arange(g, device=device).repeat(batch)) % batch
 
 
 def to_decode_steps(x: torch.Tensor, batch: int, seq: int, g: int) -> torch.Tensor:
@@ -191,7 +208,10 @@ class RoutingHook:
             if S % g:
                 raise ValueError(f"sequence length {S} is not a multiple of tokens_per_request={g}")
             steps = to_decode_steps(logits.float(), B, S, g)          # [S//g, B*g, E]
-            rid = torch.arange(B, device=logits.device).repeat_interleave(g)  # [B*g]
+            rid = self.layout.request_ids(B, logits.device)              # [B*g]
+            # consecutive requests take the fused request_group path; others pass their ids
+            grouping = ({"request_group": g} if self.layout.requests == "consecutive"
+                        else {"request_ids": rid})
             if self.recorder is not None:
                 self.recorder(layer, steps, rid)
             probs = torch.softmax(steps, dim=-1)
@@ -201,10 +221,10 @@ class RoutingHook:
                 new_w = top_p / top_p.sum(-1, keepdim=True) if self.routing.renormalize else top_p
             elif self._vectorize(steps):  # every decode step in one call (bit-identical to the loop below)
                 sel = self.selector
-                ids_w = torch.func.vmap(lambda x: tuple(sel(x, layer_id=layer, request_group=g)[:2]))(steps)
+                ids_w = torch.func.vmap(lambda x: tuple(sel(x, layer_id=layer, **grouping)[:2]))(steps)
                 new_ids, new_w = ids_w[0].to(torch.int64), ids_w[1]
             else:
-                outs = [self.selector(steps[j], layer_id=layer, request_group=g) for j in range(steps.shape[0])]
+                outs = [self.selector(steps[j], layer_id=layer, **grouping) for j in range(steps.shape[0])]
                 new_ids = torch.stack([o.topk_ids for o in outs]).to(torch.int64)   # [S//g, B*g, k], -1 = none
                 new_w = torch.stack([o.topk_weights for o in outs])
             self._account(st, probs, top_p, top_i, new_ids)

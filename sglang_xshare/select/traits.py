@@ -21,7 +21,8 @@ class PolicyTraits:
         name: registry name.
         budgeted: it takes (and needs) a batch budget ``m_l``.
         uses_requests: it reads the requests of the batch (``request_ids`` / ``request_group``) and
-            takes (and needs) a per-request budget ``m_r``: speculative target-verify batches.
+            takes a per-request budget ``m_r`` (optional: none = the batch budget over the union):
+            speculative target-verify batches.
         uses_placement: it reads the placement, balances the EP ranks (``hard_cap``,
             ``fill_to_peak``) and chooses physical copies (returns ``physical_ids``).
         batch_aware: its choice for one token depends on the other tokens of the batch (a

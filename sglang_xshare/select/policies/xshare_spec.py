@@ -12,6 +12,11 @@ The target + draft tokens of one request are strongly correlated, so selection i
 Requests: ``ctx.request_ids`` (``[T] int64`` in ``[0, T)``) or ``ctx.request_group = g`` (token
 ``t`` is in request ``t // g``); neither makes every token its own request.
 The ``mass:X`` batch budget is a fraction of the whole batch's top-k mass.
+
+Without a request budget (``ctx.request_budget is None``, the default) there is no request stage:
+the batch budget over the union of the requests' tokens, i.e. exactly :mod:`.xshare` (on the
+evaluation model a request budget never lowered the CE cost at equal expert ratio; see
+``docs/policies.md``).
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ import torch
 
 from ..common import exact_sum, greedy_pick, group_any, group_mass, refine, resolve_budget, token_sets
 from ..contract import BatchContext, Scores, SelectionOutput
+from . import xshare
 
 
 def reference(scores: Scores, ctx: BatchContext) -> SelectionOutput:
-    """Two-level XShare with ``ctx.request_budget`` (``m_r``) and ``ctx.budget`` (``m_l``)."""
-    assert ctx.budget is not None and ctx.request_budget is not None, "xshare_spec needs both budgets"
+    """Two-level XShare with ``ctx.request_budget`` (``m_r``) and ``ctx.budget`` (``m_l``); without
+    ``m_r``: :func:`.xshare.reference` (the batch budget over the union)."""
+    assert ctx.budget is not None, "xshare_spec needs ctx.budget"
+    if ctx.request_budget is None:
+        return xshare.reference(scores, ctx)
     T = scores.sel.shape[0]
     if ctx.request_ids is not None:
         rid = ctx.request_ids.to(torch.int64).clamp(0, max(T - 1, 0))
