@@ -26,40 +26,7 @@ from sglang_xshare import RoutingSpec, Selector  # noqa: E402
 from sglang_xshare.serving import context, install, runtime  # noqa: E402
 from sglang_xshare.serving.config import XShareServerConfig  # noqa: E402
 
-E, K, T, HIDDEN = 32, 4, 24, 16
-
-
-def _logits(seed: int, n: int = T, e: int = E) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(3, e, generator=g) * 2.5
-    return centers[torch.randint(0, 3, (n,), generator=g)] + torch.randn(n, e, generator=g)
-
-
-@pytest.fixture(scope="module")
-def sg():
-    from sglang.srt.layers.moe import topk
-    from sglang.srt.runtime_context import SpawnRanks, publish, reset_context
-    from sglang.srt.server_args import ServerArgs
-
-    reset_context()
-    publish(ServerArgs(model_path="dummy", device="cpu"), role="test", ranks=SpawnRanks(world_rank=0, dp_rank=None))
-    yield topk
-    reset_context()
-
-
-@pytest.fixture
-def installed():
-    def _install(**kw):
-        cfg = XShareServerConfig(**kw)
-        install.install(cfg)
-        return cfg
-    yield _install
-    install.uninstall()
-
-
-def _topk(sg, **kw):
-    kw.setdefault("layer_id", 3)
-    return sg.TopK(top_k=K, renormalize=kw.pop("renormalize", True), **kw)
+from tests._sglang_cpu import E, HIDDEN, K, T, _logits, _topk, installed, sg  # noqa: E402,F401  (fixtures)
 
 
 def _ref(cfg: XShareServerConfig, logits: torch.Tensor, **routing_kw) -> torch.Tensor:
