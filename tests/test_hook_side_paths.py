@@ -246,7 +246,7 @@ def test_live_metrics_peak_against_independent_count(sg, installed, monkeypatch,
         got = runtime.current().metrics.flush()[3]
         assert _paths() == {T: "fast"}
         assert (got["peak"], got["topk_peak"]) == (want_peak, want_tpeak)
-        assert want_peak < 3 * (E // ep if not redundant else per)  # not every slot of a rank: the count can differ
+        assert want_peak < 3 * per  # not every slot of a rank: a wrong count can show
     finally:
         set_global_expert_location_metadata(prev, allow_overwrite=True)
 

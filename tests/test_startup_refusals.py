@@ -42,6 +42,17 @@ REFUSED = {
     "ab-arm-without-switch": ([*XSHARE, "--xshare-ab-arm", "policy=oea"], "--xshare-ab-arm"),
     "ab-arm-topk": ([*XSHARE, "--xshare-ab-switch", "arm", "--xshare-ab-arm", "policy=topk"], "--xshare-ab-arm"),
     "ab-idle-arms-without-switch": ([*XSHARE, "--xshare-ab-idle-arms", "compute"], "--xshare-ab-idle-arms"),
+    # "--xshare-hard-cap: xshare_ep: ..." (and its companion --xshare-no-fill-to-peak)
+    "no-fill-to-peak-xshare": ([*XSHARE, "--xshare-no-fill-to-peak"], "--xshare-no-fill-to-peak"),
+    # "--xshare-layer-budgets": per-layer overrides of the batch budget
+    "layer-budgets-cap": (["--xshare-policy", "cap", "--xshare-cap", "2", "--xshare-layer-budgets", "3:0.8"],
+                          "--xshare-layer-budgets"),
+    # bad values of the documented choices
+    "min-tokens-zero": ([*XSHARE, "--xshare-min-tokens", "0"], "--xshare-min-tokens"),
+    "warmup-k0-zero": ([*XSHARE, "--xshare-warmup-k0", "0"], "--xshare-warmup-k0"),
+    "metrics-interval-zero": ([*XSHARE, "--xshare-metrics", "--xshare-metrics-interval", "0"],
+                              "--xshare-metrics-interval"),
+    "ab-switch-missing-directory": ([*XSHARE, "--xshare-ab-switch", "no/such/dir/arm"], "--xshare-ab-switch"),
     # "--xshare-ep-global": also xshare_spec (its statistics are per request, not shared over ranks)
     "ep-global-xshare_spec": (["--xshare-policy", "xshare_spec", "--xshare-budget", "8", "--xshare-request-budget", "4",
                                "--xshare-ep-global"], "--xshare-ep-global"),
