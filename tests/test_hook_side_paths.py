@@ -251,6 +251,28 @@ def test_live_metrics_peak_against_independent_count(sg, installed, monkeypatch,
         set_global_expert_location_metadata(prev, allow_overwrite=True)
 
 
+def test_live_metrics_read_the_kernels_barrier_fault_counter(sg, installed, caplog):
+    """The selection kernels count grid-barrier waits that did not fill (``fault_counter``, one per
+    device); the live metrics read it with the table at each poll, on every device, and warn when
+    it grew (``sglang_xshare_barrier_faults``)."""
+    import logging
+
+    from sglang_xshare.kernels.workspace import fault_counter
+
+    installed(policy="xshare", budget="0.5", empty_slots="minus_one", metrics=True, metrics_interval=1000)
+    with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
+        _topk(sg).forward_native(torch.randn(T, HIDDEN), _logits(98).clone())
+    fc = fault_counter(torch.device("cpu"))
+    fc += 2  # what two programs that gave up waiting add
+    try:
+        with caplog.at_level(logging.WARNING, logger="sglang_xshare"):
+            got = runtime.current().metrics.flush()
+        assert got[3]["calls"] == 1 and runtime.current().metrics.faults == int(fc) >= 2
+        assert "grid barrier wait(s) did not fill" in caplog.text
+    finally:
+        fc -= 2
+
+
 # ---- the A/B switch file ----------------------------------------------------------------------------
 
 
