@@ -251,6 +251,18 @@ def test_live_metrics_peak_against_independent_count(sg, installed, monkeypatch,
         set_global_expert_location_metadata(prev, allow_overwrite=True)
 
 
+def test_metrics_tables_allocated_when_the_model_is_built(sg, installed, tmp_path):
+    """``TopK.__init__`` (model load, outside CUDA-graph capture) allocates the live-metrics tables
+    of the policy and of every A/B arm, so that no layer's first routing call (maybe inside a
+    capture) allocates them."""
+    installed(policy="xshare", budget="0.5", empty_slots="minus_one", metrics=True, ab_switch=str(tmp_path / "arm"),
+              ab_arms=("policy=cap,cap=2",))
+    tables = runtime.current().metric_tables()
+    assert len(tables) == 2 and all(m.table is None for m in tables)
+    _topk(sg)
+    assert all(m.table is not None and m.table.device.type == "cpu" for m in tables)
+
+
 def test_live_metrics_read_the_kernels_barrier_fault_counter(sg, installed, caplog):
     """The selection kernels count grid-barrier waits that did not fill (``fault_counter``, one per
     device); the live metrics read it with the table at each poll, on every device, and warn when
