@@ -89,6 +89,12 @@ def _child(names: list[str]) -> None:
     import tempfile
 
     for name in names:
+        if name in SIDE_CASES:
+            try:
+                print("RESULT " + json.dumps(dict(name=name, **SIDE_CASES[name]())), flush=True)
+            except Exception as e:
+                print("RESULT " + json.dumps(dict(name=name, error=repr(e))), flush=True)
+            continue
         if name.startswith("ab-arms"):
             try:
                 print("RESULT " + json.dumps(dict(name=name, **_ab_arms(name.endswith("compute")))), flush=True)
@@ -169,11 +175,100 @@ def _ab_arms(compute: bool) -> dict:
     return out
 
 
+def _ep_global_idle() -> dict:
+    """``--xshare-ep-global`` on the kernel path (rank 0 of a two-rank MoE EP group, the peer's
+    collective a stand-in recording what each all-reduce sends): ``(dtype, shape)`` of the
+    statistics a selecting call reduces and of the zeros each call that does not select sends
+    (a step-aside prefill batch, ``TopK.empty_topk_output`` of a built layer and of a fresh one)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import sglang.srt.layers.moe.utils as moe_utils
+    import sglang.srt.runtime_context as rc
+    from sglang.srt.layers.moe import topk
+    from sglang_xshare.serving import context, install, runtime
+    from sglang_xshare.serving.config import XShareServerConfig
+
+    sent: list = []
+
+    def all_reduce(t):
+        sent.append((str(t.dtype), list(t.shape), int(torch.count_nonzero(t))))
+        return t
+
+    par = SimpleNamespace(moe_ep_group=SimpleNamespace(world_size=2, all_reduce=all_reduce), moe_ep_size=2,
+                          tp_group=SimpleNamespace(world_size=1))
+    moe_utils.is_moe_input_scattered_across_dp_ranks = lambda: True
+    rc.get_parallel = lambda: par
+    topk.get_parallel = lambda: par
+    install.uninstall()
+    install.install(XShareServerConfig(policy="xshare", budget="0.5", empty_slots="minus_one", ep_global=True))
+    tk = topk.TopK(top_k=4, layer_id=3)
+    g = torch.Generator().manual_seed(9)
+    x, logits = torch.randn(8, 16, generator=g), torch.randn(8, 32, generator=g)
+    kinds = []
+    with context.batch_scope(context.BatchInfo("decode", batch_size=8)):
+        tk.forward_native(x, logits.clone())
+    kinds.append("select")
+    with context.batch_scope(context.BatchInfo("prefill", batch_size=8)):
+        tk.forward_native(x, logits.clone())
+    kinds.append("step-aside")
+    tk.empty_topk_output(torch.device("cpu"))
+    kinds.append("empty")
+    topk.TopK(top_k=4, layer_id=5).empty_topk_output(torch.device("cpu"))
+    kinds.append("empty-fresh")
+    lp = next(iter(runtime.current().layers.values()))
+    out = dict(sent=sent, kinds=kinds, uses_kernel=lp.selector.uses_kernel(logits))
+    install.uninstall()
+    return out
+
+
+def _simulation() -> dict:
+    """SGLang's routing simulation (``SGLANG_SIMULATE_ROUND_ROBIN_EXPERTS`` /
+    ``SGLANG_SIMULATE_UNIFORM_EXPERTS``, a Triton kernel of SGLang's): the routing of an 8-token
+    batch with and without the plugin (``xshare``), and the layer's path label."""
+    import os
+
+    import torch
+
+    from sglang.srt.layers.moe import topk
+    from sglang_xshare.serving import context, install, runtime
+    from sglang_xshare.serving.config import XShareServerConfig
+
+    g = torch.Generator().manual_seed(11)
+    x, logits = torch.randn(8, 16, generator=g), torch.randn(8, 32, generator=g)
+    out = {}
+    for env in ("SGLANG_SIMULATE_ROUND_ROBIN_EXPERTS", "SGLANG_SIMULATE_UNIFORM_EXPERTS"):
+        os.environ[env] = "1"
+        got = []
+        for cfg in (None, XShareServerConfig(policy="xshare", budget="0.5", empty_slots="minus_one")):
+            install.uninstall()
+            if cfg is not None:
+                install.install(cfg)
+            topk._simulate_uniform_seed = 0  # SGLang's per-launch seed of the uniform simulation
+            with context.batch_scope(context.BatchInfo("decode", batch_size=8)):
+                r = topk.TopK(top_k=4, layer_id=3).forward_native(x, logits.clone())
+            got.append([r.topk_ids.tolist(), r.topk_weights.tolist()])
+        out[env] = dict(plain=got[0], hooked=got[1], paths=next(iter(runtime.current().layers.values())).paths)
+        install.uninstall()
+        del os.environ[env]
+    install.install(XShareServerConfig(policy="xshare", budget="0.5", empty_slots="minus_one"))
+    with context.batch_scope(context.BatchInfo("decode", batch_size=8)):
+        r = topk.TopK(top_k=4, layer_id=3).forward_native(x, logits.clone())
+    out["selected"] = r.topk_ids.tolist()
+    install.uninstall()
+    return out
+
+
+#: Cases run in the kernel-backend child besides the launch counts.
+SIDE_CASES = {"ep-global-idle": _ep_global_idle, "simulation": _simulation}
+
+
 @pytest.fixture(scope="module")
 def counted():
     from tests._subprocess_cases import run_cases
 
-    return run_cases(__file__, [*CASES, "ab-arms", "ab-arms-compute"],
+    return run_cases(__file__, [*CASES, "ab-arms", "ab-arms-compute", *SIDE_CASES],
                      {"TRITON_INTERPRET": "1", "SGLANG_XSHARE_SELECT_BACKEND": "kernel"})
 
 
@@ -232,6 +327,33 @@ def test_ab_arms_under_compute_all_select_on_every_batch(counted):
     for arm in (1, 2, 3):
         assert r["routed"][str(arm)] == r["alone"][arm - 1], arm
     assert r["counted"] == {str(a): [1, 1, 1] for a in range(4)}
+
+
+def test_ep_global_idle_zeros_have_the_kernels_statistics_shape(counted):
+    """``--xshare-ep-global`` on the kernel path (the GPU's): every call that does not select (a
+    step-aside batch, a rank without MoE tokens, also before the layer's first routing call) joins
+    the all-reduce with zeros of exactly the dtype and shape a selecting call's kernel reduces
+    (``[2, BLOCK_E] int64``), else a DP-attention + DeepEP server's collectives mismatch or hang."""
+    r = counted["ep-global-idle"]
+    assert "error" not in r, r.get("error")
+    assert r["uses_kernel"] and r["kinds"] == ["select", "step-aside", "empty", "empty-fresh"]
+    sent = r["sent"]
+    assert len(sent) == 4, sent
+    dtype, shape, nonzero = sent[0]
+    assert dtype == "torch.int64" and len(shape) == 2 and shape[0] == 2 and nonzero > 0
+    assert [s[:2] for s in sent[1:]] == [[dtype, shape]] * 3, sent
+    assert [s[2] for s in sent[1:]] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("env", ["SGLANG_SIMULATE_ROUND_ROBIN_EXPERTS", "SGLANG_SIMULATE_UNIFORM_EXPERTS"])
+def test_routing_simulation_steps_aside_bit_for_bit(counted, env):
+    """SGLang's routing simulation (benchmarks): the simulated routing reaches the experts bit for
+    bit with the plugin installed, the path label is ``sglang``; without it the policy selects."""
+    r = counted["simulation"]
+    assert "error" not in r, r.get("error")
+    assert r[env]["hooked"] == r[env]["plain"]
+    assert r[env]["paths"] == {"8": "sglang"}
+    assert r["selected"] != r[env]["plain"][0]
 
 
 if __name__ == "__main__":

@@ -29,42 +29,7 @@ from sglang_xshare.serving.slots import (  # noqa: E402
     resolve_empty_slot_mode,
 )
 
-E, K, T, HIDDEN = 32, 4, 24, 16
-
-
-def _logits(seed: int, n: int = T, e: int = E) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(3, e, generator=g) * 2.5
-    return centers[torch.randint(0, 3, (n,), generator=g)] + torch.randn(n, e, generator=g)
-
-
-@pytest.fixture(scope="module")
-def sg():
-    """Import SGLang once and publish a CPU runtime context (as SGLang's own tests do)."""
-    from sglang.srt.layers.moe import topk
-    from sglang.srt.runtime_context import SpawnRanks, publish, reset_context
-    from sglang.srt.server_args import ServerArgs
-
-    reset_context()
-    publish(ServerArgs(model_path="dummy", device="cpu"), role="test", ranks=SpawnRanks(world_rank=0, dp_rank=None))
-    yield topk
-    reset_context()
-
-
-@pytest.fixture
-def installed():
-    """Install a config for one test; always uninstall."""
-    def _install(**kw):
-        cfg = XShareServerConfig(**kw)
-        install.install(cfg)
-        return cfg
-    yield _install
-    install.uninstall()
-
-
-def _topk(sg, **kw):
-    kw.setdefault("layer_id", 3)
-    return sg.TopK(top_k=K, renormalize=kw.pop("renormalize", True), **kw)
+from tests._sglang_cpu import E, HIDDEN, K, T, _logits, _topk, installed, sg  # noqa: E402,F401  (fixtures)
 
 
 def _selector(cfg: XShareServerConfig, placement: Placement | None = None, **routing_kw) -> Selector:
@@ -921,8 +886,12 @@ def test_ab_switch_gives_the_experts_the_arm_the_file_names(sg, installed, tmp_p
     step()
     assert is_sglang(step()) and not bool(flag) and runtime.current().ab.switch.flips == 4
     assert runtime.current().metrics.path_steps == {"ab_sglang": 4, "policy": 4}  # steps 1, 2, 5, 8 / 3, 4, 6, 7
+    write("1")
+    step()
+    assert is_policy(step()) and bool(flag)  # the policy routes when the file goes away ...
     sw.unlink()
-    assert is_sglang(step())  # no file: SGLang's routing
+    step()  # ... read at this step's end
+    assert is_sglang(step()) and not bool(flag)  # no file: SGLang's routing
     with pytest.raises(XShareConfigError, match="--xshare-ab-switch"):
         XShareServerConfig(policy="off", ab_switch=str(sw)).validate()
     with pytest.raises(XShareConfigError, match="--xshare-ab-switch"):

@@ -42,7 +42,27 @@ REFUSED = {
     "ab-arm-without-switch": ([*XSHARE, "--xshare-ab-arm", "policy=oea"], "--xshare-ab-arm"),
     "ab-arm-topk": ([*XSHARE, "--xshare-ab-switch", "arm", "--xshare-ab-arm", "policy=topk"], "--xshare-ab-arm"),
     "ab-idle-arms-without-switch": ([*XSHARE, "--xshare-ab-idle-arms", "compute"], "--xshare-ab-idle-arms"),
+    # "--xshare-hard-cap: xshare_ep: ..." (and its companion --xshare-no-fill-to-peak)
+    "no-fill-to-peak-xshare": ([*XSHARE, "--xshare-no-fill-to-peak"], "--xshare-no-fill-to-peak"),
+    # "--xshare-layer-budgets": per-layer overrides of the batch budget
+    "layer-budgets-cap": (["--xshare-policy", "cap", "--xshare-cap", "2", "--xshare-layer-budgets", "3:0.8"],
+                          "--xshare-layer-budgets"),
+    # bad values of the documented choices
+    "min-tokens-zero": ([*XSHARE, "--xshare-min-tokens", "0"], "--xshare-min-tokens"),
+    "warmup-k0-zero": ([*XSHARE, "--xshare-warmup-k0", "0"], "--xshare-warmup-k0"),
+    "metrics-interval-zero": ([*XSHARE, "--xshare-metrics", "--xshare-metrics-interval", "0"],
+                              "--xshare-metrics-interval"),
+    "ab-switch-missing-directory": ([*XSHARE, "--xshare-ab-switch", "no/such/dir/arm"], "--xshare-ab-switch"),
+    # "--xshare-ep-global": also xshare_spec (its statistics are per request, not shared over ranks)
+    "ep-global-xshare_spec": (["--xshare-policy", "xshare_spec", "--xshare-budget", "8", "--xshare-request-budget", "4",
+                               "--xshare-ep-global"], "--xshare-ep-global"),
+    # an arm takes only the policy flags: --xshare-ep-global is the server's, never an arm's
+    "ab-arm-ep-global": ([*XSHARE, "--xshare-ep-global", "--xshare-ab-switch", "arm", "--xshare-ab-arm",
+                          "policy=cap,cap=2,ep-global"], "--xshare-ab-arm"),
 }
+
+#: ``--xshare-ep-global`` with each policy that has no batch statistics (its REFUSED entry).
+EP_GLOBAL_REFUSED = {"topk": "ep-global-topk", "cap": "ep-global-cap", "xshare_spec": "ep-global-xshare_spec"}
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
@@ -52,3 +72,30 @@ def test_invalid_combination_exits_2_naming_the_flag(name, capsys, tmp_path, mon
     assert main([*MODEL, *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"{PROG}: error: {flag}: "), err
+
+
+def test_every_policy_without_batch_statistics_refuses_ep_global():
+    """Each policy without the ``ep_global`` capability has a refusal case above (a new policy
+    without it needs one too)."""
+    from sglang_xshare.select.traits import TRAITS, policies_with
+
+    assert set(EP_GLOBAL_REFUSED) == set(TRAITS) - set(policies_with("ep_global"))
+    for policy, name in EP_GLOBAL_REFUSED.items():
+        flags, flag = REFUSED[name]
+        assert flags[flags.index("--xshare-policy") + 1] == policy and "--xshare-ep-global" in flags
+        assert flag == "--xshare-ep-global"
+
+
+def test_ab_arm_without_batch_statistics_runs_per_rank_under_ep_global(tmp_path, monkeypatch):
+    """``--xshare-ep-global`` with an arm whose policy has no batch statistics (``cap``) is accepted:
+    the flag belongs to the server's policy; such an arm routes every token from its own logits,
+    which is the same on every rank however SGLang splits the batch, so the arm has nothing to
+    all-reduce and runs without the flag (docs/flags.md). An arm with statistics (``oea``) keeps it."""
+    from sglang_xshare.serving.cli_flags import parse_xshare_argv
+    from sglang_xshare.serving.measure.arms import arm_configs
+
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_xshare_argv([*XSHARE, "--xshare-ep-global", "--xshare-ab-switch", "arm", "--xshare-ab-arm",
+                             "policy=cap,cap=2", "--xshare-ab-arm", "policy=oea"])
+    main_cfg, cap, oea = arm_configs(cfg)
+    assert (main_cfg.ep_global, cap.policy, cap.ep_global, oea.policy, oea.ep_global) == (True, "cap", False, "oea", True)

@@ -235,8 +235,10 @@ def _setup_ep_global(lp: LayerPolicy, tc: Any, device: torch.device) -> None:
     lp.stats_reduce = group.all_reduce
     lp.min_tokens = 1
     # an idle call's zeros must match what a selecting call reduces, shape and dtype (the collective
-    # of one rank meets another rank's): the kernel's [2, BLOCK_E] int64, the reference's [3, E] int64
-    if device.type == "cuda" and lp.selector.uses_kernel(torch.empty(0, device=device)):
+    # of one rank meets another rank's): the kernel's [2, BLOCK_E] int64, the reference's [3, E] int64.
+    # Gated on the backend the layer's calls run (on a GPU: the kernel; SGLANG_XSHARE_SELECT_BACKEND=kernel
+    # runs the same branch on a CPU), not on the device type.
+    if lp.selector.uses_kernel(torch.empty(0, device=device)):
         from ..kernels.workspace import idle_stats
 
         lp.idle_stats = idle_stats(lp.num_experts, device)

@@ -50,16 +50,17 @@ def _post_process_topk_ids(topk_ids, topk_weights, topk_config, router_logits, l
 
 def topk_init(self, *args, **kwargs) -> None:
     """``TopK.__init__``: SGLang's, then mark draft layers on their ``TopKConfig`` and allocate the
-    metrics tables (A/B arms' too) on the current GPU, outside graph capture."""
+    metrics tables (A/B arms' too) on the current GPU (a CPU without one), outside graph capture."""
     topk_init.__wrapped__(self, *args, **kwargs)
     try:
         setattr(self.topk_config, DRAFT_ATTR, bool(self.is_draft))
     except AttributeError:
         pass
     rt = current()
-    if rt is not None and torch.cuda.is_available() and not capturing():
+    if rt is not None and not capturing():
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         for m in rt.metric_tables():
-            m.row(0, torch.device("cuda", torch.cuda.current_device()))
+            m.row(0, device)
 
 
 def bind_runner_backend(self, runner_backend, *args, **kwargs) -> Any:

@@ -113,14 +113,14 @@ class LiveMetrics:
         self._flip ^= 1
         host, faults = self._bufs[self._flip]
         host.copy_(self.table, non_blocking=pin)
-        if dev.type == "cuda":
-            from ..kernels.workspace import fault_counter
+        from ...kernels.workspace import fault_counter  # the selection kernels' counter (any device)
 
-            faults.copy_(fault_counter(dev), non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            return host, faults, event
-        return host, faults, None
+        faults.copy_(fault_counter(dev), non_blocking=pin)
+        if not pin:
+            return host, faults, None
+        event = torch.cuda.Event()
+        event.record()
+        return host, faults, event
 
     def _absorb(self, host: torch.Tensor, faults: int) -> dict[int, dict[str, int]]:
         out: dict[int, dict[str, int]] = {}
