@@ -56,7 +56,6 @@ def test_split_keeps_order_and_values():
     (["--xshare-policy", "xshare"], "--xshare-budget", "needs a batch budget"),
     (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-warmup-k0", "0"], "--xshare-warmup-k0", ">= 1"),
     (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-warmup-k0", "two"], "--xshare-warmup-k0", "invalid int"),
-    (["--xshare-policy", "xshare_spec", "--xshare-budget", "8"], "--xshare-request-budget", "per-request budget"),
     (["--xshare-policy", "cap"], "--xshare-cap", "needs --xshare-cap"),
     (["--xshare-policy", "topk", "--xshare-budget", "8"], "--xshare-budget", "takes no batch budget"),
     (["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-layer-budgets", "a:3"], "--xshare-layer-budgets", "integer"),
@@ -108,6 +107,15 @@ def test_xshare_spec_needs_speculative_decoding():
     assert e.value.flag == "--xshare-policy"
     _, cfg = parse_server_argv(argv + ["--speculative-algorithm", "EAGLE", "--speculative-num-draft-tokens", "4"])
     assert cfg.policy == "xshare_spec"
+
+
+def test_xshare_spec_without_request_budget_is_the_batch_budget():
+    """No --xshare-request-budget: the server takes xshare_spec with no per-request budget (xshare's selection)."""
+    argv = ["--model-path", "dummy", "--xshare-policy", "xshare_spec", "--xshare-budget", "8",
+            "--speculative-algorithm", "EAGLE", "--speculative-num-draft-tokens", "4"]
+    _, cfg = parse_server_argv(argv)
+    assert cfg.policy == "xshare_spec" and cfg.request_budget is None
+    assert cfg.selection_config(None).request_budget is None
 
 
 def test_budget_checked_against_local_model_config(tmp_path):

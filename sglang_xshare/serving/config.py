@@ -278,8 +278,6 @@ class XShareServerConfig:
         cfg = self.selection_config(None)
         if entry.budgeted and cfg.budget is None:
             raise XShareConfigError("--xshare-budget", f"policy {self.policy} needs a batch budget, e.g. --xshare-budget 0.6")
-        if entry.uses_requests and cfg.request_budget is None:
-            raise XShareConfigError("--xshare-request-budget", f"policy {self.policy} needs a per-request budget, e.g. --xshare-request-budget 12")
         if entry.per_token_cap and self.cap is None:
             raise XShareConfigError("--xshare-cap", f"policy {self.policy} needs --xshare-cap K' (experts kept per token)")
         if routing is not None:
