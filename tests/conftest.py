@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -17,3 +19,36 @@ def clustered_logits(T: int, E: int, seed: int, clusters: int = 3, spread: float
 @pytest.fixture
 def logits_factory():
     return clustered_logits
+
+
+class _Warnings(logging.Handler):
+    """Messages of WARNING and above that reach one logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture
+def warnings_of():
+    """``warnings_of(name)`` -> a handler collecting that logger's warnings until the test ends.
+
+    pytest's ``caplog`` is off under ``-p no:logging``, which is how ``make test`` runs the suite."""
+    attached: list[tuple[logging.Logger, _Warnings]] = []
+
+    def attach(name: str) -> _Warnings:
+        log, handler = logging.getLogger(name), _Warnings()
+        log.addHandler(handler)
+        attached.append((log, handler))
+        return handler
+
+    yield attach
+    for log, handler in attached:
+        log.removeHandler(handler)

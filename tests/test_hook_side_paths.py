@@ -263,12 +263,10 @@ def test_metrics_tables_allocated_when_the_model_is_built(sg, installed, tmp_pat
     assert all(m.table is not None and m.table.device.type == "cpu" for m in tables)
 
 
-def test_live_metrics_read_the_kernels_barrier_fault_counter(sg, installed, caplog):
+def test_live_metrics_read_the_kernels_barrier_fault_counter(sg, installed, warnings_of):
     """The selection kernels count grid-barrier waits that did not fill (``fault_counter``, one per
     device); the live metrics read it with the table at each poll, on every device, and warn when
     it grew (``sglang_xshare_barrier_faults``)."""
-    import logging
-
     from sglang_xshare.kernels.workspace import fault_counter
 
     installed(policy="xshare", budget="0.5", empty_slots="minus_one", metrics=True, metrics_interval=1000)
@@ -277,10 +275,10 @@ def test_live_metrics_read_the_kernels_barrier_fault_counter(sg, installed, capl
     fc = fault_counter(torch.device("cpu"))
     fc += 2  # what two programs that gave up waiting add
     try:
-        with caplog.at_level(logging.WARNING, logger="sglang_xshare"):
-            got = runtime.current().metrics.flush()
+        log = warnings_of("sglang_xshare")
+        got = runtime.current().metrics.flush()
         assert got[3]["calls"] == 1 and runtime.current().metrics.faults == int(fc) >= 2
-        assert "grid barrier wait(s) did not fill" in caplog.text
+        assert "grid barrier wait(s) did not fill" in log.text
     finally:
         fc -= 2
 

@@ -7,7 +7,6 @@ SGLang is made here by replacing real SGLang functions with ones of another sign
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 
@@ -89,27 +88,12 @@ def test_changed_method_and_missing_flag_are_named(topk, monkeypatch):
     assert "sglang.srt.layers.moe.topk._use_aiter (read by sglang_xshare) is missing" in msg
 
 
-class _Collect(logging.Handler):
-    """The records of one logger (pytest's caplog is off under ``-p no:logging``, as ``make test`` runs)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-def test_fallback_warns_and_keeps_sglangs_routing(topk, monkeypatch):
+def test_fallback_warns_and_keeps_sglangs_routing(topk, monkeypatch, warnings_of):
     original = topk.select_experts
     monkeypatch.setattr(topk, "_post_process_topk_ids", _seven_argument_post_process)
-    log, handler = logging.getLogger("sglang_xshare.serving"), _Collect()
-    log.addHandler(handler)
-    try:
-        assert install.install(XShareServerConfig(**CFG, sglang_mismatch="fallback")) is False
-    finally:
-        log.removeHandler(handler)
-    text = "\n".join(handler.lines)
+    log = warnings_of("sglang_xshare.serving")
+    assert install.install(XShareServerConfig(**CFG, sglang_mismatch="fallback")) is False
+    text = log.text
     assert "_post_process_topk_ids" in text and "SGLang's own routing serves" in text
     assert topk.select_experts is original and runtime.current() is None
 

@@ -3,7 +3,6 @@ ratio and batch size, and the profile's conversion / ideal speed-up are computed
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,10 +13,9 @@ QUALITY = ROOT / "bench" / "results" / "quality.json"
 
 
 def _mod():
-    spec = importlib.util.spec_from_file_location("speed_quality", ROOT / "bench" / "speed_quality.py")
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
+    import speed_quality  # bench/ is on the tests' path (pyproject: pythonpath)
+
+    return speed_quality
 
 
 def test_batch_mapping_and_settings():
