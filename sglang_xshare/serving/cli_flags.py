@@ -56,7 +56,8 @@ def add_xshare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "own top-k gate weight (at least k0), then the batch budget fills by mass; 0 = off. "
                         "Not served yet (the Triton kernels lack it): offline evaluation only.")
     g.add_argument("--xshare-request-budget", type=str, default=None,
-                   help="Per-request budget m_r of xshare_spec (draft tokens of one request share it).")
+                   help="Per-request budget m_r of xshare_spec (draft tokens of one request share it); without it "
+                        "xshare_spec selects as xshare over the verify batch (the measured default).")
     g.add_argument("--xshare-cap", type=int, default=None, help="Per-token cap k' of policy cap.")
     g.add_argument("--xshare-layer-budgets", type=str, default=None,
                    help="Per-layer budget overrides 'LAYER:BUDGET,...', e.g. '0:32,5:mass:0.95'.")
