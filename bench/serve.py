@@ -63,7 +63,7 @@ from sglang_xshare.serving.config import AB_IDLE_ARMS
 from servebench.client import (bench_serving_argv, counter_delta, run_bench_serving, scrape, sglang_counters,
                                spec_accept_length, xshare_counters)
 from servebench.configs import ServeConfig, one_server, parse_configs
-from servebench.models import PRESETS, ZERO_ROUTER_BIAS, write_model
+from servebench.models import PRESETS, ZERO_BIASES, write_model
 from servebench.server import MARK_ENV, Server, ServerDied, http_get
 
 #: Flags every server of a run gets (the combination seen to start on the H200 hosts).
@@ -111,8 +111,8 @@ def server_command(cfg: ServeConfig, model: str, port: int, args: argparse.Names
 def server_env(args: argparse.Namespace) -> dict[str, str]:
     """Environment variables of every server of a run (on top of this process's own)."""
     env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-    if getattr(args, "zero_router_bias", False):  # see bench/dummy_routing/sitecustomize.py
-        env["XSHARE_BENCH_ROUTER_BIAS"] = "zero"
+    if getattr(args, "zero_biases", False):  # see bench/dummy_routing/sitecustomize.py
+        env["XSHARE_BENCH_DUMMY_BIASES"] = "zero"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "bench" / "dummy_routing"),
                                                         os.environ.get("PYTHONPATH")) if p)
     if args.profile_steps:  # SGLang's profiler traces decode steps once the batch holds this many requests
@@ -831,8 +831,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     args.dummy = args.preset is not None
-    # a router bias drawn by SGLang's dummy loader would decide every token's experts alone
-    args.zero_router_bias = args.dummy and args.preset in ZERO_ROUTER_BIAS
+    # biases drawn by SGLang's dummy loader would swamp the residual stream: every token the same experts
+    args.zero_biases = args.dummy and args.preset in ZERO_BIASES
     model = str(write_model(work / f"{args.preset}-{args.layers}", args.preset, args.layers)) if args.dummy else args.model
     meta = run_metadata()
     try:

@@ -13,9 +13,9 @@ the random model emits decodes. Presets:
                     1.702) and biases, 64 query / 8 KV heads of 64 with attention sinks, sliding
                     window 128 on every other layer, YaRN rope, vocab 201088 (36 layers). Weights in
                     bf16 (49.8 MB per expert, 6.4 GB of experts per layer), not the released MXFP4:
-                    one 80 GB GPU holds about 10 layers, a 141 GB one about 18. Its router has a
-                    bias, which the serving benchmark zeroes after SGLang's dummy initialisation
-                    (:data:`ZERO_ROUTER_BIAS`).
+                    one 80 GB GPU holds about 10 layers, a 141 GB one about 18. Its router,
+                    attention projections and experts have biases, which the serving benchmark
+                    zeroes after SGLang's dummy initialisation (:data:`ZERO_BIASES`).
 ``deepseek-v3-mini`` a DeepSeek-V3 layout scaled to hidden 2048 (``% 512 == 0`` for DeepEP's
                     low-latency kernels): MLA attention, 256 routed experts in 8 groups (top-4
                     groups), top-8 sigmoid routing, routed scaling 2.5, expert intermediate 512,
@@ -39,12 +39,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRESETS", "ZERO_ROUTER_BIAS", "write_model", "write_tokenizer"]
+__all__ = ["PRESETS", "ZERO_BIASES", "write_model", "write_tokenizer"]
 
-#: Presets whose router has a bias (GPT-OSS): SGLang's dummy loader draws it in +-1e-3 against
-#: router logits of ~2e-5, so the bias alone would pick every token's experts (all tokens the same
-#: top-k). The serving benchmark zeroes it in its servers (``bench/dummy_routing/sitecustomize.py``).
-ZERO_ROUTER_BIAS = frozenset({"gpt-oss-120b"})
+#: Presets with biases (GPT-OSS: router, attention projections, experts): SGLang's dummy loader
+#: draws the same +-1e-3 bias vector for every layer, whose sum swamps the residual stream, so every
+#: token would route to the same top-k. The serving benchmark zeroes every bias in its servers
+#: (``bench/dummy_routing/sitecustomize.py``).
+ZERO_BIASES = frozenset({"gpt-oss-120b"})
 
 #: What every preset shares: bf16 weights, untied LM head, SiLU experts, token 0 as EOS.
 _COMMON: dict[str, Any] = {"rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False,
