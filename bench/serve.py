@@ -439,9 +439,16 @@ def per_arm(records: list[dict]) -> list[dict]:
     return out
 
 
+def baseline(rows: list[dict]) -> str:
+    """The configuration the ratios are taken against: ``plain`` (SGLang's own launcher, no plugin)
+    where the run has it, else ``off`` (the plugin's launcher with the policy off)."""
+    return "plain" if any(r["config"] == "plain" for r in rows) else "off"
+
+
 def summarize(records: list[dict]) -> tuple[list[dict], str]:
     """Rows per (configuration, concurrency): medians over every run of every start, the median of
-    each start, and the ratio to ``off`` -- pooled (median / median) and paired within rounds."""
+    each start, and the ratio to the baseline -- pooled (median / median) and paired within rounds.
+    The baseline is ``plain`` (SGLang's own launcher) where the run has it, else ``off``."""
     records = per_arm(records)
     groups: dict[tuple[str, int], dict[int, list[dict]]] = {}
     ab: dict[tuple[str, int], list[tuple[dict, dict]]] = {}
@@ -486,7 +493,8 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
         })
     order = {c: i for i, c in enumerate(dict.fromkeys(rec["config"] for rec in records))}
     rows.sort(key=lambda r: (order[r["config"]], r["concurrency"]))
-    base = {r["concurrency"]: r for r in rows if r["config"] == "off"}
+    ref = baseline(rows)
+    base = {r["concurrency"]: r for r in rows if r["config"] == ref}
     for row in rows:
         b = base.get(row["concurrency"])
         row["ratio_vs_off"] = (row["tok_s"] / b["tok_s"]) if (b and b["tok_s"] and row["tok_s"]) else None
@@ -500,18 +508,18 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
                            {int(k): 1.0 / v for k, v in b["tpot_per_start"].items() if v}) if b else []
         row["tpot_paired_speedups"] = tp_pairs
         row["tpot_paired_speedup"] = _med(tp_pairs)
-        if row["config"] == "off":
+        if row["config"] == ref:
             v = list(row["tok_s_per_start"].values())
             row["aa_spread"] = (max(v) / min(v)) if len(v) > 1 and min(v) > 0 else None
-    head = ["config", "conc.", "tok/s (median)", "per start", "vs off", "paired vs off (rounds)", "TPOT med / p99 ms",
-            "TPOT speed-up vs off (paired)", "in-server A/B: TPOT speed-up, tok/s ratio", "ITL med / p99 ms",
+    head = ["config", "conc.", "tok/s (median)", "per start", f"vs {ref}", f"paired vs {ref} (rounds)", "TPOT med / p99 ms",
+            f"TPOT speed-up vs {ref} (paired)", "in-server A/B: TPOT speed-up, tok/s ratio", "ITL med / p99 ms",
             "experts / layer", "top-k experts", "busiest rank", "top-k busiest"]
 
     def f(v, d=1):
         return "-" if v is None else f"{v:.{d}f}"
 
     def paired_cell(r):
-        if r["config"] == "off":
+        if r["config"] == ref:
             return "-" if r.get("aa_spread") is None else f"A/A max/min {r['aa_spread']:.3f}"
         p = r["paired_ratios"]
         if not p:
@@ -519,7 +527,7 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
         return f(r["paired_ratio"], 3) + (f" [{min(p):.3f}-{max(p):.3f}]" if len(p) > 1 else "")
 
     def tpot_cell(r):
-        if r["config"] == "off" or r["tpot_speedup"] is None:
+        if r["config"] == ref or r["tpot_speedup"] is None:
             return "-"
         p = r["tpot_paired_speedups"]
         return f(r["tpot_speedup"], 3) + (f" ({f(r['tpot_paired_speedup'], 3)} [{min(p):.3f}-{max(p):.3f}])" if len(p) > 1 else "")
@@ -566,7 +574,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         hi = [max(r[pairs] or [v]) - v for v, r in zip(y, rr)]
         ax.errorbar([r["concurrency"] for r in rr], y, yerr=[lo, hi], marker="o", capsize=3, label=label, color=color)
 
-    ab_only = not any(r["config"] == "off" for r in rows) and any(r.get("ab_tpot_speedups") for r in rows)
+    ref = baseline(rows)
+    ab_only = not any(r["config"] == ref for r in rows) and any(r.get("ab_tpot_speedups") for r in rows)
     for i, cfg in enumerate(dict.fromkeys(r["config"] for r in rows)):
         rs = [r for r in rows if r["config"] == cfg and r["tok_s"]]
         if not rs:
@@ -581,7 +590,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             ratio_line(b, rs, "ab_tok_ratio", "ab_tok_ratios", "ab_tok_ratio", cfg + " (in-server A/B)", color)
         else:
             ratio_line(b, rs, "paired_ratio", "paired_ratios", "ratio_vs_off", cfg, color)
-        if cfg != "off" and any(r["tpot_speedup"] for r in rs):
+        if cfg != ref and any(r["tpot_speedup"] for r in rs):
             ratio_line(c, rs, "tpot_paired_speedup", "tpot_paired_speedups", "tpot_speedup", cfg, color)
         elif any(r["ab_tpot_speedup"] for r in rs):  # --ab: against its own server's SGLang arm (bars: pairs)
             ratio_line(c, rs, "ab_tpot_speedup", "ab_tpot_speedups", "ab_tpot_speedup", cfg + " (in-server A/B)", color)
@@ -591,7 +600,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     a.set_ylabel("output tokens / s (median)")
     b.set_ylabel("tok/s / SGLang arm (A/B; bars: pairs)" if ab_only else "throughput / off (paired; bars: rounds)")
-    c.set_ylabel("TPOT speed-up vs off / vs SGLang arm (A/B)")
+    c.set_ylabel(f"TPOT speed-up vs {ref} / vs SGLang arm (A/B)")
     for ax in (b, c):
         ax.axhline(1.0, color="k", lw=0.8)
     a.legend(fontsize=8)
@@ -634,9 +643,12 @@ def report(records: list[dict], skipped: list[tuple[str, int, str]], args: argpa
     notes = [f"Workload: `sglang.bench_serving` random-ids prompts, {args.input_len} input / {args.output_len} output "
              f"tokens (ignore_eos), {args.waves} x concurrency requests per run, {args.reps} runs per point and "
              f"server start, {args.starts} start(s) per configuration in interleaved rounds; tok/s = output "
-             f"throughput, median over every run; per start = the median of each start; vs off = pooled medians; "
-             f"paired = the ratio to the same round's `off`, median [min-max] over rounds; A/A = max/min of `off`'s "
-             f"per-start medians (the spread between servers running identical kernels); TPOT speed-up = off's median "
+             f"throughput, median over every run; per start = the median of each start; baseline `plain` = SGLang's own "
+             f"launcher (`python -m sglang.launch_server`, no plugin), `off` = the plugin's launcher with the policy "
+             f"off (ratios are taken against `plain` where the run has it); vs baseline = pooled medians; "
+             f"paired = the ratio to the same round's baseline, median [min-max] over rounds; A/A = max/min of the "
+             f"baseline's per-start medians (the spread between servers running identical kernels); TPOT speed-up = "
+             f"the baseline's median "
              f"TPOT / the configuration's (> 1 is faster), pooled (paired median [min-max] over rounds); in-server A/B "
              f"(`--ab`) = the policy arm against the same server's SGLang arm, rep by rep (median [min-max] of "
              f"the TPOT speed-ups, median tok/s ratio){_idle_note(args)}. Experts = per MoE layer call, from "

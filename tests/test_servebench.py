@@ -260,6 +260,24 @@ def test_rounds_interleave_resume_and_pair_ratios_within_a_round(tmp_path, monke
     assert x["tpot_speedup"] == pytest.approx(((1000 / 1600 + 1000 / 3203) / 2) / ((1000 / 1920 + 1000 / 3840) / 2))
 
 
+def test_plain_sglang_is_the_baseline_where_the_run_has_it():
+    """With ``plain`` (SGLang's own launcher) in the run, every ratio is taken against it, not
+    against ``off`` (the plugin's launcher with the policy off)."""
+    serve = _serve_module()
+
+    def rec(label, tok_s):
+        return {"config": label, "start": 0, "levels": [{"concurrency": 16, "runs": [
+            {"output_throughput": tok_s, "median_tpot_ms": 1000.0 / tok_s}]}]}
+
+    rows, table = serve.summarize([rec("plain", 100.0), rec("off", 80.0), rec("xshare@0.7", 125.0)])
+    by = {r["config"]: r for r in rows}
+    assert serve.baseline(rows) == "plain"
+    assert by["xshare@0.7"]["ratio_vs_off"] == pytest.approx(1.25) and by["off"]["ratio_vs_off"] == pytest.approx(0.8)
+    assert by["xshare@0.7"]["tpot_speedup"] == pytest.approx(1.25) and "vs plain" in table
+    rows, _ = serve.summarize([rec("off", 80.0), rec("xshare@0.7", 125.0)])
+    assert serve.baseline(rows) == "off" and {r["config"]: r for r in rows}["xshare@0.7"]["ratio_vs_off"] == pytest.approx(125 / 80)
+
+
 def test_ab_mode_pairs_each_policy_run_with_its_own_servers_sglang_arm(tmp_path):
     """``--ab``: the policy server gets the switch flag (a real server flag), and the summary pairs
     rep i's policy run with rep i's SGLang run of the same server."""
