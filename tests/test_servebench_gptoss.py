@@ -54,34 +54,37 @@ _ROUTE = textwrap.dedent("""
     from sglang.srt.model_loader import loader
     # GPT-OSS's layout (biased router, attention projections and experts), cut small for a CPU
     cfg = GptOssConfig(hidden_size=2880, intermediate_size=64, num_local_experts=128, num_experts_per_tok=4,
-                       num_hidden_layers=3, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
-                       vocab_size=4096, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                       num_hidden_layers=2, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                       vocab_size=4096, layer_types=["sliding_attention", "full_attention"],
                        sliding_window=128)
-    torch.manual_seed(0)
-    m = GptOssForCausalLM(cfg).to(torch.bfloat16)
-    loader.initialize_dummy_weights(m)  # what SGLang's DummyModelLoader calls
-    if sys.argv[1] == "router-only":
-        for name, p in m.named_parameters():
-            if name.endswith("router.bias"):
-                p.data.zero_()
-    prompts = torch.randint(0, cfg.vocab_size, (16, 8), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        seq = m.generate(prompts, max_new_tokens=6, do_sample=False)  # greedy decoding, as the benchmark
-        logits = m(seq, output_router_logits=True).router_logits[-1].view(16, seq.shape[1], -1)
-    # distinct experts of the 16 requests' last decode token in the last layer
-    print(json.dumps({"distinct": int(logits[:, -1].topk(4, dim=-1).indices.unique().numel()),
-                      "emitted": len(set(seq[:, -1].tolist())),
-                      "bias_max": max(float(p.abs().max()) for n, p in m.named_parameters() if n.endswith("bias"))}))
+    def route(mode):
+        torch.manual_seed(0)
+        m = GptOssForCausalLM(cfg).to(torch.bfloat16)
+        loader.initialize_dummy_weights(m)  # what SGLang's DummyModelLoader calls
+        if mode == "router-only":
+            for name, p in m.named_parameters():
+                if name.endswith("router.bias"):
+                    p.data.zero_()
+        prompts = torch.randint(0, cfg.vocab_size, (16, 8), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            seq = m.generate(prompts, max_new_tokens=4, do_sample=False)  # greedy decoding, as the benchmark
+            logits = m(seq, output_router_logits=True).router_logits[-1].view(16, seq.shape[1], -1)
+        # distinct experts of the 16 requests' last decode token in the last layer
+        return {"distinct": int(logits[:, -1].topk(4, dim=-1).indices.unique().numel()),
+                "emitted": len(set(seq[:, -1].tolist())),
+                "bias_max": max(float(p.abs().max()) for n, p in m.named_parameters() if n.endswith("bias"))}
+    print(json.dumps({mode: route(mode) for mode in sys.argv[1:]}))
 """)
 
 
-def _route(mode: str) -> dict:
+def _route(*modes: str, zero: bool = False) -> dict:
+    """``{mode: {distinct, emitted, bias_max}}``; ``zero``: the servers' start-up file acts (a new process)."""
     env = dict(os.environ)
     env.pop("XSHARE_BENCH_DUMMY_BIASES", None)
-    if mode == "zeroed":
+    if zero:
         env["XSHARE_BENCH_DUMMY_BIASES"] = "zero"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "bench" / "dummy_routing"), env.get("PYTHONPATH")) if p)
-    out = subprocess.run([sys.executable, "-c", _ROUTE, mode], env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run([sys.executable, "-c", _ROUTE, *modes], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -94,7 +97,8 @@ def test_biases_decide_dummy_routing_unless_the_bench_zeroes_them():
     benchmark's start-up file zeroes every bias in the server processes: the routing then spreads
     as independent random routing does (about 51 of 128 experts for 16 tokens at top-4)."""
     pytest.importorskip("sglang")
-    drawn, router_only, zeroed = _route("drawn"), _route("router-only"), _route("zeroed")
+    plain = _route("drawn", "router-only")
+    drawn, router_only, zeroed = plain["drawn"], plain["router-only"], _route("zeroed", zero=True)["zeroed"]
     assert drawn["bias_max"] > 5e-4 and drawn["distinct"] <= 8 and drawn["emitted"] <= 2, drawn
     assert router_only["distinct"] <= 8, router_only
     assert zeroed["bias_max"] == 0.0 and zeroed["distinct"] >= 40 and zeroed["emitted"] >= 8, zeroed
