@@ -123,6 +123,34 @@ def test_min_tokens_boundary_on_every_path(sg, installed, monkeypatch, force):
     assert _paths() == {mt - 1: "sglang", mt: force or "fast"}
 
 
+def test_a_count_budget_that_cannot_bind_keeps_sglangs_routing(sg, installed):
+    """``--xshare-budget 10`` at top-4 (min tokens ``auto``): a batch of 2 tokens activates at most
+    8 experts, so it keeps SGLang's routing bit for bit without a selection (path ``sglang``); a
+    batch of 3 (up to 12 experts) selects. A fraction budget selects from 2 tokens on; a request
+    budget (``xshare_spec``) can cut below the batch budget, so it selects too."""
+    m = 10
+    lo, hi = _logits(72, n=m // K), _logits(73, n=m // K + 1)
+    plain_lo = _topk(sg).forward_native(torch.randn(m // K, HIDDEN), lo.clone())
+    cfg = installed(policy="xshare", budget=str(m), empty_slots="minus_one")
+    tk = _topk(sg)
+    with context.batch_scope(context.BatchInfo("decode", batch_size=m // K)):
+        out_lo = tk.forward_native(torch.randn(m // K, HIDDEN), lo.clone())
+    with context.batch_scope(context.BatchInfo("decode", batch_size=m // K + 1)):
+        out_hi = tk.forward_native(torch.randn(m // K + 1, HIDDEN), hi.clone())
+    assert _same(out_lo, plain_lo)
+    assert torch.equal(out_hi.topk_ids.to(torch.int32), _ref(cfg, hi))
+    assert _paths() == {m // K: "sglang", m // K + 1: "fast"}
+    from sglang_xshare.serving.layer import _min_tokens
+
+    def mt(**kw):
+        return _min_tokens(XShareServerConfig(empty_slots="minus_one", **kw).validate(), 3, K)
+
+    assert mt(policy="xshare", budget="10") == 3 and mt(policy="xshare", budget="24") == 7
+    assert mt(policy="xshare", budget="0.7") == 2 and mt(policy="oea") == 2 and mt(policy="cap", cap=2) == 1
+    assert mt(policy="xshare_spec", budget="10", request_budget="4") == 2
+    assert mt(policy="xshare", budget="10", min_tokens="1") == 1  # an explicit number wins
+
+
 def test_min_tokens_boundary_at_the_post_processing_seam(sg, installed):
     """The ``legacy`` seam reached by a router that is not ``select_experts`` (SGLang calls
     ``_post_process_topk_ids`` from its other routing paths): ``T = min_tokens - 1`` passes

@@ -81,7 +81,8 @@ def add_xshare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--xshare-min-tokens", type=str, default=d.min_tokens,
                    help="Smallest decode batch (tokens) the policy is applied to; smaller batches keep SGLang's own "
                         "routing at no cost. 'auto': 2 for batch policies (a single token has nothing to share), "
-                        "1 for cap.")
+                        "1 for cap; with a count budget m (xshare, xshare_spec without a request budget) at least "
+                        "m // top_k + 1, since smaller batches cannot activate more than m experts.")
     g.add_argument("--xshare-ep-global", action="store_true",
                    help="When each EP rank routes only part of the batch (DP attention, DeepEP), choose one expert "
                         "set from all ranks' tokens (an all-reduce of the batch statistics in every target MoE layer).")

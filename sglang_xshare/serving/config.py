@@ -74,7 +74,9 @@ class XShareServerConfig:
             :mod:`sglang_xshare.serving.slots`).
         min_tokens: smallest batch (tokens) a policy is applied to; smaller batches keep SGLang's
             routing. ``"auto"``: 2 for the batch policies (one token has nothing to share with), 1
-            for ``cap``; decided per captured batch size, so it costs nothing at run time.
+            for ``cap``; with a count budget ``m`` (``xshare``, ``xshare_spec`` without a request
+            budget) at least ``m // top_k + 1`` (a smaller batch cannot activate more than ``m``
+            experts); decided per captured batch size, so it costs nothing at run time.
         ep_global: when SGLang gives each EP rank only part of the batch (DP attention, DeepEP's
             scattered layout), ``oea`` / ``xshare`` / ``xshare_ep`` choose one expert set from all
             ranks' tokens: an all-reduce of the batch statistics over the MoE EP group inside the

@@ -202,12 +202,33 @@ class LayerPolicy:
         return spec
 
 
-def _min_tokens(cfg: Any) -> int:
-    """``--xshare-min-tokens``: ``auto`` = 2 for batch policies (one token has nothing to share:
-    the policy would only cut the token's own experts), 1 otherwise; or the given number."""
+def _min_tokens(cfg: Any, layer_id: int, top_k: int | None) -> int:
+    """``--xshare-min-tokens``: the given number, or ``auto``:
+
+    * 1 for per-token policies (``cap``);
+    * 2 for batch policies (one token has nothing to share: the policy would only cut the token's
+      own experts);
+    * for a *count* budget ``m`` of ``xshare`` / ``xshare_spec`` without a request budget (no
+      placement to balance), at least ``m // top_k + 1``: a batch of ``T`` tokens activates at
+      most ``T * top_k`` distinct experts, so while ``T * top_k <= m`` the budget cannot bind and
+      the batch keeps SGLang's routing without paying for a selection that changes nothing
+      (``xshare@24`` at top-4: batches of up to 6 tokens).
+
+    Decided per layer from flags and shapes (per captured batch size under CUDA graphs): no
+    run-time cost.
+    """
     if cfg.min_tokens != "auto":
         return int(cfg.min_tokens)
-    return 2 if cfg.entry is not None and cfg.entry.batch_aware else 1
+    entry = cfg.entry
+    if entry is None or not entry.batch_aware:
+        return 1
+    n = 2
+    if entry.budgeted and not entry.uses_placement and cfg.request_budget is None and top_k:
+        sched = cfg.budget_schedule()
+        b = sched.for_layer(layer_id) if sched is not None else None
+        if b is not None and b.mode == "count":
+            n = max(n, int(b.value) // int(top_k) + 1)
+    return n
 
 
 def _setup_ep_global(lp: LayerPolicy, tc: Any, device: torch.device) -> None:
@@ -279,7 +300,8 @@ def build_layer(cfg: Any, tc: Any, layer_id: int, router_logits: torch.Tensor, m
     if metrics is not None and selector is not None and not is_draft:
         row = metrics.row(layer_id, router_logits.device)
     lp = LayerPolicy(layer_id, is_draft, E, routing, selector, None if selector is not None else reason, scale,
-                     placement, empty_mode, _min_tokens(cfg), row, topk_config=tc)
+                     placement, empty_mode, _min_tokens(cfg, layer_id, routing.top_k if routing is not None else None), row,
+                     topk_config=tc)
     if cfg.ep_global and selector is not None and not is_draft:
         _setup_ep_global(lp, tc, router_logits.device)
     if selector is not None:
