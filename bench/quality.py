@@ -18,7 +18,8 @@ split. The three training corpora::
 Operating points (``--grid`` names, or ``--points "SPEC;SPEC"``): a spec is ``POLICY key=value
 ...`` with keys ``k0``, ``budget`` (``0.7``, ``24``, ``mass:0.9``), ``layers`` (per-layer
 overrides, ``0:0.8/5:mass:0.95``), ``p`` (nucleus warm-up), ``min_score``, ``cap``, ``mr``
-(request budget), ``g`` (tokens per request), ``req`` (``consecutive``: a request is ``g``
+(request budget), ``guard`` (verify-row guard: each request's target row keeps its top-``guard``;
+consecutive requests only), ``g`` (tokens per request), ``req`` (``consecutive``: a request is ``g``
 consecutive positions of one sequence, the correlation of target + draft rows; ``shuffled``: the
 uncorrelated control of :class:`~sglang_xshare.hf.StepLayout`), ``ep`` (xshare_ep ranks).
 
@@ -27,7 +28,10 @@ speculative decoding (:mod:`sglang_xshare.hf.agreement`): the fraction of verify
 target rows) whose greedy next token is unchanged vs plain top-k, and the oracle-draft acceptance
 length. ``--grid specdepth`` sweeps g = 2, 4, 8 in both request layouts; the report then compares
 the xshare and xshare_spec frontiers at equal expert ratio per (B, g, layout) and draws
-``NAME.png``.
+``NAME.png``. ``--grid specguard`` sweeps the verify-row guard (g = 4, 8; xshare budgets 0.7-0.9
+with the guard off, ``guard=k`` and ``guard=k/2``, and the unguarded frontier around them): every
+guarded point against the unguarded point of the same budget (paired) and against the unguarded
+frontier at its own expert ratio.
 
 Statistics: every point runs on the same batches, so differences are paired per batch; CIs are
 95 % t intervals over batches (a batch's sequences share routing decisions and are not
@@ -102,7 +106,7 @@ def parse_point(spec: str) -> Point:
         if not sep:
             raise ValueError(f"{spec!r}: expected key=value, got {w!r}")
         kv[k] = v
-    known = {"k0", "budget", "layers", "p", "min_score", "cap", "mr", "g", "ep", "req"}
+    known = {"k0", "budget", "layers", "p", "min_score", "cap", "mr", "g", "ep", "req", "guard"}
     if set(kv) - known:
         raise ValueError(f"{spec!r}: unknown keys {sorted(set(kv) - known)}")
     budget = None
@@ -111,7 +115,7 @@ def parse_point(spec: str) -> Point:
     cfg = SelectionConfig(policy=policy, k0=int(kv.get("k0", 1)), budget=budget,
                           request_budget=Budget.parse(kv["mr"], "mr") if "mr" in kv else None,
                           cap=int(kv["cap"]) if "cap" in kv else None, min_score=float(kv.get("min_score", 0)),
-                          warmup_p=float(kv.get("p", 0)))
+                          warmup_p=float(kv.get("p", 0)), verify_guard=int(kv.get("guard", 0)))
     req = kv.get("req", "consecutive")
     if req not in ("consecutive", "shuffled"):
         raise ValueError(f"{spec!r}: req must be 'consecutive' or 'shuffled', got {req!r}")
@@ -150,6 +154,12 @@ def grid(name: str) -> list[str]:
                 pts += [f"xshare_spec k0=1 budget=1.0 mr=frac:{f} g={g}{req}" for f in (0.6, 0.8)]
                 pts += [f"xshare_spec k0=1 budget={f} mr={mr} g={g}{req}" for f in (0.6, 0.8)
                         for mr in ("frac:0.9", "mass:0.95")]
+        return pts
+    if name == "specguard":  # the verify-row guard: guard off / k / k/2 at equal budget, the unguarded frontier
+        pts = []
+        for g in (4, 8):
+            pts += [f"xshare k0=1 budget={f} g={g}" for f in (0.6, 0.7, 0.8, 0.9, 0.95, 1.0)]
+            pts += [f"xshare k0=1 budget={f} g={g} guard={gk}" for gk in (8, 4) for f in (0.7, 0.8, 0.9)]
         return pts
     raise ValueError(f"unknown grid {name!r}")
 
@@ -292,7 +302,7 @@ def summarize(payload: dict) -> list[dict]:
                     m, c = _mean_ci([r[key] for r in rs])
                     agree.update({key: m, f"{key}_ci95": c, f"batch_{key}": [r[key] for r in rs]})
             rows.append({
-                **agree, "req": p.req,
+                **agree, "req": p.req, "guard": p.cfg.verify_guard,
                 "B": int(B), "spec": spec, "policy": p.policy, "family": family(p.policy, p.g, p.req), "g": p.g,
                 "batches": len(rs), "batch_ids": [int(i) for i in idx], "delta": delta, "ci95": ci, "ce_ref": ce_ref,
                 "delta_rel": delta / ce_ref, "distinct": distinct, "distinct_topk": distinct_topk,
@@ -300,6 +310,7 @@ def summarize(payload: dict) -> list[dict]:
                 "retained_mass": sum(r["kept_mass"] for r in rs) / max(sum(r["topk_mass"] for r in rs), 1e-30),
                 "moe_rel_err": math.sqrt(sum(r["err_sq"] for r in rs) / ref_sq) if ref_sq > 0 else None,
                 "batch_deltas": [r["delta"] for r in rs],
+                "batch_ratios": [r["distinct"] / max(r["distinct_topk"], 1e-30) for r in rs],
             })
     rows.sort(key=lambda r: (r["B"], r["g"], ("topk", "cap", "oea").index(r["policy"])
                              if r["policy"] in ("topk", "cap", "oea") else 3, r["spec"]))
@@ -386,6 +397,88 @@ def spec_md(cr: list[dict]) -> str:
           c.get("accept") or "-", c.get("xshare_delta", "-"), c.get("xshare_accept", "-"), c.get("diff", "-"),
           c.get("diff_ci", "-"), c.get("accept_diff", "-"), c.get("accept_diff_ci", "-"), c["verdict"]] for c in cr])
 
+
+
+def _unguarded(spec: str) -> str:
+    """The spec of a guarded point without its guard."""
+    return " ".join(w for w in spec.split() if not w.startswith("guard="))
+
+
+def _paired_on(mine: dict, ref: dict[int, float], key: str) -> tuple[float, float]:
+    """Mean and 95 % CI of ``mine``'s per-batch ``key`` minus ``ref`` (batch id -> value)."""
+    m = dict(zip(mine["batch_ids"], mine[key]))
+    return _mean_ci([m[i] - ref[i] for i in ref if i in m])
+
+
+GUARD_KEYS = (("delta", "batch_deltas"), ("accept", "batch_accept"), ("agree_first", "batch_agree_first"),
+              ("agree", "batch_agree"))
+
+
+def compare_guard(rows: list[dict]) -> list[dict]:
+    """The verify-row guard (``g > 1``): every guarded xshare point (1) against the unguarded point
+    of the same (B, g, budget) -- dCE, oracle-draft acceptance, target-row and all-row agreement,
+    ``guard - no guard`` paired per batch -- and (2) against the unguarded xshare frontier of the
+    same (B, g) at the guarded point's own expert ratio (the two unguarded points bracketing it,
+    interpolated linearly per batch, as :func:`compare_spec`): the guard raises the ratio where the
+    target rows' top-k exceed the budget, so (2) is the comparison at equal cost."""
+    out = []
+    guarded = [r for r in rows if r["g"] > 1 and r.get("guard") and r["policy"] == "xshare"]
+    by_spec = {(r["B"], r["spec"]): r for r in rows}
+    for b in sorted(guarded, key=lambda r: (r["g"], r["B"], r["guard"], r["ratio"])):
+        row = {"B": b["B"], "g": b["g"], "spec": b["spec"], "guard": b["guard"], "ratio": b["ratio"],
+               **{k: b.get(k) for k, _ in GUARD_KEYS}, "ci95": b["ci95"]}
+        off = by_spec.get((b["B"], _unguarded(b["spec"])))
+        if off is not None:
+            row.update(off_spec=off["spec"], off_ratio=off["ratio"], **{f"off_{k}": off.get(k) for k, _ in GUARD_KEYS})
+            for k, bk in GUARD_KEYS:
+                if bk in b and bk in off:
+                    d, ci = _paired_on(b, dict(zip(off["batch_ids"], off[bk])), bk)
+                    row.update({f"same_{k}": d, f"same_{k}_ci": ci})
+        xs = sorted((r for r in rows if r["B"] == b["B"] and r["g"] == b["g"] and r["policy"] == "xshare"
+                     and not r.get("guard")), key=lambda r: r["ratio"])
+        lo = [r for r in xs if r["ratio"] <= b["ratio"]]
+        hi = [r for r in xs if r["ratio"] >= b["ratio"]]
+        if not lo or not hi:
+            row["verdict"] = "outside the unguarded points' ratios"
+            out.append(row)
+            continue
+        lo, hi = lo[-1], hi[0]
+        row["front_between"] = f"{lo['spec']} .. {hi['spec']}"
+        for k, bk in GUARD_KEYS:
+            if bk in b and bk in lo and bk in hi:
+                ref = _interp(lo, hi, b["ratio"], bk)
+                d, ci = _paired_on(b, ref, bk)
+                row.update({f"front_{k}": sum(ref.values()) / len(ref), f"eq_{k}": d, f"eq_{k}_ci": ci})
+        ce = _verdict(row["eq_delta"], row["eq_delta_ci"], "guard lower dCE", "guard higher dCE")
+        acc = (_verdict(-row["eq_accept"], row["eq_accept_ci"], "guard higher accept", "guard lower accept")
+               if "eq_accept" in row else "-")
+        row["verdict"] = f"{ce}; {acc}"
+        out.append(row)
+    return out
+
+
+def guard_md(cr: list[dict]) -> str:
+    """The :func:`compare_guard` tables: the same budget (paired), then the equal-ratio frontier."""
+    def v(c: dict, k: str):
+        return c.get(k, "-") if c.get(k) is not None else "-"
+
+    same = markdown_table(
+        ["g", "B", "guarded point", "ratio", "ratio off", "dCE", "dCE off", "guard - off dCE", "95% CI",
+         "accept", "accept off", "guard - off accept", "95% CI", "target rows", "off", "guard - off target", "95% CI",
+         "guard - off agree (all rows)", "95% CI"],
+        [[c["g"], c["B"], c["spec"], c["ratio"], v(c, "off_ratio"), c["delta"], v(c, "off_delta"), v(c, "same_delta"),
+          v(c, "same_delta_ci"), v(c, "accept"), v(c, "off_accept"), v(c, "same_accept"), v(c, "same_accept_ci"),
+          v(c, "agree_first"), v(c, "off_agree_first"), v(c, "same_agree_first"), v(c, "same_agree_first_ci"),
+          v(c, "same_agree"), v(c, "same_agree_ci")] for c in cr])
+    eq = markdown_table(
+        ["g", "B", "guarded point", "ratio", "dCE", "unguarded frontier at this ratio: dCE", "guard - frontier dCE",
+         "95% CI", "accept", "frontier accept", "guard - frontier accept", "95% CI", "guard - frontier target rows",
+         "95% CI", "verdict"],
+        [[c["g"], c["B"], c["spec"], c["ratio"], c["delta"], v(c, "front_delta"), v(c, "eq_delta"), v(c, "eq_delta_ci"),
+          v(c, "accept"), v(c, "front_accept"), v(c, "eq_accept"), v(c, "eq_accept_ci"), v(c, "eq_agree_first"),
+          v(c, "eq_agree_first_ci"), c["verdict"]] for c in cr])
+    return ("### The same budget, guard on vs off (paired per batch)\n\n" + same
+            + "\n\n### Equal expert ratio: the guarded point vs the unguarded xshare frontier\n\n" + eq)
 
 
 def compare(rows: list[dict], select_rows: list[dict] | None = None,
@@ -625,6 +718,49 @@ def plot_spec(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_guard(rows: list[dict], path: Path, title: str) -> None:
+    """The verify-row guard: per draft depth g (row pairs) and B (columns), CE delta and oracle-draft
+    acceptance vs expert ratio of unguarded xshare (its frontier drawn) and each guard width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = [r for r in rows if r["g"] > 1 and r["policy"] == "xshare" and "accept" in r]
+    gs, bs = sorted({r["g"] for r in rs}), sorted({r["B"] for r in rs})
+    widths = sorted({r["guard"] for r in rs if r["guard"]}, reverse=True)
+    colors = ["tab:red", "tab:green", "tab:purple", "tab:orange"]
+    fig, axes = plt.subplots(2 * len(gs), len(bs), figsize=(4.2 * len(bs), 3.0 * 2 * len(gs)), squeeze=False)
+    for i, g in enumerate(gs):
+        for j, B in enumerate(bs):
+            ax_ce, ax_acc = axes[2 * i, j], axes[2 * i + 1, j]
+            fams = [(0, "tab:blue", "o", "xshare, no guard")]
+            fams += [(w, colors[n % len(colors)], "v^sD"[n % 4], f"xshare, guard={w}") for n, w in enumerate(widths)]
+            for w, c, m, label in fams:
+                pts = sorted((r for r in rs if r["g"] == g and r["B"] == B and r["guard"] == w), key=lambda r: r["ratio"])
+                if not pts:
+                    continue
+                x = [r["ratio"] for r in pts]
+                ax_ce.errorbar(x, [r["delta"] for r in pts], yerr=[r["ci95"] for r in pts], color=c, marker=m,
+                               ls="-" if w == 0 else "none", lw=1.0, ms=4, capsize=2, alpha=0.85, label=label)
+                ax_acc.errorbar(x, [r["accept"] for r in pts], yerr=[r["accept_ci95"] for r in pts], color=c,
+                                marker=m, ls="-" if w == 0 else "none", lw=1.0, ms=4, capsize=2, alpha=0.85, label=label)
+            ax_ce.axhline(0, color="k", lw=0.5)
+            ax_ce.set_title(f"g = {g}, B = {B}", fontsize=9)
+            ax_ce.set_ylabel("CE delta (nats/token)", fontsize=8)
+            ax_acc.set_ylabel("oracle-draft acceptance", fontsize=8)
+            for ax in (ax_ce, ax_acc):
+                ax.set_xlim(0.55, 1.02)
+                ax.grid(alpha=0.3)
+                ax.tick_params(labelsize=7)
+            ax_acc.set_xlabel("expert ratio", fontsize=8)
+    axes[1, 0].legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"verify-row guard, {title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # ---- reporting -----------------------------------------------------------------------------------
 
 def report(payload: dict, args: argparse.Namespace, meta: dict) -> None:
@@ -644,6 +780,8 @@ def report(payload: dict, args: argparse.Namespace, meta: dict) -> None:
     pngs = [out / f"{name}_B{B}.png" for B in sorted({r["B"] for r in rows if r["g"] == 1})]
     spec_rows = compare_spec(rows)
     spec_png = out / f"{name}.png" if spec_rows else None
+    guard_rows = compare_guard(rows)
+    guard_png = (out / f"{name}_guard.png" if spec_rows else out / f"{name}.png") if guard_rows else None
     nb = {B: max(len(r["batch_ids"]) for r in rows if r["B"] == B) for B in sorted({r["B"] for r in rows})}
     table = markdown_table(
         ["B", "point", "batches", "experts/layer", "top-k experts", "ratio", "dCE", "95% CI", "dCE %", "kept mass",
@@ -682,6 +820,17 @@ def report(payload: dict, args: argparse.Namespace, meta: dict) -> None:
            "verify rows whose greedy next token equals plain top-k's, target = the same over each request's first "
            "row, accept = mean leading unchanged rows / g (the acceptance length of the oracle draft).\n\n"
            + spec_md(spec_rows) + "\n\n" if spec_rows else "")
+        + (f"![verify-row guard]({guard_png.name})\n\n" if guard_png is not None else "")
+        + ("## Speculative verification: the verify-row guard\n\n"
+           "g rows per request (target + g - 1 drafts, teacher-forced: the drafts are the text, an oracle draft of "
+           "plain top-k's greedy output), consecutive requests. `guard=K`: each request's target row (its first) keeps "
+           "its own top-K experts (its warm-up floor raised from k0 to K), the draft rows keep k0; the batch budget "
+           "applies on top (the warm-up may exceed it). Every guarded point against the unguarded point of the same "
+           "budget, and against the unguarded xshare frontier of the same (g, B) at its own expert ratio (the two "
+           "unguarded points bracketing it, interpolated linearly per batch); differences guard - no guard, paired per "
+           "batch, 95 % t CI. accept = mean leading unchanged rows / g (the oracle draft's acceptance length), target "
+           "rows = fraction of target rows whose greedy next token equals plain top-k's, agree = the same over all "
+           "rows.\n\n" + guard_md(guard_rows) + "\n\n" if guard_rows else "")
         + ("## Frontier comparison\n\n"
         "At each B and ratio r: the best xshare configuration activating at most r (+0.005) of top-k's experts vs "
         "the best OEA (any k0) or cap (any k') configuration doing the same; difference paired per batch "
@@ -695,9 +844,10 @@ def report(payload: dict, args: argparse.Namespace, meta: dict) -> None:
     payload["rows"] = [{k: v for k, v in r.items()} for r in rows]
     payload["comparison"] = cmp_rows
     payload["comparison_spec"] = spec_rows
+    payload["comparison_guard"] = guard_rows
     payload["comparison_selected_on"] = {"file": str(args.select_on), "rows": cmp_train} if cmp_train is not None else None
     jp, mp = write_results(out, name, payload, md, meta)
-    print(cmp_table if pngs else spec_md(spec_rows))
+    print(cmp_table if pngs else (spec_md(spec_rows) if spec_rows else guard_md(guard_rows)))
     print(f"wrote {jp}, {mp}")
     try:
         for png in pngs:
@@ -706,6 +856,9 @@ def report(payload: dict, args: argparse.Namespace, meta: dict) -> None:
         if spec_png is not None:
             plot_spec(rows, spec_png, title)
             print(f"wrote {spec_png}")
+        if guard_png is not None:
+            plot_guard(rows, guard_png, title)
+            print(f"wrote {guard_png}")
     except ImportError as e:  # e.g. no matplotlib on a GPU host: redraw later with --replot
         print(f"no plots ({e}); run --replot {jp}")
 
@@ -764,13 +917,13 @@ def main() -> None:
     if args.replot is not None:
         payload = json.loads(args.replot.read_text())
         meta = payload.pop("meta")
-        for k in ("rows", "comparison", "comparison_selected_on", "comparison_spec"):
+        for k in ("rows", "comparison", "comparison_selected_on", "comparison_spec", "comparison_guard"):
             payload.pop(k, None)
         report(payload, args, meta)
         return
     if args.merge is not None:
         payload = merge([json.loads(p.read_text()) for p in args.merge])
-        for k in ("rows", "comparison", "comparison_selected_on", "comparison_spec", "meta"):
+        for k in ("rows", "comparison", "comparison_selected_on", "comparison_spec", "comparison_guard", "meta"):
             payload.pop(k, None)
         report(payload, args, meta)
         return

@@ -169,7 +169,8 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                  BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
                  VALID: tl.constexpr, OUT: tl.constexpr, SCALE: tl.constexpr, FILL_EMPTY: tl.constexpr,
                  METRICS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_MR: tl.constexpr, NBP: tl.constexpr,
-                 HARD: tl.constexpr = False, GATE: tl.constexpr = False):
+                 HARD: tl.constexpr = False, GATE: tl.constexpr = False, GUARD_G: tl.constexpr = 0,
+                 GUARD_K: tl.constexpr = 0):
     """Batch policy over ``T`` tokens -- see the module docstring.
 
     Shapes: ``logits [T, E]`` fp32/bf16/fp16 (row stride ``stride_t``), ``bias [E]``, ``valid [T]
@@ -190,6 +191,8 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
     ``stats [2, BLOCK_E] int64`` (``SYNC`` 3 / 4: this rank's, then every rank's masses and flags).
     ``GATE``: every program returns at once unless ``gate [1] int64`` holds ``gate_arm`` (uniform
     over the grid, so no barrier ticket moves; outputs, statistics and metrics are left untouched).
+    ``GUARD_G / GUARD_K``: the verify-row guard -- rows ``t % GUARD_G == 0`` warm up with their
+    top-``GUARD_K`` (:meth:`sglang_xshare.select.contract.BatchContext.guard`; ``GUARD_G = 0``: off).
     """
     if GATE:
         if tl.load(gate_ptr) != gate_arm:
@@ -206,7 +209,8 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
         sel, in_topk, v, alive, mx, den, mass, flags, tot, req = tile_scan(
             logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
             rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c, rk, rv,
-            SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, GROUP, GP, RMODE, VALID)
+            SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, GROUP, GP, RMODE, VALID,
+            GUARD_G, GUARD_K)
     else:
         mass = tl.zeros([BLOCK_E], dtype=tl.int64)
         flags = tl.zeros([BLOCK_E], dtype=tl.int32)
@@ -216,7 +220,8 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
             _s, _k, _v, _a, _m, _i, m_c, f_c, t_c, _r = tile_scan(
                 logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
                 rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c, rk, rv,
-                SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, GROUP, GP, RMODE, VALID)
+                SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, GROUP, GP, RMODE, VALID,
+            GUARD_G, GUARD_K)
             mass += m_c
             flags += f_c
             tot += t_c
@@ -286,7 +291,7 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
             disp, short = refine_tile(sel, allowed, v, rows, rmask, cols, E, logits_ptr, stride_t, alive, mx, den,
                                       slot, ids_ptr, w_ptr, phys_ptr, min_score, out_scale, map_ptr,
                                       SIGMOID, K, K0, K, HAS_MIN, RENORM, HAS_BIAS, WANT_PHYS, BLOCK_K,
-                                      OUT, SCALE, FILL_EMPTY)
+                                      OUT, SCALE, FILL_EMPTY, GUARD_G, GUARD_K)
             if METRICS:
                 n_valid, pairs = metrics_mark(disp, in_topk, v, cols, E, used_ptr, top_ptr)
         else:
@@ -299,14 +304,14 @@ def batch_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, chunks,
                     logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
                     rb_count, rb_frac_bits, rb_eps_bits, rb_mass, rb_mass_c, rk, rv,
                     SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, GROUP, GP, RMODE,
-                    VALID)
+                    VALID, GUARD_G, GUARD_K)
                 allowed = chosen[None, :] & req
                 if ALLOW == 2:
                     allowed = allowed & in_topk
                 disp, sh = refine_tile(sel, allowed, v, rows, rmask, cols, E, logits_ptr, stride_t, alive, mx, den,
                                        slot, ids_ptr, w_ptr, phys_ptr, min_score, out_scale, map_ptr,
                                        SIGMOID, K, K0, K, HAS_MIN, RENORM, HAS_BIAS, WANT_PHYS, BLOCK_K,
-                                       OUT, SCALE, FILL_EMPTY)
+                                       OUT, SCALE, FILL_EMPTY, GUARD_G, GUARD_K)
                 short += sh
                 if METRICS:
                     nv, pr = metrics_mark(disp, in_topk, v, cols, E, used_ptr, top_ptr)

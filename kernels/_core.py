@@ -262,8 +262,19 @@ def _group_allowed_loop(sel, cols, cmask, BIASED: tl.constexpr, N_GROUP: tl.cons
 
 
 @triton.jit
-def kth_keys(packed, K: tl.constexpr, K0: tl.constexpr):
-    """Each row's ``K``-th and ``K0``-th largest key (``[BT] int64`` each) of ``packed [BT, N]``.
+def warm_width(rows, K0: tl.constexpr, GUARD_G: tl.constexpr, GUARD_K: tl.constexpr):
+    """``[BT] int32``: each row's warm-up width under the verify-row guard (``GUARD_G > 0``):
+    ``GUARD_K`` on the target rows ``rows % GUARD_G == 0`` (``rows``: token indices), ``K0`` on
+    the others -- :func:`sglang_xshare.select.common.warmup_width`, the constexprs from
+    :meth:`sglang_xshare.select.contract.BatchContext.guard`."""
+    return tl.where(rows % GUARD_G == 0, GUARD_K, K0)
+
+
+@triton.jit
+def kth_keys(packed, rows, K: tl.constexpr, K0: tl.constexpr, GUARD_G: tl.constexpr, GUARD_K: tl.constexpr):
+    """Each row's ``K``-th and warm-up-th largest key (``[BT] int64`` each) of ``packed [BT, N]``:
+    the ``K0``-th, or with the verify-row guard (``GUARD_G > 0``) the :func:`warm_width`-th of its
+    row (``rows [BT]`` token indices; ``GUARD_K <= K``).
 
     ``packed >= kth[:, None]`` is then the row's top-``K`` set (keys are distinct). One max
     per rank, each over the keys below the previous one (nothing is rewritten). The ranks are a
@@ -272,15 +283,22 @@ def kth_keys(packed, K: tl.constexpr, K0: tl.constexpr):
     """
     best = tl.max(packed, axis=1)
     b0 = best
+    if GUARD_G > 0:
+        w0 = warm_width(rows, K0, GUARD_G, GUARD_K)
     for j in range(1, runtime(K)):
         best = tl.max(tl.where(packed < best[:, None], packed, SENT), axis=1)
-        b0 = tl.where(j == K0 - 1, best, b0)
+        if GUARD_G > 0:
+            b0 = tl.where(j == w0 - 1, best, b0)
+        else:
+            b0 = tl.where(j == K0 - 1, best, b0)
     return best, b0
 
 
 @triton.jit
-def token_topk(sel, cols, cmask, K: tl.constexpr, K0: tl.constexpr):
-    """Each row's own top-``K`` and top-``K0`` sets: ``(in_topk, in_warm)`` ``[BT, BLOCK_E] int1``."""
+def token_topk(sel, cols, cmask, rows, K: tl.constexpr, K0: tl.constexpr, GUARD_G: tl.constexpr,
+               GUARD_K: tl.constexpr):
+    """Each row's own top-``K`` and warm-up sets (top-``K0``; with the verify-row guard the target
+    rows' top-``GUARD_K``, :func:`kth_keys`): ``(in_topk, in_warm)`` ``[BT, BLOCK_E] int1``."""
     packed = pack(sel, cols[None, :], cmask[None, :])
-    kth, kth0 = kth_keys(packed, K, K0)
+    kth, kth0 = kth_keys(packed, rows, K, K0, GUARD_G, GUARD_K)
     return packed >= kth[:, None], packed >= kth0[:, None]

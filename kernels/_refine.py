@@ -27,7 +27,8 @@ def refine_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, sel_ptr, req_
                   HAS_MIN: tl.constexpr, RENORM: tl.constexpr, WANT_PHYS: tl.constexpr,
                   BT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                   VALID: tl.constexpr, OUT: tl.constexpr, SCALE: tl.constexpr, FILL_EMPTY: tl.constexpr,
-                  METRICS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_MR: tl.constexpr, GATE: tl.constexpr = False):
+                  METRICS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_MR: tl.constexpr, GATE: tl.constexpr = False,
+                  GUARD_G: tl.constexpr = 0, GUARD_K: tl.constexpr = 0):
     """Grid ``(cdiv(T, BT),)``: scoring + refinement of ``BT`` tokens per program.
 
     Inputs: ``logits [T, E]`` (row stride ``stride_t``), ``valid`` (see
@@ -36,7 +37,8 @@ def refine_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, sel_ptr, req_
     ``OUT / SCALE / FILL_EMPTY`` as in :func:`~._tile.refine_tile`. ``METRICS``: add this call to
     the accumulator row ``acc [8] int64`` (:mod:`._metrics`; scratch ``used [U]`` / ``top [E]``
     int32, ticket ``[1] int64``, rank tables ``urank [U]`` / ``lrank [E]`` int32). ``GATE``: return at
-    once unless ``gate [1] int64`` holds ``gate_arm`` (nothing written).
+    once unless ``gate [1] int64`` holds ``gate_arm`` (nothing written). ``GUARD_G / GUARD_K``: the
+    verify-row guard (the ``min_score`` floor spares the target rows' first ``GUARD_K`` slots).
     """
     if GATE:
         if tl.load(gate_ptr) != gate_arm:
@@ -56,7 +58,7 @@ def refine_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, sel_ptr, req_
         slot = tl.load(sel_ptr + cols, mask=cmask, other=-1, cache_modifier=".cg")
         allowed = (slot >= 0)[None, :] & (sel == sel)
         if ALLOW == 2:
-            in_topk, _w = token_topk(sel, cols, cmask, K, 1)
+            in_topk, _w = token_topk(sel, cols, cmask, rows, K, 1, 0, 0)
             allowed = allowed & in_topk
         if ALLOW == 3:
             req = tl.load(req_ptr + rows[:, None].to(tl.int64) * BLOCK_E + cols[None, :],
@@ -65,9 +67,9 @@ def refine_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, sel_ptr, req_
     disp, short = refine_tile(sel, allowed, v, rows, rmask, cols, E, logits_ptr, stride_t, alive, mx, den, slot,
                               ids_ptr, w_ptr, phys_ptr, min_score, out_scale, map_ptr,
                               SIGMOID, K, K0, KEEP_N, HAS_MIN, RENORM, HAS_BIAS, WANT_PHYS, BLOCK_K,
-                              OUT, SCALE, FILL_EMPTY)
+                              OUT, SCALE, FILL_EMPTY, GUARD_G, GUARD_K)
     if METRICS:
-        in_top, _w0 = token_topk(sel, cols, cmask, K, 1)
+        in_top, _w0 = token_topk(sel, cols, cmask, rows, K, 1, 0, 0)
         n_valid, pairs = metrics_mark(disp, in_top, v, cols, E, used_ptr, top_ptr)
         metrics_finish(acc_ptr, mticket_ptr, used_ptr, top_ptr, urank_ptr, lrank_ptr, n_valid, pairs, short, U, E,
                        BLOCK_U, BLOCK_E, BLOCK_MR)

@@ -28,8 +28,9 @@ def spec_token_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, contrib_p
                       SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr,
                       TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
                       K: tl.constexpr, K0: tl.constexpr, MASS_FULL: tl.constexpr, BLOCK_E: tl.constexpr,
-                      VALID: tl.constexpr):
-    """One token per program: its ``contrib [BLOCK_E] int64`` and ``tflags [BLOCK_E] int32`` rows."""
+                      VALID: tl.constexpr, GUARD_G: tl.constexpr = 0, GUARD_K: tl.constexpr = 0):
+    """One token per program: its ``contrib [BLOCK_E] int64`` and ``tflags [BLOCK_E] int32`` rows
+    (``GUARD_G / GUARD_K``: the verify-row guard, :func:`~._core.kth_keys`)."""
     t = tl.program_id(0)
     rows = t + tl.arange(0, 1)
     rmask = rows < T
@@ -37,7 +38,7 @@ def spec_token_kernel(logits_ptr, stride_t, bias_ptr, valid_ptr, T, E, contrib_p
     # one token, no request stage (GROUP = 0): the request budget and its scratch are not read
     _s, _k, _v, _a, _m, _i, mass, flags, _t, _r = tile_scan(
         logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E, 0, 0, 0, 0, 0, contrib_ptr, contrib_ptr,
-        SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, 0, 1, 0, VALID)
+        SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, K, K0, MASS_FULL, 0, 1, 0, VALID, GUARD_G, GUARD_K)
     offs = t.to(tl.int64) * BLOCK_E + cols
     tl.store(contrib_ptr + offs, mass)
     tl.store(tflags_ptr + offs, flags)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._core import (FLT_TINY, SENT, gate_at, load_scores, load_valid, mass_units, pack, runtime, token_topk, unpack_col,
-                    unpack_key, unpack_payload)
+                    unpack_key, unpack_payload, warm_width)
 from ._pick import rows_pick
 
 
@@ -43,9 +43,10 @@ def tile_scan(logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
               SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
               GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, K: tl.constexpr, K0: tl.constexpr,
               MASS_FULL: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, RMODE: tl.constexpr,
-              VALID: tl.constexpr):
+              VALID: tl.constexpr, GUARD_G: tl.constexpr, GUARD_K: tl.constexpr):
     """Score a tile and aggregate it (``VALID``: how ``valid_ptr`` marks real rows, see
-    :func:`~._core.load_valid`).
+    :func:`~._core.load_valid`; ``GUARD_G / GUARD_K``: the verify-row guard, see
+    :func:`~._core.kth_keys`).
 
     Returns ``(sel, in_topk, v, alive, mx, den, mass, flags, tot, req)``: ``sel [BT, BLOCK_E]``
     ranking scores, ``in_topk`` each row's own top-k, ``v [BT]`` valid rows, ``alive / mx / den``
@@ -61,7 +62,7 @@ def tile_scan(logits_ptr, stride_t, bias_ptr, valid_ptr, rows, rmask, cols, E,
     gate, sel, alive, mx, den = load_scores(logits_ptr, stride_t, bias_ptr, rows, rmask, cols, E,
                                             SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G)
     v = load_valid(valid_ptr, rows, rmask, VALID)
-    in_topk, in_warm = token_topk(sel, cols, cmask, K, K0)
+    in_topk, in_warm = token_topk(sel, cols, cmask, rows, K, K0, GUARD_G, GUARD_K)
     tk = in_topk & v[:, None]
     wm = in_warm & v[:, None]
     if MASS_FULL:
@@ -94,15 +95,16 @@ def refine_tile(sel, allowed, valid_row, rows, rmask, cols, E, logits_ptr, strid
                 ids_ptr, w_ptr, phys_ptr, min_score, out_scale, map_ptr,
                 SIGMOID: tl.constexpr, K: tl.constexpr, K0: tl.constexpr, KEEP_N: tl.constexpr, HAS_MIN: tl.constexpr,
                 RENORM: tl.constexpr, HAS_BIAS: tl.constexpr, WANT_PHYS: tl.constexpr, BLOCK_K: tl.constexpr,
-                OUT: tl.constexpr, SCALE: tl.constexpr, FILL_EMPTY: tl.constexpr):
+                OUT: tl.constexpr, SCALE: tl.constexpr, FILL_EMPTY: tl.constexpr, GUARD_G: tl.constexpr,
+                GUARD_K: tl.constexpr):
     """Refine one tile and write its ``[BT, K]`` ids / weights (/ physical slots).
 
     Mirrors :func:`sglang_xshare.select.common.refine`: the ``KEEP_N`` best keys of
     ``where(allowed, sel, -inf)`` (maxima, each below the previous one), kept when the score is finite,
-    the row valid and the slot below ``KEEP_N``; beyond ``K0`` (``HAS_MIN``) the gate weight
-    must reach ``min_score``. Without a correction bias ``sel`` *is* the gate, so a slot's
-    weight is decoded from its key; with one, the weights are gathered from the logits
-    (:func:`~._core.gate_at`). ``payload [BLOCK_E] int32`` (``WANT_PHYS``) rides in the keys:
+    the row valid and the slot below ``KEEP_N``; beyond ``K0`` (``HAS_MIN``; with the verify-row
+    guard beyond the row's :func:`~._core.warm_width`) the gate weight must reach ``min_score``.
+    Without a correction bias ``sel`` *is* the gate, so a slot's weight is decoded from its key;
+    with one, the weights are gathered from the logits (:func:`~._core.gate_at`). ``payload [BLOCK_E] int32`` (``WANT_PHYS``) rides in the keys:
     the physical slot of each expert.
 
     Output epilogue (:class:`sglang_xshare.select.contract.OutputSpec`, mirrored by
@@ -141,7 +143,11 @@ def refine_tile(sel, allowed, valid_row, rows, rmask, cols, E, logits_ptr, strid
         g = gate_at(logits_ptr, stride_t, rows, out_ids, omask & (out_ids >= 0), alive, mx, den, SIGMOID)
         out_w = tl.where(out_ids >= 0, g, 0.0)
     if HAS_MIN:
-        drop = (kk[None, :] >= K0) & (out_w < min_score)
+        if GUARD_G > 0:
+            beyond = kk[None, :] >= warm_width(rows, K0, GUARD_G, GUARD_K)[:, None]
+        else:
+            beyond = kk[None, :] >= K0
+        drop = beyond & (out_w < min_score)
         out_ids = tl.where(drop, -1, out_ids)
         out_w = tl.where(drop, 0.0, out_w)
         out_ph = tl.where(drop, -1, out_ph)

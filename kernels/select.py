@@ -149,6 +149,14 @@ def _bias(correction_bias: torch.Tensor | None, buf: Buffers) -> torch.Tensor:
     return correction_bias if correction_bias.is_contiguous() else correction_bias.contiguous()
 
 
+def _guard(ctx: BatchContext) -> dict:
+    """The verify-row guard's constexprs (:meth:`~sglang_xshare.select.contract.BatchContext.guard`):
+    ``GUARD_G`` (0 = off) and ``GUARD_K`` -- fixed per shape and configuration (SGLang's verify
+    batches have one ``g``), so a captured graph's launches never change."""
+    g, width = ctx.guard()
+    return dict(GUARD_G=g, GUARD_K=width if g else 0)
+
+
 def _refine_launch(x, bias, valid, vmode: int, buf: Buffers, ids, w, ph, ctx: BatchContext, rc: dict, allow: int,
                    keep_n: int, want_phys: bool, epi: dict, gate: tuple[torch.Tensor, int] | None = None) -> None:
     """One :func:`refine_kernel` launch over ``T`` tokens, ``BT`` per program."""
@@ -161,7 +169,7 @@ def _refine_launch(x, bias, valid, vmode: int, buf: Buffers, ids, w, ph, ctx: Ba
         float(ctx.min_score), **epi, **rc, **_gate(gate, buf), ALLOW=allow, K=k, K0=ctx.k0, KEEP_N=keep_n,
         HAS_MIN=ctx.min_score > 0,
         RENORM=ctx.renormalize, WANT_PHYS=want_phys, BT=bt, BLOCK_E=p.block_e,
-        BLOCK_K=max(2, triton.next_power_of_2(k)), VALID=vmode, num_warps=p.num_warps,
+        BLOCK_K=max(2, triton.next_power_of_2(k)), VALID=vmode, num_warps=p.num_warps, **_guard(ctx),
     )
 
 
@@ -226,7 +234,8 @@ def _batch_policy(router_logits, routing, ctx, correction_bias, workspace, polic
             ONE_CHUNK=p.chunks == 1,
             GROUP=group, GP=p.gp, RB=p.rb, CH=p.ch, BT=p.bt, BLOCK_E=p.block_e,
             BLOCK_K=max(2, triton.next_power_of_2(k)), BLOCK_P=block_p, BLOCK_R=block_r, HARD=bool(ctx.hard_cap), VALID=vmode,
-            NBP=max(2, _pow2(p.nb)), num_warps=p.num_warps, **(_coop(p, x, workspace) if sync == 1 else {}),
+            NBP=max(2, _pow2(p.nb)), num_warps=p.num_warps, **_guard(ctx),
+            **(_coop(p, x, workspace) if sync == 1 else {}),
         )
 
     if glob:  # statistics of this rank -> all-reduce (the caller's collective) -> the same pick everywhere
@@ -328,7 +337,7 @@ def xshare_spec_kernel(router_logits: torch.Tensor, routing: RoutingSpec, ctx: B
     spec_token_kernel[(T,)](
         x, x.stride(0), bias, valid, T, E, buf.contrib, buf.tflags,
         **rc, K=k, K0=ctx.k0, MASS_FULL=ctx.mass_source == "full", BLOCK_E=p.block_e, VALID=vmode,
-        num_warps=p.num_warps,
+        num_warps=p.num_warps, **_guard(ctx),
     )
     rmode, rb_count, rb_frac, rb_eps, rb_mass, rb_mass_c = budget_args(ctx.request_budget)
     mode, b_count, b_frac, b_eps, b_mass, b_mass_c = budget_args(ctx.budget)

@@ -315,6 +315,13 @@ class SelectionConfig:
             least ``k0``, at most ``k``), then the batch budget fills by mass. Reference path only
             (the Triton kernels do not implement it; :class:`~sglang_xshare.select.Selector` then
             runs the reference).
+        verify_guard: verify-row guard ``K`` (0 = off): in speculative verify batches (requests of
+            ``g >= 2`` consecutive rows) the first row of every request -- the target row -- keeps
+            its own top-``K`` (its warm-up floor raised from ``k0`` to ``K``), the draft rows keep
+            ``k0``; the budget applies on top. ``k0 < K <= k``; policies with a warm-up floor only
+            (:attr:`~sglang_xshare.select.traits.PolicyTraits.verify_guard`). Other batches are
+            unaffected (:class:`~sglang_xshare.select.Selector` sets ``BatchContext.guard_k`` only
+            for calls with ``request_group >= 2``).
     """
 
     policy: str = "xshare"
@@ -327,6 +334,7 @@ class SelectionConfig:
     fill_to_peak: bool = True
     hard_cap: bool = False
     warmup_p: float = 0.0
+    verify_guard: int = 0
 
     def validate(self, routing: RoutingSpec) -> "SelectionConfig":
         """Check this config against the model; return ``self``. Raises :class:`XShareConfigError`."""
@@ -355,4 +363,13 @@ class SelectionConfig:
             raise XShareConfigError("--xshare-warmup-p", f"must be in [0, 1], got {self.warmup_p}")
         if self.warmup_p > 0 and not entry.warmup:
             raise XShareConfigError("--xshare-warmup-p", f"policy {self.policy} has no warm-up")
+        if self.verify_guard:
+            from .select.traits import policies_with
+
+            if not entry.verify_guard:
+                raise XShareConfigError("--xshare-verify-guard", f"policy {self.policy} has no warm-up floor to raise; "
+                                        f"the guard needs one of {', '.join(policies_with('verify_guard'))}")
+            if not (self.k0 < self.verify_guard <= k):
+                raise XShareConfigError("--xshare-verify-guard", f"K must be in (k0={self.k0}, top_k={k}] (every row "
+                                        f"keeps its top-k0 already; 0 = off), got {self.verify_guard}")
         return self

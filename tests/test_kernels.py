@@ -38,7 +38,7 @@ ROUTINGS = {
 def _case(policy, routing, T, inputs="randn", dtype="float32", k0=1, budget="0.6", request_budget="0.8",
           n_valid=None, ep=1, replicas=0, rid="groups", min_score=0.0, mass_source="topk", fill=True, seed=0,
           group=None, knobs=None, perms=0, hard=False, refresh=False, expect=None, output=None, ranks=None,
-          gate=False):
+          gate=False, guard=0):
     """One case. ``rid``: "groups" (request_ids = t // 4), "shuffled", "none"; ``group``: pass
     ``request_group`` instead (the fused path); ``knobs``: kernel workspace knobs (launch plan);
     ``perms``: also check that many random token orders (requests and their tokens for
@@ -49,12 +49,13 @@ def _case(policy, routing, T, inputs="randn", dtype="float32", k0=1, budget="0.6
     ``output``: an output epilogue ``dict(ids, empty, scale, metrics_ep)`` (``OutputSpec``; the
     padding count then reaches the kernel as a device tensor, as SGLang passes it); ``ranks``: the
     batch split over two ranks whose statistics are summed (EP-global selection); ``gate``: with
-    ``output``, the launches gated on a device flag (the in-server A/B's idle arms)."""
+    ``output``, the launches gated on a device flag (the in-server A/B's idle arms); ``guard``: the
+    verify-row guard ``K`` (with ``group``: the target rows keep their top-``K``)."""
     return dict(policy=policy, routing=routing, T=T, inputs=inputs, dtype=dtype, k0=k0, budget=budget,
                 request_budget=request_budget, n_valid=n_valid, ep=ep, replicas=replicas, rid=rid,
                 min_score=min_score, mass_source=mass_source, fill=fill, seed=seed, group=group, knobs=knobs or {},
                 perms=perms, hard=hard, refresh=refresh, expect=expect or {}, output=output, ranks=ranks,
-                gate=gate)
+                gate=gate, guard=guard)
 
 
 def _out(ids="logical", empty="minus_one", scale=None, metrics_ep=4):
@@ -247,6 +248,45 @@ CASES = {
     "barrier-timeout-ep-twostage": _case("xshare_ep", "olmoe", 70, budget="0.5", ep=8, seed=63,
                                          knobs={"interpreter_barrier": True, "sync": 1, "max_spins": 40,
                                                 "two_stage": True}),
+    # the verify-row guard: rows t % g == 0 (each request's target row) keep their top-guard_k; every
+    # policy with a warm-up, guard_k = k and < k, several g (ragged last request), ties, NaN rows,
+    # padding, min_score, every launch plan; g = 1 is no verify batch (the guard is a no-op)
+    "guard-xshare-olmoe-g4-k8": _case("xshare", "olmoe", 24, budget="0.6", group=4, guard=8, seed=100),
+    "guard-xshare-olmoe-g8-k4-padded": _case("xshare", "olmoe", 40, budget="0.5", group=8, guard=4, n_valid=35,
+                                             seed=101),
+    "guard-xshare-olmoe-g3-ties": _case("xshare", "olmoe", 22, inputs="ties", budget="0.5", group=3, guard=8,
+                                        seed=102),
+    "guard-xshare-olmoe-g4-nonfinite-k0-2": _case("xshare", "olmoe", 20, inputs="nonfinite", k0=2, n_valid=18, group=4,
+                                                  guard=6, seed=103),
+    "guard-xshare-olmoe-g4-minscore": _case("xshare", "olmoe", 24, budget="0.7", min_score=0.05, group=4, guard=8,
+                                            seed=104),
+    "guard-xshare-dsv2-g2-mass": _case("xshare", "dsv2", 16, budget="mass:0.9", group=2, guard=6, seed=105),
+    "guard-xshare-dsv3-g4-count-bias": _case("xshare", "dsv3", 16, budget="16", group=4, guard=8, seed=106),
+    "guard-oea-dsv3-g2": _case("oea", "dsv3", 12, group=2, guard=8, seed=107),
+    "guard-oea_simple-kimi-g3-padded": _case("oea_simple", "kimi", 11, n_valid=10, group=3, guard=5, seed=108),
+    "guard-ep-olmoe-ep8-g4": _case("xshare_ep", "olmoe", 24, budget="0.5", ep=8, group=4, guard=8, seed=109),
+    "guard-ep-olmoe-ep8-replicas-g4-hard": _case("xshare_ep", "olmoe", 24, budget="0.5", ep=8, replicas=2, hard=True,
+                                                 group=4, guard=4, seed=110),
+    "guard-spec-olmoe-g4-mr": _case("xshare_spec", "olmoe", 24, budget="0.7", request_budget="0.8", group=4, guard=8,
+                                    seed=111),
+    "guard-spec-olmoe-g8-mr-ties": _case("xshare_spec", "olmoe", 32, inputs="ties", budget="0.6", request_budget="12",
+                                         group=8, guard=4, seed=112),
+    "guard-specdefault-olmoe-g8": _case("xshare_spec", "olmoe", 32, budget="0.7", request_budget=None, group=8, guard=8,
+                                        n_valid=29, seed=113),
+    "guard-xshare-olmoe-g4-chunks": _case("xshare", "olmoe", 72, budget="0.5", group=4, guard=8,
+                                          knobs={"programs": 1}, seed=114),
+    "guard-spec-olmoe-g4-chunks": _case("xshare_spec", "olmoe", 72, group=4, guard=8,
+                                        knobs={"programs": 1, "tile_elems": 512}, seed=115),
+    "guard-barrier-xshare-g4": _case("xshare", "olmoe", 40, budget="0.5", group=4, guard=8,
+                                     knobs={"programs": 1, "sync": 1}, expect={"sync": 1}, seed=116),
+    "guard-barrier-ep-g4-twostage": _case("xshare_ep", "olmoe", 40, budget="0.6", ep=8, group=4, guard=8,
+                                          knobs={"programs": 1, "sync": 1, "two_stage": True},
+                                          expect={"sync": 1, "two_stage": True}, seed=117),
+    "guard-xshare-range-g4-perms": _case("xshare", "e16k4", 24, inputs="range", budget="0.5", group=4, guard=4, perms=3,
+                                         seed=118),
+    "guard-out-xshare-g4": _case("xshare", "olmoe", 24, budget="0.6", group=4, guard=8, n_valid=21, seed=119,
+                                 output=_out(empty="fill")),
+    "guard-xshare-olmoe-g1-noop": _case("xshare", "olmoe", 16, budget="0.5", group=1, guard=8, seed=120),
 }
 
 
@@ -277,7 +317,7 @@ def build(case):
     if policy == "xshare_spec" and case["request_budget"] is not None:  # None: the default (no request stage)
         kw["request_budget"] = Budget.parse(case["request_budget"], "--xshare-request-budget")
     cfg = SelectionConfig(policy=policy, k0=case["k0"], min_score=case["min_score"], mass_source=case["mass_source"],
-                          fill_to_peak=case["fill"], hard_cap=case["hard"], **kw)
+                          fill_to_peak=case["fill"], hard_cap=case["hard"], verify_guard=case["guard"], **kw)
     placement = None
     R = case["ep"]
     if R > 1 and case["replicas"] == 0:
@@ -493,7 +533,8 @@ def token_permutation(case, T: int, n_valid, g):
         gs = case["group"]
         assert T % gs == 0, "perms with request groups need whole requests"
         req = torch.randperm(T // gs, generator=g)
-        within = torch.stack([torch.randperm(gs, generator=g) for _ in range(T // gs)])
+        within = torch.stack([torch.randperm(gs, generator=g) if not case["guard"] else torch.arange(gs)  # the guard:
+                              for _ in range(T // gs)])                                # each target row stays first
         return (req[:, None] * gs + within).flatten()
     nv = T if n_valid is None else n_valid
     return torch.cat([torch.randperm(nv, generator=g), torch.arange(nv, T)])
@@ -550,6 +591,36 @@ def swapped_pairs_tie(gate) -> bool:
                for i in (0, 1))
 
 
+def check_guard(case, sel, x, n_valid, bias, ref) -> str:
+    """The verify-row guard in the reference (which the kernel matched): with ``group >= 2`` every
+    valid target row (``t % g == 0``) routes first to its own top-``guard`` experts, best first, and
+    the selection differs from the unguarded one (the case tests something); with ``g = 1`` it is
+    the unguarded selection (no verify batch)."""
+    import dataclasses
+
+    import torch
+
+    from sglang_xshare.select import Selector, compute_scores
+    from sglang_xshare.select.common import token_order
+
+    T = x.shape[0]
+    scores = compute_scores(x, sel.routing, bias)
+    plain = Selector(sel.routing, dataclasses.replace(sel.config, verify_guard=0), sel.placement, backend="reference",
+                     correction_bias=bias)
+    off = plain.entry.reference(scores, plain.context(T, x.device, 0, n_valid, None, case["group"]))
+    same = torch.equal(off.topk_ids, ref.topk_ids) and torch.equal(off.topk_weights, ref.topk_weights)
+    if case["group"] < 2:
+        return "" if same else "g = 1: the guard changed the selection"
+    if same:
+        return "the guard did not change the selection (the case tests nothing)"
+    order = token_order(scores.sel)
+    gk, nv = case["guard"], T if n_valid is None else n_valid
+    for t in range(0, nv, case["group"]):
+        if not torch.equal(ref.topk_ids[t, :gk].long(), order[t, :gk]):
+            return f"target row {t}: {ref.topk_ids[t].tolist()} lacks its top-{gk} {order[t, :gk].tolist()}"
+    return ""
+
+
 def run_case(case) -> str:
     import torch
 
@@ -576,9 +647,14 @@ def run_case(case) -> str:
     msg = compare(ref, out)
     if msg:
         return msg
+    if case["guard"]:
+        msg = check_guard(case, sel, x, n_valid, bias, ref)
+        if msg:
+            return msg
     if case["policy"] == "xshare_spec" and case["request_budget"] is None:  # the default is xshare, bit for bit
         plain = build(dict(case, policy="xshare"))[0]
-        ref_x = plain.entry.reference(compute_scores(x, plain.routing, bias), plain.context(x.shape[0], x.device, 0, n_valid))
+        ref_x = plain.entry.reference(compute_scores(x, plain.routing, bias),
+                                      plain.context(x.shape[0], x.device, 0, n_valid, None, case["group"]))
         if not (torch.equal(ref_x.topk_ids, ref.topk_ids) and torch.equal(ref_x.topk_weights, ref.topk_weights)):
             return "xshare_spec's reference without a request budget differs from xshare's"
         msg = compare(ref_x, out)

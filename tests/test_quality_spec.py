@@ -130,3 +130,47 @@ def test_compare_spec_interpolates_xshare_at_the_spec_points_ratio(q):
     assert c["verdict"] == "xshare_spec better"
     assert out["xshare_spec k0=1 budget=1.0 mr=frac:0.8 g=4 req=shuffled"]["verdict"].startswith("outside")
     assert "xshare_spec better" in q.spec_md(list(out.values()))
+
+
+def test_guard_point_guards_the_target_rows(q, setup):
+    """``guard=K``: the point's selector takes the verify-row guard; it changes the routing of the
+    verify batches (consecutive requests) and is refused with request ids (shuffled requests)."""
+    model, routing, tok, ref, ref_am = setup
+    p = q.parse_point("xshare k0=1 budget=0.6 g=4 guard=8")
+    assert p.cfg.verify_guard == 8 and q.parse_point("xshare k0=1 budget=0.6 g=4").cfg.verify_guard == 0
+    on = q.run_batch(model, p.selector(routing), tok, ref, p.layout, False, ref_am)
+    off_p = q.parse_point("xshare k0=1 budget=0.6 g=4")
+    off = q.run_batch(model, off_p.selector(routing), tok, ref, off_p.layout, False, ref_am)
+    assert on["seq_deltas"] != off["seq_deltas"] and on["distinct"] >= off["distinct"]
+    shuffled = q.parse_point("xshare k0=1 budget=0.6 g=4 guard=8 req=shuffled")
+    with pytest.raises(ValueError, match="request_group"):
+        q.run_batch(model, shuffled.selector(routing), tok, ref, shuffled.layout, False, ref_am)
+    assert all(" guard=" in s for s in q.grid("specguard") if s.endswith(("guard=8", "guard=4")))
+
+
+def _grow(q, spec, deltas, accepts, ratio, first):
+    r = _row(q, spec, 4, deltas, accepts, ratio)
+    r.update(guard=q.parse_point(spec).cfg.verify_guard, batch_agree_first=first, agree_first=sum(first) / len(first),
+             batch_agree=[0.9] * len(deltas))
+    return r
+
+
+def test_compare_guard_pairs_the_same_budget_and_the_frontier(q):
+    rows = [_grow(q, "xshare k0=1 budget=0.6 g=4", [0.10, 0.12, 0.11], [0.6, 0.6, 0.6], 0.60, [0.9, 0.9, 0.9]),
+            _grow(q, "xshare k0=1 budget=0.8 g=4", [0.02, 0.04, 0.03], [0.8, 0.8, 0.8], 0.80, [0.95, 0.95, 0.95]),
+            _grow(q, "xshare k0=1 budget=0.6 g=4 guard=8", [0.05, 0.07, 0.06], [0.8, 0.8, 0.8], 0.70, [1.0, 1.0, 1.0]),
+            _grow(q, "xshare k0=1 budget=0.8 g=4 guard=8", [0.03, 0.04, 0.03], [0.8, 0.8, 0.8], 0.90, [1.0, 1.0, 1.0])]
+    out = {c["spec"]: c for c in q.compare_guard(rows)}
+    assert set(out) == {"xshare k0=1 budget=0.6 g=4 guard=8", "xshare k0=1 budget=0.8 g=4 guard=8"}
+    c = out["xshare k0=1 budget=0.6 g=4 guard=8"]
+    assert c["off_spec"] == "xshare k0=1 budget=0.6 g=4" and c["off_ratio"] == 0.60
+    assert c["same_delta"] == pytest.approx(-0.05) and c["same_accept"] == pytest.approx(0.2)
+    assert c["same_agree_first"] == pytest.approx(0.1)
+    # ratio 0.7: halfway between the unguarded 0.6 and 0.8 points, batch by batch
+    assert c["front_delta"] == pytest.approx(0.07) and c["eq_delta"] == pytest.approx(-0.01)
+    assert c["eq_delta_ci"] == pytest.approx(0.0, abs=1e-12)
+    assert c["front_accept"] == pytest.approx(0.7) and c["eq_accept"] == pytest.approx(0.1)
+    assert c["verdict"] == "guard lower dCE; guard higher accept"
+    assert out["xshare k0=1 budget=0.8 g=4 guard=8"]["verdict"].startswith("outside")
+    md = q.guard_md(list(out.values()))
+    assert "guard lower dCE" in md and "Equal expert ratio" in md

@@ -173,7 +173,7 @@ def test_help_lists_both_flag_sets():
     text = build_parser().format_help()
     for flag in ("--model-path", "--moe-a2a-backend", "--ep-dispatch-algorithm", "--xshare-policy", "--xshare-budget",
                  "--xshare-warmup-k0", "--xshare-request-budget", "--xshare-layer-budgets", "--xshare-metrics",
-                 "--xshare-record-trace"):
+                 "--xshare-record-trace", "--xshare-verify-guard"):
         assert flag in text
 
 
@@ -217,6 +217,43 @@ def test_hard_cap_flag_reaches_the_selection_config():
     assert cfg.hard_cap and cfg.selection_config().hard_cap
     assert XShareServerConfig.from_json(cfg.to_json()).hard_cap  # reaches the spawned processes
     assert not parse_xshare_argv(["--xshare-policy", "xshare_ep", "--xshare-budget", "24"]).selection_config().hard_cap
+
+
+SPECULATIVE = ["--speculative-algorithm", "EAGLE", "--speculative-num-draft-tokens", "4"]
+
+
+def test_verify_guard_flag_reaches_the_selection_config_and_the_children(tmp_path):
+    """``--xshare-verify-guard K``: parsed next to SGLang's speculative flags, in the core
+    SelectionConfig, carried to SGLang's child processes (JSON) and to an A/B arm; off (0) by default."""
+    xs = ["--xshare-policy", "xshare", "--xshare-budget", "0.8", "--xshare-verify-guard", "8"]
+    _, cfg = parse_server_argv(["--model-path", "dummy", *xs, *SPECULATIVE])
+    assert cfg.verify_guard == 8 and cfg.selection_config().verify_guard == 8
+    assert XShareServerConfig.from_json(cfg.to_json()).selection_config().verify_guard == 8
+    assert parse_xshare_argv(xs[:4]).selection_config().verify_guard == 0
+    arm = ["--xshare-ab-switch", str(tmp_path / "arm"), "--xshare-ab-arm", "policy=xshare,budget=0.8,verify-guard=4"]
+    _, cfg = parse_server_argv(["--model-path", "dummy", *xs[:4], *arm, *SPECULATIVE])
+    main, a1 = arm_configs(cfg)
+    assert (main.verify_guard, a1.verify_guard, a1.selection_config().verify_guard) == (0, 4, 4)
+
+
+def test_verify_guard_checked_against_the_model_and_the_server(tmp_path):
+    """K above the model's top-k (local ``config.json``), the guard without speculative decoding (no
+    verify batches), or with a policy without a warm-up floor: refused at configuration time."""
+    (tmp_path / "config.json").write_text(json.dumps({"num_experts": 16, "num_experts_per_tok": 4}))
+    xs = ["--xshare-policy", "xshare", "--xshare-budget", "8", "--xshare-verify-guard"]
+    with pytest.raises(XShareConfigError, match=r"--xshare-verify-guard: K must be in \(k0=1, top_k=4\]"):
+        parse_server_argv(["--model-path", str(tmp_path), *xs, "5", *SPECULATIVE])
+    _, cfg = parse_server_argv(["--model-path", str(tmp_path), *xs, "4", *SPECULATIVE])
+    assert cfg.verify_guard == 4
+    with pytest.raises(XShareConfigError, match="--speculative-algorithm") as e:
+        parse_server_argv(["--model-path", str(tmp_path), *xs, "4"])
+    assert e.value.flag == "--xshare-verify-guard"
+    with pytest.raises(XShareConfigError, match="--xshare-ab-arm: .*--speculative-algorithm"):
+        parse_server_argv(["--model-path", "dummy", *xs[:4], "--xshare-ab-switch", str(tmp_path / "arm"),
+                           "--xshare-ab-arm", "policy=oea,verify-guard=4"])
+    with pytest.raises(XShareConfigError, match="--xshare-verify-guard: policy cap"):
+        parse_server_argv(["--model-path", "dummy", "--xshare-policy", "cap", "--xshare-cap", "2",
+                           "--xshare-verify-guard", "4", *SPECULATIVE])
 
 
 def test_ab_arms_take_the_policy_flags_and_inherit_the_rest():

@@ -94,6 +94,39 @@ def test_target_verify_batch_groups_tokens_by_request(sg, installed):
     assert len(set(out.topk_ids[out.topk_ids >= 0].tolist())) <= 10  # the batch budget m_l
 
 
+def test_verify_guard_reaches_target_verify_batches_only(sg, installed):
+    """``--xshare-verify-guard K`` in a real SGLang TARGET_VERIFY ForwardBatch: the first row of every
+    request (its target row) keeps its own top-K, the selection is the Selector's with
+    ``request_group = num_tokens_per_req`` and differs from the unguarded one; a decode batch of the
+    same tokens is routed as without the guard."""
+    import dataclasses
+
+    cfg = installed(policy="xshare", budget="5", verify_guard=K, empty_slots="minus_one")
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context  # the patched one
+    from sglang.srt.speculative.eagle_info import EagleVerifyInput
+
+    ndt, bs = 4, T // 4
+    spec = EagleVerifyInput.create_idle_input(topk=1, spec_steps=ndt - 1, num_verify_tokens=ndt, device="cpu")
+    fb = ForwardBatch(forward_mode=ForwardMode.TARGET_VERIFY, batch_size=bs, input_ids=torch.zeros(T, dtype=torch.long),
+                      req_pool_indices=torch.arange(bs), seq_lens=torch.full((bs,), 10), out_cache_loc=torch.arange(T),
+                      seq_lens_sum=10 * bs, spec_info=spec)
+    tk = _topk(sg)
+    x, logits = torch.randn(T, HIDDEN), _logits(17)
+    with forward_context(ForwardContext(attn_backend=None), forward_batch=fb):
+        out = tk.forward_native(x, logits.clone())
+    ids = out.topk_ids.to(torch.int32)
+    assert torch.equal(ids, _selector(cfg)(logits, layer_id=3, request_group=ndt).topk_ids)
+    own = torch.softmax(logits, -1).topk(K).indices
+    for t in range(0, T, ndt):
+        assert set(ids[t].tolist()) == set(own[t].tolist()), t
+    plain = _selector(dataclasses.replace(cfg, verify_guard=0))
+    assert not torch.equal(ids, plain(logits, layer_id=3, request_group=ndt).topk_ids), "the guard changed nothing"
+    with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
+        dec = tk.forward_native(x, logits.clone())
+    assert torch.equal(dec.topk_ids.to(torch.int32), plain(logits, layer_id=3).topk_ids)
+
+
 ROUTERS = {
     "softmax": dict(),
     "grouped": dict(use_grouped_topk=True, num_expert_group=4, topk_group=2),

@@ -23,6 +23,13 @@ REFUSED = {
     "hard-cap-xshare": ([*XSHARE, "--xshare-hard-cap"], "--xshare-hard-cap"),
     # "--xshare-request-budget B: per-request budget m_r (xshare_spec)"
     "request-budget-xshare": ([*XSHARE, "--xshare-request-budget", "4"], "--xshare-request-budget"),
+    # "--xshare-verify-guard K": verify batches only (speculative decoding), k0 < K, policies with a warm-up
+    "verify-guard-without-speculative": ([*XSHARE, "--xshare-verify-guard", "4"], "--xshare-verify-guard"),
+    "verify-guard-cap": (["--xshare-policy", "cap", "--xshare-cap", "2", "--xshare-verify-guard", "4"],
+                         "--xshare-verify-guard"),
+    "verify-guard-at-k0": ([*XSHARE, "--xshare-warmup-k0", "2", "--xshare-verify-guard", "2"], "--xshare-verify-guard"),
+    "verify-guard-negative": ([*XSHARE, "--xshare-verify-guard", "-1"], "--xshare-verify-guard"),
+    "verify-guard-off": (["--xshare-policy", "off", "--xshare-verify-guard", "4"], "--xshare-verify-guard"),
     # "--xshare-cap K': per-token cap (cap)"
     "cap-xshare": ([*XSHARE, "--xshare-cap", "2"], "--xshare-cap"),
     "cap-without-value": (["--xshare-policy", "cap"], "--xshare-cap"),

@@ -100,14 +100,18 @@ def test_nucleus_padding_and_validation():
     SelectionConfig(policy="xshare", k0=2, budget=BudgetSchedule.parse("mass:0.9"), min_score=0.02),
     SelectionConfig(policy="xshare", k0=1, budget=BudgetSchedule.parse("0.7"), warmup_p=0.8),
     SelectionConfig(policy="xshare_spec", k0=1, budget=BudgetSchedule.parse("0.6"), request_budget=Budget.parse("10")),
-], ids=lambda c: f"{c.policy}-{c.warmup_p}")
+    SelectionConfig(policy="xshare", k0=1, budget=BudgetSchedule.parse("0.6"), verify_guard=8),
+    SelectionConfig(policy="oea", k0=2, verify_guard=4),
+    SelectionConfig(policy="xshare_spec", k0=1, budget=BudgetSchedule.parse("0.6"), request_budget=Budget.parse("10"),
+                    verify_guard=6, min_score=0.05),
+], ids=lambda c: f"{c.policy}-{c.warmup_p}-guard{c.verify_guard}")
 def test_references_vmap_over_decode_steps(cfg):
     """The harness selects all decode steps of a forward in one vmapped call: bit-identical to a loop."""
     r = RoutingSpec(64, 8)
     x = torch.randn(12, 16, 64)
     x[3, 5, 7] = float("nan")
     sel = Selector(r, cfg, backend="reference")
-    g = 4 if cfg.policy == "xshare_spec" else None
+    g = 4 if cfg.policy == "xshare_spec" or cfg.verify_guard else None
     ids, w = vmap(lambda lg: tuple(sel(lg, layer_id=0, request_group=g)[:2]))(x)
     outs = [sel(x[j], layer_id=0, request_group=g) for j in range(x.shape[0])]
     assert torch.equal(ids, torch.stack([o.topk_ids for o in outs]))

@@ -3,7 +3,9 @@
 Notation: ``T`` tokens, ``E`` logical experts, ``G`` selection groups (1 for a plain batch,
 ``T`` for per-request sets of speculative decoding), ``k`` the model's top-k.
 
-* :func:`token_order` / :func:`membership` -- each token's ranking and its top-j sets.
+* :func:`token_order` / :func:`membership` -- each token's ranking and its top-j sets;
+  :func:`warmup_width` -- each token's warm-up width (``k0``, or the verify-row guard's width on
+  the target rows of a verify batch).
 * :func:`mass_units` / :func:`group_mass` / :func:`group_any` / :func:`exact_sum` -- masses are
   *fixed-point* integers: a gate ``g`` in ``[0, 1]`` contributes ``floor(g * 2**MASS_BITS)``
   units (``int64``; gates below ``2**-40`` contribute 0), and every mass is an ``int64`` sum of
@@ -34,6 +36,7 @@ __all__ = [
     "mass_threshold",
     "token_order",
     "membership",
+    "warmup_width",
     "group_mass",
     "exact_sum",
     "group_any",
@@ -65,12 +68,27 @@ def token_order(sel: torch.Tensor) -> torch.Tensor:
     return descending_order(sel)
 
 
-def membership(order: torch.Tensor, j: int, num_experts: int) -> torch.Tensor:
-    """``[T, E] bool``: True for each token's first ``j`` experts of ``order``."""
+def membership(order: torch.Tensor, j: int | torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[T, E] bool``: True for each token's first ``j`` experts of ``order`` (``j`` an int, or
+    ``[T, 1] int64`` -- one width per token, :func:`warmup_width`)."""
     T = order.shape[0]
     out = torch.zeros(T, num_experts, dtype=torch.bool, device=order.device)
+    if isinstance(j, torch.Tensor):
+        rank = torch.arange(order.shape[1], device=order.device).unsqueeze(0)
+        return out.scatter(1, order, (rank < j).expand_as(order))  # out of place: torch.func.vmap-able
     idx = order[:, :j]
     return out.scatter(1, idx, torch.ones_like(idx, dtype=torch.bool))  # out of place: torch.func.vmap-able
+
+
+def warmup_width(ctx: BatchContext, num_tokens: int, device: torch.device) -> int | torch.Tensor:
+    """How many of its own best experts each token warms up with: ``ctx.k0`` (an int) or, with the
+    verify-row guard (:meth:`~.contract.BatchContext.guard`), ``[T, 1] int64`` -- the guard's width
+    on the target rows ``t % g == 0``, ``k0`` elsewhere. Static shapes, no host sync."""
+    g, width = ctx.guard()
+    if g == 0:
+        return ctx.k0
+    target = (torch.arange(num_tokens, device=device) % g == 0).unsqueeze(1)
+    return ctx.k0 + (width - ctx.k0) * target.to(torch.int64)
 
 
 class TokenSets:
@@ -79,8 +97,9 @@ class TokenSets:
     Attributes:
         order: ``[T, E] int64`` ranking of each token.
         topk: ``[T, E] bool`` each valid token's own top-k (False for padded tokens).
-        warm: ``[T, E] bool`` each valid token's warm-up set: its own top-k0, or with
-            ``ctx.warmup_p > 0`` its nucleus (:func:`nucleus`, a superset of its top-k0); False for
+        warm: ``[T, E] bool`` each valid token's warm-up set: its own top-k0 (top-``guard_k`` on
+            the target rows of a guarded verify batch, :func:`warmup_width`), or with
+            ``ctx.warmup_p > 0`` its nucleus (:func:`nucleus`, a superset of that); False for
             padded tokens.
         contrib: ``[T, E] int64`` each valid token's contribution to the aggregated mass, in
             fixed-point units (:func:`mass_units`).
@@ -98,7 +117,8 @@ def token_sets(scores: Scores, ctx: BatchContext) -> TokenSets:
     order = token_order(scores.sel)
     v = ctx.valid.unsqueeze(1)
     topk = membership(order, ctx.top_k, E) & v
-    warm = (membership(order, ctx.k0, E) if ctx.warmup_p <= 0 else nucleus(scores, order, ctx)) & v
+    width = warmup_width(ctx, T, order.device)
+    warm = (membership(order, width, E) if ctx.warmup_p <= 0 else nucleus(scores, order, ctx, width)) & v
     if ctx.mass_source == "topk":
         gate = torch.where(topk, scores.gate, torch.zeros_like(scores.gate))
     else:
@@ -124,10 +144,12 @@ def mass_threshold(total: torch.Tensor, fraction: float) -> torch.Tensor:
     return (total.double() * float(fraction)) * MASS_SLACK
 
 
-def nucleus(scores: Scores, order: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+def nucleus(scores: Scores, order: torch.Tensor, ctx: BatchContext,
+            width: int | torch.Tensor | None = None) -> torch.Tensor:
     """``[T, E] bool``: each token's *nucleus warm-up* -- its best experts, in its own order, until
-    their gate weights reach ``ctx.warmup_p`` of the weight of its whole top-k (at least ``k0``,
-    at most ``k`` experts). A token whose top-k is peaked keeps few, a flat one keeps many.
+    their gate weights reach ``ctx.warmup_p`` of the weight of its whole top-k (at least ``width``
+    -- default ``k0``; :func:`warmup_width` -- at most ``k`` experts). A token whose top-k is
+    peaked keeps few, a flat one keeps many.
 
     Vectorised: ``n_t = #{j < k : sum_{i<j} w_i < p * sum_{i<k} w_i}`` from an exclusive cumulative
     sum over the token's top-k gate weights (float64, exact for these k terms), then the top-``n_t``.
@@ -137,7 +159,7 @@ def nucleus(scores: Scores, order: torch.Tensor, ctx: BatchContext) -> torch.Ten
     w = scores.gate.gather(1, idx).double()                      # [T, k], best first
     before = torch.cumsum(w, dim=-1) - w                          # exclusive prefix sums
     target = ctx.warmup_p * w.sum(dim=-1, keepdim=True) * (1.0 - 1e-9)
-    n = (before < target).sum(dim=-1, keepdim=True).clamp(min=ctx.k0)  # [T, 1]
+    n = (before < target).sum(dim=-1, keepdim=True).clamp(min=ctx.k0 if width is None else width)  # [T, 1]
     slot = torch.arange(k, device=idx.device).unsqueeze(0)
     out = torch.zeros(order.shape[0], order.shape[1], dtype=torch.bool, device=order.device)
     return out.scatter(1, idx, slot < n)
@@ -253,7 +275,8 @@ def refine(scores: Scores, allowed: torch.Tensor, ctx: BatchContext, limit: int 
         scores: the token scores.
         allowed: ``[T, E] bool`` (or broadcastable ``[1, E]``) experts the token may use; must
             contain the token's top-``k0`` for the warm-up guarantee to hold.
-        ctx: batch context (``top_k``, ``k0``, ``valid``, ``renormalize``, ``min_score``).
+        ctx: batch context (``top_k``, ``k0``, ``valid``, ``renormalize``, ``min_score``; the
+            ``min_score`` floor spares each token's first :func:`warmup_width` slots).
         limit: keep at most this many slots (default ``k``); the rest of the ``k`` slots are ``-1``.
 
     Returns:
@@ -269,7 +292,7 @@ def refine(scores: Scores, allowed: torch.Tensor, ctx: BatchContext, limit: int 
     weights = scores.gate.gather(1, ids)
     keep = (top.values[:, :k] > _NEG_INF) & ctx.valid.unsqueeze(1) & (slot < keep_n)
     if ctx.min_score > 0:
-        keep &= (slot < ctx.k0) | (weights >= ctx.min_score)
+        keep &= (slot < warmup_width(ctx, T, ids.device)) | (weights >= ctx.min_score)
     weights = torch.where(keep, weights, torch.zeros_like(weights))
     if ctx.renormalize:
         weights = renormalize(weights, keep)

@@ -11,7 +11,8 @@ Input of a policy (built once per layer call by :class:`~sglang_xshare.select.Se
   ``>= num_token_non_padded``), the requests of ``xshare_spec`` -- ``request_group = g``
   (requests are runs of ``g`` consecutive tokens, as in SGLang's verify batches) or
   ``request_ids [T] int64`` in ``[0, T)`` (any grouping) -- the :class:`~sglang_xshare.placement.Placement`
-  (``xshare_ep``) and the resolved per-layer knobs.
+  (``xshare_ep``) and the resolved per-layer knobs, among them the verify-row guard ``guard_k``
+  (speculative verify batches: the target row of every request warms up with its top-``guard_k``).
 
 Output (:class:`SelectionOutput`):
 
@@ -26,6 +27,8 @@ Output (:class:`SelectionOutput`):
 Guarantees (tested for every policy):
 
 1. every valid token keeps its own top-``k0`` experts (``k0 >= 1``; ``k`` for ``topk``, ``k'`` for ``cap``);
+   with the verify-row guard, each request's target row its top-``max(k0, guard_k)``
+   (:meth:`BatchContext.guard`);
 2. padded tokens activate nothing;
 3. identical inputs give identical outputs. **Tie-breaking**: wherever experts are ordered by a
    score (a token's ranking, the batch's aggregated mass), equal scores are ordered by the lower
@@ -100,6 +103,14 @@ class BatchContext:
         hard_cap: ``xshare_ep``: never more than ``max(m_l, |warm|)`` distinct experts.
         warmup_p: nucleus warm-up (0 = off): each valid token keeps its best experts until they
             hold this fraction of its top-k gate weight (at least ``k0``, at most ``k``).
+        guard_k: verify-row guard (``1 <= guard_k <= k``) or ``None``: in a verify batch
+            (``request_group = g >= 2``) the first row of every request -- the target row, rows
+            ``t % g == 0`` -- warms up with its own top-``max(k0, guard_k)`` instead of its
+            top-``k0``; the other rows keep ``k0``. Warm-up experts are always chosen, so those
+            rows keep exactly their top-``guard_k``; the budget applies on top (the warm-up floor
+            may exceed it, as always). A no-op without ``request_group`` or with ``g = 1`` (no
+            verify batch: every row would be a target row). Policies with a warm-up floor only
+            (``oea``, ``oea_simple``, the xshare policies; refused at configuration time otherwise).
     """
 
     top_k: int
@@ -119,6 +130,22 @@ class BatchContext:
     stats_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     hard_cap: bool = False
     warmup_p: float = 0.0
+    guard_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.guard_k is not None and not (1 <= int(self.guard_k) <= self.top_k):
+            raise ValueError(f"guard_k must be in [1, top_k={self.top_k}], got {self.guard_k}")
+
+    def guard(self) -> tuple[int, int]:
+        """``(G, width)``: rows ``t`` with ``t % G == 0`` warm up with their top-``width``
+        (``width = max(k0, guard_k)``), the other rows with their top-``k0``; ``(0, k0)`` when
+        there is no guard (``guard_k`` unset, no request groups, ``g = 1``, or ``guard_k <= k0``).
+        One definition for the reference (:func:`~.common.warmup_width`) and the kernels (the
+        ``GUARD_G`` / ``GUARD_K`` constexprs)."""
+        g = self.request_group
+        if self.guard_k is None or g is None or int(g) < 2 or int(self.guard_k) <= self.k0:
+            return 0, self.k0
+        return int(g), int(self.guard_k)
 
 
 class SelectionOutput(NamedTuple):

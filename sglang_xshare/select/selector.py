@@ -97,13 +97,20 @@ class Selector:
         """The :class:`BatchContext` of one call (no host sync: ``valid`` is computed on device).
 
         ``mask=False`` (the kernel path) leaves a tensor ``num_token_non_padded`` as
-        ``num_valid`` for the kernel to read instead of materialising ``valid``.
+        ``num_valid`` for the kernel to read instead of materialising ``valid``. The verify-row
+        guard (``config.verify_guard``) reaches the context only for verify batches
+        (``request_group >= 2``); with ``request_ids`` it is an error (they do not say which row
+        of a request is its target row).
         """
         cfg = self.config
         if request_ids is not None and request_group is not None:
             raise ValueError("pass request_ids or request_group, not both")
         if request_group is not None and int(request_group) < 1:
             raise ValueError(f"request_group must be >= 1, got {request_group}")
+        if cfg.verify_guard and request_ids is not None:
+            raise ValueError("the verify-row guard needs request_group (each request's first row is its target row), "
+                             "not request_ids")
+        guarded = bool(cfg.verify_guard) and request_group is not None and int(request_group) >= 2
         num_valid = None
         if not mask and (num_token_non_padded is None or isinstance(num_token_non_padded, torch.Tensor)):
             valid = None
@@ -129,6 +136,7 @@ class Selector:
             stats_reduce=stats_reduce,
             hard_cap=cfg.hard_cap,
             warmup_p=cfg.warmup_p,
+            guard_k=cfg.verify_guard if guarded else None,
         )
 
     def uses_kernel(self, router_logits: torch.Tensor) -> bool:

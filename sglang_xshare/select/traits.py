@@ -32,6 +32,9 @@ class PolicyTraits:
         per_token_cap: it takes (and needs) a per-token cap ``k'``.
         plain_topk: it routes exactly as the model's own top-k (SGLang's routing).
         warmup: it has a warm-up floor ``k0`` (and can take the nucleus warm-up ``warmup_p``).
+        verify_guard: it takes the verify-row guard ``guard_k`` (speculative verify batches: each
+            request's target row warms up with its own top-``guard_k``; it raises a warm-up floor,
+            so only policies with one).
     """
 
     name: str
@@ -43,13 +46,14 @@ class PolicyTraits:
     per_token_cap: bool = False
     plain_topk: bool = False
     warmup: bool = True
+    verify_guard: bool = True
 
 
 TRAITS: dict[str, PolicyTraits] = {
     t.name: t
     for t in (
-        PolicyTraits("topk", plain_topk=True, warmup=False),
-        PolicyTraits("cap", per_token_cap=True, warmup=False),
+        PolicyTraits("topk", plain_topk=True, warmup=False, verify_guard=False),
+        PolicyTraits("cap", per_token_cap=True, warmup=False, verify_guard=False),
         PolicyTraits("oea", batch_aware=True, ep_global=True),
         PolicyTraits("oea_simple", batch_aware=True, ep_global=True),
         PolicyTraits("xshare", budgeted=True, batch_aware=True, ep_global=True),

@@ -58,6 +58,14 @@ def add_xshare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--xshare-request-budget", type=str, default=None,
                    help="Per-request budget m_r of xshare_spec (draft tokens of one request share it); without it "
                         "xshare_spec selects as xshare over the verify batch (the measured default).")
+    g.add_argument("--xshare-verify-guard", type=int, default=d.verify_guard, metavar="K",
+                   help="Verify-row guard (speculative decoding): in target-verify batches the first row of every "
+                        "request -- the target row, whose prediction decides whether the first draft token is "
+                        "accepted -- keeps its own top-K experts (its warm-up floor raised from k0 to K), the draft "
+                        "rows keep k0; the batch budget applies on top (more experts where the target rows' top-K "
+                        "exceed it). Decode batches are unaffected. 0 = off; k0 < K <= top_k; policies with a "
+                        "warm-up floor (oea, oea_simple, xshare, xshare_ep, xshare_spec). Measured offline in "
+                        "bench/results/quality_guard.md.")
     g.add_argument("--xshare-cap", type=int, default=None, help="Per-token cap k' of policy cap.")
     g.add_argument("--xshare-layer-budgets", type=str, default=None,
                    help="Per-layer budget overrides 'LAYER:BUDGET,...', e.g. '0:32,5:mass:0.95'.")
@@ -125,6 +133,7 @@ def _config_from_namespace(ns: argparse.Namespace) -> XShareServerConfig:
         budget=ns.xshare_budget,
         warmup_k0=ns.xshare_warmup_k0,
         request_budget=ns.xshare_request_budget,
+        verify_guard=ns.xshare_verify_guard,
         cap=ns.xshare_cap,
         layer_budgets=ns.xshare_layer_budgets,
         min_score=ns.xshare_min_score,
@@ -253,6 +262,12 @@ def check_against_server_args(cfg: XShareServerConfig, server_args: Any, routing
         traits = c.entry
         if traits is None:
             continue
+        if c.verify_guard and not spec:
+            raise XShareConfigError(
+                "--xshare-verify-guard" if i == 0 else flag,
+                "guards the target rows of speculative target-verify batches; there are none without "
+                "--speculative-algorithm (EAGLE|EAGLE3|NEXTN|...)",
+            )
         if traits.uses_requests and not spec:
             raise XShareConfigError(
                 flag,

@@ -57,6 +57,10 @@ class XShareServerConfig:
         warmup_k0: warm-up floor ``k0`` (each token keeps its own top-``k0``); with a preset, the
             default 1 means "the preset's".
         request_budget: per-request budget ``m_r`` (``xshare_spec``) or ``None``.
+        verify_guard: verify-row guard ``K`` (0 = off): in target-verify batches (where
+            :func:`~.context.request_group` gives ``g >= 2``) each request's target row keeps its
+            own top-``K`` (:attr:`~sglang_xshare.config.SelectionConfig.verify_guard`); decode
+            batches are unaffected.
         cap: per-token cap ``k'`` of ``cap`` or ``None``.
         layer_budgets: per-layer overrides ``"LAYER:BUDGET,..."`` or ``None``.
         min_score: refinement floor on gate weights beyond ``k0`` (0 keeps all).
@@ -108,6 +112,7 @@ class XShareServerConfig:
     budget: str | None = None
     warmup_k0: int = 1
     request_budget: str | None = None
+    verify_guard: int = 0
     cap: int | None = None
     layer_budgets: str | None = None
     min_score: float = 0.0
@@ -179,6 +184,7 @@ class XShareServerConfig:
             warmup_p=warmup_p,
             budget=self.budget_schedule(),
             request_budget=None if self.request_budget is None else Budget.parse(self.request_budget, "--xshare-request-budget"),
+            verify_guard=self.verify_guard,
             cap=self.cap,
             min_score=self.min_score,
             mass_source=self.mass_source,  # type: ignore[arg-type]
@@ -198,6 +204,8 @@ class XShareServerConfig:
             raise XShareConfigError("--xshare-warmup-k0", f"k0 must be >= 1, got {self.warmup_k0}")
         if self.cap is not None and self.cap < 1:
             raise XShareConfigError("--xshare-cap", f"k' must be >= 1, got {self.cap}")
+        if self.verify_guard < 0:
+            raise XShareConfigError("--xshare-verify-guard", f"K must be >= 0 (0 = off), got {self.verify_guard}")
         if not (0.0 <= self.min_score < 1.0) or math.isnan(self.min_score):
             raise XShareConfigError("--xshare-min-score", f"must be in [0, 1), got {self.min_score}")
         if not (0.0 <= self.warmup_p <= 1.0) or math.isnan(self.warmup_p):
@@ -262,7 +270,8 @@ class XShareServerConfig:
                                         f"ranks; policy {self.policy} ignores it")
         if entry is None:
             for flag, value in (("--xshare-budget", self.budget), ("--xshare-request-budget", self.request_budget),
-                                ("--xshare-cap", self.cap), ("--xshare-layer-budgets", self.layer_budgets)):
+                                ("--xshare-cap", self.cap), ("--xshare-layer-budgets", self.layer_budgets),
+                                ("--xshare-verify-guard", self.verify_guard or None)):
                 if value is not None:
                     raise XShareConfigError(flag, "has no effect with --xshare-policy off; choose a policy")
             return self
@@ -276,6 +285,12 @@ class XShareServerConfig:
         if not entry.per_token_cap and self.cap is not None:
             raise XShareConfigError("--xshare-cap", f"only policy {' / '.join(policies_with('per_token_cap'))} takes a "
                                     "per-token cap")
+        if self.verify_guard and not entry.verify_guard:
+            raise XShareConfigError("--xshare-verify-guard", f"policy {self.policy} has no warm-up floor to raise; the "
+                                    f"guard needs one of {' / '.join(policies_with('verify_guard'))}")
+        if self.verify_guard and self.verify_guard <= self._resolved()[1]:
+            raise XShareConfigError("--xshare-verify-guard", f"K={self.verify_guard} changes nothing: every row keeps its "
+                                    f"top-k0 (k0={self._resolved()[1]}) already; give k0 < K <= top_k, or 0 = off")
         # Parses every budget (raising naming its flag) and checks the policy's requirements.
         cfg = self.selection_config(None)
         if entry.budgeted and cfg.budget is None:
