@@ -702,20 +702,25 @@ def plot_spec(rows: list[dict], path: Path, title: str) -> None:
                 ax_ce.step([r["ratio"] for r in front], [r["delta"] for r in front], where="post", color=c, lw=1.2)
                 ax_acc.errorbar(x, [r["accept"] for r in pts], yerr=[r["accept_ci95"] for r in pts], color=c,
                                 marker=m, ls="none", ms=4, capsize=2, alpha=0.8, label=label)
-            ax_ce.axhline(0, color="k", lw=0.5)
-            ax_ce.set_title(f"g = {g}, B = {B}", fontsize=9)
-            ax_ce.set_ylabel("CE delta (nats/token)", fontsize=8)
-            ax_acc.set_ylabel("oracle-draft acceptance", fontsize=8)
-            for ax in (ax_ce, ax_acc):
-                ax.set_xlim(0.4, 1.02)
-                ax.grid(alpha=0.3)
-                ax.tick_params(labelsize=7)
-            ax_acc.set_xlabel("expert ratio", fontsize=8)
+            _style_spec_panels(ax_ce, ax_acc, g, B, 0.4)
     axes[0, 0].legend(fontsize=6, loc="upper right")
     fig.suptitle(f"speculative verification, {title}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _style_spec_panels(ax_ce, ax_acc, g: int, B: int, xmin: float) -> None:
+    """Axes of one (g, B) panel pair of the speculative plots: CE delta above, acceptance below."""
+    ax_ce.axhline(0, color="k", lw=0.5)
+    ax_ce.set_title(f"g = {g}, B = {B}", fontsize=9)
+    ax_ce.set_ylabel("CE delta (nats/token)", fontsize=8)
+    ax_acc.set_ylabel("oracle-draft acceptance", fontsize=8)
+    for ax in (ax_ce, ax_acc):
+        ax.set_xlim(xmin, 1.02)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    ax_acc.set_xlabel("expert ratio", fontsize=8)
 
 
 def plot_guard(rows: list[dict], path: Path, title: str) -> None:
@@ -745,15 +750,7 @@ def plot_guard(rows: list[dict], path: Path, title: str) -> None:
                                ls="-" if w == 0 else "none", lw=1.0, ms=4, capsize=2, alpha=0.85, label=label)
                 ax_acc.errorbar(x, [r["accept"] for r in pts], yerr=[r["accept_ci95"] for r in pts], color=c,
                                 marker=m, ls="-" if w == 0 else "none", lw=1.0, ms=4, capsize=2, alpha=0.85, label=label)
-            ax_ce.axhline(0, color="k", lw=0.5)
-            ax_ce.set_title(f"g = {g}, B = {B}", fontsize=9)
-            ax_ce.set_ylabel("CE delta (nats/token)", fontsize=8)
-            ax_acc.set_ylabel("oracle-draft acceptance", fontsize=8)
-            for ax in (ax_ce, ax_acc):
-                ax.set_xlim(0.55, 1.02)
-                ax.grid(alpha=0.3)
-                ax.tick_params(labelsize=7)
-            ax_acc.set_xlabel("expert ratio", fontsize=8)
+            _style_spec_panels(ax_ce, ax_acc, g, B, 0.55)
     axes[1, 0].legend(fontsize=6, loc="lower right")
     fig.suptitle(f"verify-row guard, {title}", fontsize=10)
     fig.tight_layout()
