@@ -322,6 +322,10 @@ class SelectionConfig:
             (:attr:`~sglang_xshare.select.traits.PolicyTraits.verify_guard`). Other batches are
             unaffected (:class:`~sglang_xshare.select.Selector` sets ``BatchContext.guard_k`` only
             for calls with ``request_group >= 2``).
+        verify_budget: the batch budget of speculative verify batches (calls with
+            ``request_group >= 2``) in every layer, instead of ``budget``; ``None`` (the default):
+            ``budget`` there too. Budgeted policies only. A milder cut for verify batches keeps
+            the draft's acceptance (the measured lever: ``bench/results/quality_spec.md``).
     """
 
     policy: str = "xshare"
@@ -335,6 +339,7 @@ class SelectionConfig:
     hard_cap: bool = False
     warmup_p: float = 0.0
     verify_guard: int = 0
+    verify_budget: Budget | None = None
 
     def validate(self, routing: RoutingSpec) -> "SelectionConfig":
         """Check this config against the model; return ``self``. Raises :class:`XShareConfigError`."""
@@ -372,4 +377,8 @@ class SelectionConfig:
             if not (self.k0 < self.verify_guard <= k):
                 raise XShareConfigError("--xshare-verify-guard", f"K must be in (k0={self.k0}, top_k={k}] (every row "
                                         f"keeps its top-k0 already; 0 = off), got {self.verify_guard}")
+        if self.verify_budget is not None:
+            if not entry.budgeted:
+                raise XShareConfigError("--xshare-verify-budget", f"policy {self.policy} takes no batch budget")
+            self.verify_budget.validate(routing.num_experts, "--xshare-verify-budget")
         return self

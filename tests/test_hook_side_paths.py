@@ -149,6 +149,9 @@ def test_a_count_budget_that_cannot_bind_keeps_sglangs_routing(sg, installed):
     assert mt(policy="xshare", budget="0.7") == 2 and mt(policy="oea") == 2 and mt(policy="cap", cap=2) == 1
     assert mt(policy="xshare_spec", budget="10", request_budget="4") == 2
     assert mt(policy="xshare", budget="10", min_tokens="1") == 1  # an explicit number wins
+    # a verify budget: the smaller count bounds it; a non-count verify budget can always bind
+    assert mt(policy="xshare", budget="24", verify_budget="10") == 3
+    assert mt(policy="xshare", budget="24", verify_budget="0.9") == 2
 
 
 def test_min_tokens_boundary_at_the_post_processing_seam(sg, installed):

@@ -173,7 +173,7 @@ def test_help_lists_both_flag_sets():
     text = build_parser().format_help()
     for flag in ("--model-path", "--moe-a2a-backend", "--ep-dispatch-algorithm", "--xshare-policy", "--xshare-budget",
                  "--xshare-warmup-k0", "--xshare-request-budget", "--xshare-layer-budgets", "--xshare-metrics",
-                 "--xshare-record-trace", "--xshare-verify-guard"):
+                 "--xshare-record-trace", "--xshare-verify-guard", "--xshare-verify-budget"):
         assert flag in text
 
 
@@ -254,6 +254,30 @@ def test_verify_guard_checked_against_the_model_and_the_server(tmp_path):
     with pytest.raises(XShareConfigError, match="--xshare-verify-guard: policy cap"):
         parse_server_argv(["--model-path", "dummy", "--xshare-policy", "cap", "--xshare-cap", "2",
                            "--xshare-verify-guard", "4", *SPECULATIVE])
+
+
+def test_verify_budget_flag_reaches_the_selection_config_and_is_checked(tmp_path):
+    """``--xshare-verify-budget B``: in the core SelectionConfig (parsed), carried to SGLang's child
+    processes and to an A/B arm; refused without speculative decoding, with a policy without a
+    budget and with a preset."""
+    from sglang_xshare import Budget
+
+    xs = ["--xshare-policy", "xshare", "--xshare-budget", "0.7", "--xshare-verify-budget", "0.9"]
+    _, cfg = parse_server_argv(["--model-path", "dummy", *xs, *SPECULATIVE])
+    assert cfg.verify_budget == "0.9" and cfg.selection_config().verify_budget == Budget.parse("0.9")
+    assert XShareServerConfig.from_json(cfg.to_json()).selection_config().verify_budget == Budget.parse("0.9")
+    assert parse_xshare_argv(xs[:4]).selection_config().verify_budget is None
+    arm = ["--xshare-ab-switch", str(tmp_path / "arm"), "--xshare-ab-arm", "policy=xshare,budget=0.7,verify-budget=40"]
+    _, cfg = parse_server_argv(["--model-path", "dummy", *xs[:4], *arm, *SPECULATIVE])
+    assert arm_configs(cfg)[1].selection_config().verify_budget == Budget.parse("40")
+    with pytest.raises(XShareConfigError, match="--speculative-algorithm") as e:
+        parse_server_argv(["--model-path", "dummy", *xs])
+    assert e.value.flag == "--xshare-verify-budget"
+    with pytest.raises(XShareConfigError, match="--xshare-verify-budget: policy oea takes no batch budget"):
+        parse_server_argv(["--model-path", "dummy", "--xshare-policy", "oea", "--xshare-verify-budget", "0.9",
+                           *SPECULATIVE])
+    with pytest.raises(XShareConfigError, match="--xshare-verify-budget"):
+        parse_server_argv(["--model-path", "dummy", *xs[:4], "--xshare-verify-budget", "auto", *SPECULATIVE])
 
 
 def test_ab_arms_take_the_policy_flags_and_inherit_the_rest():

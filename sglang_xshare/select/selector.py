@@ -98,9 +98,10 @@ class Selector:
 
         ``mask=False`` (the kernel path) leaves a tensor ``num_token_non_padded`` as
         ``num_valid`` for the kernel to read instead of materialising ``valid``. The verify-row
-        guard (``config.verify_guard``) reaches the context only for verify batches
-        (``request_group >= 2``); with ``request_ids`` it is an error (they do not say which row
-        of a request is its target row).
+        guard (``config.verify_guard``) and the verify budget (``config.verify_budget``, in place
+        of the layer's budget) reach the context only for verify batches (``request_group >= 2``);
+        the guard with ``request_ids`` is an error (they do not say which row of a request is its
+        target row).
         """
         cfg = self.config
         if request_ids is not None and request_group is not None:
@@ -110,7 +111,12 @@ class Selector:
         if cfg.verify_guard and request_ids is not None:
             raise ValueError("the verify-row guard needs request_group (each request's first row is its target row), "
                              "not request_ids")
-        guarded = bool(cfg.verify_guard) and request_group is not None and int(request_group) >= 2
+        verifying = request_group is not None and int(request_group) >= 2
+        guarded = bool(cfg.verify_guard) and verifying
+        if verifying and cfg.verify_budget is not None:
+            budget = cfg.verify_budget
+        else:
+            budget = cfg.budget.for_layer(layer_id) if cfg.budget is not None else None
         num_valid = None
         if not mask and (num_token_non_padded is None or isinstance(num_token_non_padded, torch.Tensor)):
             valid = None
@@ -123,7 +129,7 @@ class Selector:
             k0=cfg.k0 if self.entry.warmup else (self.routing.top_k if self.entry.plain_topk else cfg.cap or 1),
             renormalize=self.routing.renormalize,
             valid=valid,
-            budget=cfg.budget.for_layer(layer_id) if cfg.budget is not None else None,
+            budget=budget,
             request_budget=cfg.request_budget,
             request_ids=None if request_ids is None else request_ids.to(device=device, dtype=torch.int64),
             request_group=None if request_group is None else int(request_group),

@@ -66,6 +66,12 @@ def add_xshare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "exceed it). Decode batches are unaffected. 0 = off; k0 < K <= top_k; policies with a "
                         "warm-up floor (oea, oea_simple, xshare, xshare_ep, xshare_spec). Measured offline in "
                         "bench/results/quality_guard.md.")
+    g.add_argument("--xshare-verify-budget", type=str, default=None, metavar="B",
+                   help="Batch budget of speculative target-verify batches (a count, a fraction or mass:X; no "
+                        "preset), in every layer instead of --xshare-budget; decode batches keep --xshare-budget. "
+                        "A milder cut for verify batches keeps the draft's acceptance (offline, budget 0.9 instead "
+                        "of 0.8 at 7 draft tokens: oracle acceptance 0.72-0.78 -> 0.85-0.88, "
+                        "bench/results/quality_spec.md). Budgeted policies (xshare, xshare_ep, xshare_spec).")
     g.add_argument("--xshare-cap", type=int, default=None, help="Per-token cap k' of policy cap.")
     g.add_argument("--xshare-layer-budgets", type=str, default=None,
                    help="Per-layer budget overrides 'LAYER:BUDGET,...', e.g. '0:32,5:mass:0.95'.")
@@ -134,6 +140,7 @@ def _config_from_namespace(ns: argparse.Namespace) -> XShareServerConfig:
         warmup_k0=ns.xshare_warmup_k0,
         request_budget=ns.xshare_request_budget,
         verify_guard=ns.xshare_verify_guard,
+        verify_budget=ns.xshare_verify_budget,
         cap=ns.xshare_cap,
         layer_budgets=ns.xshare_layer_budgets,
         min_score=ns.xshare_min_score,
@@ -266,6 +273,12 @@ def check_against_server_args(cfg: XShareServerConfig, server_args: Any, routing
             raise XShareConfigError(
                 "--xshare-verify-guard" if i == 0 else flag,
                 "guards the target rows of speculative target-verify batches; there are none without "
+                "--speculative-algorithm (EAGLE|EAGLE3|NEXTN|...)",
+            )
+        if c.verify_budget is not None and not spec:
+            raise XShareConfigError(
+                "--xshare-verify-budget" if i == 0 else flag,
+                "is the budget of speculative target-verify batches; there are none without "
                 "--speculative-algorithm (EAGLE|EAGLE3|NEXTN|...)",
             )
         if traits.uses_requests and not spec:

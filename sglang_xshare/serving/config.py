@@ -61,6 +61,8 @@ class XShareServerConfig:
             :func:`~.context.request_group` gives ``g >= 2``) each request's target row keeps its
             own top-``K`` (:attr:`~sglang_xshare.config.SelectionConfig.verify_guard`); decode
             batches are unaffected.
+        verify_budget: batch budget of target-verify batches (``"0.9"``, ``"40"``, ``"mass:0.95"``;
+            no preset) in every layer instead of ``budget``, or ``None`` (``budget`` there too).
         cap: per-token cap ``k'`` of ``cap`` or ``None``.
         layer_budgets: per-layer overrides ``"LAYER:BUDGET,..."`` or ``None``.
         min_score: refinement floor on gate weights beyond ``k0`` (0 keeps all).
@@ -113,6 +115,7 @@ class XShareServerConfig:
     warmup_k0: int = 1
     request_budget: str | None = None
     verify_guard: int = 0
+    verify_budget: str | None = None
     cap: int | None = None
     layer_budgets: str | None = None
     min_score: float = 0.0
@@ -185,6 +188,7 @@ class XShareServerConfig:
             budget=self.budget_schedule(),
             request_budget=None if self.request_budget is None else Budget.parse(self.request_budget, "--xshare-request-budget"),
             verify_guard=self.verify_guard,
+            verify_budget=None if self.verify_budget is None else Budget.parse(self.verify_budget, "--xshare-verify-budget"),
             cap=self.cap,
             min_score=self.min_score,
             mass_source=self.mass_source,  # type: ignore[arg-type]
@@ -271,12 +275,15 @@ class XShareServerConfig:
         if entry is None:
             for flag, value in (("--xshare-budget", self.budget), ("--xshare-request-budget", self.request_budget),
                                 ("--xshare-cap", self.cap), ("--xshare-layer-budgets", self.layer_budgets),
-                                ("--xshare-verify-guard", self.verify_guard or None)):
+                                ("--xshare-verify-guard", self.verify_guard or None),
+                                ("--xshare-verify-budget", self.verify_budget)):
                 if value is not None:
                     raise XShareConfigError(flag, "has no effect with --xshare-policy off; choose a policy")
             return self
         if not entry.budgeted and self.budget is not None:
             raise XShareConfigError("--xshare-budget", f"policy {self.policy} takes no batch budget")
+        if not entry.budgeted and self.verify_budget is not None:
+            raise XShareConfigError("--xshare-verify-budget", f"policy {self.policy} takes no batch budget")
         if not entry.budgeted and self.layer_budgets is not None:
             raise XShareConfigError("--xshare-layer-budgets", f"policy {self.policy} takes no batch budget")
         if not entry.uses_requests and self.request_budget is not None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..config import RoutingSpec, XShareConfigError
+from ..config import Budget, RoutingSpec, XShareConfigError
 from ..placement import Placement
 from ..select import Selector
 from ..select.output import MetricsSink, OutputSpec
@@ -212,7 +212,8 @@ def _min_tokens(cfg: Any, layer_id: int, top_k: int | None) -> int:
       placement to balance), at least ``m // top_k + 1``: a batch of ``T`` tokens activates at
       most ``T * top_k`` distinct experts, so while ``T * top_k <= m`` the budget cannot bind and
       the batch keeps SGLang's routing without paying for a selection that changes nothing
-      (``xshare@24`` at top-4: batches of up to 6 tokens).
+      (``xshare@24`` at top-4: batches of up to 6 tokens); with ``--xshare-verify-budget`` the
+      smaller of the two count budgets (both must be counts).
 
     Decided per layer from flags and shapes (per captured batch size under CUDA graphs): no
     run-time cost.
@@ -225,9 +226,11 @@ def _min_tokens(cfg: Any, layer_id: int, top_k: int | None) -> int:
     n = 2
     if entry.budgeted and not entry.uses_placement and cfg.request_budget is None and top_k:
         sched = cfg.budget_schedule()
-        b = sched.for_layer(layer_id) if sched is not None else None
-        if b is not None and b.mode == "count":
-            n = max(n, int(b.value) // int(top_k) + 1)
+        budgets = [sched.for_layer(layer_id) if sched is not None else None]
+        if cfg.verify_budget is not None:  # a verify batch of T tokens takes this one
+            budgets.append(Budget.parse(cfg.verify_budget, "--xshare-verify-budget"))
+        if all(b is not None and b.mode == "count" for b in budgets):
+            n = max(n, int(min(b.value for b in budgets)) // int(top_k) + 1)
     return n
 
 

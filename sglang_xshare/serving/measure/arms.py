@@ -20,7 +20,8 @@ __all__ = ["ARM_FIELDS", "arm_configs", "arm_spec", "arm_spec_argv"]
 
 #: The fields an arm (``--xshare-ab-arm``) sets; the others come from the server's own flags.
 ARM_FIELDS = ("policy", "budget", "warmup_k0", "request_budget", "cap", "layer_budgets", "min_score", "mass_source",
-              "fill_to_peak", "hard_cap", "warmup_p", "min_tokens", "verify_guard")
+              "fill_to_peak", "hard_cap", "warmup_p", "min_tokens", "verify_guard",
+              "verify_budget")
 
 
 def arm_spec_argv(spec: str) -> list[str]:
