@@ -67,19 +67,25 @@ def test_hooked_topk_gives_policy_output(sg, installed, kw):
         assert not torch.equal(plain.topk_ids.to(torch.int32), ref.topk_ids)
 
 
+def _verify_batch(ndt: int, bs: int):
+    """A real SGLang TARGET_VERIFY ForwardBatch of ``bs`` requests x ``ndt`` tokens (``T`` in all)."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+    from sglang.srt.speculative.eagle_info import EagleVerifyInput
+
+    spec = EagleVerifyInput.create_idle_input(topk=1, spec_steps=ndt - 1, num_verify_tokens=ndt, device="cpu")
+    return ForwardBatch(forward_mode=ForwardMode.TARGET_VERIFY, batch_size=bs, input_ids=torch.zeros(T, dtype=torch.long),
+                        req_pool_indices=torch.arange(bs), seq_lens=torch.full((bs,), 10), out_cache_loc=torch.arange(T),
+                        seq_lens_sum=10 * bs, spec_info=spec)
+
+
 def test_target_verify_batch_groups_tokens_by_request(sg, installed):
     """A real SGLang TARGET_VERIFY ForwardBatch entering SGLang's forward_context: xshare_spec sees
     each request's draft tokens as one group (``arange(T) // num_tokens_per_req``)."""
     cfg = installed(policy="xshare_spec", budget="10", request_budget="6", empty_slots="minus_one")
-    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
     from sglang.srt.model_executor.forward_context import ForwardContext, forward_context  # the patched one
-    from sglang.srt.speculative.eagle_info import EagleVerifyInput
 
     ndt, bs = 4, T // 4
-    spec = EagleVerifyInput.create_idle_input(topk=1, spec_steps=ndt - 1, num_verify_tokens=ndt, device="cpu")
-    fb = ForwardBatch(forward_mode=ForwardMode.TARGET_VERIFY, batch_size=bs, input_ids=torch.zeros(T, dtype=torch.long),
-                      req_pool_indices=torch.arange(bs), seq_lens=torch.full((bs,), 10), out_cache_loc=torch.arange(T),
-                      seq_lens_sum=10 * bs, spec_info=spec)
+    fb = _verify_batch(ndt, bs)
     tk = _topk(sg)
     logits = _logits(13)
     with forward_context(ForwardContext(attn_backend=None), forward_batch=fb):
@@ -102,15 +108,10 @@ def test_verify_guard_reaches_target_verify_batches_only(sg, installed):
     import dataclasses
 
     cfg = installed(policy="xshare", budget="5", verify_guard=K, empty_slots="minus_one")
-    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
     from sglang.srt.model_executor.forward_context import ForwardContext, forward_context  # the patched one
-    from sglang.srt.speculative.eagle_info import EagleVerifyInput
 
     ndt, bs = 4, T // 4
-    spec = EagleVerifyInput.create_idle_input(topk=1, spec_steps=ndt - 1, num_verify_tokens=ndt, device="cpu")
-    fb = ForwardBatch(forward_mode=ForwardMode.TARGET_VERIFY, batch_size=bs, input_ids=torch.zeros(T, dtype=torch.long),
-                      req_pool_indices=torch.arange(bs), seq_lens=torch.full((bs,), 10), out_cache_loc=torch.arange(T),
-                      seq_lens_sum=10 * bs, spec_info=spec)
+    fb = _verify_batch(ndt, bs)
     tk = _topk(sg)
     x, logits = torch.randn(T, HIDDEN), _logits(17)
     with forward_context(ForwardContext(attn_backend=None), forward_batch=fb):
@@ -125,6 +126,30 @@ def test_verify_guard_reaches_target_verify_batches_only(sg, installed):
     with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
         dec = tk.forward_native(x, logits.clone())
     assert torch.equal(dec.topk_ids.to(torch.int32), plain(logits, layer_id=3).topk_ids)
+
+
+def test_verify_budget_reaches_target_verify_batches_only(sg, installed):
+    """``--xshare-verify-budget 1.0`` with ``--xshare-budget 5`` in a real SGLang TARGET_VERIFY
+    ForwardBatch: the verify batch routes as plain top-k (every top-k expert allowed); a decode batch
+    of the same tokens is cut by the batch budget (above it only by the tokens' top-1 warm-up)."""
+    import dataclasses
+
+    cfg = installed(policy="xshare", budget="5", verify_budget="1.0", empty_slots="minus_one")
+    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context  # the patched one
+
+    ndt, bs = 4, T // 4
+    fb = _verify_batch(ndt, bs)
+    tk = _topk(sg)
+    x, logits = torch.randn(T, HIDDEN), _logits(19)
+    with forward_context(ForwardContext(attn_backend=None), forward_batch=fb):
+        out = tk.forward_native(x, logits.clone())
+    own = torch.softmax(logits, -1).topk(K).indices
+    assert all(set(out.topk_ids[t].tolist()) == set(own[t].tolist()) for t in range(T))
+    with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
+        dec = tk.forward_native(x, logits.clone())
+    cut = _selector(dataclasses.replace(cfg, verify_budget=None))(logits, layer_id=3).topk_ids
+    assert torch.equal(dec.topk_ids.to(torch.int32), cut)
+    assert len(set(dec.topk_ids[dec.topk_ids >= 0].tolist())) < len(set(own.flatten().tolist()))  # cut
 
 
 ROUTERS = {
