@@ -346,6 +346,14 @@ def _verdict(d: float, ci: float, better: str, worse: str) -> str:
     return better if d + ci < 0 else (worse if d - ci > 0 else "n.s.")
 
 
+def _bracket(xs: list[dict], ratio: float) -> tuple[dict, dict] | None:
+    """The two points of ``xs`` (sorted by ratio) around ``ratio`` -- the last at or below it and
+    the first at or above it -- or ``None`` outside their range."""
+    lo = [r for r in xs if r["ratio"] <= ratio]
+    hi = [r for r in xs if r["ratio"] >= ratio]
+    return (lo[-1], hi[0]) if lo and hi else None
+
+
 def _interp(lo: dict, hi: dict, x: float, key: str) -> dict[int, float]:
     """Per-batch ``key`` of the segment ``lo``-``hi`` (two points of one family) at ratio ``x``."""
     w = 0.0 if hi["ratio"] == lo["ratio"] else (x - lo["ratio"]) / (hi["ratio"] - lo["ratio"])
@@ -366,13 +374,12 @@ def compare_spec(rows: list[dict]) -> list[dict]:
                     key=lambda r: r["ratio"])
         row = {"B": b["B"], "g": b["g"], "req": b["req"], "spec": b["spec"], "ratio": b["ratio"], "delta": b["delta"],
                "ci95": b["ci95"], **{k: b.get(k) for k in ("agree", "agree_first", "accept")}}
-        lo = [r for r in xs if r["ratio"] <= b["ratio"]]
-        hi = [r for r in xs if r["ratio"] >= b["ratio"]]
-        if not lo or not hi:
+        around = _bracket(xs, b["ratio"])
+        if around is None:
             row["verdict"] = "outside the xshare points' ratios"
             out.append(row)
             continue
-        lo, hi = lo[-1], hi[0]
+        lo, hi = around
         row["xshare_between"] = f"{lo['spec']} .. {hi['spec']}"
         mine = dict(zip(b["batch_ids"], b["batch_deltas"]))
         ref = _interp(lo, hi, b["ratio"], "batch_deltas")
@@ -436,13 +443,12 @@ def compare_guard(rows: list[dict]) -> list[dict]:
                     row.update({f"same_{k}": d, f"same_{k}_ci": ci})
         xs = sorted((r for r in rows if r["B"] == b["B"] and r["g"] == b["g"] and r["policy"] == "xshare"
                      and not r.get("guard")), key=lambda r: r["ratio"])
-        lo = [r for r in xs if r["ratio"] <= b["ratio"]]
-        hi = [r for r in xs if r["ratio"] >= b["ratio"]]
-        if not lo or not hi:
+        around = _bracket(xs, b["ratio"])
+        if around is None:
             row["verdict"] = "outside the unguarded points' ratios"
             out.append(row)
             continue
-        lo, hi = lo[-1], hi[0]
+        lo, hi = around
         row["front_between"] = f"{lo['spec']} .. {hi['spec']}"
         for k, bk in GUARD_KEYS:
             if bk in b and bk in lo and bk in hi:
