@@ -57,7 +57,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from sglang_xshare.benchio import markdown_table, md_cell, run_metadata, write_results
+from sglang_xshare.benchio import markdown_table, md_cell, mean_ci, run_metadata, write_results
 from sglang_xshare.serving.config import AB_IDLE_ARMS
 
 from servebench.client import (bench_serving_argv, counter_delta, run_bench_serving, scrape, sglang_counters,
@@ -439,6 +439,28 @@ def per_arm(records: list[dict]) -> list[dict]:
     return out
 
 
+def acceptance(runs: list[dict], ab_pairs: list[tuple[dict, dict]]) -> dict:
+    """Speculative decoding's accept length of one (configuration, concurrency), each run one sample:
+    ``accept_mean`` / ``accept_ci`` (mean and 95 % t half-width over the runs), the same of the
+    SGLang arm's runs under ``--ab`` (``ab_sglang_accept_*``), and the paired difference policy -
+    SGLang arm over the A/B pairs (``accept_delta`` / ``accept_delta_ci``: same prompts, same
+    server; an interval that holds 0 means no measurable change). The verify step
+    (``verify_step_ms``, ``ab_sglang_verify_step_ms``) is a request's time per verify forward,
+    median TPOT x mean accept length. Empty without speculative decoding."""
+    acc = [r.get("spec_accept_length") for r in runs]
+    if all(a is None for a in acc):
+        return {}
+    m, ci = mean_ci(acc)
+    sm, sci = mean_ci([sg.get("spec_accept_length") for _, sg in ab_pairs])
+    d, dci = mean_ci([po["spec_accept_length"] - sg["spec_accept_length"] for po, sg in ab_pairs
+                      if po.get("spec_accept_length") is not None and sg.get("spec_accept_length") is not None])
+    tpot, sg_tpot = _med([r.get("median_tpot_ms") for r in runs]), _med([sg.get("median_tpot_ms") for _, sg in ab_pairs])
+    return {"accept_runs": [a for a in acc if a is not None], "accept_mean": m, "accept_ci": ci,
+            "ab_sglang_accept_mean": sm, "ab_sglang_accept_ci": sci, "accept_delta": d, "accept_delta_ci": dci,
+            "verify_step_ms": tpot * m if tpot and m else None,
+            "ab_sglang_verify_step_ms": sg_tpot * sm if sg_tpot and sm else None}
+
+
 def baseline(rows: list[dict]) -> str:
     """The configuration the ratios are taken against: ``plain`` (SGLang's own launcher, no plugin)
     where the run has it, else ``off`` (the plugin's launcher with the policy off)."""
@@ -481,6 +503,7 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
             "itl_p99_ms": _med([r.get("p99_itl_ms") for r in runs]),
             "accept_length": _med([r.get("spec_accept_length") for r in runs]),
             "ab_sglang_accept_length": _med([sg.get("spec_accept_length") for _, sg in ab_pairs]),
+            **acceptance(runs, ab_pairs),
             "experts": _med([v.get("distinct") for v in x]), "topk_experts": _med([v.get("topk_distinct") for v in x]),
             "peak": _med([v.get("peak") for v in x]), "topk_peak": _med([v.get("topk_peak") for v in x]),
             "tokens_per_call": _med([v.get("valid_tokens") for v in x]),
@@ -540,11 +563,25 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
                 f"({len(p)} pairs)")
 
     spec = any(r.get("accept_length") is not None for r in rows)
-    if spec:  # speculative servers: each run's accept length (the SGLang arm's beside it under --ab)
-        head.insert(9, "accept length (A/B: SGLang arm)")
+    if spec:  # speculative servers: accept length per run, mean ± 95 % CI (the SGLang arm's and the paired difference under --ab)
+        head.insert(9, "accept length ± CI (A/B: SGLang arm; paired difference)")
+        head.insert(10, "verify step ms (A/B: SGLang arm)")
+
+    def pm(m, ci):
+        return f(m, 2) + ("" if ci is None else f" ± {ci:.2f}")
 
     def accept_cell(r):
-        a, b = r.get("accept_length"), r.get("ab_sglang_accept_length")
+        if r.get("accept_mean") is None:
+            return "-"
+        cell = pm(r["accept_mean"], r.get("accept_ci")) + f" ({len(r['accept_runs'])} runs)"
+        if r.get("ab_sglang_accept_mean") is not None:
+            d = r.get("accept_delta")
+            cell += f" ({pm(r['ab_sglang_accept_mean'], r.get('ab_sglang_accept_ci'))}; " + \
+                ("-" if d is None else f"{d:+.2f}" + ("" if r.get("accept_delta_ci") is None else f" ± {r['accept_delta_ci']:.2f}")) + ")"
+        return cell
+
+    def verify_cell(r):
+        a, b = r.get("verify_step_ms"), r.get("ab_sglang_verify_step_ms")
         return f(a, 2) + ("" if b is None else f" ({f(b, 2)})")
 
     table = [[r["config"], r["concurrency"], f(r["tok_s"], 0), " / ".join(f(v, 0) for v in r["tok_s_per_start"].values()),
@@ -554,6 +591,7 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
     if spec:
         for r, line in zip(rows, table):
             line.insert(9, accept_cell(r))
+            line.insert(10, verify_cell(r))
     return rows, markdown_table(head, table)
 
 

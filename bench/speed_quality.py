@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 from pathlib import Path
 
-from sglang_xshare.benchio import markdown_table, run_metadata, write_results
+from sglang_xshare.benchio import markdown_table, mean_ci, run_metadata, write_results
 from sglang_xshare.config import PRESETS
 from sglang_xshare.select.traits import TRAITS
 
@@ -47,20 +45,6 @@ from servebench.configs import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUALITY_BS = (1, 4, 16, 64)
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def mean_ci(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and 95 % t half-width (``None`` for fewer than two values)."""
-    v = [x for x in values if x is not None and math.isfinite(x)]
-    if not v:
-        return None, None
-    if len(v) < 2:
-        return v[0], None
-    t = _T975.get(len(v) - 1, 1.96)
-    return statistics.fmean(v), t * statistics.stdev(v) / math.sqrt(len(v))
-
-
 def quality_batch(concurrency: int) -> int:
     """The sweep's batch size for a serving concurrency: the next measured one at or above it (64 beyond)."""
     return next((b for b in QUALITY_BS if b >= concurrency), QUALITY_BS[-1])

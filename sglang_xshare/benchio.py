@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import shlex
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["run_metadata", "write_results", "markdown_table", "md_cell", "GIT_REV_ENV"]
+__all__ = ["run_metadata", "write_results", "markdown_table", "md_cell", "mean_ci", "t_quantile_975", "GIT_REV_ENV"]
 
 
 #: The repository this package sits in (the revision is read there, whatever the cwd).
@@ -20,6 +21,43 @@ _ROOT = Path(__file__).resolve().parents[1]
 #: Environment variable naming the revision of a copy without (or with a foreign) ``.git`` --
 #: e.g. a working tree copied to a GPU machine: the caller exports its ``git rev-parse --short HEAD``.
 GIT_REV_ENV = "XSHARE_GIT_REV"
+
+
+#: Two-sided 95 % Student-t quantiles for few degrees of freedom (where the series below is off).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def t_quantile_975(dof: int) -> float:
+    """Two-sided 95 % Student-t quantile of ``dof`` degrees of freedom (scipy when installed, else
+    a table up to 9 and the Abramowitz-Stegun 26.7.5 series beyond); ``nan`` for ``dof < 1``."""
+    if dof < 1:
+        return float("nan")
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, dof))
+    except ImportError:
+        if dof in _T975:
+            return _T975[dof]
+        z = 1.959963984540054
+        g1 = (z**3 + z) / 4
+        g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+        g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+        return z + g1 / dof + g2 / dof**2 + g3 / dof**3
+
+
+def mean_ci(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and 95 % t half-width of the finite values (``None`` entries dropped): ``(None, None)``
+    without any, ``(value, None)`` for one."""
+    v = [float(x) for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return None, None
+    n = len(v)
+    m = math.fsum(v) / n
+    if n < 2:
+        return m, None
+    sd = math.sqrt(math.fsum((x - m) ** 2 for x in v) / (n - 1))
+    return m, t_quantile_975(n - 1) * sd / math.sqrt(n)
 
 
 def _git_revision() -> str:

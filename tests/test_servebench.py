@@ -40,7 +40,7 @@ def test_every_config_flag_is_a_real_server_flag():
     from sglang_xshare.serving.cli_flags import parse_xshare_argv
 
     for text in ("xshare@0.7", "xshare_ep@0.7+global", "oea+k0=4", "cap+cap=6", "xshare@0.7+min=1",
-                 "xshare_spec@0.7+rb=0.75"):
+                 "xshare_spec@0.7+rb=0.75", "xshare@0.7+vb=0.9", "oea+k0=1+guard=8"):
         cfg = parse_xshare_argv(list(parse_config(text).flags))
         assert cfg.policy == parse_config(text).policy
 
@@ -672,8 +672,16 @@ def test_spec_accept_length_per_run_from_sglangs_own_counters():
     run = lambda tpot, acc: {"median_tpot_ms": tpot, "output_throughput": 100.0, "spec_accept_length": acc}  # noqa: E731
     lvl = {"concurrency": 8, "runs": [run(4.0, 2.5), run(4.0, 2.7)], "ab_sglang_runs": [run(4.4, 3.0), run(4.4, 3.2)]}
     rows, table = serve.summarize([{"config": "xshare_spec@0.7", "start": 0, "levels": [lvl]}])
-    assert rows[0]["accept_length"] == pytest.approx(2.6) and rows[0]["ab_sglang_accept_length"] == pytest.approx(3.1)
-    assert "accept length" in table and "2.60 (3.10)" in table
+    r = rows[0]
+    assert r["accept_length"] == pytest.approx(2.6) and r["ab_sglang_accept_length"] == pytest.approx(3.1)
+    # mean ± 95 % t half-width over the runs (2 runs: t = 12.706, sd = 0.1414), the SGLang arm's, and
+    # the paired difference rep by rep (-0.5 both times: no spread)
+    assert r["accept_mean"] == pytest.approx(2.6) and r["accept_ci"] == pytest.approx(12.706 * 0.1, rel=1e-3)
+    assert r["ab_sglang_accept_mean"] == pytest.approx(3.1) and r["accept_delta"] == pytest.approx(-0.5)
+    assert r["accept_delta_ci"] == pytest.approx(0.0, abs=1e-12)
+    assert r["verify_step_ms"] == pytest.approx(4.0 * 2.6) and r["ab_sglang_verify_step_ms"] == pytest.approx(4.4 * 3.1)
+    assert "accept length" in table and "2.60 ± 1.27 (2 runs) (3.10 ± 1.27; -0.50 ± 0.00)" in table
+    assert "10.40 (13.64)" in table
     _, plain_table = serve.summarize([{"config": "xshare@0.7", "start": 0, "levels": [
         {"concurrency": 8, "runs": [{"median_tpot_ms": 4.0, "output_throughput": 1.0}]}]}])
     assert "accept length" not in plain_table

@@ -11,6 +11,8 @@ Examples::
     cap+cap=6                --xshare-policy cap --xshare-cap 6
     xshare_spec@0.7+rb=0.75  --xshare-request-budget 0.75
     xshare@0.7+min=1         --xshare-min-tokens 1
+    xshare@0.7+vb=0.9        --xshare-verify-budget 0.9 (speculative verify batches)
+    oea+k0=1+guard=8         --xshare-verify-guard 8
     xshare_ep@0.7+global     EP-global selection (--xshare-ep-global)
 """
 
@@ -21,7 +23,8 @@ from dataclasses import dataclass, field
 __all__ = ["ServeConfig", "one_server", "parse_config", "parse_configs"]
 
 _KEYS = {"k0": "--xshare-warmup-k0", "cap": "--xshare-cap", "rb": "--xshare-request-budget",
-         "min": "--xshare-min-tokens", "empty": "--xshare-empty-slots"}
+         "min": "--xshare-min-tokens", "empty": "--xshare-empty-slots", "vb": "--xshare-verify-budget",
+         "guard": "--xshare-verify-guard"}
 _SWITCHES = {"global": "--xshare-ep-global"}
 
 

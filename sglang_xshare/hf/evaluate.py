@@ -20,6 +20,7 @@ from typing import Iterable, Literal
 import torch
 import torch.nn.functional as F
 
+from ..benchio import t_quantile_975
 from ..select import Selector
 from .hook import RoutingHook, StepLayout
 from .model import EvalSet
@@ -80,22 +81,6 @@ def sequence_ce_argmax(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[to
 def sequence_ce(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Per-sequence mean next-token CE (nats): ``tokens [B, S + 1]`` -> ``[B] float64``."""
     return sequence_ce_argmax(model, tokens)[0]
-
-
-def t_quantile_975(dof: int) -> float:
-    """Two-sided 95% Student-t quantile (scipy when installed, else a Cornish-Fisher series)."""
-    if dof < 1:
-        return float("nan")
-    try:
-        from scipy.stats import t
-
-        return float(t.ppf(0.975, dof))
-    except ImportError:  # Abramowitz-Stegun 26.7.5 expansion around z = 1.959964
-        z = 1.959963984540054
-        g1 = (z**3 + z) / 4
-        g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-        g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-        return z + g1 / dof + g2 / dof**2 + g3 / dof**3
 
 
 @dataclass
