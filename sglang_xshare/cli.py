@@ -27,6 +27,8 @@ REPLAY_FLAGS = {
     "--xshare-cap": "--cap",
     "--xshare-hard-cap": "--hard-cap",
     "--xshare-warmup-p": "--warmup-p",
+    "--xshare-verify-budget": "--verify-budget",
+    "--xshare-verify-guard": "--verify-guard",
 }
 
 
@@ -48,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--warmup-p", type=float, default=0.0, help="nucleus warm-up p of the budgeted policies (0 = off)")
     r.add_argument("--layer-budgets", default=None, help="per-layer overrides, LAYER:BUDGET,...")
     r.add_argument("--request-budget", default=None, help="xshare_spec per-request budget m_r")
+    r.add_argument("--verify-budget", default=None,
+                   help="batch budget of speculative verify batches (steps of a trace with request groups) for --policy "
+                        "and --also, instead of --budget")
+    r.add_argument("--verify-guard", type=int, default=0, metavar="K",
+                   help="verify-row guard of --policy and --also: each request's target row keeps its own top-K "
+                        "in verify batches (0 = off)")
     r.add_argument("--k0", type=int, default=1, help="warm-up floor: every token keeps its top-k0")
     r.add_argument("--cap", type=int, default=None, help="k' of the cap baseline (None: ceil(k/2))")
     r.add_argument("--ep-size", type=int, default=1, help="EP ranks for per-rank loads and xshare_ep")
@@ -83,7 +91,7 @@ def _replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .benchio import run_metadata, write_results
     from .placement import Placement
     from .replay import replay, standard_runs
-    from .trace import Trace, default_trace_path
+    from .trace import Trace, default_trace_path, step_groups
 
     path = args.trace or default_trace_path()
     if not Path(path).exists():
@@ -99,6 +107,9 @@ def _replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
                                                    f"(its layers: {layers})")
     if args.ep_size < 1:
         raise XShareConfigError("--ep-size", f"must be >= 1, got {args.ep_size}")
+    if args.verify_guard and not all(step_groups(trace)):
+        raise XShareConfigError("--verify-guard", "the trace has steps whose requests are not runs of consecutive "
+                                                  "slots: the guard cannot tell a request's target row there")
     placement = Placement.expert_parallel(routing.num_experts, args.ep_size) if args.ep_size > 1 else None
     extra = [x.strip() for x in args.also.split(",") if x.strip()]
     for x in extra:
@@ -106,7 +117,8 @@ def _replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise XShareConfigError("--also", f"unknown policy {x!r}; choose from {', '.join(POLICY_NAMES)}")
     runs = standard_runs(routing, args.policy, args.budget, k0=args.k0, cap=args.cap,
                          request_budget=args.request_budget, layer_budgets=args.layer_budgets, extra=extra,
-                         hard_cap=args.hard_cap, warmup_p=args.warmup_p)
+                         hard_cap=args.hard_cap, warmup_p=args.warmup_p, verify_budget=args.verify_budget,
+                         verify_guard=args.verify_guard)
     result = replay(trace, runs, placement, device=args.device, progress=not args.no_progress)
     info = result.info
     try:  # the trace as the user would type it: relative to the working directory when under it

@@ -7,7 +7,7 @@ measures the result. Figures are means over (step, layer) batches; ratios are to
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -70,14 +70,17 @@ class ReplayResult:
 
 def standard_runs(routing: RoutingSpec, policy: str, budget: str, k0: int = 1, cap: int | None = None,
                   request_budget: str | None = None, layer_budgets: str | None = None,
-                  extra: Sequence[str] = (), hard_cap: bool = False, warmup_p: float = 0.0) -> list[PolicyRun]:
+                  extra: Sequence[str] = (), hard_cap: bool = False, warmup_p: float = 0.0,
+                  verify_budget: str | None = None, verify_guard: int = 0) -> list[PolicyRun]:
     """``topk`` + ``cap`` + ``oea`` baselines, then ``policy`` (ours) and any ``extra`` policies.
 
     ``cap`` defaults to ``ceil(k / 2)``; budgeted policies share ``budget`` (and per-layer
     overrides); ``hard_cap`` makes ``xshare_ep``'s budget a hard cap on distinct experts. A preset
     budget (``auto``) sets the budgeted policies' ``k0`` and ``warmup_p`` too (``k0=1`` and
-    ``warmup_p=0`` mean "not given"); the baselines keep ``k0``. Configuration errors name the core
-    flags (``--xshare-budget``, ...).
+    ``warmup_p=0`` mean "not given"); the baselines keep ``k0``. ``verify_budget`` and
+    ``verify_guard`` (speculative verify batches: steps of a trace with request groups) apply to
+    ``policy`` and ``extra``, not to the baselines. Configuration errors name the core flags
+    (``--xshare-budget``, ...).
     """
     k = routing.top_k
     cap = cap if cap is not None else max(1, -(-k // 2))
@@ -85,32 +88,42 @@ def standard_runs(routing: RoutingSpec, policy: str, budget: str, k0: int = 1, c
                                          layer_budgets)
     sched = BudgetSchedule.parse(budget_r, layer_budgets)  # type: ignore[arg-type]
     rb = Budget.parse(request_budget, "--xshare-request-budget") if request_budget is not None else None
+    vb = Budget.parse(verify_budget, "--xshare-verify-budget") if verify_budget is not None else None
+    ours = {policy, *extra}
 
-    def make(name: str) -> PolicyRun:
+    def make(name: str) -> tuple[str, SelectionConfig]:
         traits = get_policy(name)
         if traits.plain_topk:
-            return PolicyRun(name, SelectionConfig(policy=name).validate(routing))
+            return name, SelectionConfig(policy=name)
         if traits.per_token_cap:
-            return PolicyRun(f"{name}(k'={cap})", SelectionConfig(policy=name, cap=cap).validate(routing))
+            return f"{name}(k'={cap})", SelectionConfig(policy=name, cap=cap)
         if not traits.budgeted:
-            return PolicyRun(f"{name}(k0={k0})", SelectionConfig(policy=name, k0=k0).validate(routing))
+            return f"{name}(k0={k0})", SelectionConfig(policy=name, k0=k0)
         nucleus = f", p={p_r:g}" if p_r else ""
         if traits.uses_requests:
             cfg = SelectionConfig(policy=name, k0=k0_r, budget=sched, request_budget=rb, warmup_p=p_r)
             m_r = rb if rb is not None else "none"  # none: the batch budget over the union (= xshare)
-            return PolicyRun(f"{name}(m_r={m_r}, m_l={sched.default}, k0={k0_r}{nucleus})", cfg.validate(routing))
+            return f"{name}(m_r={m_r}, m_l={sched.default}, k0={k0_r}{nucleus})", cfg
         if traits.uses_placement and hard_cap:
             cfg = SelectionConfig(policy=name, k0=k0_r, budget=sched, hard_cap=True, warmup_p=p_r)
-            return PolicyRun(f"{name}(m={sched.default}, k0={k0_r}{nucleus}, hard cap)", cfg.validate(routing))
-        cfg = SelectionConfig(policy=name, k0=k0_r, budget=sched, warmup_p=p_r)
-        return PolicyRun(f"{name}(m={sched.default}, k0={k0_r}{nucleus})", cfg.validate(routing))
+            return f"{name}(m={sched.default}, k0={k0_r}{nucleus}, hard cap)", cfg
+        return f"{name}(m={sched.default}, k0={k0_r}{nucleus})", SelectionConfig(policy=name, k0=k0_r, budget=sched,
+                                                                               warmup_p=p_r)
+
+    def run(name: str) -> PolicyRun:
+        label, cfg = make(name)
+        if name in ours and (vb is not None or verify_guard):
+            cfg = replace(cfg, verify_budget=vb, verify_guard=verify_guard)
+            label = label[:-1] + (f", verify m={vb}" if vb is not None else "") + \
+                (f", guard={verify_guard}" if verify_guard else "") + ")"
+        return PolicyRun(label, cfg.validate(routing))
 
     names = ["topk", "cap", "oea", policy, *extra]
     seen: list[str] = []
     for n in names:
         if n not in seen:
             seen.append(n)
-    return [make(n) for n in seen]
+    return [run(n) for n in seen]
 
 
 def replay(trace: Trace, runs: Sequence[PolicyRun], placement: Placement | None = None,

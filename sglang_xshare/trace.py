@@ -33,7 +33,7 @@ import torch
 from ._checkout import DATA_DIR
 from .config import RoutingSpec
 
-__all__ = ["Trace", "TraceStep", "default_trace_path", "dense_request_ids", "contiguous_group"]
+__all__ = ["Trace", "TraceStep", "default_trace_path", "dense_request_ids", "contiguous_group", "step_groups"]
 
 _REQUIRED_META = ("num_experts", "top_k", "scoring", "renormalize", "layer_ids")
 
@@ -47,9 +47,10 @@ class TraceStep:
         logits: ``[L, T, E] float32`` router logits of every layer.
         num_valid: non-padded slots ``n`` (slots ``>= n`` are padding).
         request_ids: ``[T] int64`` dense request ids in ``[0, T)`` (padding gets its own ids).
-        request_group: ``g`` when the requests are runs of ``g`` consecutive slots (``request_ids
-            == arange(T) // g``), else ``None`` -- pass it instead of ``request_ids`` for the
-            fused ``xshare_spec`` kernel (:meth:`requests`).
+        request_group: ``g`` when the requests are runs of ``g`` consecutive slots (``request_ids[:n]
+            == arange(n) // g``; the padding slots after them are masked by ``num_valid``), else
+            ``None`` -- pass it instead of ``request_ids`` for the fused ``xshare_spec`` kernel
+            (:meth:`requests`); ``g >= 2`` makes the step a speculative verify batch.
     """
 
     step: int
@@ -163,15 +164,13 @@ class Trace:
     def steps(self, device: torch.device | str = "cpu") -> Iterator[TraceStep]:
         """Yield every step with float32 logits and dense request ids (host-side, offline)."""
         for s in range(self.num_steps):
-            rid = self.request_ids[s]
-            n = int((rid >= 0).sum())
-            dense = dense_request_ids(rid)
+            n, dense, group = _requests(self.request_ids[s])
             yield TraceStep(
                 step=s,
                 logits=torch.from_numpy(self.logits[s].astype(np.float32)).to(device),
                 num_valid=n,
                 request_ids=dense.to(device),
-                request_group=contiguous_group(dense.numpy()),
+                request_group=group,
             )
 
 
@@ -201,6 +200,20 @@ def contiguous_group(dense_ids: np.ndarray) -> int | None:
     if g < 1 or not np.array_equal(dense_ids, np.arange(T) // g):
         return None
     return g
+
+
+def step_groups(trace: Trace) -> list[int | None]:
+    """Each step's :attr:`TraceStep.request_group` (``None`` where its requests are not runs of
+    consecutive slots), without materialising the logits. Host-side, offline."""
+    return [_requests(rid)[2] for rid in trace.request_ids]
+
+
+def _requests(request_ids: np.ndarray) -> tuple[int, torch.Tensor, int | None]:
+    """One step's ``(num_valid, dense ids, request_group)``: the group from the valid slots only
+    (the trailing padding is masked by ``num_valid``)."""
+    n = int((request_ids >= 0).sum())
+    dense = dense_request_ids(request_ids)
+    return n, dense, contiguous_group(dense[:n].numpy())
 
 
 def default_trace_path() -> Path:

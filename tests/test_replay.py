@@ -141,6 +141,46 @@ def test_replay_cli_errors(tmp_path, capsys):
     assert "error: --warmup-p: --budget auto sets warmup_p" in err and "--xshare" not in err
 
 
+def _overall(tmp_path, name, trace, *flags) -> dict:
+    assert main(["replay", "--trace", str(trace), "--policy", "xshare", "--out", str(tmp_path), "--name", name,
+                 "--no-progress", *flags]) == 0
+    return json.loads((tmp_path / f"{name}.json").read_text())["overall"]
+
+
+def test_replay_verify_budget_and_guard(tmp_path, capsys):
+    """``--verify-budget`` / ``--verify-guard`` reach the selection of ``--policy`` on the steps with
+    request groups (speculative verify batches) and nowhere else: on a grouped trace the verify
+    budget replaces the batch budget, on a trace of single-token requests it changes nothing, and
+    the baselines never take either."""
+    grouped = small_trace(S=6, T=16, E=32, k=4).save(tmp_path / "g.npz")
+    plain = _overall(tmp_path, "plain", grouped, "--budget", "0.4")
+    wide = _overall(tmp_path, "wide", grouped, "--budget", "0.9")
+    vb = _overall(tmp_path, "vb", grouped, "--budget", "0.4", "--verify-budget", "0.9")
+    ours = "xshare(m=frac:0.4, k0=1, verify m=frac:0.9)"
+    assert ours in vb and vb[ours]["distinct"] == pytest.approx(wide["xshare(m=frac:0.9, k0=1)"]["distinct"])
+    assert vb[ours]["distinct"] > plain["xshare(m=frac:0.4, k0=1)"]["distinct"]
+    assert vb["oea(k0=1)"] == plain["oea(k0=1)"]  # a baseline keeps its routing
+    guard = _overall(tmp_path, "guard", grouped, "--budget", "0.4", "--verify-guard", "4")
+    g = guard["xshare(m=frac:0.4, k0=1, guard=4)"]
+    assert g["retained_mass"] > plain["xshare(m=frac:0.4, k0=1)"]["retained_mass"]
+    # one request per token: no verify batch, so neither flag changes the routing
+    single = small_trace(S=6, T=16, E=32, k=4)
+    single.request_ids[:] = np.where(single.request_ids >= 0, np.arange(16, dtype=np.int32), -1)
+    single = single.save(tmp_path / "s.npz")
+    a = _overall(tmp_path, "s0", single, "--budget", "0.4")["xshare(m=frac:0.4, k0=1)"]
+    b = _overall(tmp_path, "s1", single, "--budget", "0.4", "--verify-budget", "0.9", "--verify-guard", "4")
+    assert b["xshare(m=frac:0.4, k0=1, verify m=frac:0.9, guard=4)"] == a
+    capsys.readouterr()
+    base = ["replay", "--trace", str(grouped), "--no-progress"]
+    assert "error: --verify-guard:" in _error([*base, "--verify-guard", "9"], capsys)
+    assert "error: --verify-budget:" in _error([*base, "--verify-budget", "99"], capsys)
+    mixed = small_trace(S=2, T=8, E=32, k=4)
+    mixed.request_ids[0, :4] = [0, 1, 0, 1]  # a request's rows not consecutive
+    mixed = mixed.save(tmp_path / "m.npz")
+    assert "error: --verify-guard:" in _error(["replay", "--trace", str(mixed), "--no-progress", "--verify-guard", "4"],
+                                               capsys)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_replay_cuda_without_gpu(tmp_path, capsys):
     p = str(small_trace().save(tmp_path / "t.npz"))
