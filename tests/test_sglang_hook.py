@@ -78,6 +78,20 @@ def _verify_batch(ndt: int, bs: int):
                         seq_lens_sum=10 * bs, spec_info=spec)
 
 
+def _route_verify_and_decode(sg, seed: int):
+    """Route the same ``T`` tokens through SGLang's TopK twice: as a real TARGET_VERIFY batch of
+    ``T // 4`` requests x 4 tokens, then as a decode batch. ``(logits, verify ids, decode ids)``."""
+    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context  # the patched one
+
+    tk = _topk(sg)
+    x, logits = torch.randn(T, HIDDEN), _logits(seed)
+    with forward_context(ForwardContext(attn_backend=None), forward_batch=_verify_batch(4, T // 4)):
+        ver = tk.forward_native(x, logits.clone()).topk_ids.to(torch.int32)
+    with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
+        dec = tk.forward_native(x, logits.clone()).topk_ids.to(torch.int32)
+    return logits, ver, dec
+
+
 def test_target_verify_batch_groups_tokens_by_request(sg, installed):
     """A real SGLang TARGET_VERIFY ForwardBatch entering SGLang's forward_context: xshare_spec sees
     each request's draft tokens as one group (``arange(T) // num_tokens_per_req``)."""
@@ -108,24 +122,14 @@ def test_verify_guard_reaches_target_verify_batches_only(sg, installed):
     import dataclasses
 
     cfg = installed(policy="xshare", budget="5", verify_guard=K, empty_slots="minus_one")
-    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context  # the patched one
-
-    ndt, bs = 4, T // 4
-    fb = _verify_batch(ndt, bs)
-    tk = _topk(sg)
-    x, logits = torch.randn(T, HIDDEN), _logits(17)
-    with forward_context(ForwardContext(attn_backend=None), forward_batch=fb):
-        out = tk.forward_native(x, logits.clone())
-    ids = out.topk_ids.to(torch.int32)
-    assert torch.equal(ids, _selector(cfg)(logits, layer_id=3, request_group=ndt).topk_ids)
+    logits, ids, dec = _route_verify_and_decode(sg, 17)
+    assert torch.equal(ids, _selector(cfg)(logits, layer_id=3, request_group=4).topk_ids)
     own = torch.softmax(logits, -1).topk(K).indices
-    for t in range(0, T, ndt):
+    for t in range(0, T, 4):
         assert set(ids[t].tolist()) == set(own[t].tolist()), t
     plain = _selector(dataclasses.replace(cfg, verify_guard=0))
-    assert not torch.equal(ids, plain(logits, layer_id=3, request_group=ndt).topk_ids), "the guard changed nothing"
-    with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
-        dec = tk.forward_native(x, logits.clone())
-    assert torch.equal(dec.topk_ids.to(torch.int32), plain(logits, layer_id=3).topk_ids)
+    assert not torch.equal(ids, plain(logits, layer_id=3, request_group=4).topk_ids), "the guard changed nothing"
+    assert torch.equal(dec, plain(logits, layer_id=3).topk_ids)
 
 
 def test_verify_budget_reaches_target_verify_batches_only(sg, installed):
@@ -135,21 +139,12 @@ def test_verify_budget_reaches_target_verify_batches_only(sg, installed):
     import dataclasses
 
     cfg = installed(policy="xshare", budget="5", verify_budget="1.0", empty_slots="minus_one")
-    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context  # the patched one
-
-    ndt, bs = 4, T // 4
-    fb = _verify_batch(ndt, bs)
-    tk = _topk(sg)
-    x, logits = torch.randn(T, HIDDEN), _logits(19)
-    with forward_context(ForwardContext(attn_backend=None), forward_batch=fb):
-        out = tk.forward_native(x, logits.clone())
+    logits, ver, dec = _route_verify_and_decode(sg, 19)
     own = torch.softmax(logits, -1).topk(K).indices
-    assert all(set(out.topk_ids[t].tolist()) == set(own[t].tolist()) for t in range(T))
-    with context.batch_scope(context.BatchInfo("decode", batch_size=T)):
-        dec = tk.forward_native(x, logits.clone())
+    assert all(set(ver[t].tolist()) == set(own[t].tolist()) for t in range(T))
     cut = _selector(dataclasses.replace(cfg, verify_budget=None))(logits, layer_id=3).topk_ids
-    assert torch.equal(dec.topk_ids.to(torch.int32), cut)
-    assert len(set(dec.topk_ids[dec.topk_ids >= 0].tolist())) < len(set(own.flatten().tolist()))  # cut
+    assert torch.equal(dec, cut)
+    assert len(set(dec[dec >= 0].tolist())) < len(set(own.flatten().tolist()))  # cut
 
 
 ROUTERS = {
