@@ -348,11 +348,12 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
                                           output_len=args.output_len, seed=seed,
                                           output_file=str(out_dir / f"{args.name}_{safe}_s{start}_c{c}{tag}.jsonl"))
 
-            if args.level_warmup:  # one discarded run at this level (its first run is slow: new shapes, NGRAM)
-                set_arm(switch, order[0][0], server.base_url)
-                if args.flush_cache:
-                    flush_cache(server.base_url)
-                run_bench_serving(level_argv(args.seed + 500 + c, "_warmup"))
+            if args.level_warmup:  # one discarded run per arm at this level (a first run is slow: new shapes, NGRAM)
+                for idx, _arm in order:
+                    set_arm(switch, idx, server.base_url)
+                    if args.flush_cache:
+                        flush_cache(server.base_url)
+                    run_bench_serving(level_argv(args.seed + 500 + c, "_warmup"))
             for rep in range(args.reps):
                 for idx, arm in (order if rep % 2 == 0 else order[::-1]):
                     set_arm(switch, idx, server.base_url)
@@ -839,8 +840,10 @@ def main(argv: list[str] | None = None) -> int:
                          "their selection (the A/B speed-up is net of it) or 'compute' it anyway (the speed-up is the "
                          "expert cut alone)")
     ap.add_argument("--level-warmup", action=argparse.BooleanOptionalAction, default=True,
-                    help="one discarded run at each concurrency level before its measured runs (default on): the "
-                         "first run at a level ran up to 3x slower in the NGRAM server (serve_ngram_tp1_flush.md)")
+                    help="one discarded run per arm at each concurrency level before its measured runs (default "
+                         "on): the first run at a level ran up to 3x slower in the NGRAM server "
+                         "(serve_ngram_tp1_flush.md), and after a single warm-up run the first measured run still ran "
+                         "slower (serve_ngram_qwen3_tp1_arms.md)")
     ap.add_argument("--flush-cache", action="store_true",
                     help="SGLang's /flush_cache before every measured run: each run starts with an empty prefix "
                          "cache and an empty NGRAM corpus (NGRAM learns from the previous run's outputs, so without "
