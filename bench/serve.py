@@ -348,16 +348,17 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
                                           output_len=args.output_len, seed=seed,
                                           output_file=str(out_dir / f"{args.name}_{safe}_s{start}_c{c}{tag}.jsonl"))
 
+            def enter_arm(idx: int) -> bool | None:  # route by arm idx; with --flush-cache empty the caches
+                set_arm(switch, idx, server.base_url)
+                return flush_cache(server.base_url) if args.flush_cache else None
+
             if args.level_warmup:  # one discarded run per arm at this level (a first run is slow: new shapes, NGRAM)
                 for idx, _arm in order:
-                    set_arm(switch, idx, server.base_url)
-                    if args.flush_cache:
-                        flush_cache(server.base_url)
+                    enter_arm(idx)
                     run_bench_serving(level_argv(args.seed + 500 + c, "_warmup"))
             for rep in range(args.reps):
                 for idx, arm in (order if rep % 2 == 0 else order[::-1]):
-                    set_arm(switch, idx, server.base_url)
-                    flushed = flush_cache(server.base_url) if args.flush_cache else None
+                    flushed = enter_arm(idx)
                     text = scrape(server.base_url)
                     before, sg_before = xshare_counters(text), sglang_counters(text)
                     res = run_bench_serving(level_argv(args.seed + 1000 * rep + c))
