@@ -208,6 +208,32 @@ def test_a_server_killed_mid_run_leaves_its_levels_and_runs_again_on_resume(tmp_
     assert calls == ["xshare@0.7"] and len(recs) == 1 and "error" not in recs[0]
 
 
+def test_time_budget_estimates_a_server_by_the_median_not_the_cold_first_start(tmp_path, monkeypatch):
+    """A resumed call whose state holds one cold first server (230 s) and two warm ones (150 s)
+    still starts a server with 200 s left: the estimate is the median (150 s x 1.1), not the
+    slowest (230 s x 1.1 would skip it)."""
+    import json
+
+    serve = _serve_module()
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps([{"config": lab, "start": 0, "levels": [], "wall_s": w}
+                                 for lab, w in (("off", 230.0), ("xshare@0.7", 150.0), ("oea+k0=4", 150.0))]))
+    calls = []
+
+    def full(cfg, model, args, extra, work, start=0, progress=None):
+        calls.append((cfg.label, start))
+        return {"config": cfg.label, "start": start, "levels": [], "wall_s": 150.0}
+
+    monkeypatch.setattr(serve, "run_config", full)
+    clock = iter([0.0, 150.0, 300.0])  # 200 s left at the first new server, 50 s at the second
+    monkeypatch.setattr(serve.time, "monotonic", lambda: next(clock))
+    args = SimpleNamespace(starts=2, state=str(state), time_budget=200.0)
+    recs, skipped = serve.run_rounds(parse_configs("off,xshare@0.7,oea+k0=4"), "m", args, [], tmp_path, 0.0)
+    assert calls == [("off", 1)]
+    assert [(lab, s) for lab, s, _ in skipped] == [("xshare@0.7", 1), ("oea+k0=4", 1)]
+    assert "median of 150 s" in skipped[0][2]
+
+
 def _fake_tok_s(label: str, start: int, c: int) -> float:
     # a server-to-server shift (start 1 is 2x start 0) that the paired ratio must cancel
     base = {"off": 100.0, "xshare@0.7": 120.0, "oea+k0=4": 90.0}[label] * (1 + start) * c

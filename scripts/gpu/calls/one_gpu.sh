@@ -1,6 +1,7 @@
 # One GPU, TP 1: bench/serve.py on a MoE shape with random weights (--load-format dummy).
 # Env: PRESET (qwen3-30b-a3b | gpt-oss-120b), LAYERS, CONFIGS, LEVELS, NAME, REPS, WAVES, OUTLEN, BUDGET (s),
-#   MEM (--mem-fraction-static), GRAPH_BS;
+#   MEM (--mem-fraction-static), GRAPH_BS, SETTLE (--settle: seconds between the metric-flushing requests
+#   after each run; with NO_METRICS there are no xshare counters to flush, so a small value saves time);
 #   ONE_SERVER=1: in-server A/B, every configuration an arm of one server (--ab --ab-one-server);
 #   PROFILE=N with PROFILE_C=16,64: N decode steps per arm under SGLang's profiler at those levels;
 #   NO_METRICS=1: without xshare's live metrics; STARTS=N (separate servers): N interleaved starts each.
@@ -19,7 +20,7 @@ timeout ${TMO:-560} python3 bench/serve.py --preset ${PRESET:-qwen3-30b-a3b} ${L
   --configs ${CONFIGS:-auto} --concurrency ${LEVELS:-1,4,16,32,64} --reps ${REPS:-2} --waves ${WAVES:-2} \
   ${NO_METRICS:+--no-metrics} ${STARTS:+--starts $STARTS} --output-len ${OUTLEN:-256} --min-prompts 2 --max-bs 128 \
   --graph-bs ${GRAPH_BS:-1,2,4,8,16,32,64,128} --mem-fraction ${MEM:-0.88} --state $XS_HOME/${NAME}_state.json \
-  --time-budget ${BUDGET:-500} ${PROFILE:+--profile-steps $PROFILE --profile-concurrency ${PROFILE_C:-16,64}} \
+  --time-budget ${BUDGET:-500} ${SETTLE:+--settle $SETTLE} ${PROFILE:+--profile-steps $PROFILE --profile-concurrency ${PROFILE_C:-16,64}} \
   --name $NAME --out $OUT --work $XS_HOME/w_$NAME -- --moe-runner-backend triton > $OUT/run.log 2>&1
 echo "serve rc=$?"
 grep -v "^\[20" $OUT/run.log | tail -40
