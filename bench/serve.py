@@ -639,7 +639,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel("concurrency")
         ax.grid(alpha=0.3)
     a.set_ylabel("output tokens / s (median)")
-    b.set_ylabel("tok/s / SGLang arm (A/B; bars: pairs)" if ab_only else "throughput / off (paired; bars: rounds)")
+    b.set_ylabel("tok/s / SGLang arm (A/B; bars: pairs)" if ab_only else f"throughput / {ref} (paired; bars: rounds)")
     c.set_ylabel(f"TPOT speed-up vs {ref} / vs SGLang arm (A/B)")
     for ax in (b, c):
         ax.axhline(1.0, color="k", lw=0.8)
@@ -825,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state", default=None,
                     help="JSON file of finished servers: read at start (those are skipped), written after each server")
     ap.add_argument("--time-budget", type=float, default=None,
-                    help="seconds for this call: a server is not started when the slowest so far would not fit")
+                    help="seconds for this call: a server is not started when 1.1 x the median server so far would not fit")
     ap.add_argument("--stop-grace", type=float, default=8.0, help="seconds between SIGTERM and SIGKILL at stop")
     ap.add_argument("--ab", action="store_true",
                     help="in-server A/B: every policy server also runs SGLang's routing (--xshare-ab-switch) and each "

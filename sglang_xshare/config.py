@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Literal, Mapping, Sequence
 
 __all__ = [
     "XShareConfigError",
@@ -36,6 +36,15 @@ __all__ = [
 POLICY_NAMES: tuple[str, ...] = ("topk", "cap", "oea", "oea_simple", "xshare", "xshare_ep", "xshare_spec")
 
 BudgetMode = Literal["count", "fraction", "mass"]
+
+
+def unknown_policy(name: str, choices: Sequence[str]) -> str:
+    """The message for a policy name that is not one of ``choices``; names that are budgets or
+    presets (``auto``, ``0.7``, ``mass:0.9``, ``24``) get the flags that mean them."""
+    msg = f"unknown policy {name!r}; choose from {', '.join(choices)}"
+    if name == "auto" or re.fullmatch(r"(frac:|mass:)?[0-9.]+", name):
+        msg += f" ({name!r} is a batch budget: --xshare-policy xshare --xshare-budget {name})"
+    return msg
 
 
 class XShareConfigError(ValueError):
@@ -344,7 +353,7 @@ class SelectionConfig:
     def validate(self, routing: RoutingSpec) -> "SelectionConfig":
         """Check this config against the model; return ``self``. Raises :class:`XShareConfigError`."""
         if self.policy not in POLICY_NAMES:
-            raise XShareConfigError("--xshare-policy", f"unknown policy {self.policy!r}; choose from {', '.join(POLICY_NAMES)}")
+            raise XShareConfigError("--xshare-policy", unknown_policy(self.policy, POLICY_NAMES))
         from .select.traits import policy_traits  # the traits module imports this one
 
         entry = policy_traits(self.policy)

@@ -49,6 +49,8 @@ def test_split_keeps_order_and_values():
 
 @pytest.mark.parametrize("argv, flag, fragment", [
     (["--xshare-policy", "greedy"], "--xshare-policy", "unknown policy 'greedy'"),
+    (["--xshare-policy", "auto"], "--xshare-policy", "--xshare-policy xshare --xshare-budget auto"),
+    (["--xshare-policy", "0.7"], "--xshare-policy", "--xshare-policy xshare --xshare-budget 0.7"),
     (["--xshare-policy", "xshare", "--xshare-budget", "lots"], "--xshare-budget", "cannot parse budget"),
     (["--xshare-policy", "xshare", "--xshare-budget", "1.5"], "--xshare-budget", "fraction must be in (0, 1]"),
     (["--xshare-policy", "xshare", "--xshare-budget", "0"], "--xshare-budget", "must be >= 1"),

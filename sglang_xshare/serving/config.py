@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import POLICY_NAMES, Budget, BudgetSchedule, RoutingSpec, SelectionConfig, XShareConfigError, resolve_preset
+from ..config import (POLICY_NAMES, Budget, BudgetSchedule, RoutingSpec, SelectionConfig, XShareConfigError,
+                      resolve_preset, unknown_policy)
 from ..select.traits import PolicyTraits, policies_with, policy_traits
 
 __all__ = ["AB_IDLE_ARMS", "ENV_VAR", "SERVER_POLICIES", "SGLANG_MISMATCH", "XShareServerConfig", "default_of"]
@@ -203,7 +204,7 @@ class XShareServerConfig:
         ``check_paths=False``: skip the checks of directories on this machine (a launcher whose
         nodes resolve the paths in their own working directory, and check them at start)."""
         if self.policy not in SERVER_POLICIES:
-            raise XShareConfigError("--xshare-policy", f"unknown policy {self.policy!r}; choose from {', '.join(SERVER_POLICIES)}")
+            raise XShareConfigError("--xshare-policy", unknown_policy(self.policy, SERVER_POLICIES))
         if self.warmup_k0 < 1:
             raise XShareConfigError("--xshare-warmup-k0", f"k0 must be >= 1, got {self.warmup_k0}")
         if self.cap is not None and self.cap < 1:
