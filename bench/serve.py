@@ -766,8 +766,8 @@ def run_rounds(configs: list[ServeConfig], model: str, args: argparse.Namespace,
                 print(f"[{cfg.label} #{start}] done in {state}, skipped", flush=True)
                 continue
             if args.time_budget is not None:
-                # the median server, not the slowest: a fresh machine's first server starts up to 2x
-                # slower (kernel caches are cold), which would otherwise cost every later call one server
+                # the median server, not the slowest: a fresh machine's first server took up to 2x
+                # longer than the later ones, which would otherwise cost every resumed call one server
                 walls = [r["wall_s"] for r in records if "wall_s" in r] or [0.0]
                 est = statistics.median(walls)
                 left = args.time_budget - (time.monotonic() - t_start)

@@ -6,7 +6,7 @@ n=0
 for d in /proc/[0-9]*; do
   pid=${d#/proc/}
   [ "$pid" = "$$" ] && continue
-  if tr '\0' '\n' < "$d/environ" 2>/dev/null | grep -q '^XSHARE_SERVE_BENCH_RUN='; then
+  if { tr '\0' '\n' < "$d/environ"; } 2>/dev/null | grep -q '^XSHARE_SERVE_BENCH_RUN='; then
     kill -9 "$pid" 2>/dev/null && n=$((n + 1))
   fi
 done
