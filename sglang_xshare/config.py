@@ -39,10 +39,15 @@ BudgetMode = Literal["count", "fraction", "mass"]
 
 
 def unknown_policy(name: str, choices: Sequence[str]) -> str:
-    """The message for a policy name that is not one of ``choices``; names that are budgets or
-    presets (``auto``, ``0.7``, ``mass:0.9``, ``24``) get the flags that mean them."""
+    """The message for a policy name that is not one of ``choices``; a name that is a budget
+    preset (:data:`PRESETS`, ``auto``) or parses as a :class:`Budget` (``0.7``, ``mass:0.9``,
+    ``24``) gets the flags that mean it."""
     msg = f"unknown policy {name!r}; choose from {', '.join(choices)}"
-    if name == "auto" or re.fullmatch(r"(frac:|mass:)?[0-9.]+", name):
+    try:
+        is_budget = name.strip().lower() in PRESETS or Budget.parse(name) is not None
+    except XShareConfigError:
+        is_budget = False
+    if is_budget:
         msg += f" ({name!r} is a batch budget: --xshare-policy xshare --xshare-budget {name})"
     return msg
 
