@@ -25,6 +25,7 @@ compiled first in parallel worker processes (Triton's on-disk cache serves the t
 
     python bench/bench_select.py                       # full grid, sweep included
     python bench/bench_select.py --T 1 16 64 256       # the targets' batch sizes only
+    python bench/bench_select.py --models qwen3-128x8 --policies topk xshare   # one shape (the sweep too)
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ ADVERSARIAL_T = (16, 64)
 SWEEP_MODELS = ["qwen3-128x8", "dsv3-256x8-grp-bias"]
 SWEEP_POLICIES = ["xshare", "xshare_ep", "xshare_spec"]
 SWEEP_KNOBS = [{"num_warps": 8}, {"tile_elems": 256}, {"tile_elems": 1024}, {"sync": 2}, {"pair_chunk": 32},
-               {"two_stage": True}, {"two_stage": False}]
+               {"two_stage": True}, {"two_stage": False},
+               # one program, no grid barrier: looping over the default tiles, or one tile of the batch
+               {"programs": 1}, {"programs": 1, "tile_elems": 2048}, {"programs": 1, "tile_elems": 8192}]
 SWEEP_T = (1, 16, 64, 256)
 
 
@@ -194,6 +197,16 @@ def check_case(model: str, policy: str, T: int, seed: int, device, kind: str = "
     return rec
 
 
+def sweep_models(models: list[str]) -> list[str]:
+    """The sweep's models among those asked for (``--models``)."""
+    return [m for m in SWEEP_MODELS if m in models]
+
+
+def sweep_policies(policies: list[str]) -> list[str]:
+    """The sweep's policies among those asked for (``--policies``)."""
+    return [p for p in SWEEP_POLICIES if p in policies]
+
+
 def check_items(models: list[str], policies: list[str], t_of, seeds: int, sweep: bool) -> list[tuple]:
     """``(model, policy, T, seed, kind, n_valid, knobs)`` of every exactness check."""
     items = []
@@ -205,7 +218,7 @@ def check_items(models: list[str], policies: list[str], t_of, seeds: int, sweep:
                     items += [(m, p, T, 201, "ties", None, None), (m, p, T, 202, "nonfinite", T - 3, None),
                               (m, p, T, 203, "range", None, None), (m, p, T, 204, "underflow", T - 2, None)]
     if sweep:
-        items += [(m, p, T, 301, "randn", None, kn) for m in SWEEP_MODELS for p in SWEEP_POLICIES
+        items += [(m, p, T, 301, "randn", None, kn) for m in sweep_models(models) for p in sweep_policies(policies)
                   for T in SWEEP_T for kn in SWEEP_KNOBS]
     return items
 
@@ -366,9 +379,9 @@ def main() -> None:
     for T in [T for T in Ts if T <= 256]:
         time_T(T)
     if args.sweep:
-        for model in SWEEP_MODELS:
+        for model in sweep_models(models):
             for T in SWEEP_T:
-                for policy in SWEEP_POLICIES:
+                for policy in sweep_policies(args.policies):
                     for kn in SWEEP_KNOBS:
                         if not over():
                             sweep.append(_time_case(model, policy, T, dev, args, plain_cache, kn, with_baselines=False))
