@@ -108,6 +108,12 @@ def server_command(cfg: ServeConfig, model: str, port: int, args: argparse.Names
     return [py, "-m", "sglang_xshare.launch_server", *par, *sg, *xs]
 
 
+def shown_command(cmd: list[str]) -> str:
+    """The server command as a result file records it: this interpreter written ``python3`` (its path
+    is the measuring machine's, not part of the command a user runs)."""
+    return " ".join(["python3", *cmd[1:]] if cmd and cmd[0] == sys.executable else cmd)
+
+
 def server_env(args: argparse.Namespace) -> dict[str, str]:
     """Environment variables of every server of a run (on top of this process's own)."""
     env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -319,7 +325,7 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
     log = out_dir / f"{args.name}_{safe}_s{start}.log"
     env = server_env(args)
     prof_cs = (args.profile_concurrency or [max(args.concurrency)]) if args.profile_steps else []
-    rec: dict = {"config": cfg.label, "start": start, "command": " ".join(cmd), "levels": [], "log": str(log),
+    rec: dict = {"config": cfg.label, "start": start, "command": shown_command(cmd), "levels": [], "log": str(log),
                  "gpu_before": gpu_state()}
     if cfg.arms:
         rec["arms"] = list(cfg.arms)

@@ -448,6 +448,8 @@ def test_one_server_runs_every_policy_as_an_arm_and_reports_each(tmp_path, monke
     rec = serve.run_config(cfg, "m", args, [], tmp_path)
     assert seen[1:] == ["0", "1", "2", "3", "3", "2", "1", "0"]  # after the warm-up run
     assert "error" not in rec and rec["arms"] == list(cfg.arms)
+    # the recorded command names the interpreter as a user would, not by this machine's path
+    assert rec["command"].startswith("python3 -m sglang_xshare.launch_server ") and sys.executable not in rec["command"]
     rows, table = serve.summarize([rec])
     by = {r["config"]: r for r in rows}
     assert list(by) == ["xshare@0.7", "oea+k0=4", "cap+cap=6"]
