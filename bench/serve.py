@@ -166,10 +166,12 @@ def switch_arms(cfg: ServeConfig, ab: bool) -> list[tuple[int, str]]:
 
 
 def profile_arms(base_url: str, switch: Path | None, arms: list[tuple[int, str]], argv: list[str], steps: int,
-                 ranks: int, trace_dir: Path, tag: str, timeout: float = 120.0) -> dict:
+                 ranks: int, trace_dir: Path, tag: str, timeout: float = 120.0, on_arm=None) -> dict:
     """One more run per arm under SGLang's profiler (``/start_profile``, by stage): ``steps`` decode
     steps at full batch traced on every rank, then :func:`kernel_breakdown` of the decode traces.
-    Returns ``{arm: {rank: breakdown}}`` (``{"error": ...}`` for an arm whose traces did not come)."""
+    Returns ``{arm: {rank: breakdown}}`` (``{"error": ...}`` for an arm whose traces did not come);
+    ``on_arm(so_far)`` runs after each arm with the arms done so far (a run stopped in the middle of
+    the profile keeps them)."""
     from servebench.profile import kernel_breakdown, profile_request, trace_files
 
     out: dict = {}
@@ -191,6 +193,8 @@ def profile_arms(base_url: str, switch: Path | None, arms: list[tuple[int, str]]
             time.sleep(1.0)
         files = trace_files(trace_dir, prefix)
         out[arm] = kernel_breakdown(files) if files else {"error": f"no decode trace in {trace_dir} after {timeout:.0f} s"}
+        if on_arm is not None:
+            on_arm(dict(out))
     return out
 
 
@@ -398,9 +402,16 @@ def run_config(cfg: ServeConfig, model: str, args: argparse.Namespace, extra: li
                 progress(dict(rec, error=f"incomplete: the run stopped after concurrency {c}",
                               wall_s=round(time.time() - t0, 1)))
             if c in prof_cs:
+                def keep_arms(so_far: dict, lvl=lvl, c=c) -> None:  # each profiled arm is saved as it comes
+                    lvl["profile"] = so_far
+                    if progress is not None:
+                        progress(dict(rec, error=f"incomplete: the run stopped during the profile at concurrency {c}",
+                                      wall_s=round(time.time() - t0, 1)))
+
                 lvl["profile"] = profile_arms(server.base_url, switch, order, level_argv(args.seed + c, "_profile"),
                                               args.profile_steps, args.tp,
-                                              out_dir / f"{args.name}_profiles", f"{args.name}_{safe}_s{start}_c{c}")
+                                              out_dir / f"{args.name}_profiles", f"{args.name}_{safe}_s{start}_c{c}",
+                                              on_arm=keep_arms)
                 if progress is not None:
                     progress(dict(rec, error=f"incomplete: the run stopped after concurrency {c} (profiled)",
                                   wall_s=round(time.time() - t0, 1)))

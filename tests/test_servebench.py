@@ -416,6 +416,7 @@ def test_one_server_runs_every_policy_as_an_arm_and_reports_each(tmp_path, monke
     from servebench.configs import one_server
 
     serve = _serve_module()
+    profile_arms_real = serve.profile_arms
     cfg = one_server(parse_configs("xshare@0.7,oea+k0=4,cap+cap=6"))
     assert cfg.arms == ("xshare@0.7", "oea+k0=4", "cap+cap=6")
     args = SimpleNamespace(ab=True, ab_idle_arms="skip", metrics=True, flush_cache=False, reps=2, concurrency=[4],
@@ -459,13 +460,32 @@ def test_one_server_runs_every_policy_as_an_arm_and_reports_each(tmp_path, monke
     # --profile-steps: after the measured runs of the profiled level (already saved), one profiled run per arm
     saved, profiled, servers = [], [], []
     monkeypatch.setattr(serve, "Server", _fake_server(arm_file, servers))
-    monkeypatch.setattr(serve, "profile_arms", lambda url, sw, names, argv, steps, ranks, tdir, tag:
+    monkeypatch.setattr(serve, "profile_arms", lambda url, sw, names, argv, steps, ranks, tdir, tag, on_arm=None:
                         profiled.append((names, steps, ranks, len(saved[-1]["levels"]))) or {"sglang": {}})
     args.profile_steps, args.profile_concurrency = 7, [4]
     rec = serve.run_config(cfg, "m", args, [], tmp_path, progress=saved.append)
     assert profiled == [([(0, "sglang"), (1, "xshare@0.7"), (2, "oea+k0=4"), (3, "cap+cap=6")], 7, 2, 1)]
     assert rec["levels"][0]["profile"] == {"sglang": {}} and "profile" in saved[-1]["levels"][0]
     assert servers[-1].env["SGLANG_PROFILE_BY_STAGE_DECODE_MIN_BS"] == "4"  # profile decode steps at full batch
+    # a run stopped in the middle of the profile keeps the arms profiled so far (the real profile_arms,
+    # its third arm's run cut short by the time limit)
+    import servebench.profile as sp
+
+    def bench_cut(argv):
+        if "_profile" in str(argv) and len(cut) == 2:
+            raise KeyboardInterrupt
+        return bench(argv)
+
+    cut, saved = [], []
+    monkeypatch.setattr(serve, "profile_arms", profile_arms_real)
+    monkeypatch.setattr(serve, "run_bench_serving", bench_cut)
+    monkeypatch.setattr(serve, "http_get", lambda url, timeout=0, json_body=None: (200, ""))
+    monkeypatch.setattr(sp, "trace_files", lambda d, prefix, stage="DECODE": [f"{prefix}-TP-{r}" for r in range(2)])
+    monkeypatch.setattr(sp, "kernel_breakdown", lambda files: cut.append(files) or {"0": {"files": files}})
+    with pytest.raises(KeyboardInterrupt):
+        serve.run_config(cfg, "m", args, [], tmp_path, progress=saved.append)
+    assert list(saved[-1]["levels"][0]["profile"]) == ["sglang", "xshare@0.7"]
+    assert "during the profile" in saved[-1]["error"]
 
 
 @pytest.mark.sglang
