@@ -197,14 +197,9 @@ def check_case(model: str, policy: str, T: int, seed: int, device, kind: str = "
     return rec
 
 
-def sweep_models(models: list[str]) -> list[str]:
-    """The sweep's models among those asked for (``--models``)."""
-    return [m for m in SWEEP_MODELS if m in models]
-
-
-def sweep_policies(policies: list[str]) -> list[str]:
-    """The sweep's policies among those asked for (``--policies``)."""
-    return [p for p in SWEEP_POLICIES if p in policies]
+def swept(fixed: list[str], asked: list[str]) -> list[str]:
+    """The sweep's models / policies (``fixed``) among those asked for (``--models`` / ``--policies``)."""
+    return [x for x in fixed if x in asked]
 
 
 def check_items(models: list[str], policies: list[str], t_of, seeds: int, sweep: bool) -> list[tuple]:
@@ -218,7 +213,7 @@ def check_items(models: list[str], policies: list[str], t_of, seeds: int, sweep:
                     items += [(m, p, T, 201, "ties", None, None), (m, p, T, 202, "nonfinite", T - 3, None),
                               (m, p, T, 203, "range", None, None), (m, p, T, 204, "underflow", T - 2, None)]
     if sweep:
-        items += [(m, p, T, 301, "randn", None, kn) for m in sweep_models(models) for p in sweep_policies(policies)
+        items += [(m, p, T, 301, "randn", None, kn) for m in swept(SWEEP_MODELS, models) for p in swept(SWEEP_POLICIES, policies)
                   for T in SWEEP_T for kn in SWEEP_KNOBS]
     return items
 
@@ -379,9 +374,9 @@ def main() -> None:
     for T in [T for T in Ts if T <= 256]:
         time_T(T)
     if args.sweep:
-        for model in sweep_models(models):
+        for model in swept(SWEEP_MODELS, models):
             for T in SWEEP_T:
-                for policy in sweep_policies(args.policies):
+                for policy in swept(SWEEP_POLICIES, args.policies):
                     for kn in SWEEP_KNOBS:
                         if not over():
                             sweep.append(_time_case(model, policy, T, dev, args, plain_cache, kn, with_baselines=False))

@@ -54,6 +54,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,7 +167,8 @@ def switch_arms(cfg: ServeConfig, ab: bool) -> list[tuple[int, str]]:
 
 
 def profile_arms(base_url: str, switch: Path | None, arms: list[tuple[int, str]], argv: list[str], steps: int,
-                 ranks: int, trace_dir: Path, tag: str, timeout: float = 120.0, on_arm=None) -> dict:
+                 ranks: int, trace_dir: Path, tag: str, timeout: float = 120.0,
+                 on_arm: Callable[[dict], None] | None = None) -> dict:
     """One more run per arm under SGLang's profiler (``/start_profile``, by stage): ``steps`` decode
     steps at full batch traced on every rank, then :func:`kernel_breakdown` of the decode traces.
     Returns ``{arm: {rank: breakdown}}`` (``{"error": ...}`` for an arm whose traces did not come);
